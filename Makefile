@@ -1,0 +1,41 @@
+# Thin targets: each runs one or two commands. `make run` and `make test` create the virtual
+# environment on first use, so a fresh clone needs no other step.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTO_SRC := proto/appliance/v1/appliance.proto
+PROTO_OUT := appliance/v1/appliance_pb2.py
+
+.PHONY: venv proto run test lint bench image image-test clean
+
+venv: $(VENV)/.installed $(PROTO_OUT)
+
+# torch is pinned to the CPU build of 2.13.0; a range would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+proto: $(PROTO_OUT)
+
+$(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+run: venv
+	$(PY) -m appliance run --out runs/latest
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check appliance tests benchmarks
+	$(VENV)/bin/ruff format --check appliance tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: venv
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

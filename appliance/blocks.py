@@ -1,0 +1,257 @@
+"""Invertible blocks of the flow.
+
+Contract of every block, for inputs of shape (batch, channels, samples):
+
+- ``forward(x, condition)`` returns ``(y, log_det)`` with ``log_det = log|det dy/dx|`` per beat,
+  shape (batch,).
+- ``inverse(y, condition)`` returns ``(x, log_det)`` with ``log_det = log|det dx/dy|``, which is
+  minus the forward value at the same point.
+- ``condition`` is a one-hot class tensor of shape (batch, classes); blocks that do not use it
+  ignore it.
+- A freshly built block computes the identity (ActNorm after its data-dependent
+  initialisation makes the first batch zero-mean and unit-variance instead).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Bound of the coupling log-scale: s = SCALE_CLAMP * tanh(s_raw / SCALE_CLAMP), so each affine
+# coupling scales a value by at most exp(2) in either direction.
+SCALE_CLAMP = 2.0
+# ActNorm's initial scale is 1 / max(std, ACTNORM_MIN_STD), so constant channels stay finite.
+ACTNORM_MIN_STD = 1e-3
+
+
+class InvertibleBlock(nn.Module):
+    """Base class of the blocks; see the module docstring for the contract."""
+
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(
+        self, y: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ActNorm(InvertibleBlock):
+    """Per-channel affine normalisation, ``y = (x + b) * exp(s)``, log-det ``samples * sum(s)``.
+
+    The first forward call in training mode sets ``b`` and ``s`` so that the batch has zero mean
+    and unit variance per channel (Kingma and Dhariwal, Glow, 2018).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        mean = x.mean(dim=(0, 2), keepdim=True)
+        std = x.std(dim=(0, 2), keepdim=True, unbiased=False)
+        std = torch.nan_to_num(std, nan=1.0).clamp_min(ACTNORM_MIN_STD)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std))
+        self.initialized.fill_(True)
+
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        y = (x + self.bias) * torch.exp(self.log_scale)
+        log_det = self.log_scale.sum() * x.shape[2]
+        return y, log_det.expand(x.shape[0])
+
+    def inverse(
+        self, y: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = y * torch.exp(-self.log_scale) - self.bias
+        log_det = -self.log_scale.sum() * y.shape[2]
+        return x, log_det.expand(y.shape[0])
+
+
+class InvertibleConv1x1(InvertibleBlock):
+    """Learned channel mixing ``y[:, :, t] = W x[:, :, t]`` with ``W = L (U + diag(sign e^s))``.
+
+    The LU parameterisation makes ``log|det W| = sum(s)``; the log-det of the block is
+    ``samples * sum(s)``. ``W`` starts at the identity. ``freeze_inverse`` stores ``W^-1`` as a
+    constant so that the exported inverse graph needs no matrix inversion operator.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.lower = nn.Parameter(torch.zeros(channels, channels))
+        self.upper = nn.Parameter(torch.zeros(channels, channels))
+        self.log_diagonal = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("sign", torch.ones(channels))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.register_buffer("eye", torch.eye(channels))
+        self.frozen_inverse: torch.Tensor | None = None
+
+    def weight(self) -> torch.Tensor:
+        """Return ``W``, shape (channels, channels)."""
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(
+            self.sign * torch.exp(self.log_diagonal)
+        )
+        return lower @ upper
+
+    def freeze_inverse(self) -> None:
+        """Store ``W^-1`` computed in float64, for export."""
+        with torch.no_grad():
+            self.frozen_inverse = torch.linalg.inv(self.weight().double()).to(self.lower.dtype)
+
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.einsum("ij,bjt->bit", self.weight(), x)
+        log_det = self.log_diagonal.sum() * x.shape[2]
+        return y, log_det.expand(x.shape[0])
+
+    def inverse(
+        self, y: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.frozen_inverse is not None:
+            weight_inverse = self.frozen_inverse
+        else:
+            weight_inverse = torch.linalg.inv(self.weight().double()).to(y.dtype)
+        x = torch.einsum("ij,bjt->bit", weight_inverse, y)
+        log_det = -self.log_diagonal.sum() * y.shape[2]
+        return x, log_det.expand(y.shape[0])
+
+
+class AffineCoupling(InvertibleBlock):
+    """Class-conditional affine coupling (Dinh et al., RealNVP, 2017).
+
+    With ``x = (x_a, x_b)`` split along channels (swapped when ``swap`` is set)::
+
+        s, t = net([x_a, c])            s soft-clamped to (-SCALE_CLAMP, SCALE_CLAMP)
+        y_a = x_a
+        y_b = x_b * exp(s) + t          log-det = sum(s)
+
+    The inverse is closed form: ``x_b = (y_b - t) * exp(-s)``. The last convolution of ``net``
+    starts at zero, so the block starts at the identity.
+    """
+
+    def __init__(
+        self, channels: int, classes: int, hidden_channels: int, kernel_size: int, swap: bool
+    ) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"affine coupling needs at least 2 channels, got {channels}")
+        self.swap = swap
+        self.channels_a = channels // 2 if not swap else channels - channels // 2
+        self.channels_b = channels - self.channels_a
+        padding = kernel_size // 2
+        self.net = nn.Sequential(
+            nn.Conv1d(self.channels_a + classes, hidden_channels, kernel_size, padding=padding),
+            nn.GELU(),
+            nn.Conv1d(hidden_channels, hidden_channels, 1),
+            nn.GELU(),
+            nn.Conv1d(hidden_channels, 2 * self.channels_b, kernel_size, padding=padding),
+        )
+        last = self.net[-1]
+        assert isinstance(last, nn.Conv1d)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.swap:
+            x_b, x_a = x[:, : self.channels_b], x[:, self.channels_b :]
+        else:
+            x_a, x_b = x[:, : self.channels_a], x[:, self.channels_a :]
+        return x_a, x_b
+
+    def _join(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x_b, x_a] if self.swap else [x_a, x_b], dim=1)
+
+    def _scale_shift(
+        self, x_a: torch.Tensor, condition: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = x_a
+        if condition is not None:
+            expanded = condition[:, :, None].expand(-1, -1, x_a.shape[2])
+            inputs = torch.cat([x_a, expanded.to(x_a.dtype)], dim=1)
+        s_raw, t = self.net(inputs).chunk(2, dim=1)
+        s = SCALE_CLAMP * torch.tanh(s_raw / SCALE_CLAMP)
+        return s, t
+
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x_a, x_b = self._split(x)
+        s, t = self._scale_shift(x_a, condition)
+        y_b = x_b * torch.exp(s) + t
+        return self._join(x_a, y_b), s.sum(dim=(1, 2))
+
+    def inverse(
+        self, y: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y_a, y_b = self._split(y)
+        s, t = self._scale_shift(y_a, condition)
+        x_b = (y_b - t) * torch.exp(-s)
+        return self._join(y_a, x_b), -s.sum(dim=(1, 2))
+
+
+class Squeeze(InvertibleBlock):
+    """Fold pairs of neighbouring samples into channels: (B, C, L) -> (B, 2C, L/2), log-det 0."""
+
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, channels, samples = x.shape
+        if samples % 2:
+            raise ValueError(f"squeeze needs an even number of samples, got {samples}")
+        y = x.reshape(batch, channels, samples // 2, 2).permute(0, 1, 3, 2)
+        y = y.reshape(batch, channels * 2, samples // 2)
+        return y, x.new_zeros(batch)
+
+    def inverse(
+        self, y: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, channels, samples = y.shape
+        x = y.reshape(batch, channels // 2, 2, samples).permute(0, 1, 3, 2)
+        x = x.reshape(batch, channels // 2, samples * 2)
+        return x, y.new_zeros(batch)
+
+
+class FlowStep(InvertibleBlock):
+    """One step of the flow: ActNorm, then the 1x1 convolution, then an affine coupling."""
+
+    def __init__(
+        self, channels: int, classes: int, hidden_channels: int, kernel_size: int, swap: bool
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [
+                ActNorm(channels),
+                InvertibleConv1x1(channels),
+                AffineCoupling(channels, classes, hidden_channels, kernel_size, swap),
+            ]
+        )
+
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        log_det = x.new_zeros(x.shape[0])
+        for block in self.blocks:
+            x, block_log_det = block(x, condition)
+            log_det = log_det + block_log_det
+        return x, log_det
+
+    def inverse(
+        self, y: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        log_det = y.new_zeros(y.shape[0])
+        for block in reversed(self.blocks):
+            assert isinstance(block, InvertibleBlock)
+            y, block_log_det = block.inverse(y, condition)
+            log_det = log_det + block_log_det
+        return y, log_det

@@ -1,0 +1,259 @@
+"""Ingest of a folder of WFDB records: record discovery, patient-wise splits, the ingest report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import wfdb
+
+from appliance.classes import AAMI_CLASSES
+from appliance.config import DataConfig
+from appliance.ecg import RecordBeats, read_record
+from appliance.errors import DataError, NoUsableDataError, RecordError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+SPLITS_FILE = "SPLITS"
+
+# Inter-patient split of de Chazal, O'Dwyer and Reilly (IEEE TBME 51(7), 2004). Record 201 is
+# moved from DS1 to DS2 because records 201 and 202 come from the same subject.
+DE_CHAZAL_DS1 = (
+    "101 106 108 109 112 114 115 116 118 119 122 124 203 205 207 208 209 215 220 223 230"
+).split()
+DE_CHAZAL_DS2 = (
+    "100 103 105 111 113 117 121 123 200 201 202 210 212 213 214 219 221 222 228 231 232 233 234"
+).split()
+# Groups of record names from one subject; a split keeps each group on one side.
+SAME_SUBJECT_GROUPS = (("201", "202"),)
+
+
+@dataclass
+class BeatSet:
+    """Beats of one split.
+
+    Attributes:
+        windows: Beats, shape (beats, leads, window_samples), in mV.
+        labels: AAMI class indices, shape (beats,).
+        records: Record name of each beat, shape (beats,).
+    """
+
+    windows: np.ndarray
+    labels: np.ndarray
+    records: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self) -> dict[str, int]:
+        """Return the number of beats of each AAMI class."""
+        counts = np.bincount(self.labels, minlength=len(AAMI_CLASSES))
+        return {name: int(counts[i]) for i, name in enumerate(AAMI_CLASSES)}
+
+
+@dataclass
+class IngestReport:
+    """What an ingest run read, skipped and found."""
+
+    records_read: list[str] = field(default_factory=list)
+    records_skipped: dict[str, str] = field(default_factory=dict)
+    beat_sources: dict[str, str] = field(default_factory=dict)
+    beats_skipped: dict[str, int] = field(default_factory=dict)
+    split_of_record: dict[str, str] = field(default_factory=dict)
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Return the report as a plain-text table."""
+        lines = [f"records read: {len(self.records_read)}  skipped: {len(self.records_skipped)}"]
+        for record, reason in sorted(self.records_skipped.items()):
+            lines.append(f"  skipped {record}: {reason}")
+        if self.beats_skipped:
+            parts = ", ".join(f"{k}={v}" for k, v in sorted(self.beats_skipped.items()))
+            lines.append(f"beats skipped: {parts}")
+        lines.append("split       " + "".join(f"{name:>8}" for name in AAMI_CLASSES) + "   total")
+        for split in SPLITS:
+            counts = self.class_counts.get(split, {})
+            total = sum(counts.values())
+            row = "".join(f"{counts.get(name, 0):>8}" for name in AAMI_CLASSES)
+            lines.append(f"{split:<12}{row}{total:>8}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Dataset:
+    """Ingested beats split by record, with the report of the run."""
+
+    splits: dict[str, BeatSet]
+    report: IngestReport
+    fs_hz_of_record: dict[str, float]
+    leads: list[str]
+
+
+def find_records(data_dir: Path) -> list[str]:
+    """List record names in a folder, from its RECORDS file or its headers.
+
+    Segment headers of multi-segment records are left out: the master header reads them.
+
+    Raises:
+        DataError: If the folder does not exist or holds no WFDB header.
+    """
+    if not data_dir.exists():
+        raise DataError(f"data folder {data_dir} does not exist; pass --data with a WFDB folder")
+    if not data_dir.is_dir():
+        raise DataError(f"data path {data_dir} is not a folder; pass --data with a WFDB folder")
+    records_file = data_dir / "RECORDS"
+    if records_file.exists():
+        names = [line.strip() for line in records_file.read_text().splitlines() if line.strip()]
+    else:
+        names = sorted(str(p.relative_to(data_dir).with_suffix("")) for p in
+                       data_dir.rglob("*.hea"))
+    segments: set[str] = set()
+    for name in names:
+        header_path = data_dir / f"{name}.hea"
+        try:
+            text = header_path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        first = next((line for line in text if line.strip() and not line.startswith("#")), "")
+        if "/" in first.split(" ")[0]:  # "name/segments ..." marks a multi-segment master
+            parent = str(Path(name).parent)
+            for line in text[1:]:
+                segment = line.split(" ")[0].strip()
+                if segment and not segment.startswith("#") and segment != "~":
+                    segments.add(segment if parent == "." else f"{parent}/{segment}")
+    records = [name for name in names if name not in segments]
+    if not records:
+        raise DataError(
+            f"no WFDB records (.hea files) found in {data_dir}; pass --data with a folder "
+            "that holds WFDB headers"
+        )
+    return records
+
+
+def assign_splits(records: list[str], data_dir: Path, config: DataConfig) -> dict[str, str]:
+    """Map each record to train, validation or test, keeping one subject on one side.
+
+    Raises:
+        DataError: If the split method is unknown or a split file is malformed.
+    """
+    method = config.split
+    if method == "auto":
+        if (data_dir / SPLITS_FILE).exists():
+            method = "file"
+        elif set(DE_CHAZAL_DS1) <= set(records) and set(DE_CHAZAL_DS2) <= set(records):
+            method = "de-chazal"
+        else:
+            method = "random"
+    if method == "file":
+        mapping: dict[str, str] = {}
+        for line in (data_dir / SPLITS_FILE).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if not line:
+                continue
+            name, _, split = line.partition(" ")
+            if split.strip() not in SPLITS:
+                raise DataError(f"{data_dir / SPLITS_FILE}: split {split!r} of {name} is not "
+                                f"one of {', '.join(SPLITS)}")
+            mapping[name] = split.strip()
+        return {r: mapping[r] for r in records if r in mapping}
+    if method == "de-chazal":
+        rng = np.random.default_rng(config.split_seed)
+        ds1 = [r for r in DE_CHAZAL_DS1 if r in records]
+        n_validation = max(1, round(len(ds1) * config.validation_fraction))
+        validation = set(rng.choice(ds1, size=n_validation, replace=False).tolist())
+        mapping = {r: ("validation" if r in validation else "train") for r in ds1}
+        mapping.update({r: "test" for r in DE_CHAZAL_DS2 if r in records})
+        return mapping
+    if method == "random":
+        return _random_split(records, config)
+    raise DataError(f"unknown split {method!r}; use auto, file, de-chazal or random")
+
+
+def _random_split(records: list[str], config: DataConfig) -> dict[str, str]:
+    groups: list[list[str]] = []
+    grouped: set[str] = set()
+    for group in SAME_SUBJECT_GROUPS:
+        members = [r for r in records if Path(r).name in group]
+        if members:
+            groups.append(members)
+            grouped.update(members)
+    groups.extend([r] for r in records if r not in grouped)
+    order = np.random.default_rng(config.split_seed).permutation(len(groups))
+    n = len(groups)
+    n_test = round(n * config.test_fraction) if n >= 3 else 0
+    n_validation = round(n * config.validation_fraction) if n >= 3 else 0
+    n_test, n_validation = max(n_test, 1 if n >= 3 else 0), max(n_validation, 1 if n >= 3 else 0)
+    mapping: dict[str, str] = {}
+    for rank, g in enumerate(order):
+        split = "test" if rank < n_test else "validation" if rank < n_test + n_validation else "train"
+        for record in groups[g]:
+            mapping[record] = split
+    return mapping
+
+
+def ingest(data_dir: Path, config: DataConfig) -> Dataset:
+    """Read every record of a folder, skip and report bad ones, and split beats by record.
+
+    Raises:
+        DataError: If the folder is missing or empty.
+        NoUsableDataError: If no record gives beats, or the training split is empty.
+    """
+    data_dir = Path(data_dir)
+    records = find_records(data_dir)
+    split_of = assign_splits(records, data_dir, config)
+    report = IngestReport()
+    per_split: dict[str, list[RecordBeats]] = {split: [] for split in SPLITS}
+    fs_of_record: dict[str, float] = {}
+    leads: list[str] = []
+    for record in records:
+        if record not in split_of:
+            report.records_skipped[record] = "not listed in the split file"
+            continue
+        try:
+            beats = read_record(data_dir / record, record, config)
+        except RecordError as exc:
+            logger.warning("record=%s action=skip reason=%s", record, exc.reason)
+            report.records_skipped[record] = exc.reason
+            continue
+        report.records_read.append(record)
+        report.beat_sources[record] = beats.beat_source
+        report.split_of_record[record] = split_of[record]
+        for reason, count in beats.skipped.items():
+            report.beats_skipped[reason] = report.beats_skipped.get(reason, 0) + count
+        fs_of_record[record] = beats.fs_hz
+        leads = leads or beats.leads
+        per_split[split_of[record]].append(beats)
+        logger.info("record=%s split=%s beats=%d fs_hz=%g leads=%s source=%s", record,
+                    split_of[record], len(beats.labels), beats.fs_hz, ",".join(beats.leads),
+                    beats.beat_source)
+    if not report.records_read:
+        raise NoUsableDataError(
+            f"no usable records in {data_dir} ({len(report.records_skipped)} skipped: "
+            + "; ".join(f"{r}: {why}" for r, why in sorted(report.records_skipped.items()))
+            + ")"
+        )
+    splits = {split: _concatenate(items, config) for split, items in per_split.items()}
+    for split, beat_set in splits.items():
+        report.class_counts[split] = beat_set.class_counts()
+    if len(splits["train"]) == 0:
+        raise NoUsableDataError(f"no training beats in {data_dir}; check the split")
+    logger.info("ingest summary\n%s", report.table())
+    return Dataset(splits=splits, report=report, fs_hz_of_record=fs_of_record, leads=leads)
+
+
+def _concatenate(items: list[RecordBeats], config: DataConfig) -> BeatSet:
+    if not items:
+        return BeatSet(
+            windows=np.zeros((0, config.n_leads, config.window_samples), dtype=np.float32),
+            labels=np.zeros(0, dtype=np.int64),
+            records=np.zeros(0, dtype=str),
+        )
+    return BeatSet(
+        windows=np.concatenate([b.windows for b in items]),
+        labels=np.concatenate([b.labels for b in items]),
+        records=np.concatenate([np.full(len(b.labels), b.record) for b in items]),
+    )
+

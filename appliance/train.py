@@ -1,0 +1,239 @@
+"""Maximum-likelihood training of the conditional flow, with checkpoints and a time budget."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from appliance.classes import AAMI_CLASSES
+from appliance.config import ApplianceConfig
+from appliance.dataset import BeatSet
+from appliance.errors import NonFiniteLossError, TrainingError
+from appliance.flow import ConditionalFlow, bits_per_dim
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"
+# A class needs this many training beats before the model offers it for generation.
+MIN_BEATS_PER_KNOWN_CLASS = 20
+GRADIENT_CLIP_NORM = 5.0
+VALIDATION_BATCH = 512
+
+
+@dataclass
+class TrainResult:
+    """A trained model and what the run measured."""
+
+    model: ConditionalFlow
+    scale_mv: float
+    classes_known: list[str]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def one_hot(labels: torch.Tensor, classes: int = len(AAMI_CLASSES)) -> torch.Tensor:
+    """Return one-hot float rows for class indices, shape (batch, classes)."""
+    return torch.nn.functional.one_hot(labels.long(), classes).float()
+
+
+def compute_loss(
+    model: ConditionalFlow, x: torch.Tensor, condition: torch.Tensor, reconstruction_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (total loss, NLL in bits per dimension, bottleneck reconstruction MSE).
+
+    The reconstruction term maps ``x`` to latent values, zeroes every value after the
+    bottleneck, maps back, and penalises the squared error, so that the leading latent values
+    carry the beat's shape.
+    """
+    z, log_det = model(x, condition)
+    log_prob = -0.5 * (z**2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + log_det
+    nll_bpd = bits_per_dim(log_prob, model.latent_dims).mean()
+    loss = nll_bpd
+    reconstruction = torch.zeros((), dtype=x.dtype)
+    if reconstruction_weight > 0:
+        x_projected, _ = model.inverse(model.truncate(z), condition)
+        reconstruction = ((x_projected - x) ** 2).mean()
+        loss = loss + reconstruction_weight * reconstruction
+    return loss, nll_bpd, reconstruction
+
+
+def _epoch_order(labels: np.ndarray, class_balance: float, seed: int, epoch: int) -> np.ndarray:
+    """Draw the beat order of one epoch; rarer classes are drawn more often when balancing."""
+    counts = np.bincount(labels, minlength=len(AAMI_CLASSES)).astype(np.float64)
+    weights = counts[labels] ** (-class_balance)
+    weights /= weights.sum()
+    rng = np.random.default_rng([seed, epoch])
+    return rng.choice(labels.size, size=labels.size, replace=True, p=weights)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically, so a kill never leaves half a file."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+@torch.no_grad()
+def evaluate(model: ConditionalFlow, beats: BeatSet, scale_mv: float) -> tuple[float, float]:
+    """Return the mean NLL in bits per dimension and the bottleneck MSE of a beat set."""
+    model.eval()
+    nll_total, reconstruction_total = 0.0, 0.0
+    for start in range(0, len(beats), VALIDATION_BATCH):
+        x = torch.from_numpy(beats.windows[start : start + VALIDATION_BATCH] / scale_mv).float()
+        condition = one_hot(torch.from_numpy(beats.labels[start : start + VALIDATION_BATCH]))
+        _, nll_bpd, reconstruction = compute_loss(model, x, condition, 1.0)
+        nll_total += float(nll_bpd) * x.shape[0]
+        reconstruction_total += float(reconstruction) * x.shape[0]
+    return nll_total / len(beats), reconstruction_total / len(beats)
+
+
+def train(
+    config: ApplianceConfig,
+    train_beats: BeatSet,
+    validation_beats: BeatSet,
+    work_dir: Path,
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the flow by maximum likelihood plus the bottleneck reconstruction term.
+
+    Checkpoints go to ``work_dir`` every ``checkpoint_every_steps`` steps and at each epoch
+    end; with ``resume`` a run continues from ``work_dir/checkpoint.pt`` when it exists.
+
+    Raises:
+        NonFiniteLossError: If the loss becomes NaN or infinite; the last good checkpoint stays.
+        TrainingError: If there is no validation beat to select the model with.
+    """
+    settings = config.train
+    if len(validation_beats) == 0:
+        raise TrainingError("no validation beats; the split needs at least one validation record")
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    scale_mv = float(train_beats.windows.std())
+    counts = np.bincount(train_beats.labels, minlength=len(AAMI_CLASSES))
+    classes_known = [n for i, n in enumerate(AAMI_CLASSES) if counts[i] >= MIN_BEATS_PER_KNOWN_CLASS]
+    known_mask = np.isin(train_beats.labels, [AAMI_CLASSES.index(n) for n in classes_known])
+    windows = train_beats.windows[known_mask] / scale_mv
+    labels = train_beats.labels[known_mask]
+    records = train_beats.records[known_mask]
+
+    model = ConditionalFlow(
+        config.model, windows.shape[1], windows.shape[2], len(AAMI_CLASSES)
+    )
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    steps_per_epoch = max(1, labels.size // settings.batch_size)
+    step, start_epoch, best_loss = 0, 0, math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    checkpoint_path = work_dir / CHECKPOINT_FILE
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_loss = int(state["step"]), float(state["best_validation_loss"])
+        start_epoch = step // steps_per_epoch
+        best_state = state.get("best_model")
+        logger.info("resume checkpoint=%s step=%d", checkpoint_path, step)
+
+    def checkpoint() -> dict[str, Any]:
+        return {
+            "config": config.to_dict(),
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scale_mv": scale_mv,
+            "classes_known": classes_known,
+            "best_validation_loss": best_loss,
+            "best_model": best_state,
+        }
+
+    total_steps = settings.max_epochs * steps_per_epoch
+    budget_s = settings.max_minutes * 60.0
+    started = time.monotonic()
+    first_step = step
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    history: list[dict[str, float]] = []
+    stopped_by = "epochs"
+    epoch = start_epoch
+    for epoch in range(start_epoch, settings.max_epochs):
+        order = _epoch_order(labels, settings.class_balance, settings.seed, epoch)
+        model.train()
+        running: list[float] = []
+        for batch_index in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            index = order[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]
+            x = torch.from_numpy(windows[index]).float()
+            noise = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+            x = x + settings.noise_std * torch.randn(x.shape, generator=noise)
+            condition = one_hot(torch.from_numpy(labels[index]))
+            loss, nll_bpd, _ = compute_loss(model, x, condition, settings.reconstruction_weight)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise NonFiniteLossError(step, sorted(set(records[index].tolist())))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP_NORM)
+            optimizer.step()
+            step += 1
+            running.append(float(nll_bpd.detach()))
+            elapsed = time.monotonic() - started
+            steps_done = step - first_step
+            left_s = min(budget_s - elapsed, elapsed / steps_done * (total_steps - step))
+            bar.update(1)
+            bar.set_postfix_str(
+                f"epoch={epoch + 1}/{settings.max_epochs} loss_bpd={np.mean(running[-50:]):.3f}"
+                f" left={max(0.0, left_s):.0f}s"
+            )
+            if step % settings.checkpoint_every_steps == 0:
+                _save(checkpoint_path, checkpoint())
+        validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv)
+        validation_loss = validation_bpd + settings.reconstruction_weight * validation_mse
+        if not math.isfinite(validation_loss):
+            bar.close()
+            raise NonFiniteLossError(step, ["validation"])
+        if validation_loss < best_loss:
+            best_loss = validation_loss
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append({"epoch": epoch + 1, "train_bpd": float(np.mean(running)) if running
+                        else math.nan, "validation_bpd": validation_bpd,
+                        "validation_reconstruction_mse": validation_mse})
+        logger.info("epoch=%d step=%d train_bpd=%.4f validation_bpd=%.4f validation_mse=%.5f",
+                    epoch + 1, step, history[-1]["train_bpd"], validation_bpd, validation_mse)
+        _save(checkpoint_path, checkpoint())
+        if time.monotonic() - started > budget_s:
+            stopped_by = "time budget"
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    _save(work_dir / BEST_FILE, {**checkpoint(), "model": model.state_dict()})
+    model.eval()
+    validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv)
+    summary = {
+        "epochs": epoch + 1,
+        "steps": step,
+        "duration_s": round(time.monotonic() - started, 1),
+        "stopped_by": stopped_by,
+        "validation_bpd": validation_bpd,
+        "validation_reconstruction_mse": validation_mse,
+        "train_beats": int(labels.size),
+        "train_class_counts": {n: int(counts[i]) for i, n in enumerate(AAMI_CLASSES)},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "history": history,
+    }
+    logger.info("training done epochs=%d steps=%d validation_bpd=%.4f duration_s=%.1f",
+                epoch + 1, step, validation_bpd, summary["duration_s"])
+    return TrainResult(model=model, scale_mv=scale_mv, classes_known=classes_known,
+                       summary=summary)
