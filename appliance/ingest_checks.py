@@ -1,0 +1,192 @@
+"""Checks on the raw text of WFDB headers and on signal file sizes, made before wfdb reads them.
+
+wfdb 4.3.1 hides some header defects: it replaces an ADC gain of 0 with 200 (so an uncalibrated
+signal reads as if it were in mV), rejects a whole record for a malformed base time, and fails
+with a NumPy broadcast error when a signal file is shorter than the header says. The functions
+here find those defects in the header text itself, so that ingest can name them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import RecordError
+
+logger = logging.getLogger(__name__)
+
+# Bytes per sample of each fixed-width WFDB storage format. FLAC formats (508, 516, 524) are
+# compressed, so their file size says nothing about their length.
+BYTES_PER_SAMPLE: dict[int, float] = {
+    8: 1.0,
+    80: 1.0,
+    16: 2.0,
+    61: 2.0,
+    160: 2.0,
+    212: 1.5,
+    310: 4.0 / 3.0,
+    311: 4.0 / 3.0,
+    24: 3.0,
+    32: 4.0,
+}
+_FORMAT_FIELD = re.compile(r"^(?P<format>\d+)(?:x(?P<spf>\d+))?(?::\d+)?(?:\+(?P<offset>\d+))?$")
+_GAIN_FIELD = re.compile(r"^(?P<gain>[-+0-9.eE]+)")
+
+
+@dataclass(frozen=True)
+class SignalLine:
+    """One signal specification line of a single-segment header.
+
+    Attributes:
+        file_name: Signal file the samples are stored in.
+        format_code: WFDB storage format (16, 212, ...).
+        samples_per_frame: Samples of this signal in each frame.
+        byte_offset: Bytes skipped at the start of the signal file.
+        adc_gain: ADC units per physical unit as written, or None when the field is absent.
+        name: Signal (lead) name, or an empty string when the line has none.
+    """
+
+    file_name: str
+    format_code: int
+    samples_per_frame: int
+    byte_offset: int
+    adc_gain: float | None
+    name: str
+
+
+def header_lines(header_path: Path) -> list[str]:
+    """Return the non-comment lines of a header file, with line endings removed."""
+    text = header_path.read_text(errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def parse_signal_lines(lines: list[str]) -> list[SignalLine]:
+    """Parse the signal lines (every line after the record line) of a single-segment header."""
+    signals = []
+    for line in lines[1:]:
+        fields = line.split()
+        match = _FORMAT_FIELD.match(fields[1]) if len(fields) > 1 else None
+        if match is None:
+            continue
+        gain = None
+        if len(fields) > 2:
+            gain_match = _GAIN_FIELD.match(fields[2])
+            gain = float(gain_match["gain"]) if gain_match else None
+        signals.append(
+            SignalLine(
+                file_name=fields[0],
+                format_code=int(match["format"]),
+                samples_per_frame=int(match["spf"] or 1),
+                byte_offset=int(match["offset"] or 0),
+                adc_gain=gain,
+                name=" ".join(fields[8:]) if len(fields) > 8 else "",
+            )
+        )
+    return signals
+
+
+def check_adc_gains(record: str, lines: list[str], lead_names: list[str]) -> None:
+    """Raise if a chosen lead has an ADC gain of 0, which WFDB defines as uncalibrated.
+
+    Raises:
+        RecordError: Naming the lead, because its amplitudes cannot be converted to mV.
+    """
+    for signal in parse_signal_lines(lines):
+        if signal.name in lead_names and signal.adc_gain == 0:
+            raise RecordError(
+                record,
+                f"lead {signal.name} has ADC gain 0 in its header (uncalibrated, so its "
+                "amplitude in mV is unknown); write the gain in ADC units per mV",
+            )
+
+
+def readable_frames(record: str, header_path: Path, lines: list[str]) -> int | None:
+    """Return how many whole frames the signal files hold, or None when it cannot be told.
+
+    The count is the smallest over the record's fixed-width signal files. The caller compares
+    it with the length the header declares.
+    """
+    samples_per_frame: dict[str, int] = {}
+    bytes_per_sample: dict[str, float] = {}
+    offsets: dict[str, int] = {}
+    for signal in parse_signal_lines(lines):
+        if signal.format_code not in BYTES_PER_SAMPLE or signal.file_name == "~":
+            return None
+        samples_per_frame[signal.file_name] = (
+            samples_per_frame.get(signal.file_name, 0) + signal.samples_per_frame
+        )
+        bytes_per_sample[signal.file_name] = BYTES_PER_SAMPLE[signal.format_code]
+        offsets[signal.file_name] = signal.byte_offset
+    frames: list[int] = []
+    for file_name, spf in samples_per_frame.items():
+        path = header_path.parent / file_name
+        if not path.exists():
+            raise RecordError(record, f"signal file {file_name} named in the header is missing")
+        stored_bytes = path.stat().st_size - offsets[file_name]
+        frames.append(math.floor(stored_bytes / (spf * bytes_per_sample[file_name])))
+    return min(frames) if frames else None
+
+
+def check_segment_count(record: str, lines: list[str]) -> None:
+    """Raise if a multi-segment header lists fewer segments than its record line declares.
+
+    Raises:
+        RecordError: With both counts, because a missing segment shifts every later sample.
+    """
+    declared = int(lines[0].split()[0].split("/")[1])
+    listed = len(lines) - 1
+    if listed != declared:
+        raise RecordError(
+            record,
+            f"multi-segment header declares {declared} segments but lists {listed}; "
+            "restore the missing segment lines",
+        )
+
+
+def malformed_base_time(lines: list[str]) -> str | None:
+    """Return the record line's base time and date text if it does not parse, else None."""
+    fields = lines[0].split()
+    # Record line: name[/segments] n_sig [fs[/counter[(base)]] [sig_len [time [date]]]]
+    extra = fields[4:]
+    if not extra:
+        return None
+    time_text = extra[0]
+    date_text = extra[1] if len(extra) > 1 else None
+    for time_format in ("%H:%M:%S.%f", "%H:%M:%S", "%M:%S", "%S"):
+        with contextlib.suppress(ValueError):
+            datetime.datetime.strptime(time_text, time_format)
+            break
+    else:
+        return " ".join(extra)
+    if date_text is not None:
+        try:
+            datetime.datetime.strptime(date_text, "%d/%m/%Y")
+        except ValueError:
+            return " ".join(extra)
+    return None
+
+
+@contextlib.contextmanager
+def header_without_base_time(path: Path, lines: list[str]) -> Iterator[Path]:
+    """Yield a record path whose header is a copy without the base time and date fields.
+
+    The copy sits in a temporary folder next to symbolic links to the original signal files,
+    so wfdb reads the same samples. The base time is not used by ingest.
+    """
+    with tempfile.TemporaryDirectory(prefix="appliance-header-") as folder:
+        copy = Path(folder) / path.name
+        fields = lines[0].split()
+        record_line = " ".join(fields[:4])
+        copy.with_name(f"{path.name}.hea").write_text("\n".join([record_line, *lines[1:]]) + "\n")
+        for signal in parse_signal_lines(lines):
+            link = Path(folder) / signal.file_name
+            if not link.exists():
+                link.symlink_to((path.parent / signal.file_name).resolve())
+        yield copy
