@@ -26,10 +26,15 @@ BEAT_SYMBOL_TO_AAMI: dict[str, str] = {
     "/": "Q",  # paced
     "f": "Q",  # fusion of paced and normal
     "Q": "Q",  # unclassifiable
+    # Beat labels that MIT-BIH does not use, mapped like their closest MIT-BIH labels.
+    "B": "N",  # bundle branch block, side unspecified
+    "n": "N",  # supraventricular escape, an escape beat like e and j
+    "r": "V",  # R-on-T premature ventricular contraction
+    "?": "Q",  # beat not classified during learning
 }
 
 # Annotation symbols that mark no beat. Symbols outside both tables are reported by ingest.
-NON_BEAT_SYMBOLS: frozenset[str] = frozenset('+~"|!x[]()pt^u`\'s=@*DTUr')
+NON_BEAT_SYMBOLS: frozenset[str] = frozenset("+~\"|!x[]()pt^u`'s=@*DTU")
 
 
 def class_index(name: str) -> int:

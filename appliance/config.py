@@ -27,6 +27,7 @@ class DataConfig:
         split_seed: Seed of the random split by record.
         validation_fraction: Fraction of records for validation in a random split.
         test_fraction: Fraction of records for test in a random split.
+        cache_dir: Folder of the ingest cache of preprocessed beat windows; empty disables it.
     """
 
     fs_hz: float = 360.0
@@ -40,6 +41,7 @@ class DataConfig:
     split_seed: int = 0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)

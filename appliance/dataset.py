@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import wfdb
 
 from appliance.classes import AAMI_CLASSES
 from appliance.config import DataConfig
-from appliance.ecg import RecordBeats, read_record
+from appliance.ecg import HIGHPASS_ORDER, RecordBeats, read_record
 from appliance.errors import DataError, NoUsableDataError, RecordError
+from appliance.ingest_cache import IngestCache, cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ DE_CHAZAL_DS2 = (
 ).split()
 # Groups of record names from one subject; a split keeps each group on one side.
 SAME_SUBJECT_GROUPS = (("201", "202"),)
+# Paced records, which de Chazal et al. leave out of both sets.
+DE_CHAZAL_EXCLUDED = ("102", "104", "107", "217")
 
 
 @dataclass
@@ -56,7 +59,20 @@ class BeatSet:
 
 @dataclass
 class IngestReport:
-    """What an ingest run read, skipped and found."""
+    """What an ingest run read, skipped and found.
+
+    Attributes:
+        records_read: Records that gave beats, in reading order.
+        records_skipped: Reason of each record that gave no beats.
+        beat_sources: Where each record's beat positions came from (``annotations:atr``,
+            ``detector:xqrs``).
+        beats_skipped: Beats left out over all records, by reason.
+        split_of_record: Split of each record read.
+        class_counts: Beats per AAMI class in each split.
+        leads_of_record: Lead names used for each record read.
+        warnings_of_record: Defects tolerated while reading each record.
+        cache_hits: Records taken from the ingest cache.
+    """
 
     records_read: list[str] = field(default_factory=list)
     records_skipped: dict[str, str] = field(default_factory=dict)
@@ -64,12 +80,17 @@ class IngestReport:
     beats_skipped: dict[str, int] = field(default_factory=dict)
     split_of_record: dict[str, str] = field(default_factory=dict)
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    leads_of_record: dict[str, list[str]] = field(default_factory=dict)
+    warnings_of_record: dict[str, list[str]] = field(default_factory=dict)
+    cache_hits: int = 0
 
     def table(self) -> str:
         """Return the report as a plain-text table."""
         lines = [f"records read: {len(self.records_read)}  skipped: {len(self.records_skipped)}"]
         for record, reason in sorted(self.records_skipped.items()):
             lines.append(f"  skipped {record}: {reason}")
+        for record, warnings in sorted(self.warnings_of_record.items()):
+            lines.append(f"  read with warnings {record}: {'; '.join(warnings)}")
         if self.beats_skipped:
             parts = ", ".join(f"{k}={v}" for k, v in sorted(self.beats_skipped.items()))
             lines.append(f"beats skipped: {parts}")
@@ -83,6 +104,47 @@ class IngestReport:
 
 
 @dataclass
+class Preprocessing:
+    """How raw samples became beat windows: what the export step stores in the manifest.
+
+    Generated beats are in the same units: mV after baseline removal, at ``fs_hz``. Resampling
+    one with ``scipy.signal.resample_poly`` to a value of ``fs_hz_of_record`` returns it at that
+    record's rate.
+
+    Attributes:
+        fs_hz: Sampling rate of every window.
+        window_samples: Samples per window.
+        pre_r_samples: Samples before the R peak in each window.
+        leads: Configured leads in preference order.
+        amplitude_unit: Unit of window values.
+        baseline_filter: Filter that removed baseline wander.
+        highpass_hz: Cut-off of that filter.
+        highpass_order: Butterworth order of that filter (applied forward and backward).
+        resampler: Method that brought each lead to ``fs_hz``.
+        fs_hz_of_record: Rate of the first chosen lead of each record read.
+        train_mean_mv: Mean of the training windows.
+        train_std_mv: Standard deviation of the training windows.
+    """
+
+    fs_hz: float
+    window_samples: int
+    pre_r_samples: int
+    leads: list[str]
+    amplitude_unit: str = "mV"
+    baseline_filter: str = "Butterworth high-pass, zero-phase (scipy.signal.sosfiltfilt)"
+    highpass_hz: float = 0.0
+    highpass_order: int = HIGHPASS_ORDER
+    resampler: str = "scipy.signal.resample_poly, Kaiser-window anti-aliasing low-pass"
+    fs_hz_of_record: dict[str, float] = field(default_factory=dict)
+    train_mean_mv: float = 0.0
+    train_std_mv: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the facts as plain JSON-ready values."""
+        return asdict(self)
+
+
+@dataclass
 class Dataset:
     """Ingested beats split by record, with the report of the run."""
 
@@ -90,6 +152,7 @@ class Dataset:
     report: IngestReport
     fs_hz_of_record: dict[str, float]
     leads: list[str]
+    preprocessing: Preprocessing | None = None
 
 
 def find_records(data_dir: Path) -> list[str]:
@@ -108,8 +171,9 @@ def find_records(data_dir: Path) -> list[str]:
     if records_file.exists():
         names = [line.strip() for line in records_file.read_text().splitlines() if line.strip()]
     else:
-        names = sorted(str(p.relative_to(data_dir).with_suffix("")) for p in
-                       data_dir.rglob("*.hea"))
+        names = sorted(
+            str(p.relative_to(data_dir).with_suffix("")) for p in data_dir.rglob("*.hea")
+        )
     segments: set[str] = set()
     for name in names:
         header_path = data_dir / f"{name}.hea"
@@ -133,20 +197,24 @@ def find_records(data_dir: Path) -> list[str]:
     return records
 
 
+def _split_method(records: list[str], data_dir: Path, config: DataConfig) -> str:
+    """Resolve ``auto`` to ``file`` (a SPLITS file), ``de-chazal`` (MIT-BIH) or ``random``."""
+    if config.split != "auto":
+        return config.split
+    if (data_dir / SPLITS_FILE).exists():
+        return "file"
+    if set(DE_CHAZAL_DS1) <= set(records) and set(DE_CHAZAL_DS2) <= set(records):
+        return "de-chazal"
+    return "random"
+
+
 def assign_splits(records: list[str], data_dir: Path, config: DataConfig) -> dict[str, str]:
     """Map each record to train, validation or test, keeping one subject on one side.
 
     Raises:
         DataError: If the split method is unknown or a split file is malformed.
     """
-    method = config.split
-    if method == "auto":
-        if (data_dir / SPLITS_FILE).exists():
-            method = "file"
-        elif set(DE_CHAZAL_DS1) <= set(records) and set(DE_CHAZAL_DS2) <= set(records):
-            method = "de-chazal"
-        else:
-            method = "random"
+    method = _split_method(records, data_dir, config)
     if method == "file":
         mapping: dict[str, str] = {}
         for line in (data_dir / SPLITS_FILE).read_text().splitlines():
@@ -155,8 +223,10 @@ def assign_splits(records: list[str], data_dir: Path, config: DataConfig) -> dic
                 continue
             name, _, split = line.partition(" ")
             if split.strip() not in SPLITS:
-                raise DataError(f"{data_dir / SPLITS_FILE}: split {split!r} of {name} is not "
-                                f"one of {', '.join(SPLITS)}")
+                raise DataError(
+                    f"{data_dir / SPLITS_FILE}: split {split!r} of {name} is not "
+                    f"one of {', '.join(SPLITS)}"
+                )
             mapping[name] = split.strip()
         return {r: mapping[r] for r in records if r in mapping}
     if method == "de-chazal":
@@ -188,7 +258,9 @@ def _random_split(records: list[str], config: DataConfig) -> dict[str, str]:
     n_test, n_validation = max(n_test, 1 if n >= 3 else 0), max(n_validation, 1 if n >= 3 else 0)
     mapping: dict[str, str] = {}
     for rank, g in enumerate(order):
-        split = "test" if rank < n_test else "validation" if rank < n_test + n_validation else "train"
+        split = (
+            "test" if rank < n_test else "validation" if rank < n_test + n_validation else "train"
+        )
         for record in groups[g]:
             mapping[record] = split
     return mapping
@@ -197,6 +269,10 @@ def _random_split(records: list[str], config: DataConfig) -> dict[str, str]:
 def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     """Read every record of a folder, skip and report bad ones, and split beats by record.
 
+    Each unusable record is skipped with one warning line naming it and the reason. With
+    ``config.cache_dir`` set, records whose files and settings are unchanged since an earlier
+    run are taken from the cache.
+
     Raises:
         DataError: If the folder is missing or empty.
         NoUsableDataError: If no record gives beats, or the training split is empty.
@@ -204,31 +280,42 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     data_dir = Path(data_dir)
     records = find_records(data_dir)
     split_of = assign_splits(records, data_dir, config)
+    cache = IngestCache(Path(config.cache_dir)) if config.cache_dir else None
     report = IngestReport()
     per_split: dict[str, list[RecordBeats]] = {split: [] for split in SPLITS}
     fs_of_record: dict[str, float] = {}
     leads: list[str] = []
     for record in records:
         if record not in split_of:
-            report.records_skipped[record] = "not listed in the split file"
+            report.records_skipped[record] = _unsplit_reason(record, records, data_dir, config)
             continue
-        try:
-            beats = read_record(data_dir / record, record, config)
-        except RecordError as exc:
-            logger.warning("record=%s action=skip reason=%s", record, exc.reason)
-            report.records_skipped[record] = exc.reason
+        result = _read_cached(data_dir, record, config, cache)
+        if isinstance(result, RecordError):
+            logger.warning("record=%s action=skip reason=%s", record, result.reason)
+            report.records_skipped[record] = result.reason
             continue
+        beats = result
         report.records_read.append(record)
         report.beat_sources[record] = beats.beat_source
         report.split_of_record[record] = split_of[record]
+        report.leads_of_record[record] = beats.leads
+        if beats.warnings:
+            report.warnings_of_record[record] = beats.warnings
         for reason, count in beats.skipped.items():
             report.beats_skipped[reason] = report.beats_skipped.get(reason, 0) + count
         fs_of_record[record] = beats.fs_hz
         leads = leads or beats.leads
         per_split[split_of[record]].append(beats)
-        logger.info("record=%s split=%s beats=%d fs_hz=%g leads=%s source=%s", record,
-                    split_of[record], len(beats.labels), beats.fs_hz, ",".join(beats.leads),
-                    beats.beat_source)
+        logger.info(
+            "record=%s split=%s beats=%d fs_hz=%g leads=%s source=%s",
+            record,
+            split_of[record],
+            len(beats.labels),
+            beats.fs_hz,
+            ",".join(beats.leads),
+            beats.beat_source,
+        )
+    report.cache_hits = cache.hits if cache else 0
     if not report.records_read:
         raise NoUsableDataError(
             f"no usable records in {data_dir} ({len(report.records_skipped)} skipped: "
@@ -241,7 +328,51 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     if len(splits["train"]) == 0:
         raise NoUsableDataError(f"no training beats in {data_dir}; check the split")
     logger.info("ingest summary\n%s", report.table())
-    return Dataset(splits=splits, report=report, fs_hz_of_record=fs_of_record, leads=leads)
+    train_windows = splits["train"].windows
+    preprocessing = Preprocessing(
+        fs_hz=config.fs_hz,
+        window_samples=config.window_samples,
+        pre_r_samples=config.pre_r_samples,
+        leads=list(config.leads),
+        highpass_hz=config.highpass_hz,
+        fs_hz_of_record=dict(fs_of_record),
+        train_mean_mv=float(train_windows.mean(dtype=np.float64)),
+        train_std_mv=float(train_windows.std(dtype=np.float64)),
+    )
+    return Dataset(
+        splits=splits,
+        report=report,
+        fs_hz_of_record=fs_of_record,
+        leads=leads,
+        preprocessing=preprocessing,
+    )
+
+
+def _read_cached(
+    data_dir: Path, record: str, config: DataConfig, cache: IngestCache | None
+) -> RecordBeats | RecordError:
+    """Read one record, through the cache when there is one; failures are returned."""
+    path = data_dir / record
+    key = cache_key(path, config) if cache else ""
+    if cache:
+        cached = cache.load(record, key)
+        if cached is not None:
+            return cached
+    try:
+        result: RecordBeats | RecordError = read_record(path, record, config)
+    except RecordError as exc:
+        result = exc
+    if cache:
+        cache.store(record, key, result)
+    return result
+
+
+def _unsplit_reason(record: str, records: list[str], data_dir: Path, config: DataConfig) -> str:
+    if _split_method(records, data_dir, config) == "de-chazal":
+        if Path(record).name in DE_CHAZAL_EXCLUDED:
+            return "paced record, left out of the de Chazal DS1 and DS2 sets"
+        return "not in the de Chazal DS1 or DS2 sets"
+    return f"not listed in the split file {data_dir / SPLITS_FILE}"
 
 
 def _concatenate(items: list[RecordBeats], config: DataConfig) -> BeatSet:
@@ -256,4 +387,3 @@ def _concatenate(items: list[RecordBeats], config: DataConfig) -> BeatSet:
         labels=np.concatenate([b.labels for b in items]),
         records=np.concatenate([np.full(len(b.labels), b.record) for b in items]),
     )
-
