@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Download every Python wheel the image needs into build/wheels/, so that the image build
+# installs with `pip install --no-index` and needs no network (the same step works on an
+# air-gapped site that receives the folder).
+#
+# Usage: build/download-wheels.sh [cpu|gpu]
+#   cpu (default): CPU build of torch and onnxruntime.
+#   gpu: CUDA build of torch (its CUDA libraries come as nvidia-* wheels) and onnxruntime-gpu,
+#        into build/wheels-gpu/.
+#
+# The wheels target CPython 3.11 on x86-64 glibc, the Python of Debian bookworm, whatever
+# Python runs this script. PYTHON selects the interpreter that runs pip (default python3).
+set -euo pipefail
+
+variant="${1:-cpu}"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-python3}"
+torch_version="2.13.0"
+
+case "$variant" in
+  cpu) dest="$repo_root/build/wheels" ;;
+  gpu) dest="$repo_root/build/wheels-gpu" ;;
+  *) echo "unknown variant '$variant': expected cpu or gpu" >&2; exit 2 ;;
+esac
+mkdir -p "$dest"
+
+# Runtime dependencies come from pyproject.toml so that the image and the development
+# environment list the same packages. torch and onnxruntime are replaced per variant.
+mapfile -t runtime_deps < <(
+  "$python" - "$repo_root/pyproject.toml" <<'PY'
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as handle:
+    project = tomllib.load(handle)["project"]
+for requirement in project["dependencies"]:
+    name = requirement.split(";")[0].strip()
+    if not name.lower().startswith(("torch", "onnxruntime")):
+        print(name)
+PY
+)
+
+# grpcio-tools generates the gRPC code and setuptools builds the package; both are used in the
+# build stage only and never reach the runtime stage.
+build_deps=("grpcio-tools>=1.66" "setuptools>=68" "wheel")
+
+if [[ "$variant" == cpu ]]; then
+  variant_deps=("torch==${torch_version}" "onnxruntime>=1.20")
+else
+  variant_deps=("torch==${torch_version}" "onnxruntime-gpu>=1.20")
+fi
+
+target=(
+  --only-binary=:all:
+  --implementation cp
+  --python-version 3.11
+  --abi cp311
+  --platform manylinux_2_28_x86_64
+  --platform manylinux_2_27_x86_64
+  --platform manylinux_2_17_x86_64
+  --platform manylinux2014_x86_64
+  --platform manylinux_2_5_x86_64
+  --platform manylinux1_x86_64
+  --platform linux_x86_64
+)
+
+pip_env=()
+if [[ "$variant" == gpu ]]; then
+  # A local folder of CPU wheels (find-links in pip's configuration) would win over the CUDA
+  # build, because pip ranks the local version 2.13.0+cpu above 2.13.0.
+  pip_env=(env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null)
+fi
+
+echo "downloading variant=$variant into $dest" >&2
+"${pip_env[@]}" "$python" -m pip download --quiet --dest "$dest" "${target[@]}" \
+  "${runtime_deps[@]}" "${variant_deps[@]}" "${build_deps[@]}"
+
+# The Dockerfile installs exactly these lists from the folder.
+printf '%s\n' "${runtime_deps[@]}" "${variant_deps[@]}" >"$dest/requirements.txt"
+printf '%s\n' "${build_deps[@]}" >"$dest/build-requirements.txt"
+
+if [[ "$variant" == gpu ]] && ls "$dest"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+  echo "found a +cpu torch wheel in $dest; the GPU image needs the CUDA build" >&2
+  exit 1
+fi
+if [[ "$variant" == cpu ]] && ! ls "$dest"/torch-"${torch_version}"+cpu-*.whl >/dev/null 2>&1; then
+  # The default PyPI torch wheel for Linux is the CUDA build (several GB with its nvidia-*
+  # dependencies); the CPU image must hold the +cpu build.
+  echo "no torch ${torch_version}+cpu wheel in $dest: put the CPU wheel where pip finds it" \
+    "(PIP_FIND_LINKS or an index that serves it) and rerun" >&2
+  exit 1
+fi
+du -sh "$dest" >&2
