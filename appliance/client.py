@@ -1,0 +1,214 @@
+"""Python client library of the appliance's gRPC service."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from appliance.classes import AAMI_CLASSES
+from appliance.v1 import appliance_pb2 as pb
+from appliance.v1 import appliance_pb2_grpc as pb_grpc
+
+# Beats per ValidateStream message: 4096 one-lead beats of 256 samples are 4 MiB, the default
+# message limit, so 2048 keeps each message near 2 MiB.
+VALIDATE_STREAM_BEATS = 2048
+
+
+@dataclass
+class Generated:
+    """Beats returned by Generate.
+
+    Attributes:
+        beats: Shape (beats, leads, window_samples), in the requested unit.
+        classes: AAMI class names, one per beat.
+        scores: Pertinence scores, shape (beats,).
+        stats: The counts of the call (``appliance.v1.GenerateStats``).
+        fs_hz: Sampling rate of the beats.
+    """
+
+    beats: np.ndarray
+    classes: list[str]
+    scores: np.ndarray
+    stats: pb.GenerateStats
+    fs_hz: float
+
+
+@dataclass
+class Validated:
+    """Scores returned by Validate."""
+
+    scores: np.ndarray
+    accepted: np.ndarray
+    classes: list[str]
+    margin: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def encode_samples(beats: np.ndarray, normalised: bool = False) -> pb.Samples:
+    """Pack beats of shape (beats, leads, window_samples) as little-endian float32."""
+    if beats.ndim != 3:
+        raise ValueError(f"beats must have shape (beats, leads, window_samples), got "
+                         f"{beats.shape}")
+    return pb.Samples(
+        count=beats.shape[0], leads=beats.shape[1], window_samples=beats.shape[2],
+        values_f32=np.ascontiguousarray(beats, dtype="<f4").tobytes(),
+        unit=pb.SAMPLE_UNIT_NORMALISED if normalised else pb.SAMPLE_UNIT_MILLIVOLT,
+    )
+
+
+def decode_samples(samples: pb.Samples) -> np.ndarray:
+    """Unpack Samples into shape (count, leads, window_samples), float32."""
+    values = np.frombuffer(samples.values_f32, dtype="<f4")
+    return values.reshape(samples.count, samples.leads, samples.window_samples)
+
+
+def class_value(name: str | None) -> int:
+    """Return the BeatClass enum value of a class name; None gives UNSPECIFIED."""
+    if name is None or name == "":
+        return pb.BEAT_CLASS_UNSPECIFIED
+    return int(pb.BeatClass.Value(f"BEAT_CLASS_{name}"))
+
+
+def class_name(value: int) -> str:
+    """Return the class name of a BeatClass enum value."""
+    return AAMI_CLASSES[value - 1] if value > 0 else ""
+
+
+class ApplianceClient:
+    """Client of one appliance server.
+
+    Arguments:
+        address: ``host:port`` of the server.
+        root_certificate: PEM of the CA that signed the server certificate (enables TLS).
+        client_certificate: PEM certificate for mutual TLS.
+        client_key: PEM private key for mutual TLS.
+        timeout_s: Deadline of each call in seconds.
+    """
+
+    def __init__(self, address: str, root_certificate: Path | None = None,
+                 client_certificate: Path | None = None, client_key: Path | None = None,
+                 timeout_s: float = 300.0) -> None:
+        options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+        if root_certificate is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificate.read_bytes(),
+                private_key=client_key.read_bytes() if client_key else None,
+                certificate_chain=client_certificate.read_bytes() if client_certificate else None,
+            )
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        self.stub = pb_grpc.ApplianceServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> ApplianceClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("x-request-id", uuid.uuid4().hex[:16])]
+
+    def health(self, service: str = "") -> str:
+        """Return the health status name, for example ``SERVING``."""
+        reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                       timeout=min(self.timeout_s, 10.0))
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def model_info(self) -> pb.ModelInfo:
+        """Return the served model's data contract and training summary."""
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s,
+                                      metadata=self._metadata())
+
+    def generate_stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateChunk]:
+        """Yield the raw chunks of a Generate call."""
+        yield from self.stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata())
+
+    def generate(
+        self,
+        count: int = 0,
+        class_counts: dict[str, int] | None = None,
+        temperature: float | None = None,
+        margin: float | None = None,
+        seed: int | None = None,
+        normalised: bool = False,
+        chunk_beats: int = 0,
+        max_draws_per_beat: int = 0,
+    ) -> Generated:
+        """Generate beats and collect every chunk.
+
+        Arguments:
+            count: Total beats spread over the known classes (when ``class_counts`` is None).
+            class_counts: Beats per class name.
+            temperature: Latent temperature (server default 1.0).
+            margin: Lowest accepted pertinence score (server default from the manifest).
+            seed: Seed for reproducible beats.
+            normalised: Return model units instead of millivolts.
+            chunk_beats: Beats per streamed chunk (server default 256).
+            max_draws_per_beat: Draw budget per requested beat (server default 20).
+        """
+        request = pb.GenerateRequest(
+            count=count, unit=pb.SAMPLE_UNIT_NORMALISED if normalised else
+            pb.SAMPLE_UNIT_MILLIVOLT, chunk_beats=chunk_beats,
+            max_draws_per_beat=max_draws_per_beat,
+        )
+        for name, n in (class_counts or {}).items():
+            request.class_counts.add(beat_class=class_value(name), count=n)
+        if temperature is not None:
+            request.temperature = temperature
+        if margin is not None:
+            request.margin = margin
+        if seed is not None:
+            request.seed = seed
+        beats, classes, scores = [], [], []
+        stats, fs_hz = pb.GenerateStats(), 0.0
+        for chunk in self.generate_stream(request):
+            if chunk.samples.count:
+                beats.append(decode_samples(chunk.samples))
+                classes.extend(class_name(v) for v in chunk.beat_classes)
+                scores.extend(chunk.scores)
+            fs_hz = chunk.fs_hz or fs_hz
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+        stacked = np.concatenate(beats) if beats else np.zeros((0, 0, 0), dtype=np.float32)
+        return Generated(stacked, classes, np.asarray(scores), stats, fs_hz)
+
+    def validate(self, beats: np.ndarray, classes: Sequence[str | None] | None = None,
+                 margin: float | None = None, normalised: bool = False) -> Validated:
+        """Score beats of shape (beats, leads, window_samples), in mV unless ``normalised``.
+
+        Large sets are sent with ValidateStream in messages of ``VALIDATE_STREAM_BEATS``.
+        """
+        requests = []
+        for start in range(0, beats.shape[0], VALIDATE_STREAM_BEATS):
+            part = beats[start : start + VALIDATE_STREAM_BEATS]
+            request = pb.ValidateRequest(samples=encode_samples(part, normalised))
+            if classes is not None:
+                request.beat_classes.extend(
+                    class_value(c) for c in classes[start : start + VALIDATE_STREAM_BEATS]
+                )
+            if margin is not None:
+                request.margin = margin
+            requests.append(request)
+        if len(requests) == 1:
+            reply = self.stub.Validate(requests[0], timeout=self.timeout_s,
+                                       metadata=self._metadata())
+        else:
+            reply = self.stub.ValidateStream(iter(requests), timeout=self.timeout_s,
+                                             metadata=self._metadata())
+        return Validated(
+            scores=np.asarray(reply.scores), accepted=np.asarray(reply.accepted, dtype=bool),
+            classes=[class_name(v) for v in reply.beat_classes], margin=reply.margin,
+        )

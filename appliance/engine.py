@@ -1,0 +1,312 @@
+"""Inference on the exported graphs with ONNX Runtime: scoring, validation and generation.
+
+This module and everything it imports stay free of PyTorch, so the serving process loads only
+the ONNX graphs and the files the manifest lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from appliance.classes import AAMI_CLASSES
+from appliance.privacy import NearestNeighbourIndex, privacy_space
+from appliance.scoring import Calibration, compute_features
+from appliance.store import ModelVersion
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_BATCH = 256
+# Relative z -> x -> z error above which a generated beat counts as numerically unstable.
+ROUNDTRIP_REJECT_REL_ERROR = 1e-3
+
+
+@dataclass
+class Scored:
+    """Scores of a batch of beats.
+
+    Attributes:
+        scores: Pertinence scores in [0, 1], shape (beats,).
+        classes: Class index each beat was scored under, shape (beats,).
+        features: Statistics behind the scores, shape (beats, 4).
+        z: Latent values, shape (beats, latent_dims).
+    """
+
+    scores: np.ndarray
+    classes: np.ndarray
+    features: np.ndarray
+    z: np.ndarray
+
+
+@dataclass
+class GenerateResult:
+    """Accepted beats and the counts of one generation run."""
+
+    beats: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+    draws: int = 0
+    pertinence_rejections: int = 0
+    privacy_rejections: int = 0
+    invalid_rejections: int = 0
+    budget_exhausted: bool = False
+    per_class_draws: dict[str, int] = field(default_factory=dict)
+
+
+def available_providers(require_gpu: bool = False) -> list[str]:
+    """Return ONNX Runtime providers to use: CUDA first when present, then CPU.
+
+    Raises:
+        RuntimeError: If ``require_gpu`` is set and the CUDA provider is not available.
+    """
+    present = ort.get_available_providers()
+    if "CUDAExecutionProvider" in present:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if require_gpu:
+        raise RuntimeError(
+            f"a GPU is required but ONNX Runtime offers only {present}; install "
+            "onnxruntime-gpu with CUDA or drop --require-gpu"
+        )
+    return ["CPUExecutionProvider"]
+
+
+class Engine:
+    """The served model: both ONNX graphs, the calibration and the privacy index.
+
+    Arguments:
+        version: A verified model store version.
+        intra_op_threads: ONNX Runtime threads per graph call (0 lets ONNX Runtime choose).
+        require_gpu: Raise unless the CUDA execution provider is available.
+    """
+
+    def __init__(
+        self, version: ModelVersion, intra_op_threads: int = 0, require_gpu: bool = False
+    ) -> None:
+        manifest = version.manifest
+        self.manifest = manifest
+        contract = manifest["data"]
+        self.fs_hz = float(contract["fs_hz"])
+        self.window_samples = int(contract["window_samples"])
+        self.leads = list(contract["leads"])
+        self.scale_mv = float(contract["scale_mv"])
+        self.bottleneck_dims = int(manifest["model"]["bottleneck_dims"])
+        self.latent_dims = int(manifest["model"]["latent_dims"])
+        self.classes_known = [AAMI_CLASSES.index(c) for c in manifest["classes_known"]]
+        gate = manifest["gate"]
+        self.default_margin = float(gate["default_margin"])
+        self.min_margin = float(gate["min_margin"])
+        self.max_margin = float(gate["max_margin"])
+        self.truncation = float(gate["truncation"])
+        self.max_abs_mv = float(gate["max_abs_mv"])
+        self.privacy_threshold = float(manifest.get("privacy", {}).get("threshold", 0.0))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        providers = available_providers(require_gpu)
+        self.forward_session = ort.InferenceSession(
+            str(version.file("forward_graph")), options, providers=providers
+        )
+        self.inverse_session = ort.InferenceSession(
+            str(version.file("inverse_graph")), options, providers=providers
+        )
+        self.execution_provider = self.forward_session.get_providers()[0]
+        # Export builds a draft version with the graphs only, to calibrate on them.
+        self.calibration: Calibration | None = None
+        self.privacy_index: NearestNeighbourIndex | None = None
+        if "calibration" in manifest["files"]:
+            with np.load(version.file("calibration")) as arrays:
+                self.calibration = Calibration.from_arrays(dict(arrays))
+        if "privacy_index" in manifest["files"]:
+            self.privacy_index = NearestNeighbourIndex(np.load(version.file("privacy_index")))
+        logger.info("engine loaded model_id=%s provider=%s threads=%d", manifest["model_id"],
+                    self.execution_provider, intra_op_threads)
+
+    # Graph calls ---------------------------------------------------------------------------
+
+    def _one_hot(self, classes: np.ndarray) -> np.ndarray:
+        return np.eye(len(AAMI_CLASSES), dtype=np.float32)[classes]
+
+    def forward(self, x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the forward graph on scaled beats (beats, leads, samples): ``(z, log_det)``."""
+        zs, log_dets = [], []
+        for start in range(0, x.shape[0], INFERENCE_BATCH):
+            z, log_det = self.forward_session.run(
+                None,
+                {"x": x[start : start + INFERENCE_BATCH].astype(np.float32),
+                 "condition": self._one_hot(classes[start : start + INFERENCE_BATCH])},
+            )
+            zs.append(z)
+            log_dets.append(log_det)
+        return np.concatenate(zs), np.concatenate(log_dets)
+
+    def inverse(self, z: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Run the inverse graph on latent values (beats, latent_dims): scaled beats."""
+        xs = []
+        for start in range(0, z.shape[0], INFERENCE_BATCH):
+            (x,) = self.inverse_session.run(
+                None,
+                {"z": z[start : start + INFERENCE_BATCH].astype(np.float32),
+                 "condition": self._one_hot(classes[start : start + INFERENCE_BATCH])},
+            )
+            xs.append(x)
+        return np.concatenate(xs)
+
+    def truncate(self, z: np.ndarray) -> np.ndarray:
+        """Zero every latent value after the bottleneck, shape kept."""
+        out = np.zeros_like(z)
+        out[:, : self.bottleneck_dims] = z[:, : self.bottleneck_dims]
+        return out
+
+    # Scoring -------------------------------------------------------------------------------
+
+    def features(self, x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the scoring statistics (beats, 4) and latent values of scaled beats."""
+        z, log_det = self.forward(x, classes)
+        x_projected = self.inverse(self.truncate(z), classes)
+        return compute_features(x, z, log_det, x_projected, self.bottleneck_dims), z
+
+    def best_classes(self, x: np.ndarray) -> np.ndarray:
+        """Return the known class of highest likelihood for each scaled beat, shape (beats,)."""
+        best = np.zeros(x.shape[0], dtype=np.int64)
+        best_log_prob = np.full(x.shape[0], -np.inf)
+        for class_index in self.classes_known:
+            classes = np.full(x.shape[0], class_index, dtype=np.int64)
+            z, log_det = self.forward(x, classes)
+            log_prob = -0.5 * (z.astype(np.float64) ** 2).sum(axis=1) + log_det
+            better = log_prob > best_log_prob
+            best[better] = class_index
+            best_log_prob[better] = log_prob[better]
+        return best
+
+    def score(self, x: np.ndarray, classes: np.ndarray | None = None) -> Scored:
+        """Score scaled beats under given classes, or under their best-fitting known class.
+
+        Arguments:
+            x: Scaled beats, shape (beats, leads, window_samples); must be finite.
+            classes: Class index per beat, or -1 where unknown; ``None`` means all unknown.
+        """
+        resolved = np.full(x.shape[0], -1, dtype=np.int64) if classes is None else classes.copy()
+        unknown = resolved < 0
+        if unknown.any():
+            resolved[unknown] = self.best_classes(x[unknown])
+        features, z = self.features(x, resolved)
+        if self.calibration is None:
+            raise RuntimeError("engine has no calibration; load a published model version")
+        return Scored(self.calibration.score(features), resolved, features, z)
+
+    def privacy_distance(self, beats: np.ndarray) -> np.ndarray:
+        """Return each beat's distance to its nearest training beat, shape (beats,)."""
+        if self.privacy_index is None:
+            raise RuntimeError("engine has no privacy index; load a published model version")
+        return self.privacy_index.nearest_distance(privacy_space(beats))
+
+    # Generation ----------------------------------------------------------------------------
+
+    def draw_latent(self, rng: np.random.Generator, count: int, temperature: float) -> np.ndarray:
+        """Draw bottleneck values from a normal truncated at ``truncation`` standard deviations.
+
+        Returns:
+            Latent values, shape (count, latent_dims): the bottleneck scaled by ``temperature``,
+            the rest zero.
+        """
+        lead = rng.standard_normal((count, self.bottleneck_dims))
+        outside = np.abs(lead) > self.truncation
+        while outside.any():
+            lead[outside] = rng.standard_normal(int(outside.sum()))
+            outside = np.abs(lead) > self.truncation
+        z = np.zeros((count, self.latent_dims), dtype=np.float32)
+        z[:, : self.bottleneck_dims] = temperature * lead
+        return z
+
+    def generate(
+        self,
+        counts: dict[int, int],
+        temperature: float,
+        margin: float,
+        seed: int,
+        max_draws_per_beat: int,
+        should_stop: object = None,
+    ) -> GenerateResult:
+        """Draw, gate and collect beats until each class has its count or the budget runs out.
+
+        Arguments:
+            counts: Requested beats per class index.
+            temperature: Multiplier of the latent standard deviation.
+            margin: Lowest accepted pertinence score.
+            seed: Seed of the draws.
+            max_draws_per_beat: Draw budget per requested beat.
+            should_stop: Optional callable returning True to stop early (a cancelled call).
+
+        Returns:
+            Accepted scaled beats (beats, leads, window_samples), their classes and scores, and
+            the counts of draws and rejections.
+        """
+        rng = np.random.default_rng(seed)
+        beats, classes, scores = [], [], []
+        result = GenerateResult(beats=np.zeros(0), classes=np.zeros(0), scores=np.zeros(0))
+        for class_index, wanted in sorted(counts.items()):
+            accepted = 0
+            budget = wanted * max_draws_per_beat
+            drawn = 0
+            while accepted < wanted and drawn < budget:
+                if callable(should_stop) and should_stop():
+                    break
+                batch = int(min(INFERENCE_BATCH, max(8, 2 * (wanted - accepted)), budget - drawn))
+                z = self.draw_latent(rng, batch, temperature)
+                labels = np.full(batch, class_index, dtype=np.int64)
+                x = self.inverse(z, labels)
+                drawn += batch
+                keep = self._valid(x, z, labels, result)
+                if keep.any():
+                    scored = self.score(x[keep], labels[keep])
+                    passed = scored.scores >= margin
+                    result.pertinence_rejections += int((~passed).sum())
+                    kept_x = x[keep][passed]
+                    kept_scores = scored.scores[passed]
+                    if kept_x.shape[0]:
+                        private = self.privacy_distance(kept_x) >= self.privacy_threshold
+                        result.privacy_rejections += int((~private).sum())
+                        kept_x, kept_scores = kept_x[private], kept_scores[private]
+                    take = min(kept_x.shape[0], wanted - accepted)
+                    beats.append(kept_x[:take])
+                    scores.append(kept_scores[:take])
+                    classes.append(np.full(take, class_index, dtype=np.int64))
+                    accepted += take
+            result.draws += drawn
+            result.per_class_draws[AAMI_CLASSES[class_index]] = drawn
+            if accepted < wanted:
+                result.budget_exhausted = True
+        shape = (0, len(self.leads), self.window_samples)
+        result.beats = np.concatenate(beats) if beats else np.zeros(shape, dtype=np.float32)
+        result.classes = np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64)
+        result.scores = np.concatenate(scores) if scores else np.zeros(0)
+        return result
+
+    def _valid(
+        self, x: np.ndarray, z: np.ndarray, labels: np.ndarray, result: GenerateResult
+    ) -> np.ndarray:
+        """Mark draws that are finite, within the amplitude limit and invert back to ``z``."""
+        finite = np.isfinite(x).all(axis=(1, 2))
+        within = np.zeros_like(finite)
+        within[finite] = np.abs(x[finite]).max(axis=(1, 2)) * self.scale_mv <= self.max_abs_mv
+        stable = np.zeros_like(finite)
+        if within.any():
+            z_back, _ = self.forward(x[within], labels[within])
+            lead = slice(0, self.bottleneck_dims)
+            error = np.linalg.norm(z_back[:, lead] - z[within][:, lead], axis=1)
+            relative = error / np.maximum(np.linalg.norm(z[within][:, lead], axis=1), 1e-6)
+            stable[within] = relative <= ROUNDTRIP_REJECT_REL_ERROR
+        result.invalid_rejections += int((~stable).sum())
+        return stable
+
+
+def default_threads() -> int:
+    """Return the CPU count available to this process (the container's CPU quota if set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,226 @@
+"""Export of the trained flow to ONNX, parity checks, calibration and publication to the store."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from appliance.classes import AAMI_CLASSES
+from appliance.config import ApplianceConfig
+from appliance.dataset import BeatSet
+from appliance.engine import Engine
+from appliance.errors import ApplianceError
+from appliance.flow import ConditionalFlow
+from appliance.privacy import NearestNeighbourIndex, privacy_space
+from appliance.scoring import FEATURES, Calibration
+from appliance.store import (
+    ModelVersion,
+    discard_partial,
+    new_version_dir,
+    publish_version,
+)
+from appliance.train import TrainResult, one_hot
+
+logger = logging.getLogger(__name__)
+
+OPSET_VERSION = 18
+# Largest absolute difference allowed between ONNX Runtime and PyTorch outputs, float32.
+PARITY_ATOL = 1e-3
+# Largest relative error of inverse(forward(x)) through ONNX Runtime on real beats.
+ROUNDTRIP_MAX_REL_ERROR = 1e-4
+PARITY_BEATS = 256
+
+
+class ExportError(ApplianceError):
+    """The exported graphs disagree with PyTorch or do not invert each other."""
+
+
+class ForwardGraph(nn.Module):
+    """x (batch, leads, samples), condition (batch, classes) -> z (batch, dims), log_det."""
+
+    def __init__(self, flow: ConditionalFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.flow(x, condition)
+
+
+class InverseGraph(nn.Module):
+    """z (batch, dims), condition (batch, classes) -> x (batch, leads, samples)."""
+
+    def __init__(self, flow: ConditionalFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x, _ = self.flow.inverse(z, condition)
+        return x
+
+
+def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
+    """Write ``forward.onnx`` and ``inverse.onnx`` with a dynamic batch axis."""
+    model.eval()
+    model.freeze_inverse()
+    classes = len(AAMI_CLASSES)
+    x = torch.zeros(2, model.leads, model.window_samples)
+    z = torch.zeros(2, model.latent_dims)
+    condition = one_hot(torch.tensor([0, 1]), classes)
+    batch = torch.export.Dim("batch", min=1)
+    forward_path, inverse_path = folder / "forward.onnx", folder / "inverse.onnx"
+    with torch.no_grad():
+        program = torch.onnx.export(
+            ForwardGraph(model), (x, condition), input_names=["x", "condition"],
+            output_names=["z", "log_det"], dynamic_shapes={"x": {0: batch}, "condition": {0: batch}},
+            opset_version=OPSET_VERSION, dynamo=True, external_data=False, verbose=False,
+        )
+        assert program is not None
+        program.save(str(forward_path))
+        program = torch.onnx.export(
+            InverseGraph(model), (z, condition), input_names=["z", "condition"],
+            output_names=["x"], dynamic_shapes={"z": {0: batch}, "condition": {0: batch}},
+            opset_version=OPSET_VERSION, dynamo=True, external_data=False, verbose=False,
+        )
+        assert program is not None
+        program.save(str(inverse_path))
+    return forward_path, inverse_path
+
+
+def check_parity(model: ConditionalFlow, engine: Engine, x: np.ndarray, labels: np.ndarray
+                 ) -> dict[str, float]:
+    """Compare ONNX Runtime with PyTorch on real beats and check the ONNX round trip.
+
+    Raises:
+        ExportError: If a difference exceeds ``PARITY_ATOL`` or ``ROUNDTRIP_MAX_REL_ERROR``.
+    """
+    with torch.no_grad():
+        condition = one_hot(torch.from_numpy(labels))
+        z_torch, log_det_torch = model(torch.from_numpy(x), condition)
+        x_torch, _ = model.inverse(z_torch, condition)
+    z_onnx, log_det_onnx = engine.forward(x, labels)
+    x_onnx = engine.inverse(z_onnx, labels)
+    figures = {
+        "parity_z_max_abs_diff": float(np.abs(z_onnx - z_torch.numpy()).max()),
+        "parity_log_det_max_rel_diff": float(
+            (np.abs(log_det_onnx - log_det_torch.numpy())
+             / np.maximum(1.0, np.abs(log_det_torch.numpy()))).max()
+        ),
+        "parity_x_max_abs_diff": float(np.abs(engine.inverse(z_onnx, labels)
+                                              - x_torch.numpy()).max()),
+        "roundtrip_max_rel_error": float(
+            (np.linalg.norm((x_onnx - x).reshape(len(x), -1), axis=1)
+             / np.linalg.norm(x.reshape(len(x), -1), axis=1)).max()
+        ),
+    }
+    for name, limit in (("parity_z_max_abs_diff", PARITY_ATOL),
+                        ("parity_log_det_max_rel_diff", PARITY_ATOL),
+                        ("parity_x_max_abs_diff", PARITY_ATOL),
+                        ("roundtrip_max_rel_error", ROUNDTRIP_MAX_REL_ERROR)):
+        if not figures[name] <= limit:
+            raise ExportError(f"exported graphs failed the {name} check: {figures[name]:.3g} > "
+                              f"{limit:g}; nothing was published")
+    return figures
+
+
+def export_model(
+    config: ApplianceConfig,
+    result: TrainResult,
+    train_beats: BeatSet,
+    calibration_beats: BeatSet,
+    store: Path,
+    data_facts: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Export, check, calibrate and publish a trained model as the store's current version.
+
+    Arguments:
+        config: Settings of the run.
+        result: Trained model and its summary.
+        train_beats: Training beats (mV), for the privacy index.
+        calibration_beats: Held-out real beats (mV) never trained on, for the parity check,
+            the pertinence calibration and the privacy threshold.
+        store: Model store folder.
+        data_facts: Extra facts about the data for the manifest (records, sources).
+
+    Raises:
+        ExportError: If a check fails; the store's current version is left unchanged.
+    """
+    model = result.model
+    partial = new_version_dir(store)
+    try:
+        forward_path, inverse_path = export_graphs(model, partial)
+        manifest: dict[str, Any] = _manifest(config, result, data_facts or {})
+        manifest["files"] = {"forward_graph": {"name": forward_path.name},
+                             "inverse_graph": {"name": inverse_path.name}}
+        draft = Engine(ModelVersion(path=partial, manifest={**manifest, "model_id": "draft"}))
+        known = np.isin(calibration_beats.labels,
+                        [AAMI_CLASSES.index(c) for c in result.classes_known])
+        x_holdout = (calibration_beats.windows[known] / result.scale_mv).astype(np.float32)
+        labels_holdout = calibration_beats.labels[known]
+        figures = check_parity(model, draft, x_holdout[:PARITY_BEATS],
+                               labels_holdout[:PARITY_BEATS])
+        features, _ = draft.features(x_holdout, labels_holdout)
+        calibration = Calibration.fit(features)
+        np.savez(partial / "calibration.npz", **calibration.to_arrays())
+        train_known = np.isin(train_beats.labels,
+                              [AAMI_CLASSES.index(c) for c in result.classes_known])
+        train_vectors = privacy_space(train_beats.windows[train_known])
+        np.save(partial / "privacy_index.npy", train_vectors)
+        distances = NearestNeighbourIndex(train_vectors).nearest_distance(
+            privacy_space(calibration_beats.windows[known])
+        )
+        threshold = float(np.quantile(distances, config.gate.privacy_quantile))
+        manifest["files"]["calibration"] = {"name": "calibration.npz"}
+        manifest["files"]["privacy_index"] = {"name": "privacy_index.npy"}
+        manifest["privacy"] = {
+            "threshold": threshold,
+            "quantile": config.gate.privacy_quantile,
+            "space": "per-beat z-normalised waveform, RMS difference",
+            "holdout_distance_quantiles": {
+                q: float(np.quantile(distances, float(q))) for q in ("0.01", "0.05", "0.5")
+            },
+            "train_beats": int(train_vectors.shape[0]),
+        }
+        manifest["calibration"] = {"features": list(FEATURES), "beats": int(features.shape[0])}
+        manifest["quality"] = {**figures,
+                               "validation_bpd": float(result.summary["validation_bpd"])}
+        version = publish_version(store, partial, manifest)
+    except BaseException:
+        discard_partial(partial)
+        raise
+    logger.info("published model_id=%s store=%s roundtrip_max_rel_error=%.2e "
+                "privacy_threshold=%.4f", version.manifest["model_id"], store,
+                figures["roundtrip_max_rel_error"], threshold)
+    return version
+
+
+def _manifest(config: ApplianceConfig, result: TrainResult, data_facts: dict[str, Any]
+              ) -> dict[str, Any]:
+    model = result.model
+    summary = {k: v for k, v in result.summary.items() if k != "history"}
+    return {
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": {
+            "fs_hz": config.data.fs_hz,
+            "window_samples": config.data.window_samples,
+            "pre_r_samples": config.data.pre_r_samples,
+            "leads": data_facts.get("leads", list(config.data.leads[: config.data.n_leads])),
+            "lead_preference": list(config.data.leads),
+            "scale_mv": result.scale_mv,
+            "units": "mV after baseline-wander removal",
+            "highpass_hz": config.data.highpass_hz,
+            **{k: v for k, v in data_facts.items() if k != "leads"},
+        },
+        "classes": list(AAMI_CLASSES),
+        "classes_known": result.classes_known,
+        "model": {**config.model.__dict__, "latent_dims": model.latent_dims,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "opset": OPSET_VERSION},
+        "gate": dict(config.gate.__dict__),
+        "training": {**summary, "config": config.train.__dict__},
+    }

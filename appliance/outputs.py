@@ -1,0 +1,119 @@
+"""Writers of synthetic beats (npy, csv, WFDB with annotations) and the comparison figure."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from appliance.classes import AAMI_CLASSES
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("npy", "csv", "wfdb")
+# WFDB stores 16-bit integers; 1000 units per mV keep 1 uV resolution within +-32 mV.
+WFDB_ADC_GAIN = 1000.0
+# AAMI class -> a representative MIT-BIH beat symbol for the annotation file.
+CLASS_SYMBOL = {"N": "N", "S": "S", "V": "V", "F": "F", "Q": "Q"}
+
+
+def write_beats(
+    out_dir: Path, beats_mv: np.ndarray, classes: list[str], scores: np.ndarray,
+    fs_hz: float, pre_r_samples: int, leads: list[str], fmt: str, name: str = "synthetic",
+) -> list[Path]:
+    """Write beats in one format and return the paths written.
+
+    Arguments:
+        out_dir: Output folder, created if missing.
+        beats_mv: Beats, shape (beats, leads, window_samples), in mV.
+        classes: Class name of each beat.
+        scores: Pertinence score of each beat, shape (beats,).
+        fs_hz: Sampling rate of the beats.
+        pre_r_samples: Samples before the R peak in each window.
+        leads: Lead names.
+        fmt: ``npy``, ``csv`` or ``wfdb``.
+        name: File or record name without extension.
+
+    Raises:
+        ValueError: If ``fmt`` is unknown.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "npy":
+        paths = [out_dir / f"{name}.npy", out_dir / f"{name}_classes.json"]
+        np.save(paths[0], beats_mv.astype(np.float32))
+        paths[1].write_text(json.dumps({"classes": classes, "scores": scores.tolist(),
+                                        "fs_hz": fs_hz, "leads": leads, "unit": "mV"}))
+        return paths
+    if fmt == "csv":
+        path = out_dir / f"{name}.csv"
+        flat = beats_mv.reshape(beats_mv.shape[0], -1)
+        header = "class,score," + ",".join(
+            f"{lead}_{i}" for lead in leads for i in range(beats_mv.shape[2])
+        )
+        with path.open("w") as handle:
+            handle.write(header + "\n")
+            for label, score, row in zip(classes, scores, flat, strict=True):
+                handle.write(f"{label},{score:.4f}," + ",".join(f"{v:.5f}" for v in row) + "\n")
+        return [path]
+    if fmt == "wfdb":
+        return _write_wfdb(out_dir, beats_mv, classes, fs_hz, pre_r_samples, leads, name)
+    raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _write_wfdb(out_dir: Path, beats_mv: np.ndarray, classes: list[str], fs_hz: float,
+                pre_r_samples: int, leads: list[str], name: str) -> list[Path]:
+    """Concatenate beats into one record with a beat annotation at each R peak."""
+    import wfdb
+
+    count, n_leads, window = beats_mv.shape
+    signal = beats_mv.transpose(0, 2, 1).reshape(count * window, n_leads).astype(np.float64)
+    limit = 32.0
+    signal = np.clip(signal, -limit, limit)
+    wfdb.wrsamp(
+        name, fs=fs_hz, units=["mV"] * n_leads, sig_name=list(leads), p_signal=signal,
+        fmt=["16"] * n_leads, adc_gain=[WFDB_ADC_GAIN] * n_leads, baseline=[0] * n_leads,
+        write_dir=str(out_dir), comments=["synthetic beats from the ECG appliance"],
+    )
+    r_samples = np.arange(count) * window + pre_r_samples
+    wfdb.wrann(name, "atr", sample=r_samples, symbol=[CLASS_SYMBOL[c] for c in classes],
+               write_dir=str(out_dir), fs=fs_hz)
+    return [out_dir / f"{name}.hea", out_dir / f"{name}.dat", out_dir / f"{name}.atr"]
+
+
+def plot_real_vs_synthetic(
+    path: Path, real_mv: np.ndarray, real_classes: np.ndarray, synthetic_mv: np.ndarray,
+    synthetic_classes: list[str], fs_hz: float,
+) -> Path:
+    """Draw, per class, the real beats' mean and 5-95 % band against synthetic beats.
+
+    Only aggregate bands of real beats are drawn, never a single real beat.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [c for c in AAMI_CLASSES if c in synthetic_classes]
+    figure, axes = plt.subplots(1, max(1, len(present)), figsize=(4 * max(1, len(present)), 3.2),
+                                squeeze=False)
+    t_ms = np.arange(real_mv.shape[2]) / fs_hz * 1000
+    for axis, name in zip(axes[0], present, strict=False):
+        real = real_mv[real_classes == AAMI_CLASSES.index(name), 0]
+        synthetic = synthetic_mv[np.asarray(synthetic_classes) == name, 0]
+        if real.shape[0]:
+            low, high = np.percentile(real, [5, 95], axis=0)
+            axis.fill_between(t_ms, low, high, color="tab:blue", alpha=0.25,
+                              label="real 5-95 %")
+            axis.plot(t_ms, real.mean(axis=0), color="tab:blue", label="real mean")
+        for beat in synthetic[:20]:
+            axis.plot(t_ms, beat, color="tab:red", alpha=0.3, linewidth=0.8)
+        axis.set_title(f"class {name}: real n={real.shape[0]}, synthetic n={synthetic.shape[0]}")
+        axis.set_xlabel("time (ms)")
+        axis.set_ylabel("amplitude (mV)")
+    axes[0][0].legend(loc="upper right", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

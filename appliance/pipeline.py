@@ -1,0 +1,218 @@
+"""The main job: train on a WFDB folder, serve, generate, validate, write the results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.classes import AAMI_CLASSES
+from appliance.client import ApplianceClient
+from appliance.config import ApplianceConfig
+from appliance.corrupt import corrupt
+from appliance.errors import ApplianceError
+from appliance.jobs import train_and_export
+from appliance.outputs import plot_real_vs_synthetic, write_beats
+from appliance.privacy import NearestNeighbourIndex, privacy_space
+
+logger = logging.getLogger(__name__)
+
+GENERATE_COUNT = 1000
+REAL_TEST_BEATS = 200
+PIPELINE_CORRUPTIONS = ("gaussian_noise", "flat_line", "amplitude_x0.1", "time_reversed")
+SERVER_START_TIMEOUT_S = 180.0
+SERVER_STOP_TIMEOUT_S = 30.0
+
+
+class ServerProcess:
+    """A ``python -m appliance serve`` child process on loopback with an OS-assigned port."""
+
+    def __init__(self, store: Path, work_dir: Path) -> None:
+        self.port_file = work_dir / "server.port"
+        self.port_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--store", str(store), "--host",
+             "127.0.0.1", "--port", "0", "--port-file", str(self.port_file)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.address = ""
+
+    def wait_serving(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> str:
+        """Wait until the health service reports SERVING and return ``host:port``.
+
+        Raises:
+            ApplianceError: If the process exits or is not serving within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ApplianceError(f"server exited with status {self.process.returncode} "
+                                     "before serving; see its log above")
+            if self.port_file.exists() and self.port_file.read_text().strip():
+                self.address = f"127.0.0.1:{self.port_file.read_text().strip()}"
+                with ApplianceClient(self.address) as client:
+                    try:
+                        if client.health() == "SERVING":
+                            logger.info("server serving address=%s", self.address)
+                            return self.address
+                    except Exception as exc:  # grpc.RpcError while the port opens
+                        logger.debug("health check not ready: %s", exc)
+            time.sleep(0.5)
+        raise ApplianceError(f"server did not report SERVING within {timeout_s:.0f} s")
+
+    def stop(self) -> int:
+        """Send SIGTERM and wait for the process; return its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+@dataclass
+class JobSummary:
+    """Figures of one main-job run."""
+
+    figures: dict[str, Any]
+    table: str
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Return the probability that a positive scores above a negative (ties count half)."""
+    from scipy.stats import mannwhitneyu
+
+    statistic = mannwhitneyu(positive, negative, alternative="two-sided").statistic
+    return float(statistic / (positive.size * negative.size))
+
+
+def run_main_job(data_dir: Path, out_dir: Path, config: ApplianceConfig,
+                 progress: bool = True) -> JobSummary:
+    """Train, export, serve, generate and validate; write beats, a figure and a summary.
+
+    Raises:
+        DataError: If the data folder gives no usable beats.
+        ApplianceError: If a stage fails; the server is stopped in any case.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = out_dir / "model-store"
+    job = train_and_export(data_dir, store, config, out_dir / "training", progress=progress)
+    manifest = job.version.manifest
+    server = ServerProcess(store, out_dir)
+    try:
+        address = server.wait_serving()
+        with ApplianceClient(address) as client:
+            generated = client.generate(count=GENERATE_COUNT, seed=config.train.seed)
+            rng = np.random.default_rng(config.train.seed)
+            test = job.dataset.splits["test"]
+            if len(test) == 0:
+                test = job.holdout_beats
+                logger.warning("no test records; using the same-patient hold-out as real beats")
+            pick = rng.choice(len(test), size=min(REAL_TEST_BEATS, len(test)), replace=False)
+            real = test.windows[pick]
+            per_kind = REAL_TEST_BEATS // len(PIPELINE_CORRUPTIONS)
+            corrupted = {kind: corrupt(real[:per_kind], kind, config.data.fs_hz, rng)
+                         for kind in PIPELINE_CORRUPTIONS}
+            everything = np.concatenate([generated.beats, real, *corrupted.values()])
+            validated = client.validate(everything.astype(np.float32))
+    finally:
+        status = server.stop()
+    if status != 0:
+        raise ApplianceError(f"server exited with status {status} after SIGTERM")
+    n_synthetic, n_real = generated.beats.shape[0], real.shape[0]
+    scores = validated.scores
+    synthetic_scores = scores[:n_synthetic]
+    real_scores = scores[n_synthetic : n_synthetic + n_real]
+    kind_scores: dict[str, np.ndarray] = {}
+    start = n_synthetic + n_real
+    for kind in PIPELINE_CORRUPTIONS:
+        kind_scores[kind] = scores[start : start + per_kind]
+        start += per_kind
+
+    index = NearestNeighbourIndex(privacy_space(job.fit_beats.windows))
+    distances = (index.nearest_distance(privacy_space(generated.beats))
+                 if n_synthetic else np.zeros(0))
+    beats_dir = out_dir / "synthetic"
+    written = write_beats(beats_dir, generated.beats, generated.classes, generated.scores,
+                          generated.fs_hz, int(manifest["data"]["pre_r_samples"]),
+                          list(manifest["data"]["leads"]), "npy")
+    written += write_beats(beats_dir, generated.beats, generated.classes, generated.scores,
+                           generated.fs_hz, int(manifest["data"]["pre_r_samples"]),
+                           list(manifest["data"]["leads"]), "wfdb")
+    figure = plot_real_vs_synthetic(out_dir / "real_vs_synthetic.png", test.windows,
+                                    test.labels, generated.beats, generated.classes,
+                                    generated.fs_hz)
+    stats = generated.stats
+    figures: dict[str, Any] = {
+        "model_id": manifest["model_id"],
+        "generated": n_synthetic,
+        "requested": GENERATE_COUNT,
+        "draws": int(stats.draws),
+        "accept_rate": n_synthetic / max(1, int(stats.draws)),
+        "pertinence_rejections": int(stats.pertinence_rejections),
+        "privacy_rejections": int(stats.privacy_rejections),
+        "invalid_rejections": int(stats.invalid_rejections),
+        "privacy_threshold": float(stats.privacy_threshold),
+        "margin": float(stats.margin),
+        "synthetic_per_class": {c: generated.classes.count(c) for c in AAMI_CLASSES
+                                if c in generated.classes},
+        "score_quantiles": {
+            "synthetic": _quantiles(synthetic_scores),
+            "real_test": _quantiles(real_scores),
+            **{f"corrupted_{k}": _quantiles(v) for k, v in kind_scores.items()},
+        },
+        "auroc_real_vs_corrupted": {k: auroc(real_scores, v) for k, v in kind_scores.items()},
+        "synthetic_nearest_train_distance": _quantiles(distances),
+        "files": [str(p) for p in [*written, figure]],
+        "training": {k: v for k, v in job.result.summary.items() if k != "history"},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(figures, indent=2))
+    return JobSummary(figures=figures, table=_table(figures))
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {name: float(v) for name, v in zip(("q05", "q25", "q50", "q75", "q95"), q,
+                                               strict=True)}
+
+
+def _table(figures: dict[str, Any]) -> str:
+    lines = [
+        f"model {figures['model_id']}: generated {figures['generated']}/{figures['requested']} "
+        f"beats from {figures['draws']} draws (accept rate {figures['accept_rate']:.2f}; "
+        f"rejected: pertinence {figures['pertinence_rejections']}, privacy "
+        f"{figures['privacy_rejections']}, invalid {figures['invalid_rejections']})",
+        f"per class: {figures['synthetic_per_class']}   margin {figures['margin']:.2f}   "
+        f"privacy threshold {figures['privacy_threshold']:.4f}",
+        "",
+        f"{'pertinence score':<30}{'q05':>8}{'q25':>8}{'q50':>8}{'q75':>8}{'q95':>8}"
+        f"{'AUROC':>8}",
+    ]
+    for name, quantiles in figures["score_quantiles"].items():
+        kind = name.removeprefix("corrupted_")
+        area = figures["auroc_real_vs_corrupted"].get(kind)
+        row = "".join(f"{quantiles.get(q, float('nan')):>8.3f}"
+                      for q in ("q05", "q25", "q50", "q75", "q95"))
+        lines.append(f"{name:<30}{row}{'' if area is None else f'{area:>8.3f}'}")
+    d = figures["synthetic_nearest_train_distance"]
+    if d:
+        lines.append("")
+        lines.append(f"synthetic nearest-training-beat distance (RMS, z-normalised): "
+                     f"q05 {d['q05']:.3f}  q50 {d['q50']:.3f}  q95 {d['q95']:.3f}  "
+                     f"(threshold {figures['privacy_threshold']:.3f})")
+    lines.append("")
+    lines.append("files: " + ", ".join(figures["files"]))
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""The model store: versioned folders of graphs, calibration and manifest, switched atomically.
+
+Layout::
+
+    STORE/CURRENT                 name of the active version (replaced with os.replace)
+    STORE/versions/<id>/manifest.json
+    STORE/versions/<id>/forward.onnx, inverse.onnx, calibration.npz, privacy_index.npy
+
+Serving reads ``CURRENT`` once, so it never sees a half-written version. This module does not
+import PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ModelStoreError
+
+CURRENT_FILE = "CURRENT"
+VERSIONS_DIR = "versions"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def sha256_of(path: Path) -> str:
+    """Return the SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One verified version of the store: its folder and parsed manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    def file(self, key: str) -> Path:
+        """Return the path of a file the manifest lists under ``files``."""
+        return self.path / self.manifest["files"][key]["name"]
+
+
+def new_version_dir(store: Path) -> Path:
+    """Create and return an empty folder for a version that is being written."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    path = store / VERSIONS_DIR / f".partial-{stamp}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> ModelVersion:
+    """Hash the files, write the manifest and make the version current atomically.
+
+    Arguments:
+        store: Store folder.
+        partial: Folder from ``new_version_dir`` holding every file the manifest lists.
+        manifest: Manifest without hashes; ``files`` maps keys to ``{"name": ...}``.
+    """
+    for entry in manifest["files"].values():
+        entry["sha256"] = sha256_of(partial / entry["name"])
+    forward_hash = manifest["files"]["forward_graph"]["sha256"]
+    version_id = f"{partial.name.removeprefix('.partial-')}-{forward_hash[:12]}"
+    manifest = {"format": MANIFEST_FORMAT, "model_id": forward_hash[:16], "version": version_id,
+                **manifest}
+    (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    final = store / VERSIONS_DIR / version_id
+    os.replace(partial, final)
+    pointer = store / f".{CURRENT_FILE}.tmp"
+    pointer.write_text(version_id + "\n")
+    os.replace(pointer, store / CURRENT_FILE)
+    return ModelVersion(path=final, manifest=manifest)
+
+
+def discard_partial(partial: Path) -> None:
+    """Remove a version folder that was never published."""
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_current(store: Path) -> ModelVersion:
+    """Load the current version and verify every file against the manifest's SHA-256.
+
+    Raises:
+        ModelStoreError: If the store, the manifest or a file is missing, or a hash differs.
+    """
+    pointer = store / CURRENT_FILE
+    if not pointer.exists():
+        raise ModelStoreError(
+            f"model store {store} has no trained model ({pointer} is missing); run "
+            "`python -m appliance train --store {store}` first".replace("{store}", str(store))
+        )
+    version = pointer.read_text().strip()
+    path = store / VERSIONS_DIR / version
+    manifest_path = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelStoreError(f"manifest {manifest_path} cannot be read: {exc}") from exc
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelStoreError(
+            f"manifest {manifest_path} has format {manifest.get('format')!r}, expected "
+            f"{MANIFEST_FORMAT}; retrain with this version of the appliance"
+        )
+    for key, entry in manifest["files"].items():
+        file_path = path / entry["name"]
+        if not file_path.exists():
+            raise ModelStoreError(f"model store file {file_path} ({key}) is missing; retrain")
+        actual = sha256_of(file_path)
+        if actual != entry["sha256"]:
+            raise ModelStoreError(
+                f"model store file {file_path} ({key}) has SHA-256 {actual[:16]}..., the "
+                f"manifest says {entry['sha256'][:16]}...; the store was modified, retrain"
+            )
+    return ModelVersion(path=path, manifest=manifest)

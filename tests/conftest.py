@@ -1,0 +1,60 @@
+"""Shared fixtures: the bundled real records, one short training run and its exported store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from appliance.config import DEFAULT_DATA_DIR, ApplianceConfig, DataConfig, TrainConfig
+from appliance.dataset import Dataset, ingest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MITDB = SHARED_DATA / "mitdb"
+WFDB_FORMATS = SHARED_DATA / "wfdb-formats"
+
+# One short run, shared by every test that needs a trained model: two epochs of the bundled
+# records take about a minute on 2 cores.
+FIXTURE_TRAIN = TrainConfig(max_epochs=2, max_minutes=2.0, seed=0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("appliance").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder of the real records shared by the project (MIT-BIH and other WFDB formats)."""
+    if not MITDB.exists():
+        pytest.fail(f"real records not found at {MITDB}; the tests read ../shared/data/mitdb")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def fixture_config() -> ApplianceConfig:
+    return ApplianceConfig(data=DataConfig(), train=FIXTURE_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def default_dataset(fixture_config: ApplianceConfig) -> Dataset:
+    """The bundled default records, ingested and split by record."""
+    return ingest(DEFAULT_DATA_DIR, fixture_config.data)
+
+
+@pytest.fixture(scope="session")
+def trained_result(
+    fixture_config: ApplianceConfig, default_dataset: Dataset, tmp_path_factory: pytest.TempPathFactory
+):  # noqa: ANN201
+    """A flow trained briefly on the bundled records (``appliance.train.TrainResult``)."""
+    from appliance.train import train
+
+    work_dir = tmp_path_factory.mktemp("train")
+    return train(
+        fixture_config,
+        default_dataset.splits["train"],
+        default_dataset.splits["validation"],
+        work_dir,
+        resume=False,
+        progress=False,
+    )
