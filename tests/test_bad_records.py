@@ -1,0 +1,219 @@
+"""Damaged records built in a temporary folder: each is read with a warning or skipped once."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import wfdb
+
+from appliance.config import DataConfig
+from appliance.dataset import ingest
+from appliance.ecg import read_record
+from appliance.errors import RecordError
+
+MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
+SECONDS = 120
+FS_HZ = 360
+CONFIG = DataConfig(split="random", split_seed=0)
+
+
+def write_record(folder: Path, name: str, source: str = "100", seconds: int = SECONDS) -> Path:
+    """Write the first ``seconds`` of a MIT-BIH record and its beat annotations as format 16."""
+    samples = seconds * FS_HZ
+    record = wfdb.rdrecord(str(MITDB / source), sampto=samples, physical=False)
+    wfdb.wrsamp(
+        name,
+        fs=FS_HZ,
+        units=["mV", "mV"],
+        sig_name=record.sig_name,
+        d_signal=record.d_signal,
+        fmt=["16", "16"],
+        adc_gain=record.adc_gain,
+        baseline=record.baseline,
+        write_dir=str(folder),
+    )
+    annotation = wfdb.rdann(str(MITDB / source), "atr", sampto=samples - 1)
+    wfdb.wrann(
+        name, "atr", annotation.sample, symbol=annotation.symbol, fs=FS_HZ, write_dir=str(folder)
+    )
+    return folder / name
+
+
+def edit_header(path: Path, old: str, new: str) -> None:
+    header = path.with_name(f"{path.name}.hea")
+    text = header.read_text()
+    assert old in text, f"{old!r} not in {text!r}"
+    header.write_text(text.replace(old, new, 1))
+
+
+def write_gain_zero(folder: Path) -> Path:
+    path = write_record(folder, "gain0")
+    edit_header(path, "gain0.dat 16 200", "gain0.dat 16 0")
+    return path
+
+
+def write_bad_time(folder: Path) -> Path:
+    path = write_record(folder, "badtime")
+    edit_header(
+        path,
+        f"badtime 2 {FS_HZ} {SECONDS * FS_HZ}",
+        f"badtime 2 {FS_HZ} {SECONDS * FS_HZ} 25:99:00 45/13/1999",
+    )
+    return path
+
+
+def write_short_signal(folder: Path) -> Path:
+    path = write_record(folder, "short")
+    data = path.with_suffix(".dat")
+    # Keep the first 60 s: 2 signals of 2 bytes per frame.
+    data.write_bytes(data.read_bytes()[: 60 * FS_HZ * 4])
+    return path
+
+
+def write_missing_segment(folder: Path) -> Path:
+    write_record(folder, "seg_a")
+    write_record(folder, "seg_b", source="101")
+    samples = SECONDS * FS_HZ
+    header = folder / "multi.hea"
+    header.write_text(f"multi/3 2 {FS_HZ} {2 * samples}\nseg_a {samples}\nseg_b {samples}\n")
+    return folder / "multi"
+
+
+def write_nan_run(folder: Path) -> Path:
+    path = write_record(folder, "nanrun")
+    signal = wfdb.rdrecord(str(path), physical=False)
+    digital = signal.d_signal.copy()
+    # -32768 is the invalid-sample value of format 16, which wfdb reads as NaN.
+    digital[10 * FS_HZ : 20 * FS_HZ, 0] = -32768
+    wfdb.wrsamp(
+        "nanrun",
+        fs=FS_HZ,
+        units=["mV", "mV"],
+        sig_name=signal.sig_name,
+        d_signal=digital,
+        fmt=["16", "16"],
+        adc_gain=signal.adc_gain,
+        baseline=signal.baseline,
+        write_dir=str(folder),
+    )
+    return path
+
+
+def write_unknown_symbols(folder: Path) -> Path:
+    path = write_record(folder, "oddsymbols")
+    annotation = wfdb.rdann(str(path), "atr")
+    symbols = list(annotation.symbol)
+    for index in range(1, 21):
+        symbols[index] = "Z"
+    custom = pd.DataFrame({"label_store": [42], "symbol": ["Z"], "description": ["site code"]})
+    wfdb.wrann(
+        "oddsymbols",
+        "atr",
+        annotation.sample,
+        symbol=symbols,
+        fs=FS_HZ,
+        custom_labels=custom,
+        write_dir=str(folder),
+    )
+    return path
+
+
+def test_gain_zero_is_skipped(tmp_path):
+    path = write_gain_zero(tmp_path)
+    with pytest.raises(RecordError, match="ADC gain 0") as caught:
+        read_record(path, "gain0", CONFIG)
+    assert "MLII" in caught.value.reason
+
+
+def test_malformed_time_reads_with_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="appliance")
+    good = read_record(write_record(tmp_path, "good"), "good", CONFIG)
+    beats = read_record(write_bad_time(tmp_path), "badtime", CONFIG)
+    assert any("25:99:00" in warning for warning in beats.warnings)
+    np.testing.assert_array_equal(beats.windows, good.windows)
+    lines = [r.getMessage() for r in caplog.records if "record=badtime" in r.getMessage()]
+    assert len(lines) == 1
+
+
+def test_short_signal_reads_frames_present(tmp_path):
+    beats = read_record(write_short_signal(tmp_path), "short", CONFIG)
+    assert any(f"{60 * FS_HZ} of the {SECONDS * FS_HZ} frames" in w for w in beats.warnings)
+    assert beats.r_samples.max() < 60 * FS_HZ
+    assert len(beats.labels) > 50
+
+
+def test_missing_segment_is_skipped(tmp_path):
+    path = write_missing_segment(tmp_path)
+    with pytest.raises(RecordError, match="declares 3 segments but lists 2"):
+        read_record(path, "multi", CONFIG)
+
+
+def test_nan_run_skips_touching_beats(tmp_path):
+    beats = read_record(write_nan_run(tmp_path), "nanrun", CONFIG)
+    assert beats.invalid_samples == 10 * FS_HZ
+    assert beats.skipped["invalid_samples"] >= 10
+    assert np.isfinite(beats.windows).all()
+    starts = beats.r_samples - CONFIG.pre_r_samples
+    stops = starts + CONFIG.window_samples
+    overlaps = (stops > 10 * FS_HZ) & (starts < 20 * FS_HZ)
+    assert not overlaps.any()
+
+
+def test_unknown_symbols_are_counted(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="appliance")
+    beats = read_record(write_unknown_symbols(tmp_path), "oddsymbols", CONFIG)
+    assert beats.skipped["unknown_symbol"] == 20
+    lines = [r.getMessage() for r in caplog.records if "unknown_symbols=Z" in r.getMessage()]
+    assert len(lines) == 1
+    assert "record=oddsymbols" in lines[0]
+
+
+def test_mixed_folder_reads_good_records(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="appliance")
+    for source in ("100", "101", "103", "105", "106"):
+        write_record(tmp_path, f"good{source}", source=source)
+    write_gain_zero(tmp_path)
+    write_bad_time(tmp_path)
+    write_short_signal(tmp_path)
+    write_missing_segment(tmp_path)
+    write_nan_run(tmp_path)
+    write_unknown_symbols(tmp_path)
+    dataset = ingest(tmp_path, CONFIG)
+    report = dataset.report
+
+    read = {
+        "good100",
+        "good101",
+        "good103",
+        "good105",
+        "good106",
+        "badtime",
+        "short",
+        "nanrun",
+        "oddsymbols",
+    }
+    assert set(report.records_read) == read
+    assert set(report.records_skipped) == {"gain0", "multi"}
+    assert "ADC gain 0" in report.records_skipped["gain0"]
+    assert "declares 3 segments" in report.records_skipped["multi"]
+    # The segments of "multi" are not records of their own.
+    assert "seg_a" not in report.records_read
+    assert report.beats_skipped["unknown_symbol"] == 20
+    assert sum(len(dataset.splits[s]) for s in dataset.splits) > 1000
+
+    for record in ("gain0", "multi"):
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if f"record={record} action=skip" in r.getMessage()
+        ]
+        assert len(lines) == 1, record
+    table = report.table()
+    assert "records read: 9  skipped: 2" in table
+    assert "skipped gain0: lead MLII has ADC gain 0" in table
+    assert "read with warnings short" in table
+    assert table.splitlines()[-4].split() == ["split", "N", "S", "V", "F", "Q", "total"]
