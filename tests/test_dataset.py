@@ -1,0 +1,149 @@
+"""Folder ingest: record discovery, patient-wise splits, preprocessing facts and the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.config import DataConfig
+from appliance.dataset import (
+    DE_CHAZAL_DS1,
+    DE_CHAZAL_DS2,
+    DE_CHAZAL_EXCLUDED,
+    Dataset,
+    assign_splits,
+    find_records,
+    ingest,
+)
+
+MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
+WFDB_FORMATS = MITDB.parent / "wfdb-formats"
+
+
+@pytest.fixture(scope="session")
+def mitdb_dataset(shared_data) -> Dataset:
+    """All of MIT-BIH ingested with the default settings (de Chazal split)."""
+    return ingest(MITDB, DataConfig())
+
+
+def test_de_chazal_sets_cover_database():
+    records = set((MITDB / "RECORDS").read_text().split())
+    sets = set(DE_CHAZAL_DS1) | set(DE_CHAZAL_DS2) | set(DE_CHAZAL_EXCLUDED)
+    assert sets == records
+    assert not set(DE_CHAZAL_DS1) & set(DE_CHAZAL_DS2)
+
+
+def test_de_chazal_keeps_one_subject_together(mitdb_dataset):
+    split_of = mitdb_dataset.report.split_of_record
+    assert split_of["201"] == split_of["202"] == "test"
+    assert {split_of[r] for r in DE_CHAZAL_DS1} == {"train", "validation"}
+    assert {split_of[r] for r in DE_CHAZAL_DS2} == {"test"}
+
+
+def test_de_chazal_skips_paced_records(mitdb_dataset):
+    skipped = mitdb_dataset.report.records_skipped
+    assert set(skipped) == set(DE_CHAZAL_EXCLUDED)
+    assert all("paced" in reason for reason in skipped.values())
+
+
+def test_mitdb_beats_per_split(mitdb_dataset):
+    splits = mitdb_dataset.splits
+    for name, beat_set in splits.items():
+        records = set(beat_set.records.tolist())
+        expected = {r for r, s in mitdb_dataset.report.split_of_record.items() if s == name}
+        assert records == expected, name
+        assert beat_set.windows.shape == (len(beat_set), 1, 256)
+        assert beat_set.windows.dtype == np.float32
+        assert beat_set.labels.dtype == np.int64
+    # DS2 holds 1836 S and 3220 V beats in the published counts; edge beats may drop a few.
+    test_counts = splits["test"].class_counts()
+    assert test_counts["V"] == pytest.approx(3220 + 198, abs=5)  # DS2 V plus 201's 198
+    total = sum(len(s) for s in splits.values())
+    assert total == sum(c for s in mitdb_dataset.report.class_counts.values() for c in s.values())
+
+
+def test_preprocessing_facts(mitdb_dataset):
+    facts = mitdb_dataset.preprocessing
+    assert facts is not None
+    values = facts.to_dict()
+    assert values["fs_hz"] == 360.0
+    assert values["highpass_hz"] == 0.5
+    assert values["amplitude_unit"] == "mV"
+    assert values["fs_hz_of_record"]["100"] == 360.0
+    train = mitdb_dataset.splits["train"].windows
+    assert values["train_std_mv"] == pytest.approx(float(train.std()), rel=1e-4)
+    assert 0.05 < values["train_std_mv"] < 2.0
+
+
+def test_random_split_is_seeded_and_grouped():
+    records = [str(n) for n in range(100, 130)] + ["201", "202"]
+    config = DataConfig(split="random", split_seed=3)
+    first = assign_splits(records, Path("."), config)
+    assert first == assign_splits(records, Path("."), config)
+    assert first != assign_splits(records, Path("."), dataclasses.replace(config, split_seed=4))
+    assert first["201"] == first["202"]
+    assert set(first.values()) == {"train", "validation", "test"}
+    assert set(first) == set(records)
+
+
+def test_split_file_is_followed(tmp_path):
+    (tmp_path / "SPLITS").write_text("a train\nb test  # held out\n")
+    mapping = assign_splits(["a", "b", "c"], tmp_path, DataConfig())
+    assert mapping == {"a": "train", "b": "test"}
+
+
+def test_find_records_skips_segments():
+    records = find_records(WFDB_FORMATS)
+    assert "multi-segment/041s/041s" in records
+    assert "multi-segment/041s/041s01" not in records
+    assert "multi-segment/s25047/3234460_layout" not in records
+    assert len(records) == 14
+
+
+@pytest.fixture()
+def small_folder(tmp_path) -> Path:
+    folder = tmp_path / "records"
+    folder.mkdir()
+    for record in ("100", "101", "103"):
+        for suffix in (".hea", ".dat", ".atr"):
+            shutil.copy(MITDB / f"{record}{suffix}", folder / f"{record}{suffix}")
+    return folder
+
+
+def test_cache_returns_same_windows(small_folder, tmp_path):
+    config = DataConfig(split="random", cache_dir=str(tmp_path / "cache"))
+    cold = ingest(small_folder, config)
+    assert cold.report.cache_hits == 0
+    warm = ingest(small_folder, config)
+    assert warm.report.cache_hits == 3
+    for name in cold.splits:
+        np.testing.assert_array_equal(cold.splits[name].windows, warm.splits[name].windows)
+        np.testing.assert_array_equal(cold.splits[name].labels, warm.splits[name].labels)
+    assert warm.fs_hz_of_record == cold.fs_hz_of_record
+
+
+def test_cache_invalidated_by_file_change(small_folder, tmp_path):
+    config = DataConfig(split="random", cache_dir=str(tmp_path / "cache"))
+    ingest(small_folder, config)
+    annotation = small_folder / "101.atr"
+    stat = annotation.stat()
+    os.utime(annotation, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    again = ingest(small_folder, config)
+    assert again.report.cache_hits == 2
+    assert len(list((tmp_path / "cache").glob("101-*.npz"))) == 1
+
+
+def test_cache_invalidated_by_settings(small_folder, tmp_path):
+    config = DataConfig(split="random", cache_dir=str(tmp_path / "cache"))
+    ingest(small_folder, config)
+    changed_config = dataclasses.replace(config, highpass_hz=1.0)
+    changed = ingest(small_folder, changed_config)
+    assert changed.report.cache_hits == 0
+    # The split does not change a record's windows, so it stays out of the key.
+    resplit = ingest(small_folder, dataclasses.replace(changed_config, split_seed=7))
+    assert resplit.report.cache_hits == 3
