@@ -59,7 +59,7 @@ class BeatSet:
 
 @dataclass
 class IngestReport:
-    """What an ingest run read, skipped and found.
+    """Summary of an ingest run: records read and skipped, beat sources and class counts.
 
     Attributes:
         records_read: Records that gave beats, in reading order.
@@ -105,7 +105,7 @@ class IngestReport:
 
 @dataclass
 class Preprocessing:
-    """How raw samples became beat windows: what the export step stores in the manifest.
+    """Preprocessing facts of an ingest run, which the export step stores in the manifest.
 
     Generated beats are in the same units: mV after baseline removal, at ``fs_hz``. Resampling
     one with ``scipy.signal.resample_poly`` to a value of ``fs_hz_of_record`` returns it at that

@@ -3,8 +3,8 @@
 A cache entry is keyed by a SHA-256 hash of the record's files (path, size and modification time
 in nanoseconds of the header, signal, segment and annotation files), of the settings that change
 the windows, and of ``CACHE_FORMAT``. Editing, replacing or touching any of those files, or
-changing a setting, gives a new key, so the stale entry is never read; it is deleted when the
-new one is written. Records that failed are cached too, with their reason.
+changing a setting, gives a new key, so the stale entry is never read. It is deleted when the
+new entry is written. Records that failed are cached too, with their reason.
 """
 
 from __future__ import annotations

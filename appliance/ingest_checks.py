@@ -2,7 +2,7 @@
 
 wfdb 4.3.1 hides some header defects: it replaces an ADC gain of 0 with 200 (so an uncalibrated
 signal reads as if it were in mV), rejects a whole record for a malformed base time, and fails
-with a NumPy broadcast error when a signal file is shorter than the header says. The functions
+with a NumPy broadcast error when a signal file is shorter than the header declares. The functions
 here find those defects in the header text itself, so that ingest can name them.
 """
 
@@ -23,7 +23,7 @@ from appliance.errors import RecordError
 logger = logging.getLogger(__name__)
 
 # Bytes per sample of each fixed-width WFDB storage format. FLAC formats (508, 516, 524) are
-# compressed, so their file size says nothing about their length.
+# compressed, so their file size does not give their length.
 BYTES_PER_SAMPLE: dict[int, float] = {
     8: 1.0,
     80: 1.0,
@@ -108,7 +108,7 @@ def check_adc_gains(record: str, lines: list[str], lead_names: list[str]) -> Non
 
 
 def readable_frames(record: str, header_path: Path, lines: list[str]) -> int | None:
-    """Return how many whole frames the signal files hold, or None when it cannot be told.
+    """Return the number of whole frames in the signal files, or None without fixed-width files.
 
     The count is the smallest over the record's fixed-width signal files. The caller compares
     it with the length the header declares.
