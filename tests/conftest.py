@@ -43,8 +43,17 @@ def default_dataset(fixture_config: ApplianceConfig) -> Dataset:
 
 
 @pytest.fixture(scope="session")
+def split_train(default_dataset: Dataset):  # noqa: ANN201
+    """(fit, hold-out) beats of the bundled training records (``appliance.dataset.BeatSet``)."""
+    from appliance.holdout import split_holdout
+
+    return split_holdout(default_dataset.splits["train"])
+
+
+@pytest.fixture(scope="session")
 def trained_result(
-    fixture_config: ApplianceConfig, default_dataset: Dataset, tmp_path_factory: pytest.TempPathFactory
+    fixture_config: ApplianceConfig, default_dataset: Dataset, split_train,
+    tmp_path_factory: pytest.TempPathFactory,
 ):  # noqa: ANN201
     """A flow trained briefly on the bundled records (``appliance.train.TrainResult``)."""
     from appliance.train import train
@@ -52,9 +61,39 @@ def trained_result(
     work_dir = tmp_path_factory.mktemp("train")
     return train(
         fixture_config,
-        default_dataset.splits["train"],
+        split_train[0],
         default_dataset.splits["validation"],
         work_dir,
         resume=False,
         progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def model_store(
+    fixture_config: ApplianceConfig, default_dataset: Dataset, split_train, trained_result,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """A model store holding the exported fixture model as its current version."""
+    from appliance.export import export_model
+    from appliance.holdout import concatenate
+
+    store = tmp_path_factory.mktemp("store")
+    export_model(
+        fixture_config, trained_result, split_train[0],
+        concatenate(default_dataset.splits["validation"], split_train[1]), store,
+        {"leads": default_dataset.leads},
+    )
+    return store
+
+
+@pytest.fixture(scope="session")
+def server_address(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``127.0.0.1:PORT`` of a ``python -m appliance serve`` process on the fixture store."""
+    from appliance.pipeline import ServerProcess
+
+    server = ServerProcess(model_store, tmp_path_factory.mktemp("server"))
+    try:
+        yield server.wait_serving()
+    finally:
+        server.stop()
