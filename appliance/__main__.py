@@ -62,6 +62,9 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bottleneck-dims", type=int, default=model.bottleneck_dims,
                         help="latent dimensions sampled by Generate "
                              f"(default: {model.bottleneck_dims})")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="folder for preprocessed beat windows, reused while the records "
+                             "and settings are unchanged (default: no cache)")
     parser.add_argument("--no-progress", action="store_true",
                         help="hide the training progress bar")
 
@@ -76,7 +79,8 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
             raise UsageError(f"{name}={value} must be greater than 0")
     return ApplianceConfig(
         data=dataclasses.replace(DataConfig(), leads=leads, split=args.split,
-                                 annotation_extension=args.annotation_extension),
+                                 annotation_extension=args.annotation_extension,
+                                 cache_dir=str(args.cache_dir or "")),
         model=dataclasses.replace(ModelConfig(), bottleneck_dims=args.bottleneck_dims),
         train=dataclasses.replace(TrainConfig(), max_minutes=args.max_minutes,
                                   max_epochs=args.epochs, batch_size=args.batch_size,

@@ -52,6 +52,7 @@ def train_and_export(
         "records": dataset.report.split_of_record,
         "beat_sources": dataset.report.beat_sources,
         "fs_hz_of_record": dataset.fs_hz_of_record,
+        "preprocessing": dataset.preprocessing.to_dict() if dataset.preprocessing else None,
     }
     version = export_model(config, result, fit_beats, calibration_beats, store, facts)
     return TrainJobResult(dataset, fit_beats, holdout_beats, result, version)
