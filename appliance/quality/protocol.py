@@ -1,0 +1,156 @@
+"""The evaluation protocol: MIT-BIH de Chazal inter-patient split and per-beat z-normalisation.
+
+- DS1 records are the training side. Of each DS1 training record, the earlier beats train the
+  generator (members) and the last beats (``appliance.holdout.split_holdout``) form the privacy
+  hold-out: same patients, never seen by the generator (non-members).
+- DS2 records are the test set of every classifier.
+- Every comparison sees beats z-normalised on their own (mean 0, standard deviation 1 over all
+  values of the beat), so that amplitude scaling alone neither helps nor hurts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from appliance.classes import AAMI_CLASSES
+from appliance.config import DataConfig
+from appliance.dataset import BeatSet, ingest
+from appliance.holdout import split_holdout
+
+logger = logging.getLogger(__name__)
+
+# Classes that TSTR, F1 and the goals score on; Q is too rare in MIT-BIH and is only reported.
+SCORED_CLASSES: tuple[int, ...] = (0, 1, 2, 3)
+_MIN_STD = 1e-8
+
+
+def znormalise(beats: np.ndarray) -> np.ndarray:
+    """Z-normalise each beat over all its values.
+
+    Arguments:
+        beats: Beats, shape (beats, leads, samples), any unit.
+
+    Returns:
+        Beats of the same shape, float32, each with mean 0 and standard deviation 1; a constant
+        beat becomes all zeros.
+    """
+    x = beats.astype(np.float64)
+    centred = x - x.mean(axis=(1, 2), keepdims=True)
+    std = centred.std(axis=(1, 2), keepdims=True)
+    return (centred / np.maximum(std, _MIN_STD)).astype(np.float32)
+
+
+@dataclass
+class LabelledBeats:
+    """Z-normalised beats with their AAMI class indices.
+
+    Attributes:
+        beats: Beats, shape (beats, leads, samples), z-normalised per beat.
+        labels: AAMI class indices, shape (beats,).
+    """
+
+    beats: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def of_class(self, class_index: int) -> np.ndarray:
+        """Return the beats of one class, shape (n, leads, samples)."""
+        return self.beats[self.labels == class_index]
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of beats per AAMI class name."""
+        counts = np.bincount(self.labels, minlength=len(AAMI_CLASSES))
+        return {name: int(counts[i]) for i, name in enumerate(AAMI_CLASSES)}
+
+    @classmethod
+    def from_beat_set(cls, beats: BeatSet) -> LabelledBeats:
+        """Z-normalise the windows of an ingested split."""
+        return cls(znormalise(beats.windows), beats.labels.astype(np.int64))
+
+
+@dataclass
+class ProtocolData:
+    """The three sets of the protocol, z-normalised.
+
+    Attributes:
+        fit: DS1 beats the generator trains on (members).
+        holdout: Later DS1 beats of the same records, never trained on (non-members).
+        test: DS2 beats, the classifiers' test set.
+        fs_hz: Sampling rate of every beat.
+        pre_r_samples: Samples before the R peak in each window.
+        holdout_mv: The hold-out beats before z-normalisation, shape (beats, leads, samples),
+            in mV; the pertinence score and the corruptions need real amplitudes.
+    """
+
+    fit: LabelledBeats
+    holdout: LabelledBeats
+    test: LabelledBeats
+    fs_hz: float
+    pre_r_samples: int
+    holdout_mv: np.ndarray
+
+
+class BeatGenerator(Protocol):
+    """A class-conditional beat generator under evaluation."""
+
+    name: str
+
+    def sample(self, counts: dict[int, int], seed: int) -> LabelledBeats:
+        """Return up to ``counts[c]`` beats of each class index ``c``, z-normalised."""
+        ...
+
+
+def load_protocol(data_dir: Path, config: DataConfig | None = None) -> ProtocolData:
+    """Ingest MIT-BIH with the de Chazal split and build the fit, hold-out and test sets.
+
+    The fit and hold-out sets are the ones ``appliance.jobs.train_and_export`` uses for the same
+    folder and settings, so a model trained by it has seen exactly the fit beats.
+
+    Arguments:
+        data_dir: Folder of the MIT-BIH records (all DS1 and DS2 records).
+        config: Ingest settings; the split is forced to ``de-chazal``.
+    """
+    base = config or DataConfig()
+    settings = DataConfig(**{**base.__dict__, "split": "de-chazal"})
+    dataset = ingest(Path(data_dir), settings)
+    fit, holdout = split_holdout(dataset.splits["train"])
+    data = ProtocolData(
+        fit=LabelledBeats.from_beat_set(fit),
+        holdout=LabelledBeats.from_beat_set(holdout),
+        test=LabelledBeats.from_beat_set(dataset.splits["test"]),
+        fs_hz=settings.fs_hz,
+        pre_r_samples=settings.pre_r_samples,
+        holdout_mv=holdout.windows,
+    )
+    logger.info(
+        "protocol fit=%d holdout=%d test=%d", len(data.fit), len(data.holdout), len(data.test)
+    )
+    return data
+
+
+def subsample(data: LabelledBeats, per_class: int, seed: int) -> LabelledBeats:
+    """Keep at most ``per_class`` beats of each class, drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    for class_index in np.unique(data.labels):
+        index = np.flatnonzero(data.labels == class_index)
+        if index.size > per_class:
+            index = np.sort(rng.choice(index, size=per_class, replace=False))
+        keep.append(index)
+    chosen = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    return LabelledBeats(data.beats[chosen], data.labels[chosen])
+
+
+def concatenate(first: LabelledBeats, second: LabelledBeats) -> LabelledBeats:
+    """Return the beats of both sets, first then second."""
+    return LabelledBeats(
+        np.concatenate([first.beats, second.beats]),
+        np.concatenate([first.labels, second.labels]),
+    )
