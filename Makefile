@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTO_SRC := proto/appliance/v1/appliance.proto
 PROTO_OUT := appliance/v1/appliance_pb2.py
+BUF_VERSION := 1.75.0
+BUF := build/node/node_modules/.bin/buf
 
 .PHONY: venv proto run test lint bench image image-test clean
 
@@ -29,10 +31,15 @@ run: venv
 test: venv
 	$(PY) -m pytest -q
 
-lint: venv
+lint: venv $(BUF)
 	$(VENV)/bin/ruff check appliance tests benchmarks
 	$(VENV)/bin/ruff format --check appliance tests benchmarks
 	$(VENV)/bin/mypy
+	$(BUF) lint
+
+# buf lints the proto contract (settings in buf.yaml); npm installs it under build/node.
+$(BUF):
+	npm install --prefix build/node --no-save @bufbuild/buf@$(BUF_VERSION)
 
 bench: venv
 	$(PY) -m benchmarks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,6 +12,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from appliance.classes import AAMI_CLASSES
+from appliance.server_errors import REQUEST_ID_KEY
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -41,22 +42,31 @@ class Generated:
 
 @dataclass
 class Validated:
-    """Scores returned by Validate."""
+    """Scores returned by Validate.
+
+    Attributes:
+        scores: Pertinence scores in [0, 1], shape (beats,).
+        accepted: Whether each score reached the margin, shape (beats,).
+        classes: AAMI class name each beat was scored under.
+        margin: Margin the server used.
+    """
 
     scores: np.ndarray
     accepted: np.ndarray
     classes: list[str]
     margin: float
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def encode_samples(beats: np.ndarray, normalised: bool = False) -> pb.Samples:
     """Pack beats of shape (beats, leads, window_samples) as little-endian float32."""
     if beats.ndim != 3:
-        raise ValueError(f"beats must have shape (beats, leads, window_samples), got "
-                         f"{beats.shape}")
+        raise ValueError(
+            f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
+        )
     return pb.Samples(
-        count=beats.shape[0], leads=beats.shape[1], window_samples=beats.shape[2],
+        count=beats.shape[0],
+        leads=beats.shape[1],
+        window_samples=beats.shape[2],
         values_f32=np.ascontiguousarray(beats, dtype="<f4").tobytes(),
         unit=pb.SAMPLE_UNIT_NORMALISED if normalised else pb.SAMPLE_UNIT_MILLIVOLT,
     )
@@ -72,6 +82,10 @@ def class_value(name: str | None) -> int:
     """Return the BeatClass enum value of a class name; None gives UNSPECIFIED."""
     if name is None or name == "":
         return pb.BEAT_CLASS_UNSPECIFIED
+    if name not in AAMI_CLASSES:
+        raise ValueError(
+            f"class {name!r} is not an AAMI class; use one of {', '.join(AAMI_CLASSES)}"
+        )
     return int(pb.BeatClass.Value(f"BEAT_CLASS_{name}"))
 
 
@@ -91,9 +105,14 @@ class ApplianceClient:
         timeout_s: Deadline of each call in seconds.
     """
 
-    def __init__(self, address: str, root_certificate: Path | None = None,
-                 client_certificate: Path | None = None, client_key: Path | None = None,
-                 timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        root_certificate: Path | None = None,
+        client_certificate: Path | None = None,
+        client_key: Path | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
         options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
         if root_certificate is None:
             self.channel = grpc.insecure_channel(address, options=options)
@@ -119,20 +138,23 @@ class ApplianceClient:
         self.close()
 
     def _metadata(self) -> list[tuple[str, str]]:
-        return [("x-request-id", uuid.uuid4().hex[:16])]
+        """Return call metadata with a new request id, which the server logs."""
+        return [(REQUEST_ID_KEY, uuid.uuid4().hex[:16])]
 
     def health(self, service: str = "") -> str:
         """Return the health status name, for example ``SERVING``."""
-        reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                       timeout=min(self.timeout_s, 10.0))
+        reply = self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=min(self.timeout_s, 10.0)
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
-    def model_info(self) -> pb.ModelInfo:
+    def model_info(self) -> pb.GetModelInfoResponse:
         """Return the served model's data contract and training summary."""
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s,
-                                      metadata=self._metadata())
+        return self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self._metadata()
+        )
 
-    def generate_stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateChunk]:
+    def generate_stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
         """Yield the raw chunks of a Generate call."""
         yield from self.stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata())
 
@@ -160,8 +182,9 @@ class ApplianceClient:
             max_draws_per_beat: Draw budget per requested beat (server default 20).
         """
         request = pb.GenerateRequest(
-            count=count, unit=pb.SAMPLE_UNIT_NORMALISED if normalised else
-            pb.SAMPLE_UNIT_MILLIVOLT, chunk_beats=chunk_beats,
+            count=count,
+            unit=pb.SAMPLE_UNIT_NORMALISED if normalised else pb.SAMPLE_UNIT_MILLIVOLT,
+            chunk_beats=chunk_beats,
             max_draws_per_beat=max_draws_per_beat,
         )
         for name, n in (class_counts or {}).items():
@@ -172,7 +195,9 @@ class ApplianceClient:
             request.margin = margin
         if seed is not None:
             request.seed = seed
-        beats, classes, scores = [], [], []
+        beats: list[np.ndarray] = []
+        classes: list[str] = []
+        scores: list[float] = []
         stats, fs_hz = pb.GenerateStats(), 0.0
         for chunk in self.generate_stream(request):
             if chunk.samples.count:
@@ -185,30 +210,53 @@ class ApplianceClient:
         stacked = np.concatenate(beats) if beats else np.zeros((0, 0, 0), dtype=np.float32)
         return Generated(stacked, classes, np.asarray(scores), stats, fs_hz)
 
-    def validate(self, beats: np.ndarray, classes: Sequence[str | None] | None = None,
-                 margin: float | None = None, normalised: bool = False) -> Validated:
+    def validate(
+        self,
+        beats: np.ndarray,
+        classes: Sequence[str | None] | None = None,
+        margin: float | None = None,
+        normalised: bool = False,
+    ) -> Validated:
         """Score beats of shape (beats, leads, window_samples), in mV unless ``normalised``.
 
         Large sets are sent with ValidateStream in messages of ``VALIDATE_STREAM_BEATS``.
         """
-        requests = []
+        if beats.shape[0] <= VALIDATE_STREAM_BEATS:
+            request = pb.ValidateRequest(samples=encode_samples(beats, normalised))
+            if classes is not None:
+                request.beat_classes.extend(class_value(c) for c in classes)
+            if margin is not None:
+                request.margin = margin
+            reply: pb.ValidateResponse | pb.ValidateStreamResponse = self.stub.Validate(
+                request, timeout=self.timeout_s, metadata=self._metadata()
+            )
+        else:
+            reply = self.stub.ValidateStream(
+                self._stream_requests(beats, classes, margin, normalised),
+                timeout=self.timeout_s,
+                metadata=self._metadata(),
+            )
+        return Validated(
+            scores=np.asarray(reply.scores),
+            accepted=np.asarray(reply.accepted, dtype=bool),
+            classes=[class_name(v) for v in reply.beat_classes],
+            margin=reply.margin,
+        )
+
+    def _stream_requests(
+        self,
+        beats: np.ndarray,
+        classes: Sequence[str | None] | None,
+        margin: float | None,
+        normalised: bool,
+    ) -> Iterator[pb.ValidateStreamRequest]:
         for start in range(0, beats.shape[0], VALIDATE_STREAM_BEATS):
             part = beats[start : start + VALIDATE_STREAM_BEATS]
-            request = pb.ValidateRequest(samples=encode_samples(part, normalised))
+            request = pb.ValidateStreamRequest(samples=encode_samples(part, normalised))
             if classes is not None:
                 request.beat_classes.extend(
                     class_value(c) for c in classes[start : start + VALIDATE_STREAM_BEATS]
                 )
-            if margin is not None:
+            if margin is not None and start == 0:
                 request.margin = margin
-            requests.append(request)
-        if len(requests) == 1:
-            reply = self.stub.Validate(requests[0], timeout=self.timeout_s,
-                                       metadata=self._metadata())
-        else:
-            reply = self.stub.ValidateStream(iter(requests), timeout=self.timeout_s,
-                                             metadata=self._metadata())
-        return Validated(
-            scores=np.asarray(reply.scores), accepted=np.asarray(reply.accepted, dtype=bool),
-            classes=[class_name(v) for v in reply.beat_classes], margin=reply.margin,
-        )
+            yield request

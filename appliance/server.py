@@ -1,11 +1,19 @@
-"""The gRPC server: health, reflection, TLS, thread settings and graceful shutdown."""
+"""The gRPC server: thread settings, health, reflection, TLS and graceful shutdown.
+
+The server starts listening before it loads the model, so that clients and orchestrators can
+see it come up: health reports NOT_SERVING and every ApplianceService call answers UNAVAILABLE
+until both graphs are loaded and the self-check passes.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
+import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +24,9 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from appliance.engine import Engine, default_threads
+from appliance.engine import Engine
 from appliance.errors import ModelStoreError
-from appliance.service import DEFAULT_MAX_BEATS_PER_REQUEST, ApplianceServicer
+from appliance.service import DEFAULT_MAX_BEATS_PER_REQUEST, ApplianceServicer, ThreadPlan
 from appliance.store import load_current
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
@@ -26,14 +34,35 @@ from appliance.v1 import appliance_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ApplianceService"].full_name
-# Largest message the server accepts; gRPC's default, stated so that the limit is explicit.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# gRPC's default message limit, stated so that the limit is explicit and documented.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_GRACE_S = 10.0
+# After SIGTERM, health reports NOT_SERVING and new calls are rejected for this long before the
+# listening port closes, so that load balancers polling health can move traffic away.
+DEFAULT_DRAIN_S = 1.0
+# Calls accepted at once (running plus queued for a worker); more get RESOURCE_EXHAUSTED.
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+# Worker threads per engine slot: the extra threads answer health, GetModelInfo and calls
+# waiting for a slot while the slots compute.
+WORKERS_PER_SLOT = 4
+MIN_WORKERS = 8
+# Largest z -> x -> z error of the self-check on the bottleneck dimensions.
+SELF_CHECK_MAX_ERROR = 1e-2
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM files for TLS; with ``client_ca`` set, clients must present a certificate."""
+    """PEM files for TLS; with ``client_ca`` set, clients must present a certificate it signed.
+
+    Attributes:
+        certificate: Server certificate chain.
+        private_key: Private key of the server certificate.
+        client_ca: CA certificates that sign client certificates (mutual TLS), or None.
+    """
 
     certificate: Path
     private_key: Path
@@ -47,13 +76,19 @@ class ServeConfig:
     Attributes:
         host: Address to bind; loopback unless ``allow_insecure_remote`` or TLS is set.
         port: TCP port; 0 lets the operating system choose.
-        workers: gRPC worker threads (0 = CPUs available to the process).
-        intra_op_threads: ONNX Runtime threads per graph call (0 = CPUs available / workers).
+        workers: gRPC worker threads (0: ``WORKERS_PER_SLOT`` per engine slot, at least
+            ``MIN_WORKERS``).
+        intra_op_threads: ONNX Runtime threads per graph call (0: half the CPU limit, at
+            least 1).
         tls: TLS files, or None for an insecure port.
         allow_insecure_remote: Allow an insecure port on a non-loopback address.
         require_gpu: Refuse to start without the CUDA execution provider.
         max_beats_per_request: Most beats one request may ask for or carry.
-        grace_s: Seconds calls in flight may take to finish after SIGTERM.
+        max_message_bytes: Largest request or reply message in bytes.
+        max_concurrent_rpcs: Calls accepted at once; more get RESOURCE_EXHAUSTED.
+        grace_s: Seconds from SIGTERM until calls still in flight are cancelled.
+        drain_s: Seconds, within ``grace_s``, during which health reports NOT_SERVING and new
+            calls are rejected before the port closes.
     """
 
     host: str = "127.0.0.1"
@@ -64,7 +99,10 @@ class ServeConfig:
     allow_insecure_remote: bool = False
     require_gpu: bool = False
     max_beats_per_request: int = DEFAULT_MAX_BEATS_PER_REQUEST
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     grace_s: float = DEFAULT_GRACE_S
+    drain_s: float = DEFAULT_DRAIN_S
 
 
 def is_loopback(host: str) -> bool:
@@ -77,8 +115,84 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_bind_policy(config: ServeConfig) -> None:
+    """Reject an insecure port on a non-loopback address unless the operator allowed it.
+
+    Raises:
+        ValueError: If ``host`` is not loopback, and neither TLS nor ``allow_insecure_remote``
+            is set.
+    """
+    if config.tls is None and not config.allow_insecure_remote and not is_loopback(config.host):
+        raise ValueError(
+            f"insecure port on non-loopback host {config.host} rejected: configure TLS "
+            "(--tls-cert, --tls-key) or pass --allow-insecure-remote explicitly"
+        )
+
+
+def cpu_limit(
+    cpu_max: Path = CGROUP_V2_CPU_MAX,
+    cfs_quota: Path = CGROUP_V1_QUOTA,
+    cfs_period: Path = CGROUP_V1_PERIOD,
+) -> tuple[float, str]:
+    """Return the CPUs this process may use and where the figure comes from.
+
+    A cgroup CPU quota (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` in v1) wins over the
+    affinity mask, because a container limited to 2 CPUs on a 64-CPU host still sees all 64 in
+    its mask. The result is never above the affinity mask size.
+
+    Returns:
+        ``(cpus, source)``, with ``source`` one of ``cgroup cpu.max``,
+        ``cgroup cpu.cfs_quota_us`` or ``sched_getaffinity``.
+    """
+    try:
+        affinity = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        affinity = float(os.cpu_count() or 1)
+    quota = _cgroup_quota(cpu_max, cfs_quota, cfs_period)
+    if quota is not None and quota[0] < affinity:
+        return max(quota[0], 0.01), quota[1]
+    return affinity, "sched_getaffinity"
+
+
+def _cgroup_quota(cpu_max: Path, cfs_quota: Path, cfs_period: Path) -> tuple[float, str] | None:
+    try:
+        fields = cpu_max.read_text().split()
+        if len(fields) == 2 and fields[0] != "max" and float(fields[1]) > 0:
+            return float(fields[0]) / float(fields[1]), "cgroup cpu.max"
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = float(cfs_quota.read_text())
+        period_us = float(cfs_period.read_text())
+    except (OSError, ValueError):
+        return None
+    if quota_us > 0 and period_us > 0:
+        return quota_us / period_us, "cgroup cpu.cfs_quota_us"
+    return None
+
+
+def plan_threads(config: ServeConfig, cpus: float, source: str) -> ThreadPlan:
+    """Split the CPU limit between concurrent graph calls and ONNX Runtime threads.
+
+    ``engine_slots * intra_op_threads`` stays within the CPU limit (rounded down, at least 1),
+    so that two replicas with their own quotas do not oversubscribe the host.
+    """
+    whole = max(1, math.floor(cpus))
+    intra_op_threads = config.intra_op_threads or max(1, whole // 2)
+    engine_slots = max(1, whole // intra_op_threads)
+    workers = config.workers or max(MIN_WORKERS, WORKERS_PER_SLOT * engine_slots)
+    return ThreadPlan(
+        cpu_limit=cpus,
+        cpu_limit_source=source,
+        workers=workers,
+        engine_slots=engine_slots,
+        intra_op_threads=intra_op_threads,
+    )
+
+
 def self_check(engine: Engine) -> None:
-    """Run both graphs on a latent draw and check the outputs are finite.
+    """Run both graphs on one latent draw per known class and check they invert each other.
 
     Raises:
         ModelStoreError: If the graphs give non-finite values or do not invert each other.
@@ -89,33 +203,97 @@ def self_check(engine: Engine) -> None:
     x = engine.inverse(z, classes)
     z_back, log_det = engine.forward(x, classes)
     if not (np.isfinite(x).all() and np.isfinite(z_back).all() and np.isfinite(log_det).all()):
-        raise ModelStoreError("self-check failed: the graphs returned non-finite values")
-    error = np.abs(z_back[:, : engine.bottleneck_dims] - z[:, : engine.bottleneck_dims]).max()
-    if error > 1e-2:
-        raise ModelStoreError(f"self-check failed: z -> x -> z error {error:.3g} > 0.01")
+        raise ModelStoreError(
+            "self-check failed: the graphs returned non-finite values; re-export the model"
+        )
+    lead = slice(0, engine.bottleneck_dims)
+    error = float(np.abs(z_back[:, lead] - z[:, lead]).max())
+    if error > SELF_CHECK_MAX_ERROR:
+        raise ModelStoreError(
+            f"self-check failed: z -> x -> z error {error:.3g} is above "
+            f"{SELF_CHECK_MAX_ERROR:g}; re-export the model"
+        )
 
 
 class ApplianceServer:
-    """A running server: the gRPC server object, its port and its health servicer."""
+    """A listening server: the gRPC server object, its port, health and servicer.
 
-    def __init__(self, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
-                 engine: Engine, config: ServeConfig) -> None:
+    Attributes:
+        server: The gRPC server.
+        port: Bound TCP port.
+        health: Health servicer; NOT_SERVING until ``load`` succeeds.
+        servicer: The ApplianceService servicer.
+        plan: Thread settings in use.
+        config: Settings the server was started with.
+        engine: The loaded model, or None before ``load``.
+    """
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        servicer: ApplianceServicer,
+        plan: ThreadPlan,
+        config: ServeConfig,
+    ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
-        self.engine = engine
+        self.servicer = servicer
+        self.plan = plan
         self.config = config
-        self._stopped = threading.Event()
+        self.engine: Engine | None = None
+        self._stopping = threading.Lock()
+        self._stopped = False
+
+    def load(self, store: Path) -> Engine:
+        """Load the store's current model, self-check it and report SERVING.
+
+        Raises:
+            ModelStoreError: If the store has no valid model or the self-check fails; health
+                stays NOT_SERVING.
+            RuntimeError: If ``require_gpu`` is set and no GPU provider is available.
+        """
+        started = time.monotonic()
+        version = load_current(store)
+        engine = Engine(
+            version,
+            intra_op_threads=self.plan.intra_op_threads,
+            require_gpu=self.config.require_gpu,
+        )
+        self_check(engine)
+        self.engine = engine
+        self.servicer.set_engine(engine)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "server serving port=%d model_id=%s provider=%s load_ms=%.0f",
+            self.port,
+            version.manifest["model_id"],
+            engine.execution_provider,
+            (time.monotonic() - started) * 1000,
+        )
+        return engine
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let calls in flight finish, then stop."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        self.health.enter_graceful_shutdown()
+        """Shut down gracefully; later calls return at once.
+
+        Health turns NOT_SERVING and new calls get UNAVAILABLE for ``drain_s``; then the port
+        closes and calls still in flight get the rest of ``grace_s`` to finish before they are
+        cancelled.
+        """
+        with self._stopping:
+            if self._stopped:
+                return
+            self._stopped = True
         grace = self.config.grace_s if grace_s is None else grace_s
-        logger.info("server stopping port=%d grace_s=%.1f", self.port, grace)
-        self.server.stop(grace).wait()
+        drain = min(self.config.drain_s, grace)
+        logger.info("server stopping port=%d drain_s=%.1f grace_s=%.1f", self.port, drain, grace)
+        self.servicer.begin_shutdown()
+        self.health.enter_graceful_shutdown()
+        time.sleep(drain)
+        self.server.stop(grace - drain).wait()
         logger.info("server stopped port=%d", self.port)
 
     def wait(self) -> None:
@@ -123,73 +301,111 @@ class ApplianceServer:
         self.server.wait_for_termination()
 
 
-def create_server(store: Path, config: ServeConfig) -> ApplianceServer:
-    """Load the current model from the store, check it, and start serving.
+def start_server(config: ServeConfig) -> ApplianceServer:
+    """Bind the port and start serving health and reflection, with NOT_SERVING status.
+
+    ApplianceService calls answer UNAVAILABLE until ``ApplianceServer.load`` succeeds.
 
     Raises:
-        ModelStoreError: If the store has no valid model or its self-check fails.
-        ValueError: If the address is not loopback, and neither TLS nor
-            ``allow_insecure_remote`` is set.
+        ValueError: If the bind policy rejects the address (see ``check_bind_policy``) or the
+            port cannot be bound.
     """
-    if config.tls is None and not config.allow_insecure_remote and not is_loopback(config.host):
-        raise ValueError(
-            f"refusing an insecure port on {config.host}: use TLS (--tls-cert, --tls-key) or "
-            "pass --allow-insecure-remote explicitly"
-        )
-    cpus = default_threads()
-    workers = config.workers or max(2, cpus)
-    intra_op_threads = config.intra_op_threads or max(1, cpus // 2)
+    check_bind_policy(config)
+    credentials = None if config.tls is None else _credentials(config.tls)
+    cpus, source = cpu_limit()
+    plan = plan_threads(config, cpus, source)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=workers * 4,
+        futures.ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    address = f"[{config.host}]:{config.port}" if ":" in config.host else (
-        f"{config.host}:{config.port}")
-    if config.tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, _credentials(config.tls))
-    if port == 0:
-        raise ValueError(f"cannot bind {address}; the port may be in use")
-    version = load_current(store)
-    engine = Engine(version, intra_op_threads=intra_op_threads, require_gpu=config.require_gpu)
-    servicer = ApplianceServicer(engine, config.max_beats_per_request)
+    servicer = ApplianceServicer(plan, config.max_beats_per_request)
     pb_grpc.add_ApplianceServiceServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    host = (
+        f"[{config.host}]"
+        if ":" in config.host and not config.host.startswith("[")
+        else (config.host)
+    )
+    address = f"{host}:{config.port}"
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot bind {address}: {exc}; choose a free port") from exc
+    if port == 0:
+        raise ValueError(f"cannot bind {address}; the port may be in use, choose a free one")
     server.start()
-    self_check(engine)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("server serving address=%s port=%d model_id=%s provider=%s workers=%d "
-                "intra_op_threads=%d tls=%s", config.host, port, version.manifest["model_id"],
-                engine.execution_provider, workers, intra_op_threads, config.tls is not None)
-    return ApplianceServer(server, port, health_servicer, engine, config)
+    logger.info(
+        "server listening host=%s port=%d status=NOT_SERVING tls=%s mutual_tls=%s "
+        "cpu_limit=%.2f cpu_limit_source=%r workers=%d engine_slots=%d "
+        "intra_op_threads=%d",
+        config.host,
+        port,
+        config.tls is not None,
+        config.tls is not None and config.tls.client_ca is not None,
+        plan.cpu_limit,
+        plan.cpu_limit_source,
+        plan.workers,
+        plan.engine_slots,
+        plan.intra_op_threads,
+    )
+    return ApplianceServer(server, port, health_servicer, servicer, plan, config)
+
+
+def create_server(store: Path, config: ServeConfig) -> ApplianceServer:
+    """Start the server, then load and check the store's current model.
+
+    Raises:
+        ModelStoreError: If the store has no valid model or its self-check fails; the server
+            is stopped.
+        ValueError: If the bind policy rejects the address or the port cannot be bound.
+        RuntimeError: If ``require_gpu`` is set and no GPU provider is available.
+    """
+    running = start_server(config)
+    try:
+        running.load(store)
+    except BaseException:
+        logger.exception("model load failed port=%d store=%s", running.port, store)
+        running.server.stop(0).wait()
+        raise
+    return running
 
 
 def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    pair = (tls.private_key.read_bytes(), tls.certificate.read_bytes())
-    if tls.client_ca is None:
+    try:
+        pair = (tls.private_key.read_bytes(), tls.certificate.read_bytes())
+        client_ca = tls.client_ca.read_bytes() if tls.client_ca is not None else None
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read TLS file {exc.filename}: {exc.strerror}; check "
+            "--tls-cert, --tls-key and --tls-client-ca"
+        ) from exc
+    if client_ca is None:
         return grpc.ssl_server_credentials([pair])
     return grpc.ssl_server_credentials(
-        [pair], root_certificates=tls.client_ca.read_bytes(), require_client_auth=True
+        [pair], root_certificates=client_ca, require_client_auth=True
     )
 
 
 def serve_until_signal(running: ApplianceServer) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (see ``ApplianceServer.stop``)."""
 
     def handle(signum: int, frame: FrameType | None) -> None:
         logger.info("signal received signal=%s", signal.Signals(signum).name)
-        threading.Thread(target=running.stop, daemon=True).start()
+        threading.Thread(target=running.stop, name="shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)

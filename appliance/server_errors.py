@@ -1,6 +1,15 @@
-"""The one place where appliance errors become gRPC status codes."""
+"""The one place where appliance errors become gRPC status codes, and per-call logging."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -11,6 +20,12 @@ from appliance.errors import (
     RequestError,
     RequestTooLargeError,
 )
+
+logger = logging.getLogger("appliance.service")
+
+REQUEST_ID_KEY = "x-request-id"
+# Client-chosen request ids are logged verbatim, so only a short, log-safe alphabet is kept.
+_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def status_code_for(error: BaseException) -> grpc.StatusCode:
@@ -23,6 +38,102 @@ def status_code_for(error: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, ModelStoreError):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, ApplianceError):
-        return grpc.StatusCode.INTERNAL
     return grpc.StatusCode.INTERNAL
+
+
+class CallCancelledError(Exception):
+    """The client cancelled the call or its deadline expired; the servicer stops its work."""
+
+
+def request_id_of(context: grpc.ServicerContext) -> str:
+    """Return the client's ``x-request-id`` if it is log-safe, else a new random id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            if _REQUEST_ID_PATTERN.fullmatch(value):
+                return value
+            break
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass
+class CallRecord:
+    """Fields that one call logs when it ends.
+
+    Attributes:
+        method: RPC name, for example ``Generate``.
+        request_id: Id from the client's ``x-request-id`` metadata, or a random one.
+        counts: Call figures (beats requested, accepted, ...) logged as key=value.
+        status: gRPC status name the call ended with.
+    """
+
+    method: str
+    request_id: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    status: str = "OK"
+
+
+def _ended_status(context: grpc.ServicerContext) -> str:
+    if context.is_active():
+        return "OK"
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
+
+@contextlib.contextmanager
+def rpc_call(method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]:
+    """Log the call once when it ends and turn raised errors into a gRPC status.
+
+    The log line has ``rpc``, ``request_id``, ``status``, ``duration_ms`` and the counts the
+    servicer stored in the yielded record. Appliance errors become the status of
+    ``status_code_for`` with their message; any other exception is logged with its traceback and
+    becomes INTERNAL with the request id, so a client can quote it.
+    """
+    record = CallRecord(method=method, request_id=request_id_of(context))
+    context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id),))
+    started = time.monotonic()
+    abort: tuple[grpc.StatusCode, str] | None = None
+    error = ""
+    try:
+        yield record
+        record.status = _ended_status(context)
+    except CallCancelledError:
+        record.status = _ended_status(context)
+    except ApplianceError as exc:
+        code = status_code_for(exc)
+        record.status = code.name
+        error = str(exc)
+        abort = (code, error)
+    except Exception:
+        record.status = "INTERNAL"
+        logger.exception("rpc=%s request_id=%s error=unhandled", method, record.request_id)
+        abort = (grpc.StatusCode.INTERNAL, f"internal error; request id {record.request_id}")
+    except GeneratorExit:
+        # A streaming call whose client went away: grpc closes the response generator.
+        record.status = _ended_status(context)
+        raise
+    finally:
+        counts = "".join(f" {key}={value}" for key, value in record.counts.items())
+        duration_ms = (time.monotonic() - started) * 1000
+        if error:
+            logger.info(
+                "rpc=%s request_id=%s status=%s duration_ms=%.1f%s error=%r",
+                method,
+                record.request_id,
+                record.status,
+                duration_ms,
+                counts,
+                error,
+            )
+        else:
+            logger.info(
+                "rpc=%s request_id=%s status=%s duration_ms=%.1f%s",
+                method,
+                record.request_id,
+                record.status,
+                duration_ms,
+                counts,
+            )
+    if abort is not None:
+        context.abort(*abort)

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
-import time
-import uuid
+import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 import grpc
 import numpy as np
 
 from appliance.classes import AAMI_CLASSES
 from appliance.engine import Engine
-from appliance.errors import ApplianceError, RequestError, RequestTooLargeError
-from appliance.server_errors import status_code_for
+from appliance.errors import ApplianceError, ModelNotReadyError, RequestError, RequestTooLargeError
+from appliance.server_errors import CallCancelledError, rpc_call
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
-
-logger = logging.getLogger(__name__)
 
 MAX_TEMPERATURE = 5.0
 DEFAULT_TEMPERATURE = 1.0
@@ -31,11 +27,18 @@ MAX_CHUNK_BEATS = 4096
 DEFAULT_DRAWS_PER_BEAT = 20
 MAX_DRAWS_PER_BEAT = 1000
 DEFAULT_MAX_BEATS_PER_REQUEST = 100_000
+# Validate scores this many beats per engine call, so that a cancelled call stops within one
+# piece and other calls get the engine in between.
+SCORE_PIECE_BEATS = 1024
+# Tolerance when comparing a request's fs_hz with the model's, in Hz.
+FS_TOLERANCE_HZ = 1e-3
+# How often a call waiting for an engine slot checks whether its client is still there, in s.
+SLOT_POLL_S = 0.1
 
 
-def class_to_proto(index: int) -> int:
+def class_to_proto(index: int) -> pb.BeatClass:
     """Return the BeatClass enum value of an AAMI class index."""
-    return index + 1
+    return cast(pb.BeatClass, index + 1)
 
 
 def class_from_proto(value: int) -> int:
@@ -43,107 +46,149 @@ def class_from_proto(value: int) -> int:
     return value - 1
 
 
-@dataclass
-class CallRecord:
-    """What one call logs when it ends."""
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How the server shares the CPUs it may use.
 
-    method: str
-    request_id: str
-    counts: dict[str, Any] = field(default_factory=dict)
-    status: str = "OK"
+    Attributes:
+        cpu_limit: CPUs available: the cgroup quota if set, else the affinity mask size.
+        cpu_limit_source: Where ``cpu_limit`` comes from.
+        workers: gRPC worker threads.
+        engine_slots: Graph calls run at the same time.
+        intra_op_threads: ONNX Runtime threads per graph call.
+    """
+
+    cpu_limit: float
+    cpu_limit_source: str
+    workers: int
+    engine_slots: int
+    intra_op_threads: int
+
+
+class _SamplesRequest(Protocol):
+    """Fields shared by ValidateRequest and ValidateStreamRequest."""
+
+    samples: pb.Samples
+    beat_classes: Iterable[int]
+    margin: float
+    fs_hz: float
+
+    def HasField(self, name: str) -> bool: ...  # noqa: N802 - protobuf method name
 
 
 class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
     """Serves Generate, Validate, ValidateStream and GetModelInfo from one engine.
 
+    Calls answer UNAVAILABLE until ``set_engine`` is called and again after ``begin_shutdown``;
+    calls already running when shutdown begins carry on.
+
     Arguments:
-        engine: The loaded model.
+        plan: Thread settings, reported by GetModelInfo; ``engine_slots`` bounds the graph
+            calls that run at the same time.
         max_beats_per_request: Most beats one request may ask for or carry.
     """
 
-    def __init__(self, engine: Engine,
-                 max_beats_per_request: int = DEFAULT_MAX_BEATS_PER_REQUEST) -> None:
-        self.engine = engine
+    def __init__(
+        self, plan: ThreadPlan, max_beats_per_request: int = DEFAULT_MAX_BEATS_PER_REQUEST
+    ) -> None:
+        self.plan = plan
         self.max_beats_per_request = max_beats_per_request
+        self._engine: Engine | None = None
+        self._slots = threading.BoundedSemaphore(plan.engine_slots)
+        self._shutting_down = threading.Event()
 
-    # Call bookkeeping ----------------------------------------------------------------------
+    def set_engine(self, engine: Engine) -> None:
+        """Start answering calls with a loaded and checked engine."""
+        self._engine = engine
+
+    def begin_shutdown(self) -> None:
+        """Answer new calls with UNAVAILABLE; calls in flight continue."""
+        self._shutting_down.set()
+
+    def _ready_engine(self) -> Engine:
+        if self._shutting_down.is_set():
+            raise ModelNotReadyError("the server is shutting down; retry on another replica")
+        if self._engine is None:
+            raise ModelNotReadyError(
+                "the model is still loading; retry when the health service reports SERVING"
+            )
+        return self._engine
 
     @contextlib.contextmanager
-    def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]:
-        """Log the call once at its end and map appliance errors to gRPC status codes."""
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
-        record = CallRecord(method=method, request_id=request_id)
-        started = time.monotonic()
-        abort: tuple[grpc.StatusCode, str] | None = None
+    def _engine_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Hold one engine slot; give up if the client cancels while waiting."""
+        while not self._slots.acquire(timeout=SLOT_POLL_S):
+            if not context.is_active():
+                raise CallCancelledError
         try:
-            yield record
-        except ApplianceError as exc:
-            code = status_code_for(exc)
-            record.status = code.name
-            abort = (code, str(exc))
-        except Exception:
-            record.status = "INTERNAL"
-            logger.exception("rpc=%s request_id=%s error=unhandled", method, request_id)
-            abort = (grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
+            yield
         finally:
-            if abort is None and not context.is_active():
-                record.status = "CANCELLED"
-            counts = " ".join(f"{k}={v}" for k, v in record.counts.items())
-            logger.info("rpc=%s request_id=%s status=%s duration_ms=%.1f %s", method,
-                        request_id, record.status, (time.monotonic() - started) * 1000, counts)
-        if abort is not None:
-            context.abort(*abort)
+            self._slots.release()
 
     # Request checks ------------------------------------------------------------------------
 
-    def _margin(self, request: Any) -> float:
+    def _margin(self, engine: Engine, request: _SamplesRequest | pb.GenerateRequest) -> float:
         if not request.HasField("margin"):
-            return self.engine.default_margin
+            return engine.default_margin
         margin = float(request.margin)
-        low, high = self.engine.min_margin, self.engine.max_margin
+        low, high = engine.min_margin, engine.max_margin
         if not (math.isfinite(margin) and low <= margin <= high):
             raise RequestError(f"margin={margin:g} is out of range; use {low:g} to {high:g}")
         return margin
 
-    def _known_class(self, value: int, field_name: str) -> int:
-        known = ", ".join(AAMI_CLASSES[i] for i in self.engine.classes_known)
+    def _known_class(self, engine: Engine, value: int, field_name: str) -> int:
+        known = ", ".join(f"BEAT_CLASS_{AAMI_CLASSES[i]}" for i in engine.classes_known)
         if value not in pb.BeatClass.values():
-            raise RequestError(f"{field_name}={value} is not a BeatClass value; use one of "
-                               f"the classes the model knows: {known}")
+            raise RequestError(
+                f"{field_name}={value} is not a BeatClass value; use one of "
+                f"the classes the model knows: {known}"
+            )
         index = class_from_proto(value)
-        if index >= 0 and index not in self.engine.classes_known:
-            raise RequestError(f"{field_name}={pb.BeatClass.Name(value)} is not known by the "
-                               f"model; use one of: {known}")
+        if index >= 0 and index not in engine.classes_known:
+            raise RequestError(
+                f"{field_name}={pb.BeatClass.Name(value)} is not known by the "
+                f"model; use one of: {known}"
+            )
         return index
 
-    def _class_counts(self, request: pb.GenerateRequest) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        if request.class_counts:
-            for i, item in enumerate(request.class_counts):
-                index = self._known_class(item.beat_class, f"class_counts[{i}].beat_class")
-                if index < 0:
-                    raise RequestError(f"class_counts[{i}].beat_class is unspecified; name a "
-                                       "class")
-                if item.count == 0:
-                    raise RequestError(f"class_counts[{i}].count=0 is out of range; use at "
-                                       f"least 1")
-                counts[index] = counts.get(index, 0) + int(item.count)
-            total, name = sum(counts.values()), "sum of class_counts"
-        else:
-            total, name = int(request.count), "count"
-            if total == 0:
-                raise RequestError(f"count=0 is out of range; use 1 to "
-                                   f"{self.max_beats_per_request} or set class_counts")
-        if total > self.max_beats_per_request:
-            raise RequestTooLargeError(f"{name}={total} exceeds the limit of "
-                                       f"{self.max_beats_per_request} beats per request; split "
-                                       "the request")
+    def _class_counts(self, engine: Engine, request: pb.GenerateRequest) -> dict[int, int]:
+        limit = self.max_beats_per_request
         if not request.class_counts:
-            known = self.engine.classes_known
-            counts = {c: total // len(known) + (1 if i < total % len(known) else 0)
-                      for i, c in enumerate(known)}
-            counts = {c: n for c, n in counts.items() if n > 0}
+            total = int(request.count)
+            if total == 0:
+                raise RequestError(
+                    f"count=0 is out of range; use 1 to {limit} or set class_counts"
+                )
+            if total > limit:
+                raise RequestTooLargeError(
+                    f"count={total} is out of range: over the limit of "
+                    f"{limit} beats per request; use 1 to {limit} and "
+                    "split larger requests"
+                )
+            known = engine.classes_known
+            shares = {
+                c: total // len(known) + (1 if i < total % len(known) else 0)
+                for i, c in enumerate(known)
+            }
+            return {c: n for c, n in shares.items() if n > 0}
+        counts: dict[int, int] = {}
+        for i, item in enumerate(request.class_counts):
+            name = f"class_counts[{i}]"
+            index = self._known_class(engine, item.beat_class, f"{name}.beat_class")
+            if index < 0:
+                raise RequestError(
+                    f"{name}.beat_class=BEAT_CLASS_UNSPECIFIED is invalid; name "
+                    "a class the model knows"
+                )
+            if item.count == 0:
+                raise RequestError(f"{name}.count=0 is out of range; use 1 to {limit}")
+            counts[index] = counts.get(index, 0) + int(item.count)
+        total = sum(counts.values())
+        if total > limit:
+            raise RequestTooLargeError(
+                f"sum of class_counts={total} is out of range: over the "
+                f"limit of {limit} beats per request; split the request"
+            )
         return counts
 
     def _temperature(self, request: pb.GenerateRequest) -> float:
@@ -151,181 +196,302 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             return DEFAULT_TEMPERATURE
         value = float(request.temperature)
         if not (math.isfinite(value) and 0.0 < value <= MAX_TEMPERATURE):
-            raise RequestError(f"temperature={value:g} is out of range; use a value above 0 "
-                               f"and at most {MAX_TEMPERATURE:g}")
+            raise RequestError(
+                f"temperature={value:g} is out of range; use a value above 0 "
+                f"and at most {MAX_TEMPERATURE:g}"
+            )
         return value
 
-    def _decode(self, request: pb.ValidateRequest, offset: int = 0) -> tuple[np.ndarray,
-                                                                            np.ndarray]:
-        """Return scaled beats and class indices (-1 unknown) of a Validate request."""
+    def _bounded(self, name: str, value: int, default: int, maximum: int) -> int:
+        if value == 0:
+            return default
+        if value > maximum:
+            raise RequestError(
+                f"{name}={value} is out of range; use 1 to {maximum}, or 0 for "
+                f"the default of {default}"
+            )
+        return value
+
+    def _unit(self, name: str, value: int) -> bool:
+        """Return True for millivolts, False for normalised units."""
+        if value not in pb.SampleUnit.values():
+            raise RequestError(
+                f"{name}={value} is not a SampleUnit value; use "
+                "SAMPLE_UNIT_MILLIVOLT or SAMPLE_UNIT_NORMALISED"
+            )
+        return value != pb.SAMPLE_UNIT_NORMALISED
+
+    def _decode(
+        self, engine: Engine, request: _SamplesRequest, offset: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return scaled beats (beats, leads, window_samples) and class indices (-1 unknown).
+
+        Arguments:
+            engine: The model whose data contract the beats must match.
+            request: A ValidateRequest or ValidateStreamRequest.
+            offset: Beats sent before this message in the same stream, for error messages.
+        """
         samples = request.samples
-        leads, window = len(self.engine.leads), self.engine.window_samples
+        leads, window = len(engine.leads), engine.window_samples
+        limit = self.max_beats_per_request
         if samples.count == 0:
-            raise RequestError("samples.count=0 is out of range; send at least 1 beat")
-        if samples.count > self.max_beats_per_request:
-            raise RequestTooLargeError(f"samples.count={samples.count} exceeds the limit of "
-                                       f"{self.max_beats_per_request}; split the request")
+            raise RequestError(f"samples.count=0 is out of range; send 1 to {limit} beats")
+        if samples.count > limit:
+            raise RequestTooLargeError(
+                f"samples.count={samples.count} is out of range: over "
+                f"the limit of {limit} beats; split the request"
+            )
         if samples.leads != leads:
-            raise RequestError(f"samples.leads={samples.leads} does not match the model's "
-                               f"{leads} lead(s) ({', '.join(self.engine.leads)})")
+            raise RequestError(
+                f"samples.leads={samples.leads} is invalid; the model takes "
+                f"{leads} lead(s) ({', '.join(engine.leads)})"
+            )
         if samples.window_samples != window:
-            raise RequestError(f"samples.window_samples={samples.window_samples} does not "
-                               f"match the model's window of {window} samples")
+            raise RequestError(
+                f"samples.window_samples={samples.window_samples} is invalid; "
+                f"the model takes windows of {window} samples"
+            )
         expected = samples.count * leads * window * 4
         if len(samples.values_f32) != expected:
-            raise RequestError(f"samples.values_f32 has {len(samples.values_f32)} bytes; "
-                               f"count*leads*window_samples*4 = {expected} expected")
-        if request.HasField("fs_hz") and abs(request.fs_hz - self.engine.fs_hz) > 1e-3:
-            raise RequestError(f"fs_hz={request.fs_hz:g} does not match the model's "
-                               f"{self.engine.fs_hz:g} Hz; resample the beats first")
+            raise RequestError(
+                f"samples.values_f32 has {len(samples.values_f32)} bytes; "
+                f"count*leads*window_samples*4 = {expected} bytes expected"
+            )
+        if request.HasField("fs_hz") and not (
+            abs(request.fs_hz - engine.fs_hz) <= FS_TOLERANCE_HZ
+        ):
+            raise RequestError(
+                f"fs_hz={request.fs_hz:g} is invalid; the model's sampling "
+                f"rate is {engine.fs_hz:g} Hz, so resample the beats first"
+            )
+        millivolt = self._unit("samples.unit", samples.unit)
         x = np.frombuffer(samples.values_f32, dtype="<f4").reshape(samples.count, leads, window)
         finite = np.isfinite(x).all(axis=(1, 2))
         if not finite.all():
             first = int(np.flatnonzero(~finite)[0])
-            raise RequestError(f"samples.values_f32 contains NaN or infinity in beat "
-                               f"{first + offset}; send finite values only")
-        if samples.unit != pb.SAMPLE_UNIT_NORMALISED:
-            x = x / self.engine.scale_mv
-        if request.beat_classes and len(request.beat_classes) != samples.count:
-            raise RequestError(f"beat_classes has {len(request.beat_classes)} entries; send "
-                               f"none or one per beat ({samples.count})")
+            raise RequestError(
+                f"samples.values_f32 contains NaN or infinity in beat "
+                f"{first + offset}; send finite values only"
+            )
+        beat_classes = list(request.beat_classes)
+        if beat_classes and len(beat_classes) != samples.count:
+            raise RequestError(
+                f"beat_classes has {len(beat_classes)} entries; send none or "
+                f"one per beat ({samples.count})"
+            )
         classes = np.full(samples.count, -1, dtype=np.int64)
-        for i, value in enumerate(request.beat_classes):
-            classes[i] = self._known_class(value, f"beat_classes[{i + offset}]")
+        for i, value in enumerate(beat_classes):
+            classes[i] = self._known_class(engine, value, f"beat_classes[{i + offset}]")
+        if millivolt:
+            x = x / engine.scale_mv
         return x.astype(np.float32), classes
 
     # RPCs ----------------------------------------------------------------------------------
 
     def Generate(  # noqa: N802 - name fixed by the proto
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GenerateChunk]:
-        """Stream accepted synthetic beats in chunks; the last chunk carries the counts."""
-        with self._call("Generate", context) as call:
-            counts = self._class_counts(request)
+    ) -> Iterator[pb.GenerateResponse]:
+        """Stream accepted synthetic beats in chunks; the last response carries the counts.
+
+        Each chunk is generated from its own seed derived from the request seed, and the
+        client's cancellation or deadline is checked before each chunk and between engine
+        batches, so an abandoned call frees its worker within one batch.
+        """
+        with rpc_call("Generate", context) as call:
+            engine = self._ready_engine()
+            counts = self._class_counts(engine, request)
             temperature = self._temperature(request)
-            margin = self._margin(request)
-            chunk_beats = request.chunk_beats or DEFAULT_CHUNK_BEATS
-            if chunk_beats > MAX_CHUNK_BEATS:
-                raise RequestError(f"chunk_beats={chunk_beats} is out of range; use 1 to "
-                                   f"{MAX_CHUNK_BEATS}")
-            draws_per_beat = request.max_draws_per_beat or DEFAULT_DRAWS_PER_BEAT
-            if draws_per_beat > MAX_DRAWS_PER_BEAT:
-                raise RequestError(f"max_draws_per_beat={draws_per_beat} is out of range; "
-                                   f"use 1 to {MAX_DRAWS_PER_BEAT}")
+            margin = self._margin(engine, request)
+            chunk_beats = self._bounded(
+                "chunk_beats", request.chunk_beats, DEFAULT_CHUNK_BEATS, MAX_CHUNK_BEATS
+            )
+            draws_per_beat = self._bounded(
+                "max_draws_per_beat",
+                request.max_draws_per_beat,
+                DEFAULT_DRAWS_PER_BEAT,
+                MAX_DRAWS_PER_BEAT,
+            )
+            millivolt = self._unit("unit", request.unit)
             seed = request.seed if request.HasField("seed") else int.from_bytes(os.urandom(8))
-            millivolt = request.unit != pb.SAMPLE_UNIT_NORMALISED
-            call.counts.update(requested=sum(counts.values()), temperature=temperature,
-                               margin=margin)
-            stats = pb.GenerateStats(margin=margin,
-                                     privacy_threshold=self.engine.privacy_threshold)
-            part = 0
-            for portion in _portions(counts, chunk_beats):
+            call.counts.update(
+                requested=sum(counts.values()), temperature=temperature, margin=margin
+            )
+            stats = pb.GenerateStats(margin=margin, privacy_threshold=engine.privacy_threshold)
+            call.counts["accepted"] = 0
+            for part, portion in enumerate(_portions(counts, chunk_beats)):
                 if not context.is_active():
-                    break
-                result = self.engine.generate(
-                    portion, temperature, margin, seed=_portion_seed(seed, part),
-                    max_draws_per_beat=draws_per_beat, should_stop=lambda: not context.is_active()
-                )
-                part += 1
+                    raise CallCancelledError
+                with self._engine_slot(context):
+                    result = engine.generate(
+                        portion,
+                        temperature,
+                        margin,
+                        seed=_portion_seed(seed, part),
+                        max_draws_per_beat=draws_per_beat,
+                        should_stop=lambda: not context.is_active(),
+                    )
                 stats.draws += result.draws
                 stats.accepted += result.beats.shape[0]
                 stats.pertinence_rejections += result.pertinence_rejections
                 stats.privacy_rejections += result.privacy_rejections
                 stats.invalid_rejections += result.invalid_rejections
                 stats.budget_exhausted |= result.budget_exhausted
+                call.counts.update(accepted=stats.accepted, draws=stats.draws)
                 if result.beats.shape[0]:
-                    yield self._chunk(result.beats, result.classes, result.scores, millivolt)
-            call.counts.update(accepted=stats.accepted, draws=stats.draws,
-                               pertinence_rejections=stats.pertinence_rejections,
-                               privacy_rejections=stats.privacy_rejections)
-            final = self._chunk(np.zeros((0, len(self.engine.leads), self.engine.window_samples)),
-                                np.zeros(0, dtype=np.int64), np.zeros(0), millivolt)
+                    yield self._chunk(
+                        engine, result.beats, result.classes, result.scores, millivolt
+                    )
+            if not context.is_active():
+                raise CallCancelledError
+            call.counts.update(
+                pertinence_rejections=stats.pertinence_rejections,
+                privacy_rejections=stats.privacy_rejections,
+                invalid_rejections=stats.invalid_rejections,
+            )
+            empty = np.zeros((0, len(engine.leads), engine.window_samples), dtype=np.float32)
+            final = self._chunk(engine, empty, np.zeros(0, dtype=np.int64), np.zeros(0), millivolt)
             final.stats.CopyFrom(stats)
             yield final
 
-    def _chunk(self, beats: np.ndarray, classes: np.ndarray, scores: np.ndarray,
-               millivolt: bool) -> pb.GenerateChunk:
-        values = beats * self.engine.scale_mv if millivolt else beats
-        return pb.GenerateChunk(
+    def _chunk(
+        self,
+        engine: Engine,
+        beats: np.ndarray,
+        classes: np.ndarray,
+        scores: np.ndarray,
+        millivolt: bool,
+    ) -> pb.GenerateResponse:
+        values = beats * engine.scale_mv if millivolt else beats
+        return pb.GenerateResponse(
             samples=pb.Samples(
-                count=beats.shape[0], leads=beats.shape[1], window_samples=beats.shape[2],
+                count=beats.shape[0],
+                leads=beats.shape[1],
+                window_samples=beats.shape[2],
                 values_f32=np.ascontiguousarray(values, dtype="<f4").tobytes(),
                 unit=pb.SAMPLE_UNIT_MILLIVOLT if millivolt else pb.SAMPLE_UNIT_NORMALISED,
             ),
             beat_classes=[class_to_proto(int(c)) for c in classes],
             scores=scores.astype(np.float32).tolist(),
-            fs_hz=self.engine.fs_hz,
+            fs_hz=engine.fs_hz,
         )
 
     def Validate(  # noqa: N802 - name fixed by the proto
         self, request: pb.ValidateRequest, context: grpc.ServicerContext
-    ) -> pb.ValidateReply:
+    ) -> pb.ValidateResponse:
         """Score one batch of beats."""
-        with self._call("Validate", context) as call:
-            margin = self._margin(request)
-            x, classes = self._decode(request)
-            reply = self._validate(x, classes, margin)
-            call.counts.update(beats=x.shape[0], accepted=sum(reply.accepted), margin=margin)
-            return reply
-        raise AssertionError("unreachable: _call aborts on error")  # pragma: no cover
+        with rpc_call("Validate", context) as call:
+            engine = self._ready_engine()
+            margin = self._margin(engine, request)
+            x, classes = self._decode(engine, request)
+            call.counts.update(beats=x.shape[0], margin=margin)
+            scores, scored_classes = self._score(engine, x, classes, context)
+            accepted = scores >= margin
+            call.counts["accepted"] = int(accepted.sum())
+            return pb.ValidateResponse(
+                scores=scores.astype(np.float32).tolist(),
+                accepted=accepted.tolist(),
+                beat_classes=[class_to_proto(int(c)) for c in scored_classes],
+                margin=margin,
+            )
+        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
 
     def ValidateStream(  # noqa: N802 - name fixed by the proto
-        self, request_iterator: Iterable[pb.ValidateRequest], context: grpc.ServicerContext
-    ) -> pb.ValidateReply:
+        self,
+        request_iterator: Iterable[pb.ValidateStreamRequest],
+        context: grpc.ServicerContext,
+    ) -> pb.ValidateStreamResponse:
         """Score beats sent as several messages; one reply covers all of them in order."""
-        with self._call("ValidateStream", context) as call:
-            xs, classes_list = [], []
+        with rpc_call("ValidateStream", context) as call:
+            engine = self._ready_engine()
+            xs: list[np.ndarray] = []
+            classes_list: list[np.ndarray] = []
             margin: float | None = None
             total = 0
             for message in request_iterator:
-                message_margin = self._margin(message)
+                message_margin = self._margin(engine, message)
                 if margin is not None and message.HasField("margin") and message_margin != margin:
-                    raise RequestError(f"margin={message_margin:g} differs from the first "
-                                       f"message's {margin:g}; use one margin per stream")
+                    raise RequestError(
+                        f"margin={message_margin:g} in message {len(xs)} differs "
+                        f"from the first message's {margin:g}; use one margin "
+                        "per stream"
+                    )
                 margin = message_margin if margin is None else margin
-                x, classes = self._decode(message, offset=total)
+                x, classes = self._decode(engine, message, offset=total)
                 total += x.shape[0]
                 if total > self.max_beats_per_request:
-                    raise RequestTooLargeError(f"stream carries {total} beats, over the limit "
-                                               f"of {self.max_beats_per_request}; split it")
+                    raise RequestTooLargeError(
+                        f"the stream carries {total} beats, over the "
+                        f"limit of {self.max_beats_per_request}; split "
+                        "it into several calls"
+                    )
                 xs.append(x)
                 classes_list.append(classes)
-            if not xs:
-                raise RequestError("the stream carried no ValidateRequest; send at least one")
-            assert margin is not None
-            reply = self._validate(np.concatenate(xs), np.concatenate(classes_list), margin)
-            call.counts.update(beats=total, messages=len(xs), accepted=sum(reply.accepted))
-            return reply
-        raise AssertionError("unreachable: _call aborts on error")  # pragma: no cover
+            if not xs or margin is None:
+                raise RequestError(
+                    "the stream carried no ValidateStreamRequest; send at least one"
+                )
+            call.counts.update(beats=total, messages=len(xs), margin=margin)
+            scores, scored_classes = self._score(
+                engine, np.concatenate(xs), np.concatenate(classes_list), context
+            )
+            accepted = scores >= margin
+            call.counts["accepted"] = int(accepted.sum())
+            return pb.ValidateStreamResponse(
+                scores=scores.astype(np.float32).tolist(),
+                accepted=accepted.tolist(),
+                beat_classes=[class_to_proto(int(c)) for c in scored_classes],
+                margin=margin,
+            )
+        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
 
-    def _validate(self, x: np.ndarray, classes: np.ndarray, margin: float) -> pb.ValidateReply:
-        scored = self.engine.score(x, classes)
-        if not np.isfinite(scored.scores).all():
-            raise ApplianceError("scores are not finite; the model store may be damaged")
-        return pb.ValidateReply(
-            scores=scored.scores.astype(np.float32).tolist(),
-            accepted=(scored.scores >= margin).tolist(),
-            beat_classes=[class_to_proto(int(c)) for c in scored.classes],
-            margin=margin,
-        )
+    def _score(
+        self, engine: Engine, x: np.ndarray, classes: np.ndarray, context: grpc.ServicerContext
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score beats piece by piece, stopping if the client goes away.
+
+        Returns:
+            Scores, shape (beats,), and the class index each beat was scored under.
+        """
+        scores, scored_classes = [], []
+        for start in range(0, x.shape[0], SCORE_PIECE_BEATS):
+            if not context.is_active():
+                raise CallCancelledError
+            piece = slice(start, start + SCORE_PIECE_BEATS)
+            with self._engine_slot(context):
+                scored = engine.score(x[piece], classes[piece])
+            if not np.isfinite(scored.scores).all():
+                raise ApplianceError("scores are not finite; the model store may be damaged")
+            scores.append(scored.scores)
+            scored_classes.append(scored.classes)
+        return np.concatenate(scores), np.concatenate(scored_classes)
 
     def GetModelInfo(  # noqa: N802 - name fixed by the proto
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
-    ) -> pb.ModelInfo:
+    ) -> pb.GetModelInfoResponse:
         """Return the data contract and training summary; never weights or real beats."""
-        with self._call("GetModelInfo", context):
-            return model_info(self.engine, self.max_beats_per_request)
-        raise AssertionError("unreachable: _call aborts on error")  # pragma: no cover
+        with rpc_call("GetModelInfo", context):
+            engine = self._ready_engine()
+            return model_info(engine, self.max_beats_per_request, self.plan)
+        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
 
 
-def model_info(engine: Engine, max_beats_per_request: int) -> pb.ModelInfo:
-    """Build the ModelInfo reply from the engine's manifest."""
+def model_info(
+    engine: Engine, max_beats_per_request: int, plan: ThreadPlan
+) -> pb.GetModelInfoResponse:
+    """Build the GetModelInfo reply from the manifest's data contract and summary figures.
+
+    Only named scalar fields are copied, so no weight, graph, file name or path reaches the
+    client whatever else the manifest holds.
+    """
     manifest = engine.manifest
     files = manifest["files"]
-    quality = {k: float(v) for k, v in manifest.get("quality", {}).items()
-               if isinstance(v, int | float)}
+    quality = {
+        key: float(value)
+        for key, value in manifest.get("quality", {}).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
     counts = manifest["training"].get("train_class_counts", {})
-    return pb.ModelInfo(
+    return pb.GetModelInfoResponse(
         model_id=manifest["model_id"],
         fs_hz=engine.fs_hz,
         window_samples=engine.window_samples,
@@ -333,7 +499,7 @@ def model_info(engine: Engine, max_beats_per_request: int) -> pb.ModelInfo:
         leads=engine.leads,
         scale_mv=engine.scale_mv,
         classes_known=[class_to_proto(c) for c in engine.classes_known],
-        train_class_counts={k: int(v) for k, v in counts.items()},
+        train_class_counts={str(k): int(v) for k, v in counts.items()},
         trained_at=manifest["trained_at"],
         forward_graph_sha256=files["forward_graph"]["sha256"],
         inverse_graph_sha256=files["inverse_graph"]["sha256"],
@@ -346,6 +512,10 @@ def model_info(engine: Engine, max_beats_per_request: int) -> pb.ModelInfo:
         execution_provider=engine.execution_provider,
         max_abs_mv=engine.max_abs_mv,
         max_beats_per_request=max_beats_per_request,
+        cpu_limit=plan.cpu_limit,
+        cpu_limit_source=plan.cpu_limit_source,
+        engine_slots=plan.engine_slots,
+        intra_op_threads=plan.intra_op_threads,
     )
 
 
@@ -357,4 +527,5 @@ def _portions(counts: dict[int, int], chunk_beats: int) -> Iterator[dict[int, in
 
 
 def _portion_seed(seed: int, part: int) -> int:
+    """Derive the seed of one chunk from the request seed and the chunk's index."""
     return int(np.random.SeedSequence([seed, part]).generate_state(1, dtype=np.uint64)[0])
