@@ -15,14 +15,17 @@ import onnxruntime as ort
 
 from appliance.classes import AAMI_CLASSES
 from appliance.privacy import NearestNeighbourIndex, privacy_space
-from appliance.scoring import Calibration, compute_features
+from appliance.scoring import FEATURES, Calibration, compute_features
 from appliance.store import ModelVersion
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_BATCH = 256
-# Relative z -> x -> z error above which a generated beat counts as numerically unstable.
-ROUNDTRIP_REJECT_REL_ERROR = 1e-3
+# Relative z -> x -> z error, ||z_back - z|| / ||z||, above which a generated beat counts as
+# numerically unstable and is rejected.
+ROUNDTRIP_REJECT_REL_ERROR = 1e-4
+# Floor of ||z|| in that relative error, so that draws near z = 0 are judged on absolute error.
+_ROUNDTRIP_MIN_NORM = 1e-3
 
 
 @dataclass
@@ -32,7 +35,8 @@ class Scored:
     Attributes:
         scores: Pertinence scores in [0, 1], shape (beats,).
         classes: Class index each beat was scored under, shape (beats,).
-        features: Statistics behind the scores, shape (beats, 4).
+        features: Statistics behind the scores, shape (beats, len(FEATURES)), columns in
+            ``appliance.scoring.FEATURES`` order.
         z: Latent values, shape (beats, latent_dims).
     """
 
@@ -44,17 +48,40 @@ class Scored:
 
 @dataclass
 class GenerateResult:
-    """Accepted beats and the counts of one generation run."""
+    """Accepted beats and the counts of one generation run.
+
+    Attributes:
+        beats: Accepted scaled beats, shape (accepted, leads, window_samples).
+        classes: Class index of each accepted beat, shape (accepted,).
+        scores: Pertinence score of each accepted beat, shape (accepted,).
+        z: Latent values each accepted beat was generated from, shape (accepted, latent_dims).
+        draws: Latent draws made.
+        pertinence_rejections: Draws whose score was below the margin.
+        privacy_rejections: Draws closer to a training beat than the privacy threshold.
+        invalid_rejections: Draws rejected before scoring, the sum of the three counts below.
+        non_finite_rejections: Draws whose beat had a NaN or infinite value.
+        amplitude_rejections: Draws whose beat exceeded ``max_abs_mv``.
+        unstable_rejections: Draws whose z -> x -> z relative error exceeded
+            ``ROUNDTRIP_REJECT_REL_ERROR``.
+        budget_exhausted: True if some class did not reach its count within the draw budget.
+        per_class_draws: Draws per class name.
+        privacy_threshold: Distance below which a draw was a near-copy, in the privacy space.
+    """
 
     beats: np.ndarray
     classes: np.ndarray
     scores: np.ndarray
+    z: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     draws: int = 0
     pertinence_rejections: int = 0
     privacy_rejections: int = 0
     invalid_rejections: int = 0
+    non_finite_rejections: int = 0
+    amplitude_rejections: int = 0
+    unstable_rejections: int = 0
     budget_exhausted: bool = False
     per_class_draws: dict[str, int] = field(default_factory=dict)
+    privacy_threshold: float = 0.0
 
 
 def available_providers(require_gpu: bool = False) -> list[str]:
@@ -114,6 +141,11 @@ class Engine:
             str(version.file("inverse_graph")), options, providers=providers
         )
         self.execution_provider = self.forward_session.get_providers()[0]
+        # Class templates f^-1(0 | c), shape (classes, leads, window_samples), scaled.
+        every_class = np.arange(len(AAMI_CLASSES), dtype=np.int64)
+        self.templates = self.inverse(
+            np.zeros((every_class.size, self.latent_dims), dtype=np.float32), every_class
+        )
         # Export builds a draft version with the graphs only, to calibrate on them.
         self.calibration: Calibration | None = None
         self.privacy_index: NearestNeighbourIndex | None = None
@@ -122,8 +154,12 @@ class Engine:
                 self.calibration = Calibration.from_arrays(dict(arrays))
         if "privacy_index" in manifest["files"]:
             self.privacy_index = NearestNeighbourIndex(np.load(version.file("privacy_index")))
-        logger.info("engine loaded model_id=%s provider=%s threads=%d", manifest["model_id"],
-                    self.execution_provider, intra_op_threads)
+        logger.info(
+            "engine loaded model_id=%s provider=%s threads=%d",
+            manifest["model_id"],
+            self.execution_provider,
+            intra_op_threads,
+        )
 
     # Graph calls ---------------------------------------------------------------------------
 
@@ -136,8 +172,10 @@ class Engine:
         for start in range(0, x.shape[0], INFERENCE_BATCH):
             z, log_det = self.forward_session.run(
                 None,
-                {"x": x[start : start + INFERENCE_BATCH].astype(np.float32),
-                 "condition": self._one_hot(classes[start : start + INFERENCE_BATCH])},
+                {
+                    "x": x[start : start + INFERENCE_BATCH].astype(np.float32),
+                    "condition": self._one_hot(classes[start : start + INFERENCE_BATCH]),
+                },
             )
             zs.append(z)
             log_dets.append(log_det)
@@ -149,8 +187,10 @@ class Engine:
         for start in range(0, z.shape[0], INFERENCE_BATCH):
             (x,) = self.inverse_session.run(
                 None,
-                {"z": z[start : start + INFERENCE_BATCH].astype(np.float32),
-                 "condition": self._one_hot(classes[start : start + INFERENCE_BATCH])},
+                {
+                    "z": z[start : start + INFERENCE_BATCH].astype(np.float32),
+                    "condition": self._one_hot(classes[start : start + INFERENCE_BATCH]),
+                },
             )
             xs.append(x)
         return np.concatenate(xs)
@@ -164,10 +204,23 @@ class Engine:
     # Scoring -------------------------------------------------------------------------------
 
     def features(self, x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return the scoring statistics (beats, 4) and latent values of scaled beats."""
+        """Compute the scoring statistics of scaled beats.
+
+        Arguments:
+            x: Scaled beats, shape (beats, leads, window_samples).
+            classes: Class index per beat, shape (beats,).
+
+        Returns:
+            Statistics, shape (beats, len(FEATURES)), and latent values, shape
+            (beats, latent_dims).
+        """
         z, log_det = self.forward(x, classes)
         x_projected = self.inverse(self.truncate(z), classes)
-        return compute_features(x, z, log_det, x_projected, self.bottleneck_dims), z
+        features = compute_features(
+            x, z, log_det, x_projected, self.templates[classes], self.bottleneck_dims, self.fs_hz
+        )
+        assert features.shape[1] == len(FEATURES)
+        return features, z
 
     def best_classes(self, x: np.ndarray) -> np.ndarray:
         """Return the known class of highest likelihood for each scaled beat, shape (beats,)."""
@@ -246,8 +299,13 @@ class Engine:
             the counts of draws and rejections.
         """
         rng = np.random.default_rng(seed)
-        beats, classes, scores = [], [], []
-        result = GenerateResult(beats=np.zeros(0), classes=np.zeros(0), scores=np.zeros(0))
+        beats, classes, scores, latents = [], [], [], []
+        result = GenerateResult(
+            beats=np.zeros(0),
+            classes=np.zeros(0),
+            scores=np.zeros(0),
+            privacy_threshold=self.privacy_threshold,
+        )
         for class_index, wanted in sorted(counts.items()):
             accepted = 0
             budget = wanted * max_draws_per_beat
@@ -260,22 +318,13 @@ class Engine:
                 labels = np.full(batch, class_index, dtype=np.int64)
                 x = self.inverse(z, labels)
                 drawn += batch
-                keep = self._valid(x, z, labels, result)
-                if keep.any():
-                    scored = self.score(x[keep], labels[keep])
-                    passed = scored.scores >= margin
-                    result.pertinence_rejections += int((~passed).sum())
-                    kept_x = x[keep][passed]
-                    kept_scores = scored.scores[passed]
-                    if kept_x.shape[0]:
-                        private = self.privacy_distance(kept_x) >= self.privacy_threshold
-                        result.privacy_rejections += int((~private).sum())
-                        kept_x, kept_scores = kept_x[private], kept_scores[private]
-                    take = min(kept_x.shape[0], wanted - accepted)
-                    beats.append(kept_x[:take])
-                    scores.append(kept_scores[:take])
-                    classes.append(np.full(take, class_index, dtype=np.int64))
-                    accepted += take
+                accepted_mask, batch_scores = self.gate(x, z, labels, margin, result)
+                take_index = np.flatnonzero(accepted_mask)[: wanted - accepted]
+                beats.append(x[take_index])
+                scores.append(batch_scores[take_index])
+                latents.append(z[take_index])
+                classes.append(np.full(take_index.size, class_index, dtype=np.int64))
+                accepted += take_index.size
             result.draws += drawn
             result.per_class_draws[AAMI_CLASSES[class_index]] = drawn
             if accepted < wanted:
@@ -284,22 +333,76 @@ class Engine:
         result.beats = np.concatenate(beats) if beats else np.zeros(shape, dtype=np.float32)
         result.classes = np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64)
         result.scores = np.concatenate(scores) if scores else np.zeros(0)
+        result.z = (
+            np.concatenate(latents)
+            if latents
+            else np.zeros((0, self.latent_dims), dtype=np.float32)
+        )
         return result
+
+    def gate(
+        self,
+        x: np.ndarray,
+        z: np.ndarray,
+        labels: np.ndarray,
+        margin: float,
+        result: GenerateResult,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the validity checks, the pertinence margin and the privacy guard to candidates.
+
+        Arguments:
+            x: Candidate scaled beats, shape (beats, leads, window_samples).
+            z: Latent values they came from, shape (beats, latent_dims).
+            labels: Class index of each candidate, shape (beats,).
+            margin: Lowest accepted pertinence score.
+            result: Run whose rejection counts are increased.
+
+        Returns:
+            Boolean mask of accepted candidates, shape (beats,), and each candidate's
+            pertinence score, shape (beats,), 0 where it was not scored.
+        """
+        accepted = self._valid(x, z, labels, result)
+        scores = np.zeros(x.shape[0])
+        if accepted.any():
+            index = np.flatnonzero(accepted)
+            scores[index] = self.score(x[index], labels[index]).scores
+            passed = scores[index] >= margin
+            result.pertinence_rejections += int((~passed).sum())
+            accepted[index[~passed]] = False
+        if accepted.any():
+            index = np.flatnonzero(accepted)
+            private = self.privacy_distance(x[index]) >= self.privacy_threshold
+            result.privacy_rejections += int((~private).sum())
+            accepted[index[~private]] = False
+        return accepted, scores
 
     def _valid(
         self, x: np.ndarray, z: np.ndarray, labels: np.ndarray, result: GenerateResult
     ) -> np.ndarray:
-        """Mark draws that are finite, within the amplitude limit and invert back to ``z``."""
+        """Mark draws that are finite, within ``max_abs_mv`` and map back to their ``z``.
+
+        Arguments:
+            x: Generated scaled beats, shape (beats, leads, window_samples).
+            z: Latent values they came from, shape (beats, latent_dims).
+            labels: Class index of each draw, shape (beats,).
+            result: Run whose rejection counts are increased.
+
+        Returns:
+            Boolean mask of the draws to score, shape (beats,).
+        """
         finite = np.isfinite(x).all(axis=(1, 2))
         within = np.zeros_like(finite)
         within[finite] = np.abs(x[finite]).max(axis=(1, 2)) * self.scale_mv <= self.max_abs_mv
         stable = np.zeros_like(finite)
         if within.any():
             z_back, _ = self.forward(x[within], labels[within])
-            lead = slice(0, self.bottleneck_dims)
-            error = np.linalg.norm(z_back[:, lead] - z[within][:, lead], axis=1)
-            relative = error / np.maximum(np.linalg.norm(z[within][:, lead], axis=1), 1e-6)
-            stable[within] = relative <= ROUNDTRIP_REJECT_REL_ERROR
+            z_within = z[within].astype(np.float64)
+            error = np.linalg.norm(z_back.astype(np.float64) - z_within, axis=1)
+            norm = np.maximum(np.linalg.norm(z_within, axis=1), _ROUNDTRIP_MIN_NORM)
+            stable[within] = error / norm <= ROUNDTRIP_REJECT_REL_ERROR
+        result.non_finite_rejections += int((~finite).sum())
+        result.amplitude_rejections += int((finite & ~within).sum())
+        result.unstable_rejections += int((within & ~stable).sum())
         result.invalid_rejections += int((~stable).sum())
         return stable
 

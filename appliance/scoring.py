@@ -1,22 +1,32 @@
 """Pertinence score: evidence from the flow combined and calibrated on held-out real beats.
 
-For a beat ``x`` scored under class ``c`` the flow gives latent values ``z = f(x | c)`` and
-``log|det J|``. Four statistics are computed:
+For a beat ``x`` (scaled, shape (leads, samples), ``D = leads * samples`` values) scored under
+class ``c`` the flow gives latent values ``z = f(x | c)`` and ``log|det J|``. Six statistics are
+computed:
 
 - ``nll_bpd``: negative log-likelihood in bits per dimension,
   ``(||z||^2 / 2 + D/2 log(2 pi) - log|det J|) / (D ln 2)``; large is atypical.
-- ``bottleneck_norm``: ``||z[:k]||^2 / k`` over the ``k`` bottleneck dimensions; large is
-  atypical.
+- ``bottleneck_norm``: ``||z[:k]||^2 / k`` over the ``k`` bottleneck dimensions, a typicality
+  test on the latent norm; both too large and too small are atypical.
 - ``reconstruction``: ``log10(mean((x - f^-1(truncate(z) | c))^2))``, the error of the beat
   projected through the bottleneck; large is atypical (noise, mains, steps, other shapes).
 - ``amplitude``: ``log`` of the peak-to-peak amplitude; too small or too large is atypical
-  (flat lines, scaled beats), so both tails count.
+  (flat lines, scaled beats).
+- ``high_frequency``: ``log10`` of the share of the beat's spectral energy above
+  ``HIGH_FREQUENCY_HZ``; too large is atypical (noise, mains) and so is too small (smooth
+  sinusoids, flat lines).
+- ``morphology``: RMS difference between the z-normalised beat and the z-normalised class
+  template ``f^-1(0 | c)``, the beat at the centre of the latent space; large is atypical
+  (time-reversed beats, other leads, steps, sinusoids). z-normalising makes it blind to
+  amplitude, which ``amplitude`` covers.
 
 Each statistic becomes a tail probability ``p_i`` against the same statistic of held-out real
-validation beats (one-sided or two-sided as listed). The evidence ``e = min_i p_i`` is then
-ranked against the evidence of those validation beats:
+beats (one-sided or two-sided as listed), with the empirical distribution inside the held-out
+range and a normal tail fitted to the held-out median and spread beyond it, so that a beat far
+outside the range gets a smaller p-value than one just outside. The evidence is
+``e = min_i p_i``, and the score ranks it against the evidence of those held-out beats:
 
-    score(x) = #{validation beats v : e(v) <= e(x)} / n
+    score(x) = #{held-out beats v : e(v) <= e(x)} / n
 
 so the score is uniform on [0, 1] for real held-out beats, and a margin ``m`` rejects about a
 fraction ``m`` of them whatever the model or dataset. Raw likelihood alone is not used because
@@ -28,26 +38,87 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import log_ndtr
 
-FEATURES = ("nll_bpd", "bottleneck_norm", "reconstruction", "amplitude")
+FEATURES = (
+    "nll_bpd",
+    "bottleneck_norm",
+    "reconstruction",
+    "amplitude",
+    "high_frequency",
+    "morphology",
+)
 # Which tails of each statistic count as atypical: "upper" or "both".
-FEATURE_TAILS = {"nll_bpd": "upper", "bottleneck_norm": "upper", "reconstruction": "upper",
-                 "amplitude": "both"}
+FEATURE_TAILS = {
+    "nll_bpd": "upper",
+    "bottleneck_norm": "both",
+    "reconstruction": "upper",
+    "amplitude": "both",
+    "high_frequency": "both",
+    "morphology": "upper",
+}
+# Lower edge of the band whose energy share ``high_frequency`` measures. QRS energy lies mostly
+# below 40 Hz, while mains (50 or 60 Hz) and broadband noise put energy above it.
+HIGH_FREQUENCY_HZ = 40.0
 _LOG_FLOOR = 1e-12
+_MIN_STD = 1e-8
+# Spread of a held-out statistic below which it counts as constant for the tail fit.
+_MIN_SPREAD = 1e-9
+
+
+def z_normalise(beats: np.ndarray) -> np.ndarray:
+    """Centre each beat and divide it by its standard deviation over all its values.
+
+    Arguments:
+        beats: Beats, shape (beats, leads, window_samples), any unit.
+
+    Returns:
+        Flattened z-normalised beats, shape (beats, leads * window_samples), float64; a
+        constant beat maps to zeros.
+    """
+    flat = beats.reshape(beats.shape[0], -1).astype(np.float64)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    std = centred.std(axis=1, keepdims=True)
+    return centred / np.maximum(std, _MIN_STD)
+
+
+def high_frequency_share(beats: np.ndarray, fs_hz: float) -> np.ndarray:
+    """Return each beat's share of spectral energy above ``HIGH_FREQUENCY_HZ``, shape (beats,).
+
+    Arguments:
+        beats: Beats, shape (beats, leads, window_samples), any unit.
+        fs_hz: Sampling rate of the beats.
+    """
+    centred = beats.astype(np.float64) - beats.mean(axis=2, keepdims=True)
+    power = np.abs(np.fft.rfft(centred, axis=2)) ** 2  # (beats, leads, bins)
+    frequencies_hz = np.fft.rfftfreq(beats.shape[2], d=1.0 / fs_hz)
+    high = power[:, :, frequencies_hz >= HIGH_FREQUENCY_HZ].sum(axis=(1, 2))
+    total = power.sum(axis=(1, 2))
+    return high / np.maximum(total, _LOG_FLOOR)
 
 
 def compute_features(
-    x: np.ndarray, z: np.ndarray, log_det: np.ndarray, x_projected: np.ndarray,
+    x: np.ndarray,
+    z: np.ndarray,
+    log_det: np.ndarray,
+    x_projected: np.ndarray,
+    templates: np.ndarray,
     bottleneck_dims: int,
+    fs_hz: float,
 ) -> np.ndarray:
-    """Return the statistics of ``FEATURES`` for each beat, shape (beats, 4), float64.
+    """Compute the statistics of ``FEATURES`` for each beat.
 
     Arguments:
         x: Scaled beats, shape (beats, leads, window_samples).
         z: Latent values, shape (beats, latent_dims).
         log_det: ``log|det dz/dx|``, shape (beats,).
         x_projected: Beats mapped back from the truncated latent values, shape of ``x``.
+        templates: Class template ``f^-1(0 | c)`` of each beat's class, shape of ``x``.
         bottleneck_dims: Leading latent dimensions of the bottleneck.
+        fs_hz: Sampling rate of the beats.
+
+    Returns:
+        Statistics, shape (beats, len(FEATURES)), float64, columns in ``FEATURES`` order.
     """
     z = z.astype(np.float64)
     dims = z.shape[1]
@@ -58,7 +129,17 @@ def compute_features(
     error = ((flat - x_projected.reshape(x.shape[0], -1)) ** 2).mean(axis=1)
     reconstruction = np.log10(error + _LOG_FLOOR)
     amplitude = np.log(np.ptp(flat, axis=1) + _LOG_FLOOR)
-    return np.stack([nll_bpd, bottleneck_norm, reconstruction, amplitude], axis=1)
+    high_frequency = np.log10(high_frequency_share(x, fs_hz) + _LOG_FLOOR)
+    difference = z_normalise(x) - z_normalise(templates)
+    morphology = np.sqrt((difference**2).mean(axis=1))
+    return np.stack(
+        [nll_bpd, bottleneck_norm, reconstruction, amplitude, high_frequency, morphology], axis=1
+    )
+
+
+def _normal_log_sf(values: np.ndarray, centre: float, spread: float) -> np.ndarray:
+    """Return ``log P(N(centre, spread^2) >= values)``, stable far in the tail."""
+    return np.asarray(log_ndtr(-(values - centre) / max(spread, _MIN_SPREAD)))
 
 
 @dataclass
@@ -67,7 +148,7 @@ class Calibration:
 
     Attributes:
         feature_values: Sorted statistics, shape (n, features); column i sorted on its own.
-        evidence: Sorted evidence ``min_i p_i`` of the same beats, shape (n,).
+        evidence: Sorted log evidence ``log min_i p_i`` of the same beats, shape (n,).
     """
 
     feature_values: np.ndarray
@@ -75,7 +156,17 @@ class Calibration:
 
     @classmethod
     def fit(cls, features: np.ndarray) -> Calibration:
-        """Calibrate on the statistics of held-out real beats, shape (n, features)."""
+        """Calibrate on the statistics of held-out real beats, shape (n, features).
+
+        Raises:
+            ValueError: If fewer than 10 beats have finite statistics, or the number of
+                statistics differs from ``len(FEATURES)``.
+        """
+        if features.ndim != 2 or features.shape[1] != len(FEATURES):
+            raise ValueError(
+                f"calibration needs statistics of shape (n, {len(FEATURES)}), got "
+                f"{features.shape}; compute them with compute_features"
+            )
         finite = np.isfinite(features).all(axis=1)
         if finite.sum() < 10:
             raise ValueError(
@@ -86,28 +177,53 @@ class Calibration:
         evidence = np.sort(partial.evidence_of(features[finite]))
         return cls(feature_values=sorted_values, evidence=evidence)
 
+    def _log_tail(self, column: np.ndarray, values: np.ndarray, upper: bool) -> np.ndarray:
+        """Return the log tail probability of ``values`` against one sorted held-out column.
+
+        Inside the held-out range it is the empirical ``(count beyond + 1) / (n + 1)``. Beyond
+        the range it falls further along a normal tail fitted to the median and the
+        interquartile spread, continuing from the empirical floor ``1 / (n + 1)``.
+        """
+        n = column.size
+        median = float(column[n // 2])
+        spread = float(column[(3 * n) // 4] - column[n // 4]) / 1.349
+        if upper:
+            count = n - np.searchsorted(column, values, side="left")
+            edge, beyond = float(column[-1]), values > column[-1]
+            log_normal = _normal_log_sf(values, median, spread)
+            log_edge = float(_normal_log_sf(np.array([edge]), median, spread)[0])
+        else:
+            count = np.searchsorted(column, values, side="right")
+            edge, beyond = float(column[0]), values < column[0]
+            log_normal = _normal_log_sf(-values, -median, spread)
+            log_edge = float(_normal_log_sf(np.array([-edge]), -median, spread)[0])
+        log_p = np.log((count + 1) / (n + 1))
+        # Beyond the range: the empirical floor times how much rarer the normal tail gets.
+        extra = np.minimum(log_normal - log_edge, 0.0)
+        return np.where(beyond, log_p + extra, log_p)
+
     def evidence_of(self, features: np.ndarray) -> np.ndarray:
-        """Return ``min_i p_i`` for each beat, shape (beats,); non-finite rows get 0."""
-        n = self.feature_values.shape[0]
-        p_values = np.empty_like(features)
+        """Return ``log min_i p_i`` for each beat, shape (beats,); non-finite rows get -inf."""
+        log_p = np.empty_like(features, dtype=np.float64)
         for i, name in enumerate(FEATURES):
             column = self.feature_values[:, i]
-            values = features[:, i]
-            upper = (n - np.searchsorted(column, values, side="left") + 1) / (n + 1)
+            # Non-finite rows get -inf below; zeros keep the arithmetic finite meanwhile.
+            values = np.nan_to_num(features[:, i].astype(np.float64), posinf=0.0, neginf=0.0)
+            upper = self._log_tail(column, values, upper=True)
             if FEATURE_TAILS[name] == "upper":
-                p_values[:, i] = upper
+                log_p[:, i] = upper
             else:
-                lower = (np.searchsorted(column, values, side="right") + 1) / (n + 1)
-                p_values[:, i] = np.minimum(1.0, 2.0 * np.minimum(upper, lower))
-        evidence = p_values.min(axis=1)
-        evidence[~np.isfinite(features).all(axis=1)] = 0.0
+                lower = self._log_tail(column, values, upper=False)
+                log_p[:, i] = np.minimum(0.0, np.log(2.0) + np.minimum(upper, lower))
+        evidence = log_p.min(axis=1)
+        evidence[~np.isfinite(features).all(axis=1)] = -np.inf
         return evidence
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Return pertinence scores in [0, 1], shape (beats,); non-finite rows score 0."""
         evidence = self.evidence_of(features)
         scores = np.searchsorted(self.evidence, evidence, side="right") / self.evidence.size
-        scores[evidence <= 0.0] = 0.0
+        scores[~np.isfinite(evidence)] = 0.0
         return scores
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -118,3 +234,17 @@ class Calibration:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Calibration:
         """Rebuild from ``to_arrays`` output."""
         return cls(feature_values=arrays["feature_values"], evidence=arrays["evidence"])
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Return the probability that a positive value exceeds a negative one, ties counted half.
+
+    Arguments:
+        positive: Values of the positive set, shape (n,); for the gate, scores of real beats.
+        negative: Values of the negative set, shape (m,).
+    """
+    positive = np.asarray(positive, dtype=np.float64)
+    negative = np.sort(np.asarray(negative, dtype=np.float64))
+    below = np.searchsorted(negative, positive, side="left")
+    at_or_below = np.searchsorted(negative, positive, side="right")
+    return float((below + at_or_below).sum() / (2.0 * positive.size * negative.size))

@@ -1,0 +1,203 @@
+"""Measure the gate on MIT-BIH: out-of-distribution AUROC, membership inference, privacy search.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/gate.py [--data MITDB_FOLDER] [--minutes 20] [--work DIR]
+
+It trains a flow on DS1 of the de Chazal inter-patient split (a same-patient hold-out of the
+last 15 % of each record kept out), exports it, then scores real DS2 beats (other patients)
+against each corrupted kind, lead V1 of the same DS2 records as the other-lead case. With
+``--store`` it skips training and uses an exported store, whose training split must match.
+It also times the exact nearest-neighbour search of the privacy guard at 100,000 training beats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.config import ApplianceConfig, DataConfig, TrainConfig
+from appliance.corrupt import CORRUPTIONS, OTHER_LEAD, ood_suite, read_other_lead
+from appliance.dataset import DE_CHAZAL_DS2, BeatSet, ingest
+from appliance.engine import Engine
+from appliance.errors import RecordError
+from appliance.holdout import concatenate, split_holdout
+from appliance.privacy import NearestNeighbourIndex, privacy_space
+from appliance.scoring import auroc
+from appliance.store import load_current
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
+INDEX_BEATS = 100_000
+INDEX_QUERIES = 1024
+
+logger = logging.getLogger("benchmarks.gate")
+
+
+def _sample(beats: BeatSet, known: list[int], count: int, rng: np.random.Generator) -> BeatSet:
+    index = np.flatnonzero(np.isin(beats.labels, known))
+    index = np.sort(rng.choice(index, min(count, index.size), replace=False))
+    return BeatSet(
+        windows=beats.windows[index], labels=beats.labels[index], records=beats.records[index]
+    )
+
+
+def _scores(engine: Engine, beats: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    return engine.score((beats / engine.scale_mv).astype(np.float32), labels).scores
+
+
+def measure_ood(
+    engine: Engine,
+    data: Path,
+    test: BeatSet,
+    config: DataConfig,
+    per_kind: int,
+    rng: np.random.Generator,
+) -> dict[str, dict[str, float]]:
+    """Return AUROC of real DS2 beats against each corrupted kind, unlabelled and labelled."""
+    real = _sample(test, engine.classes_known, per_kind, rng)
+    other_parts = []
+    for record in sorted(set(real.records.tolist())):
+        try:
+            other_parts.append(read_other_lead(data / record, record, config))
+        except RecordError as exc:
+            logger.info("record=%s has no other lead: %s", record, exc)
+    other = np.concatenate(other_parts)
+    other = other[rng.choice(other.shape[0], min(per_kind, other.shape[0]), replace=False)]
+    suite = ood_suite(real.windows, other, engine.fs_hz, rng)
+    real_unlabelled = _scores(engine, real.windows, None)
+    real_labelled = _scores(engine, real.windows, real.labels)
+    figures: dict[str, dict[str, float]] = {}
+    for kind in [*CORRUPTIONS, OTHER_LEAD]:
+        unlabelled = _scores(engine, suite[kind], None)
+        row = {"unlabelled": auroc(real_unlabelled, unlabelled)}
+        if kind != OTHER_LEAD:
+            row["labelled"] = auroc(real_labelled, _scores(engine, suite[kind], real.labels))
+        figures[kind] = row
+        logger.info("kind=%s auroc=%s", kind, row)
+    figures["real"] = {
+        "median_score_unlabelled": float(np.median(real_unlabelled)),
+        "beats": float(real.windows.shape[0]),
+    }
+    return figures
+
+
+def measure_membership(
+    engine: Engine, fit: BeatSet, holdout: BeatSet, count: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """Return AUROC of two attacks telling training beats from same-patient hold-out beats."""
+    members = _sample(fit, engine.classes_known, count, rng)
+    outsiders = _sample(holdout, engine.classes_known, count, rng)
+    score_auroc = auroc(
+        _scores(engine, members.windows, members.labels),
+        _scores(engine, outsiders.windows, outsiders.labels),
+    )
+    per_class = max(1, count // len(engine.classes_known))
+    generated = engine.generate(
+        dict.fromkeys(engine.classes_known, per_class),
+        1.0,
+        engine.default_margin,
+        seed=1,
+        max_draws_per_beat=20,
+    )
+    released = NearestNeighbourIndex(privacy_space(generated.beats))
+    distance_auroc = auroc(
+        -released.nearest_distance(privacy_space(members.windows)),
+        -released.nearest_distance(privacy_space(outsiders.windows)),
+    )
+    return {
+        "score_attack_auroc": max(score_auroc, 1 - score_auroc),
+        "synthetic_distance_attack_auroc": max(distance_auroc, 1 - distance_auroc),
+        "synthetic_beats": float(generated.beats.shape[0]),
+        "synthetic_draws": float(generated.draws),
+        "privacy_rejections": float(generated.privacy_rejections),
+        "pertinence_rejections": float(generated.pertinence_rejections),
+        "invalid_rejections": float(generated.invalid_rejections),
+        "privacy_threshold": engine.privacy_threshold,
+    }
+
+
+def measure_index(train: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """Time the exact search of ``INDEX_QUERIES`` queries among ``INDEX_BEATS`` beats."""
+    rows = rng.choice(train.shape[0], INDEX_BEATS, replace=train.shape[0] < INDEX_BEATS)
+    # Jitter repeated beats so the index holds distinct vectors.
+    beats = train[rows] + 0.01 * rng.standard_normal(train[rows].shape)
+    start = time.perf_counter()
+    index = NearestNeighbourIndex(privacy_space(beats))
+    build_s = time.perf_counter() - start
+    queries = privacy_space(train[rng.choice(train.shape[0], INDEX_QUERIES)])
+    start = time.perf_counter()
+    index.nearest_distance(queries)
+    search_s = time.perf_counter() - start
+    return {
+        "train_beats": float(INDEX_BEATS),
+        "build_s": build_s,
+        "queries": INDEX_QUERIES,
+        "search_s": search_s,
+        "queries_per_s": INDEX_QUERIES / search_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MIT-BIH folder")
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget, minutes")
+    parser.add_argument("--work", type=Path, help="folder for checkpoints and the store")
+    parser.add_argument("--store", type=Path, help="use this exported store; skip training")
+    parser.add_argument("--beats", type=int, default=1000, help="real beats per measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+
+    config = ApplianceConfig(
+        data=DataConfig(split="de-chazal"),
+        train=TrainConfig(max_epochs=1000, max_minutes=args.minutes, seed=args.seed),
+    )
+    dataset = ingest(args.data, config.data)
+    fit, holdout = split_holdout(dataset.splits["train"])
+    work = args.work or Path(tempfile.mkdtemp(prefix="gate-bench-"))
+    store = args.store
+    if store is None:
+        from appliance.export import export_model
+        from appliance.train import train
+
+        store = work / "store"
+        started = time.perf_counter()
+        result = train(
+            config, fit, dataset.splits["validation"], work / "train", resume=True, progress=False
+        )
+        logger.info(
+            "trained seconds=%.0f summary=%s",
+            time.perf_counter() - started,
+            {k: v for k, v in result.summary.items() if k != "history"},
+        )
+        export_model(
+            config,
+            result,
+            fit,
+            concatenate(dataset.splits["validation"], holdout),
+            store,
+            {"leads": dataset.leads},
+        )
+    engine = Engine(load_current(store))
+    rng = np.random.default_rng(args.seed)
+    figures = {
+        "model_id": engine.manifest["model_id"],
+        "training": engine.manifest.get("training", {}).get("epochs_run"),
+        "test_records": [r for r in DE_CHAZAL_DS2 if r in set(dataset.splits["test"].records)],
+        "ood_auroc": measure_ood(
+            engine, args.data, dataset.splits["test"], config.data, args.beats, rng
+        ),
+        "membership": measure_membership(engine, fit, holdout, args.beats, rng),
+        "privacy_index": measure_index(fit.windows, rng),
+    }
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

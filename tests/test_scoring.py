@@ -1,0 +1,176 @@
+"""Pertinence score: statistics, calibration, labels and parity between PyTorch and ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from appliance.classes import AAMI_CLASSES
+from appliance.engine import Engine
+from appliance.scoring import (
+    FEATURES,
+    HIGH_FREQUENCY_HZ,
+    Calibration,
+    auroc,
+    compute_features,
+    high_frequency_share,
+)
+from appliance.store import load_current
+from appliance.train import one_hot
+
+FS_HZ = 360.0
+# Beats of the test record used per test; the engine scores about 1000 beats/s per class.
+TEST_BEATS = 400
+
+
+@pytest.fixture(scope="module")
+def engine(model_store: Path) -> Engine:
+    return Engine(load_current(model_store))
+
+
+@pytest.fixture(scope="module")
+def test_beats(default_dataset, engine: Engine) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled beats of the test record of known classes and their labels."""
+    test = default_dataset.splits["test"]
+    known = np.flatnonzero(np.isin(test.labels, engine.classes_known))
+    index = np.random.default_rng(1).choice(known, TEST_BEATS, replace=False)
+    index.sort()
+    return (test.windows[index] / engine.scale_mv).astype(np.float32), test.labels[index]
+
+
+def test_calibration_uniform_on_its_own_beats() -> None:
+    features = np.random.default_rng(0).normal(size=(2000, len(FEATURES)))
+    scores = Calibration.fit(features).score(features)
+    assert scores.min() >= 0.0
+    assert scores.max() == 1.0
+    assert abs(float((scores < 0.05).mean()) - 0.05) < 0.01
+    assert abs(float((scores < 0.5).mean()) - 0.5) < 0.02
+
+
+def test_calibration_ranks_far_values_lower() -> None:
+    features = np.random.default_rng(0).normal(size=(1000, len(FEATURES)))
+    calibration = Calibration.fit(features)
+    beyond = np.zeros((3, len(FEATURES)))
+    beyond[:, 0] = [5.0, 10.0, 50.0]  # nll_bpd, upper tail only
+    evidence = calibration.evidence_of(beyond)
+    assert evidence[0] > evidence[1] > evidence[2]
+    assert np.isfinite(evidence).all()
+
+
+def test_calibration_two_sided_tail_counts_low() -> None:
+    features = np.random.default_rng(0).normal(size=(1000, len(FEATURES)))
+    calibration = Calibration.fit(features)
+    amplitude = FEATURES.index("amplitude")
+    nll = FEATURES.index("nll_bpd")
+    low = np.zeros((2, len(FEATURES)))
+    low[0, amplitude] = -8.0
+    low[1, nll] = -8.0  # very likely beats are not atypical
+    scores = calibration.score(low)
+    assert scores[0] == 0.0
+    assert scores[1] > 0.2
+
+
+def test_calibration_non_finite_scores_zero() -> None:
+    features = np.random.default_rng(0).normal(size=(100, len(FEATURES)))
+    calibration = Calibration.fit(features)
+    bad = np.zeros((2, len(FEATURES)))
+    bad[0, 2] = np.nan
+    bad[1, 3] = np.inf
+    assert calibration.score(bad).tolist() == [0.0, 0.0]
+
+
+def test_calibration_rejects_wrong_width() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        Calibration.fit(np.zeros((100, 4)))
+
+
+def test_high_frequency_share_of_mains_and_beat() -> None:
+    t_s = np.arange(256) / FS_HZ
+    mains = np.sin(2 * np.pi * 50.0 * t_s)[None, None, :]
+    slow = np.sin(2 * np.pi * 5.0 * t_s)[None, None, :]
+    shares = high_frequency_share(np.concatenate([mains, slow]), FS_HZ)
+    assert HIGH_FREQUENCY_HZ < 50.0
+    assert shares[0] > 0.9
+    assert shares[1] < 0.05
+
+
+def test_auroc_orders_and_ties() -> None:
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert auroc(np.array([1.0, 1.0]), np.array([1.0])) == 0.5
+
+
+def test_engine_scores_heldout_beats_uniformly(engine: Engine, default_dataset) -> None:
+    validation = default_dataset.splits["validation"]
+    known = np.isin(validation.labels, engine.classes_known)
+    x = (validation.windows[known][:TEST_BEATS] / engine.scale_mv).astype(np.float32)
+    scored = engine.score(x, validation.labels[known][:TEST_BEATS])
+    assert scored.features.shape == (x.shape[0], len(FEATURES))
+    assert np.isfinite(scored.features).all()
+    # Calibrated on these beats among others, so roughly uniform.
+    assert 0.3 < float(np.median(scored.scores)) < 0.7
+
+
+def test_score_without_label_returns_best_class(
+    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x = test_beats[0][:100]
+    unlabelled = engine.score(x)
+    best = engine.best_classes(x)
+    np.testing.assert_array_equal(unlabelled.classes, best)
+    assert set(unlabelled.classes.tolist()) <= set(engine.classes_known)
+    relabelled = engine.score(x, best)
+    np.testing.assert_allclose(relabelled.scores, unlabelled.scores)
+    mixed = np.where(np.arange(100) % 2 == 0, -1, best)
+    np.testing.assert_allclose(engine.score(x, mixed).scores, unlabelled.scores)
+
+
+def test_best_class_fits_better_than_given(
+    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, labels = test_beats[0][:100], test_beats[1][:100]
+    best = engine.score(x)
+    given = engine.score(x, labels)
+    nll = FEATURES.index("nll_bpd")
+    assert (best.features[:, nll] <= given.features[:, nll] + 1e-6).all()
+
+
+def _torch_features(
+    model: torch.nn.Module, engine: Engine, x: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Compute the scoring statistics with the PyTorch model instead of the ONNX graphs."""
+    model.eval()
+    with torch.no_grad():
+        condition = one_hot(torch.from_numpy(labels))
+        z, log_det = model(torch.from_numpy(x), condition)
+        x_projected, _ = model.inverse(model.truncate(z), condition)
+        every_class = torch.arange(len(AAMI_CLASSES))
+        templates, _ = model.inverse(
+            torch.zeros(len(AAMI_CLASSES), model.latent_dims), one_hot(every_class)
+        )
+    return compute_features(
+        x,
+        z.numpy(),
+        log_det.numpy(),
+        x_projected.numpy(),
+        templates.numpy()[labels],
+        model.bottleneck_dims,
+        engine.fs_hz,
+    )
+
+
+def test_scores_rank_same_in_torch_and_onnx(
+    engine: Engine, trained_result, test_beats: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, labels = test_beats
+    onnx_scores = engine.score(x, labels).scores
+    assert engine.calibration is not None
+    torch_scores = engine.calibration.score(
+        _torch_features(trained_result.model, engine, x, labels)
+    )
+    rho = spearmanr(torch_scores, onnx_scores).statistic
+    assert rho >= 0.999, f"Spearman {rho:.5f} between PyTorch and ONNX scores"
