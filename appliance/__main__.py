@@ -34,58 +34,116 @@ class UsageError(ApplianceError):
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
     defaults, train, model = DataConfig(), TrainConfig(), ModelConfig()
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
-                        help="folder of WFDB records (default: the bundled MIT-BIH records)")
-    parser.add_argument("--leads", default=",".join(defaults.leads),
-                        help="lead names in preference order, comma-separated "
-                             f"(default: {','.join(defaults.leads)})")
-    parser.add_argument("--annotation-extension", default=defaults.annotation_extension,
-                        help="extension of the reference beat annotation files "
-                             f"(default: {defaults.annotation_extension})")
-    parser.add_argument("--split", default=defaults.split,
-                        choices=("auto", "file", "de-chazal", "random"),
-                        help="split by record: a SPLITS file, the de Chazal inter-patient split "
-                             "of MIT-BIH, or a seeded random split; auto picks in that order "
-                             "(default: auto)")
-    parser.add_argument("--max-minutes", type=float, default=train.max_minutes,
-                        help=f"training time budget in minutes (default: {train.max_minutes})")
-    parser.add_argument("--epochs", type=int, default=train.max_epochs,
-                        help=f"maximum training epochs (default: {train.max_epochs})")
-    parser.add_argument("--batch-size", type=int, default=train.batch_size,
-                        help=f"beats per optimiser step (default: {train.batch_size})")
-    parser.add_argument("--learning-rate", type=float, default=train.learning_rate,
-                        help=f"Adam learning rate (default: {train.learning_rate})")
-    parser.add_argument("--seed", type=int, default=train.seed,
-                        help=f"seed of every random draw (default: {train.seed})")
-    parser.add_argument("--threads", type=int, default=train.threads,
-                        help="PyTorch threads (default: 0, PyTorch's own choice)")
-    parser.add_argument("--bottleneck-dims", type=int, default=model.bottleneck_dims,
-                        help="latent dimensions sampled by Generate "
-                             f"(default: {model.bottleneck_dims})")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="folder for preprocessed beat windows, reused while the records "
-                             "and settings are unchanged (default: no cache)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="hide the training progress bar")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="folder of WFDB records (default: the bundled MIT-BIH records)",
+    )
+    parser.add_argument(
+        "--leads",
+        default=",".join(defaults.leads),
+        help="lead names in preference order, comma-separated "
+        f"(default: {','.join(defaults.leads)})",
+    )
+    parser.add_argument(
+        "--annotation-extension",
+        default=defaults.annotation_extension,
+        help="extension of the reference beat annotation files "
+        f"(default: {defaults.annotation_extension})",
+    )
+    parser.add_argument(
+        "--split",
+        default=defaults.split,
+        choices=("auto", "file", "de-chazal", "random"),
+        help="split by record: a SPLITS file, the de Chazal inter-patient split "
+        "of MIT-BIH, or a seeded random split; auto picks in that order "
+        "(default: auto)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=train.max_minutes,
+        help=f"training time budget in minutes (default: {train.max_minutes})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=train.max_epochs,
+        help=f"maximum training epochs (default: {train.max_epochs})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=train.batch_size,
+        help=f"beats per optimiser step (default: {train.batch_size})",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=train.learning_rate,
+        help=f"Adam learning rate (default: {train.learning_rate})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=train.seed,
+        help=f"seed of every random draw (default: {train.seed})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=train.threads,
+        help="PyTorch threads (default: 0, PyTorch's own choice)",
+    )
+    parser.add_argument(
+        "--bottleneck-dims",
+        type=int,
+        default=model.bottleneck_dims,
+        help=f"latent dimensions sampled by Generate (default: {model.bottleneck_dims})",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder for preprocessed beat windows, reused while the records "
+        "and settings are unchanged (default: no cache)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the training progress bar"
+    )
 
 
 def _config(args: argparse.Namespace) -> ApplianceConfig:
     leads = tuple(name.strip() for name in args.leads.split(",") if name.strip())
     if not leads:
         raise UsageError("--leads is empty; name at least one lead, for example MLII")
-    for name, value in (("--max-minutes", args.max_minutes), ("--epochs", args.epochs),
-                        ("--batch-size", args.batch_size), ("--learning-rate", args.learning_rate)):
+    for name, value in (
+        ("--max-minutes", args.max_minutes),
+        ("--epochs", args.epochs),
+        ("--batch-size", args.batch_size),
+        ("--learning-rate", args.learning_rate),
+    ):
         if not value > 0:
             raise UsageError(f"{name}={value} must be greater than 0")
     return ApplianceConfig(
-        data=dataclasses.replace(DataConfig(), leads=leads, split=args.split,
-                                 annotation_extension=args.annotation_extension,
-                                 cache_dir=str(args.cache_dir or "")),
+        data=dataclasses.replace(
+            DataConfig(),
+            leads=leads,
+            split=args.split,
+            annotation_extension=args.annotation_extension,
+            cache_dir=str(args.cache_dir or ""),
+        ),
         model=dataclasses.replace(ModelConfig(), bottleneck_dims=args.bottleneck_dims),
-        train=dataclasses.replace(TrainConfig(), max_minutes=args.max_minutes,
-                                  max_epochs=args.epochs, batch_size=args.batch_size,
-                                  learning_rate=args.learning_rate, seed=args.seed,
-                                  threads=args.threads),
+        train=dataclasses.replace(
+            TrainConfig(),
+            max_minutes=args.max_minutes,
+            max_epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            threads=args.threads,
+        ),
         gate=GateConfig(),
     )
 
@@ -95,8 +153,9 @@ def _command_train(args: argparse.Namespace) -> int:
 
     config = _config(args)
     work_dir = args.work_dir or (args.store / "training")
-    job = train_and_export(args.data, args.store, config, work_dir,
-                           progress=not args.no_progress, resume=args.resume)
+    job = train_and_export(
+        args.data, args.store, config, work_dir, progress=not args.no_progress, resume=args.resume
+    )
     sys.stdout.write(job.dataset.report.table() + "\n")
     sys.stdout.write(f"published model {job.version.manifest['model_id']} to {args.store}\n")
     return 0
@@ -113,21 +172,31 @@ def _command_export(args: argparse.Namespace) -> int:
     from appliance.train import TrainResult
 
     if not args.checkpoint.exists():
-        raise UsageError(f"checkpoint {args.checkpoint} does not exist; pass the best.pt "
-                         "that `train` wrote")
+        raise UsageError(
+            f"checkpoint {args.checkpoint} does not exist; pass the best.pt that `train` wrote"
+        )
     state = torch.load(args.checkpoint, weights_only=False)
     config = ApplianceConfig.from_dict(state["config"])
     dataset = ingest(args.data, config.data)
     fit, holdout = split_holdout(dataset.splits["train"])
-    model = ConditionalFlow(config.model, config.data.n_leads, config.data.window_samples,
-                            len(AAMI_CLASSES))
+    model = ConditionalFlow(
+        config.model, config.data.n_leads, config.data.window_samples, len(AAMI_CLASSES)
+    )
     model.load_state_dict(state["model"])
-    result = TrainResult(model=model, scale_mv=float(state["scale_mv"]),
-                         classes_known=list(state["classes_known"]),
-                         summary={"validation_bpd": float("nan"), "steps": state["step"]})
-    version = export_model(config, result, fit,
-                           concatenate(dataset.splits["validation"], holdout), args.store,
-                           {"leads": dataset.leads})
+    result = TrainResult(
+        model=model,
+        scale_mv=float(state["scale_mv"]),
+        classes_known=list(state["classes_known"]),
+        summary={"validation_bpd": float("nan"), "steps": state["step"]},
+    )
+    version = export_model(
+        config,
+        result,
+        fit,
+        concatenate(dataset.splits["validation"], holdout),
+        args.store,
+        {"leads": dataset.leads},
+    )
     sys.stdout.write(f"published model {version.manifest['model_id']} to {args.store}\n")
     return 0
 
@@ -142,11 +211,16 @@ def _serve_config(args: argparse.Namespace) -> object:
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
-    return ServeConfig(host=args.host, port=args.port, workers=args.workers,
-                       intra_op_threads=args.intra_op_threads, tls=tls,
-                       allow_insecure_remote=args.allow_insecure_remote,
-                       require_gpu=args.require_gpu,
-                       max_beats_per_request=args.max_beats_per_request)
+    return ServeConfig(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        intra_op_threads=args.intra_op_threads,
+        tls=tls,
+        allow_insecure_remote=args.allow_insecure_remote,
+        require_gpu=args.require_gpu,
+        max_beats_per_request=args.max_beats_per_request,
+    )
 
 
 def _command_serve(args: argparse.Namespace) -> int:
@@ -171,9 +245,13 @@ def _command_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> object:
     from appliance.client import ApplianceClient
 
-    return ApplianceClient(args.address, root_certificate=args.tls_ca,
-                           client_certificate=args.tls_cert, client_key=args.tls_key,
-                           timeout_s=args.timeout_s)
+    return ApplianceClient(
+        args.address,
+        root_certificate=args.tls_ca,
+        client_certificate=args.tls_cert,
+        client_key=args.tls_key,
+        timeout_s=args.timeout_s,
+    )
 
 
 def _command_health(args: argparse.Namespace) -> int:
@@ -209,11 +287,23 @@ def _command_generate(args: argparse.Namespace) -> int:
             class_counts[name.strip()] = int(count)
     with client:
         info = client.model_info()
-        result = client.generate(count=args.count, class_counts=class_counts,
-                                 temperature=args.temperature, margin=args.margin,
-                                 seed=args.seed)
-    paths = write_beats(args.out, result.beats, result.classes, result.scores, result.fs_hz,
-                        info.pre_r_samples, list(info.leads), args.format)
+        result = client.generate(
+            count=args.count,
+            class_counts=class_counts,
+            temperature=args.temperature,
+            margin=args.margin,
+            seed=args.seed,
+        )
+    paths = write_beats(
+        args.out,
+        result.beats,
+        result.classes,
+        result.scores,
+        result.fs_hz,
+        info.pre_r_samples,
+        list(info.leads),
+        args.format,
+    )
     stats = result.stats
     sys.stdout.write(
         f"accepted {stats.accepted} of {stats.draws} draws (pertinence rejections "
@@ -229,8 +319,10 @@ def _command_validate(args: argparse.Namespace) -> int:
     from appliance.client import ApplianceClient
 
     if not args.input.exists():
-        raise UsageError(f"--input {args.input} does not exist; pass a .npy file of shape "
-                         "(beats, leads, window_samples) in mV")
+        raise UsageError(
+            f"--input {args.input} does not exist; pass a .npy file of shape "
+            "(beats, leads, window_samples) in mV"
+        )
     beats = np.load(args.input)
     if beats.ndim == 2:
         beats = beats[:, None, :]
@@ -238,11 +330,14 @@ def _command_validate(args: argparse.Namespace) -> int:
     assert isinstance(client, ApplianceClient)
     with client:
         reply = client.validate(beats.astype(np.float32), margin=args.margin)
-    for i, (score, accepted, name) in enumerate(zip(reply.scores, reply.accepted,
-                                                    reply.classes, strict=True)):
+    for i, (score, accepted, name) in enumerate(
+        zip(reply.scores, reply.accepted, reply.classes, strict=True)
+    ):
         sys.stdout.write(f"{i}\t{score:.4f}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
-    sys.stdout.write(f"accepted {int(reply.accepted.sum())} of {reply.scores.size} at margin "
-                     f"{reply.margin:.3f}\n")
+    sys.stdout.write(
+        f"accepted {int(reply.accepted.sum())} of {reply.scores.size} at margin "
+        f"{reply.margin:.3f}\n"
+    )
     return 0
 
 
@@ -262,45 +357,92 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="ingest, train, export and publish a model")
     _data_options(train)
-    train.add_argument("--store", type=Path, default=Path("model-store"),
-                       help="model store folder (default: ./model-store)")
-    train.add_argument("--work-dir", type=Path, default=None,
-                       help="checkpoint folder (default: STORE/training)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the checkpoint in the work folder")
+    train.add_argument(
+        "--store",
+        type=Path,
+        default=Path("model-store"),
+        help="model store folder (default: ./model-store)",
+    )
+    train.add_argument(
+        "--work-dir", type=Path, default=None, help="checkpoint folder (default: STORE/training)"
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in the work folder"
+    )
     train.set_defaults(handler=_command_train)
 
     export = commands.add_parser("export", help="export a training checkpoint to the store")
-    export.add_argument("--checkpoint", type=Path, required=True,
-                        help="best.pt written by train")
-    export.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
-                        help="the WFDB folder the checkpoint was trained on (for calibration)")
-    export.add_argument("--store", type=Path, default=Path("model-store"),
-                        help="model store folder (default: ./model-store)")
+    export.add_argument("--checkpoint", type=Path, required=True, help="best.pt written by train")
+    export.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="the WFDB folder the checkpoint was trained on (for calibration)",
+    )
+    export.add_argument(
+        "--store",
+        type=Path,
+        default=Path("model-store"),
+        help="model store folder (default: ./model-store)",
+    )
     export.set_defaults(handler=_command_export)
 
     serve = commands.add_parser("serve", help="serve the store's current model over gRPC")
-    serve.add_argument("--store", type=Path, default=Path("model-store"),
-                       help="model store folder (default: ./model-store)")
+    serve.add_argument(
+        "--store",
+        type=Path,
+        default=Path("model-store"),
+        help="model store folder (default: ./model-store)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=50051,
-                       help="TCP port; 0 lets the system choose (default: 50051)")
-    serve.add_argument("--port-file", type=Path, default=None,
-                       help="write the bound port to this file once serving")
-    serve.add_argument("--workers", type=int, default=0,
-                       help="gRPC worker threads (default: 0, the CPUs available)")
-    serve.add_argument("--intra-op-threads", type=int, default=0,
-                       help="ONNX Runtime threads per call (default: 0, half the CPUs available)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=50051,
+        help="TCP port; 0 lets the system choose (default: 50051)",
+    )
+    serve.add_argument(
+        "--port-file",
+        type=Path,
+        default=None,
+        help="write the bound port to this file once serving",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="gRPC worker threads (default: 0, the CPUs available)",
+    )
+    serve.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads per call (default: 0, half the CPUs available)",
+    )
     serve.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
-    serve.add_argument("--tls-client-ca", type=Path, default=None,
-                       help="CA certificate (PEM); when set, clients must present a certificate")
-    serve.add_argument("--allow-insecure-remote", action="store_true",
-                       help="allow an insecure port on a non-loopback address")
-    serve.add_argument("--require-gpu", action="store_true",
-                       help="refuse to start without the CUDA execution provider")
-    serve.add_argument("--max-beats-per-request", type=int, default=100_000,
-                       help="most beats one request may ask for or carry (default: 100000)")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="CA certificate (PEM); when set, clients must present a certificate",
+    )
+    serve.add_argument(
+        "--allow-insecure-remote",
+        action="store_true",
+        help="allow an insecure port on a non-loopback address",
+    )
+    serve.add_argument(
+        "--require-gpu",
+        action="store_true",
+        help="refuse to start without the CUDA execution provider",
+    )
+    serve.add_argument(
+        "--max-beats-per-request",
+        type=int,
+        default=100_000,
+        help="most beats one request may ask for or carry (default: 100000)",
+    )
     serve.set_defaults(handler=_command_serve)
 
     for name, handler, text in (
@@ -309,41 +451,82 @@ def build_parser() -> argparse.ArgumentParser:
         ("validate", _command_validate, "score beats from a .npy file through a server"),
     ):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--address", default="127.0.0.1:50051",
-                         help="server host:port (default: 127.0.0.1:50051)")
-        sub.add_argument("--tls-ca", type=Path, default=None,
-                         help="CA certificate (PEM) of the server; enables TLS")
-        sub.add_argument("--tls-cert", type=Path, default=None,
-                         help="client certificate (PEM) for mutual TLS")
-        sub.add_argument("--tls-key", type=Path, default=None,
-                         help="client private key (PEM) for mutual TLS")
-        sub.add_argument("--timeout-s", type=float, default=300.0,
-                         help="deadline of each call in seconds (default: 300)")
+        sub.add_argument(
+            "--address",
+            default="127.0.0.1:50051",
+            help="server host:port (default: 127.0.0.1:50051)",
+        )
+        sub.add_argument(
+            "--tls-ca",
+            type=Path,
+            default=None,
+            help="CA certificate (PEM) of the server; enables TLS",
+        )
+        sub.add_argument(
+            "--tls-cert", type=Path, default=None, help="client certificate (PEM) for mutual TLS"
+        )
+        sub.add_argument(
+            "--tls-key", type=Path, default=None, help="client private key (PEM) for mutual TLS"
+        )
+        sub.add_argument(
+            "--timeout-s",
+            type=float,
+            default=300.0,
+            help="deadline of each call in seconds (default: 300)",
+        )
         sub.set_defaults(handler=handler)
         if name == "generate":
-            sub.add_argument("--count", type=int, default=100,
-                             help="beats spread over the known classes (default: 100)")
-            sub.add_argument("--classes", default="",
-                             help="beats per class instead of --count, e.g. N=100,V=50")
-            sub.add_argument("--temperature", type=float, default=None,
-                             help="latent temperature, > 0 (default: server's, 1.0)")
-            sub.add_argument("--margin", type=float, default=None,
-                             help="lowest accepted pertinence score in [0, 1] "
-                                  "(default: the model's)")
+            sub.add_argument(
+                "--count",
+                type=int,
+                default=100,
+                help="beats spread over the known classes (default: 100)",
+            )
+            sub.add_argument(
+                "--classes", default="", help="beats per class instead of --count, e.g. N=100,V=50"
+            )
+            sub.add_argument(
+                "--temperature",
+                type=float,
+                default=None,
+                help="latent temperature, > 0 (default: server's, 1.0)",
+            )
+            sub.add_argument(
+                "--margin",
+                type=float,
+                default=None,
+                help="lowest accepted pertinence score in [0, 1] (default: the model's)",
+            )
             sub.add_argument("--seed", type=int, default=None, help="seed of the draws")
             sub.add_argument("--out", type=Path, required=True, help="output folder")
-            sub.add_argument("--format", choices=("npy", "csv", "wfdb"), default="npy",
-                             help="output format (default: npy)")
+            sub.add_argument(
+                "--format",
+                choices=("npy", "csv", "wfdb"),
+                default="npy",
+                help="output format (default: npy)",
+            )
         if name == "validate":
-            sub.add_argument("--input", type=Path, required=True,
-                             help=".npy of beats, shape (beats, leads, window_samples), in mV")
-            sub.add_argument("--margin", type=float, default=None,
-                             help="lowest accepted pertinence score (default: the model's)")
+            sub.add_argument(
+                "--input",
+                type=Path,
+                required=True,
+                help=".npy of beats, shape (beats, leads, window_samples), in mV",
+            )
+            sub.add_argument(
+                "--margin",
+                type=float,
+                default=None,
+                help="lowest accepted pertinence score (default: the model's)",
+            )
 
     run = commands.add_parser("run", help="the main job: train, serve, generate, validate")
     _data_options(run)
-    run.add_argument("--out", type=Path, default=Path("runs/latest"),
-                     help="output folder (default: runs/latest)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/latest"),
+        help="output folder (default: runs/latest)",
+    )
     run.set_defaults(handler=_command_run)
     return parser
 
@@ -351,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; bad input exits with status 2 and a one-line message."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     logger.setLevel(args.log_level.upper())
     try:
         return int(args.handler(args))

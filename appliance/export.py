@@ -76,24 +76,37 @@ def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
     forward_path, inverse_path = folder / "forward.onnx", folder / "inverse.onnx"
     with torch.no_grad():
         program = torch.onnx.export(
-            ForwardGraph(model), (x, condition), input_names=["x", "condition"],
-            output_names=["z", "log_det"], dynamic_shapes={"x": {0: batch}, "condition": {0: batch}},
-            opset_version=OPSET_VERSION, dynamo=True, external_data=False, verbose=False,
+            ForwardGraph(model),
+            (x, condition),
+            input_names=["x", "condition"],
+            output_names=["z", "log_det"],
+            dynamic_shapes={"x": {0: batch}, "condition": {0: batch}},
+            opset_version=OPSET_VERSION,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
         assert program is not None
         program.save(str(forward_path))
         program = torch.onnx.export(
-            InverseGraph(model), (z, condition), input_names=["z", "condition"],
-            output_names=["x"], dynamic_shapes={"z": {0: batch}, "condition": {0: batch}},
-            opset_version=OPSET_VERSION, dynamo=True, external_data=False, verbose=False,
+            InverseGraph(model),
+            (z, condition),
+            input_names=["z", "condition"],
+            output_names=["x"],
+            dynamic_shapes={"z": {0: batch}, "condition": {0: batch}},
+            opset_version=OPSET_VERSION,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
         assert program is not None
         program.save(str(inverse_path))
     return forward_path, inverse_path
 
 
-def check_parity(model: ConditionalFlow, engine: Engine, x: np.ndarray, labels: np.ndarray
-                 ) -> dict[str, float]:
+def check_parity(
+    model: ConditionalFlow, engine: Engine, x: np.ndarray, labels: np.ndarray
+) -> dict[str, float]:
     """Compare ONNX Runtime with PyTorch on real beats and check the ONNX round trip.
 
     Raises:
@@ -108,23 +121,32 @@ def check_parity(model: ConditionalFlow, engine: Engine, x: np.ndarray, labels: 
     figures = {
         "parity_z_max_abs_diff": float(np.abs(z_onnx - z_torch.numpy()).max()),
         "parity_log_det_max_rel_diff": float(
-            (np.abs(log_det_onnx - log_det_torch.numpy())
-             / np.maximum(1.0, np.abs(log_det_torch.numpy()))).max()
+            (
+                np.abs(log_det_onnx - log_det_torch.numpy())
+                / np.maximum(1.0, np.abs(log_det_torch.numpy()))
+            ).max()
         ),
-        "parity_x_max_abs_diff": float(np.abs(engine.inverse(z_onnx, labels)
-                                              - x_torch.numpy()).max()),
+        "parity_x_max_abs_diff": float(
+            np.abs(engine.inverse(z_onnx, labels) - x_torch.numpy()).max()
+        ),
         "roundtrip_max_rel_error": float(
-            (np.linalg.norm((x_onnx - x).reshape(len(x), -1), axis=1)
-             / np.linalg.norm(x.reshape(len(x), -1), axis=1)).max()
+            (
+                np.linalg.norm((x_onnx - x).reshape(len(x), -1), axis=1)
+                / np.linalg.norm(x.reshape(len(x), -1), axis=1)
+            ).max()
         ),
     }
-    for name, limit in (("parity_z_max_abs_diff", PARITY_ATOL),
-                        ("parity_log_det_max_rel_diff", PARITY_ATOL),
-                        ("parity_x_max_abs_diff", PARITY_ATOL),
-                        ("roundtrip_max_rel_error", ROUNDTRIP_MAX_REL_ERROR)):
+    for name, limit in (
+        ("parity_z_max_abs_diff", PARITY_ATOL),
+        ("parity_log_det_max_rel_diff", PARITY_ATOL),
+        ("parity_x_max_abs_diff", PARITY_ATOL),
+        ("roundtrip_max_rel_error", ROUNDTRIP_MAX_REL_ERROR),
+    ):
         if not figures[name] <= limit:
-            raise ExportError(f"exported graphs failed the {name} check: {figures[name]:.3g} > "
-                              f"{limit:g}; nothing was published")
+            raise ExportError(
+                f"exported graphs failed the {name} check: {figures[name]:.3g} > "
+                f"{limit:g}; nothing was published"
+            )
     return figures
 
 
@@ -155,20 +177,27 @@ def export_model(
     try:
         forward_path, inverse_path = export_graphs(model, partial)
         manifest: dict[str, Any] = _manifest(config, result, data_facts or {})
-        manifest["files"] = {"forward_graph": {"name": forward_path.name},
-                             "inverse_graph": {"name": inverse_path.name}}
+        manifest["files"] = {
+            "forward_graph": {"name": forward_path.name},
+            "inverse_graph": {"name": inverse_path.name},
+        }
         draft = Engine(ModelVersion(path=partial, manifest={**manifest, "model_id": "draft"}))
-        known = np.isin(calibration_beats.labels,
-                        [AAMI_CLASSES.index(c) for c in result.classes_known])
+        known = np.isin(
+            calibration_beats.labels, [AAMI_CLASSES.index(c) for c in result.classes_known]
+        )
         x_holdout = (calibration_beats.windows[known] / result.scale_mv).astype(np.float32)
         labels_holdout = calibration_beats.labels[known]
-        figures = check_parity(model, draft, x_holdout[:PARITY_BEATS],
-                               labels_holdout[:PARITY_BEATS])
+        figures = check_parity(
+            model, draft, x_holdout[:PARITY_BEATS], labels_holdout[:PARITY_BEATS]
+        )
         features, _ = draft.features(x_holdout, labels_holdout)
         calibration = Calibration.fit(features)
-        np.savez(partial / "calibration.npz", **calibration.to_arrays())
-        train_known = np.isin(train_beats.labels,
-                              [AAMI_CLASSES.index(c) for c in result.classes_known])
+        arrays = calibration.to_arrays()
+        with (partial / "calibration.npz").open("wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+        train_known = np.isin(
+            train_beats.labels, [AAMI_CLASSES.index(c) for c in result.classes_known]
+        )
         train_vectors = privacy_space(train_beats.windows[train_known])
         np.save(partial / "privacy_index.npy", train_vectors)
         distances = NearestNeighbourIndex(train_vectors).nearest_distance(
@@ -187,20 +216,27 @@ def export_model(
             "train_beats": int(train_vectors.shape[0]),
         }
         manifest["calibration"] = {"features": list(FEATURES), "beats": int(features.shape[0])}
-        manifest["quality"] = {**figures,
-                               "validation_bpd": float(result.summary["validation_bpd"])}
+        manifest["quality"] = {
+            **figures,
+            "validation_bpd": float(result.summary["validation_bpd"]),
+        }
         version = publish_version(store, partial, manifest)
     except BaseException:
         discard_partial(partial)
         raise
-    logger.info("published model_id=%s store=%s roundtrip_max_rel_error=%.2e "
-                "privacy_threshold=%.4f", version.manifest["model_id"], store,
-                figures["roundtrip_max_rel_error"], threshold)
+    logger.info(
+        "published model_id=%s store=%s roundtrip_max_rel_error=%.2e privacy_threshold=%.4f",
+        version.manifest["model_id"],
+        store,
+        figures["roundtrip_max_rel_error"],
+        threshold,
+    )
     return version
 
 
-def _manifest(config: ApplianceConfig, result: TrainResult, data_facts: dict[str, Any]
-              ) -> dict[str, Any]:
+def _manifest(
+    config: ApplianceConfig, result: TrainResult, data_facts: dict[str, Any]
+) -> dict[str, Any]:
     model = result.model
     summary = {k: v for k, v in result.summary.items() if k != "history"}
     return {
@@ -218,9 +254,12 @@ def _manifest(config: ApplianceConfig, result: TrainResult, data_facts: dict[str
         },
         "classes": list(AAMI_CLASSES),
         "classes_known": result.classes_known,
-        "model": {**config.model.__dict__, "latent_dims": model.latent_dims,
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "opset": OPSET_VERSION},
+        "model": {
+            **config.model.__dict__,
+            "latent_dims": model.latent_dims,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "opset": OPSET_VERSION,
+        },
         "gate": dict(config.gate.__dict__),
         "training": {**summary, "config": config.train.__dict__},
     }

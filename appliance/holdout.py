@@ -31,8 +31,9 @@ def split_holdout(beats: BeatSet, fraction: float = HOLDOUT_FRACTION) -> tuple[B
 
 
 def _subset(beats: BeatSet, mask: np.ndarray) -> BeatSet:
-    return BeatSet(windows=beats.windows[mask], labels=beats.labels[mask],
-                   records=beats.records[mask])
+    return BeatSet(
+        windows=beats.windows[mask], labels=beats.labels[mask], records=beats.records[mask]
+    )
 
 
 def concatenate(first: BeatSet, second: BeatSet) -> BeatSet:

@@ -44,8 +44,9 @@ def train_and_export(
     """
     dataset = ingest(data_dir, config.data)
     fit_beats, holdout_beats = split_holdout(dataset.splits["train"])
-    result = train(config, fit_beats, dataset.splits["validation"], work_dir,
-                   resume=resume, progress=progress)
+    result = train(
+        config, fit_beats, dataset.splits["validation"], work_dir, resume=resume, progress=progress
+    )
     calibration_beats = concatenate(dataset.splits["validation"], holdout_beats)
     facts = {
         "leads": dataset.leads,

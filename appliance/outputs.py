@@ -20,8 +20,15 @@ CLASS_SYMBOL = {"N": "N", "S": "S", "V": "V", "F": "F", "Q": "Q"}
 
 
 def write_beats(
-    out_dir: Path, beats_mv: np.ndarray, classes: list[str], scores: np.ndarray,
-    fs_hz: float, pre_r_samples: int, leads: list[str], fmt: str, name: str = "synthetic",
+    out_dir: Path,
+    beats_mv: np.ndarray,
+    classes: list[str],
+    scores: np.ndarray,
+    fs_hz: float,
+    pre_r_samples: int,
+    leads: list[str],
+    fmt: str,
+    name: str = "synthetic",
 ) -> list[Path]:
     """Write beats in one format and return the paths written.
 
@@ -43,8 +50,17 @@ def write_beats(
     if fmt == "npy":
         paths = [out_dir / f"{name}.npy", out_dir / f"{name}_classes.json"]
         np.save(paths[0], beats_mv.astype(np.float32))
-        paths[1].write_text(json.dumps({"classes": classes, "scores": scores.tolist(),
-                                        "fs_hz": fs_hz, "leads": leads, "unit": "mV"}))
+        paths[1].write_text(
+            json.dumps(
+                {
+                    "classes": classes,
+                    "scores": scores.tolist(),
+                    "fs_hz": fs_hz,
+                    "leads": leads,
+                    "unit": "mV",
+                }
+            )
+        )
         return paths
     if fmt == "csv":
         path = out_dir / f"{name}.csv"
@@ -62,8 +78,15 @@ def write_beats(
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def _write_wfdb(out_dir: Path, beats_mv: np.ndarray, classes: list[str], fs_hz: float,
-                pre_r_samples: int, leads: list[str], name: str) -> list[Path]:
+def _write_wfdb(
+    out_dir: Path,
+    beats_mv: np.ndarray,
+    classes: list[str],
+    fs_hz: float,
+    pre_r_samples: int,
+    leads: list[str],
+    name: str,
+) -> list[Path]:
     """Concatenate beats into one record with a beat annotation at each R peak."""
     import wfdb
 
@@ -72,19 +95,36 @@ def _write_wfdb(out_dir: Path, beats_mv: np.ndarray, classes: list[str], fs_hz: 
     limit = 32.0
     signal = np.clip(signal, -limit, limit)
     wfdb.wrsamp(
-        name, fs=fs_hz, units=["mV"] * n_leads, sig_name=list(leads), p_signal=signal,
-        fmt=["16"] * n_leads, adc_gain=[WFDB_ADC_GAIN] * n_leads, baseline=[0] * n_leads,
-        write_dir=str(out_dir), comments=["synthetic beats from the ECG appliance"],
+        name,
+        fs=fs_hz,
+        units=["mV"] * n_leads,
+        sig_name=list(leads),
+        p_signal=signal,
+        fmt=["16"] * n_leads,
+        adc_gain=[WFDB_ADC_GAIN] * n_leads,
+        baseline=[0] * n_leads,
+        write_dir=str(out_dir),
+        comments=["synthetic beats from the ECG appliance"],
     )
     r_samples = np.arange(count) * window + pre_r_samples
-    wfdb.wrann(name, "atr", sample=r_samples, symbol=[CLASS_SYMBOL[c] for c in classes],
-               write_dir=str(out_dir), fs=fs_hz)
+    wfdb.wrann(
+        name,
+        "atr",
+        sample=r_samples,
+        symbol=[CLASS_SYMBOL[c] for c in classes],
+        write_dir=str(out_dir),
+        fs=fs_hz,
+    )
     return [out_dir / f"{name}.hea", out_dir / f"{name}.dat", out_dir / f"{name}.atr"]
 
 
 def plot_real_vs_synthetic(
-    path: Path, real_mv: np.ndarray, real_classes: np.ndarray, synthetic_mv: np.ndarray,
-    synthetic_classes: list[str], fs_hz: float,
+    path: Path,
+    real_mv: np.ndarray,
+    real_classes: np.ndarray,
+    synthetic_mv: np.ndarray,
+    synthetic_classes: list[str],
+    fs_hz: float,
 ) -> Path:
     """Draw, per class, the real beats' mean and 5-95 % band against synthetic beats.
 
@@ -96,16 +136,16 @@ def plot_real_vs_synthetic(
     import matplotlib.pyplot as plt
 
     present = [c for c in AAMI_CLASSES if c in synthetic_classes]
-    figure, axes = plt.subplots(1, max(1, len(present)), figsize=(4 * max(1, len(present)), 3.2),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        1, max(1, len(present)), figsize=(4 * max(1, len(present)), 3.2), squeeze=False
+    )
     t_ms = np.arange(real_mv.shape[2]) / fs_hz * 1000
     for axis, name in zip(axes[0], present, strict=False):
         real = real_mv[real_classes == AAMI_CLASSES.index(name), 0]
         synthetic = synthetic_mv[np.asarray(synthetic_classes) == name, 0]
         if real.shape[0]:
             low, high = np.percentile(real, [5, 95], axis=0)
-            axis.fill_between(t_ms, low, high, color="tab:blue", alpha=0.25,
-                              label="real 5-95 %")
+            axis.fill_between(t_ms, low, high, color="tab:blue", alpha=0.25, label="real 5-95 %")
             axis.plot(t_ms, real.mean(axis=0), color="tab:blue", label="real mean")
         for beat in synthetic[:20]:
             axis.plot(t_ms, beat, color="tab:red", alpha=0.3, linewidth=0.8)

@@ -40,8 +40,20 @@ class ServerProcess:
         self.port_file = work_dir / "server.port"
         self.port_file.unlink(missing_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "serve", "--store", str(store), "--host",
-             "127.0.0.1", "--port", "0", "--port-file", str(self.port_file)],
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "serve",
+                "--store",
+                str(store),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-file",
+                str(self.port_file),
+            ],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.address = ""
@@ -55,8 +67,10 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ApplianceError(f"server exited with status {self.process.returncode} "
-                                     "before serving; see its log above")
+                raise ApplianceError(
+                    f"server exited with status {self.process.returncode} "
+                    "before serving; see its log above"
+                )
             if self.port_file.exists() and self.port_file.read_text().strip():
                 self.address = f"127.0.0.1:{self.port_file.read_text().strip()}"
                 with ApplianceClient(self.address) as client:
@@ -97,8 +111,9 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(statistic / (positive.size * negative.size))
 
 
-def run_main_job(data_dir: Path, out_dir: Path, config: ApplianceConfig,
-                 progress: bool = True) -> JobSummary:
+def run_main_job(
+    data_dir: Path, out_dir: Path, config: ApplianceConfig, progress: bool = True
+) -> JobSummary:
     """Train, export, serve, generate and validate; write beats, a figure and a summary.
 
     Raises:
@@ -122,8 +137,10 @@ def run_main_job(data_dir: Path, out_dir: Path, config: ApplianceConfig,
             pick = rng.choice(len(test), size=min(REAL_TEST_BEATS, len(test)), replace=False)
             real = test.windows[pick]
             per_kind = REAL_TEST_BEATS // len(PIPELINE_CORRUPTIONS)
-            corrupted = {kind: corrupt(real[:per_kind], kind, config.data.fs_hz, rng)
-                         for kind in PIPELINE_CORRUPTIONS}
+            corrupted = {
+                kind: corrupt(real[:per_kind], kind, config.data.fs_hz, rng)
+                for kind in PIPELINE_CORRUPTIONS
+            }
             everything = np.concatenate([generated.beats, real, *corrupted.values()])
             validated = client.validate(everything.astype(np.float32))
     finally:
@@ -141,18 +158,38 @@ def run_main_job(data_dir: Path, out_dir: Path, config: ApplianceConfig,
         start += per_kind
 
     index = NearestNeighbourIndex(privacy_space(job.fit_beats.windows))
-    distances = (index.nearest_distance(privacy_space(generated.beats))
-                 if n_synthetic else np.zeros(0))
+    distances = (
+        index.nearest_distance(privacy_space(generated.beats)) if n_synthetic else np.zeros(0)
+    )
     beats_dir = out_dir / "synthetic"
-    written = write_beats(beats_dir, generated.beats, generated.classes, generated.scores,
-                          generated.fs_hz, int(manifest["data"]["pre_r_samples"]),
-                          list(manifest["data"]["leads"]), "npy")
-    written += write_beats(beats_dir, generated.beats, generated.classes, generated.scores,
-                           generated.fs_hz, int(manifest["data"]["pre_r_samples"]),
-                           list(manifest["data"]["leads"]), "wfdb")
-    figure = plot_real_vs_synthetic(out_dir / "real_vs_synthetic.png", test.windows,
-                                    test.labels, generated.beats, generated.classes,
-                                    generated.fs_hz)
+    written = write_beats(
+        beats_dir,
+        generated.beats,
+        generated.classes,
+        generated.scores,
+        generated.fs_hz,
+        int(manifest["data"]["pre_r_samples"]),
+        list(manifest["data"]["leads"]),
+        "npy",
+    )
+    written += write_beats(
+        beats_dir,
+        generated.beats,
+        generated.classes,
+        generated.scores,
+        generated.fs_hz,
+        int(manifest["data"]["pre_r_samples"]),
+        list(manifest["data"]["leads"]),
+        "wfdb",
+    )
+    figure = plot_real_vs_synthetic(
+        out_dir / "real_vs_synthetic.png",
+        test.windows,
+        test.labels,
+        generated.beats,
+        generated.classes,
+        generated.fs_hz,
+    )
     stats = generated.stats
     figures: dict[str, Any] = {
         "model_id": manifest["model_id"],
@@ -165,8 +202,9 @@ def run_main_job(data_dir: Path, out_dir: Path, config: ApplianceConfig,
         "invalid_rejections": int(stats.invalid_rejections),
         "privacy_threshold": float(stats.privacy_threshold),
         "margin": float(stats.margin),
-        "synthetic_per_class": {c: generated.classes.count(c) for c in AAMI_CLASSES
-                                if c in generated.classes},
+        "synthetic_per_class": {
+            c: generated.classes.count(c) for c in AAMI_CLASSES if c in generated.classes
+        },
         "score_quantiles": {
             "synthetic": _quantiles(synthetic_scores),
             "real_test": _quantiles(real_scores),
@@ -185,8 +223,7 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {}
     q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
-    return {name: float(v) for name, v in zip(("q05", "q25", "q50", "q75", "q95"), q,
-                                               strict=True)}
+    return {name: float(v) for name, v in zip(("q05", "q25", "q50", "q75", "q95"), q, strict=True)}
 
 
 def _table(figures: dict[str, Any]) -> str:
@@ -198,21 +235,23 @@ def _table(figures: dict[str, Any]) -> str:
         f"per class: {figures['synthetic_per_class']}   margin {figures['margin']:.2f}   "
         f"privacy threshold {figures['privacy_threshold']:.4f}",
         "",
-        f"{'pertinence score':<30}{'q05':>8}{'q25':>8}{'q50':>8}{'q75':>8}{'q95':>8}"
-        f"{'AUROC':>8}",
+        f"{'pertinence score':<30}{'q05':>8}{'q25':>8}{'q50':>8}{'q75':>8}{'q95':>8}{'AUROC':>8}",
     ]
     for name, quantiles in figures["score_quantiles"].items():
         kind = name.removeprefix("corrupted_")
         area = figures["auroc_real_vs_corrupted"].get(kind)
-        row = "".join(f"{quantiles.get(q, float('nan')):>8.3f}"
-                      for q in ("q05", "q25", "q50", "q75", "q95"))
+        row = "".join(
+            f"{quantiles.get(q, float('nan')):>8.3f}" for q in ("q05", "q25", "q50", "q75", "q95")
+        )
         lines.append(f"{name:<30}{row}{'' if area is None else f'{area:>8.3f}'}")
     d = figures["synthetic_nearest_train_distance"]
     if d:
         lines.append("")
-        lines.append(f"synthetic nearest-training-beat distance (RMS, z-normalised): "
-                     f"q05 {d['q05']:.3f}  q50 {d['q50']:.3f}  q95 {d['q95']:.3f}  "
-                     f"(threshold {figures['privacy_threshold']:.3f})")
+        lines.append(
+            f"synthetic nearest-training-beat distance (RMS, z-normalised): "
+            f"q05 {d['q05']:.3f}  q50 {d['q50']:.3f}  q95 {d['q95']:.3f}  "
+            f"(threshold {figures['privacy_threshold']:.3f})"
+        )
     lines.append("")
     lines.append("files: " + ", ".join(figures["files"]))
     return "\n".join(lines)

@@ -70,8 +70,12 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
         entry["sha256"] = sha256_of(partial / entry["name"])
     forward_hash = manifest["files"]["forward_graph"]["sha256"]
     version_id = f"{partial.name.removeprefix('.partial-')}-{forward_hash[:12]}"
-    manifest = {"format": MANIFEST_FORMAT, "model_id": forward_hash[:16], "version": version_id,
-                **manifest}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model_id": forward_hash[:16],
+        "version": version_id,
+        **manifest,
+    }
     (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     final = store / VERSIONS_DIR / version_id
     os.replace(partial, final)

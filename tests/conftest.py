@@ -52,7 +52,9 @@ def split_train(default_dataset: Dataset):  # noqa: ANN201
 
 @pytest.fixture(scope="session")
 def trained_result(
-    fixture_config: ApplianceConfig, default_dataset: Dataset, split_train,
+    fixture_config: ApplianceConfig,
+    default_dataset: Dataset,
+    split_train,
     tmp_path_factory: pytest.TempPathFactory,
 ):  # noqa: ANN201
     """A flow trained briefly on the bundled records (``appliance.train.TrainResult``)."""
@@ -71,7 +73,10 @@ def trained_result(
 
 @pytest.fixture(scope="session")
 def model_store(
-    fixture_config: ApplianceConfig, default_dataset: Dataset, split_train, trained_result,
+    fixture_config: ApplianceConfig,
+    default_dataset: Dataset,
+    split_train,
+    trained_result,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     """A model store holding the exported fixture model as its current version."""
@@ -80,8 +85,11 @@ def model_store(
 
     store = tmp_path_factory.mktemp("store")
     export_model(
-        fixture_config, trained_result, split_train[0],
-        concatenate(default_dataset.splits["validation"], split_train[1]), store,
+        fixture_config,
+        trained_result,
+        split_train[0],
+        concatenate(default_dataset.splits["validation"], split_train[1]),
+        store,
         {"leads": default_dataset.leads},
     )
     return store

@@ -13,12 +13,18 @@ from appliance.config import DEFAULT_DATA_DIR
 
 
 def run_cli(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True,
-                          text=True, timeout=timeout_s, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("command", ["train", "export", "serve", "health", "generate",
-                                     "validate", "run"])
+@pytest.mark.parametrize(
+    "command", ["train", "export", "serve", "health", "generate", "validate", "run"]
+)
 def test_help_states_every_option(command: str) -> None:
     result = run_cli(command, "--help")
     assert result.returncode == 0
@@ -52,9 +58,20 @@ def test_corrupt_header_is_reported_and_skipped(tmp_path: Path) -> None:
         for suffix in (".hea", ".dat", ".atr"):
             shutil.copy(DEFAULT_DATA_DIR / f"{record}{suffix}", data / f"{record}{suffix}")
     (data / "999.hea").write_text("999 two 360 abc\nthis is not a signal line\n")
-    result = run_cli("train", "--data", str(data), "--store", str(tmp_path / "store"),
-                     "--split", "random", "--epochs", "1", "--max-minutes", "0.2",
-                     "--no-progress")
+    result = run_cli(
+        "train",
+        "--data",
+        str(data),
+        "--store",
+        str(tmp_path / "store"),
+        "--split",
+        "random",
+        "--epochs",
+        "1",
+        "--max-minutes",
+        "0.2",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped 999" in result.stdout
     assert "records read: 3" in result.stdout

@@ -41,8 +41,12 @@ def test_store_manifest_lists_contract(model_store: Path) -> None:
     assert manifest["data"]["window_samples"] == 256
     assert manifest["data"]["leads"] == ["MLII"]
     assert manifest["data"]["scale_mv"] > 0
-    assert set(manifest["files"]) == {"forward_graph", "inverse_graph", "calibration",
-                                      "privacy_index"}
+    assert set(manifest["files"]) == {
+        "forward_graph",
+        "inverse_graph",
+        "calibration",
+        "privacy_index",
+    }
     for entry in manifest["files"].values():
         assert len(entry["sha256"]) == 64
     assert manifest["training"]["steps"] > 0
@@ -79,19 +83,23 @@ def test_score_ranks_real_above_corrupted(engine: Engine, test_beats, kind: str)
     beats, _ = test_beats
     rng = np.random.default_rng(2)
     real = engine.score((beats / engine.scale_mv).astype(np.float32)).scores
-    bad = engine.score((corrupt(beats, kind, engine.fs_hz, rng) / engine.scale_mv)
-                       .astype(np.float32)).scores
+    bad = engine.score(
+        (corrupt(beats, kind, engine.fs_hz, rng) / engine.scale_mv).astype(np.float32)
+    ).scores
     assert auroc(real, bad) >= MIN_AUROC
 
 
 def test_serving_imports_no_torch() -> None:
-    code = ("import sys, appliance.server, appliance.engine, appliance.service; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, appliance.server, appliance.engine, appliance.service; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_generate_over_socket_returns_new_beats(server_address: str, engine: Engine,
-                                                split_train) -> None:
+def test_generate_over_socket_returns_new_beats(
+    server_address: str, engine: Engine, split_train
+) -> None:
     with ApplianceClient(server_address) as client:
         assert client.health() == "SERVING"
         generated = client.generate(count=40, seed=7)
