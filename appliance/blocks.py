@@ -14,12 +14,18 @@ Contract of every block, for inputs of shape (batch, channels, samples):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 # Bound of the coupling log-scale: s = SCALE_CLAMP * tanh(s_raw / SCALE_CLAMP), so each affine
 # coupling scales a value by at most exp(2) in either direction.
 SCALE_CLAMP = 2.0
+# Channels of the fixed position encoding fed to every coupling subnetwork. Convolutions are
+# translation-equivariant, so without it the flow could not tell a beat from a shifted or
+# time-reversed one; beats are aligned on the R peak, so position carries information.
+POSITION_CHANNELS = 3
 # ActNorm's initial scale is 1 / max(std, ACTNORM_MIN_STD), so constant channels stay finite.
 ACTNORM_MIN_STD = 1e-3
 
@@ -49,6 +55,7 @@ class ActNorm(InvertibleBlock):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, channels, 1))
         self.log_scale = nn.Parameter(torch.zeros(1, channels, 1))
+        self.initialized: torch.Tensor
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
@@ -90,10 +97,16 @@ class InvertibleConv1x1(InvertibleBlock):
         self.lower = nn.Parameter(torch.zeros(channels, channels))
         self.upper = nn.Parameter(torch.zeros(channels, channels))
         self.log_diagonal = nn.Parameter(torch.zeros(channels))
+        self.sign: torch.Tensor
+        self.lower_mask: torch.Tensor
+        self.eye: torch.Tensor
         self.register_buffer("sign", torch.ones(channels))
         self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
         self.register_buffer("eye", torch.eye(channels))
-        self.frozen_inverse: torch.Tensor | None = None
+        # Non-persistent buffer, so that ``.to()`` and ``.double()`` convert it with the weights
+        # but checkpoints do not store it.
+        self.frozen_inverse: torch.Tensor | None
+        self.register_buffer("frozen_inverse", None, persistent=False)
 
     def weight(self) -> torch.Tensor:
         """Return ``W``, shape (channels, channels)."""
@@ -104,7 +117,10 @@ class InvertibleConv1x1(InvertibleBlock):
         return lower @ upper
 
     def freeze_inverse(self) -> None:
-        """Store ``W^-1`` computed in float64, for export."""
+        """Store ``W^-1`` computed in float64, for export.
+
+        The stored matrix goes stale if the weights change afterwards; call this again then.
+        """
         with torch.no_grad():
             self.frozen_inverse = torch.linalg.inv(self.weight().double()).to(self.lower.dtype)
 
@@ -130,9 +146,10 @@ class InvertibleConv1x1(InvertibleBlock):
 class AffineCoupling(InvertibleBlock):
     """Class-conditional affine coupling (Dinh et al., RealNVP, 2017).
 
-    With ``x = (x_a, x_b)`` split along channels (swapped when ``swap`` is set)::
+    With ``x = (x_a, x_b)`` split along channels (swapped when ``swap`` is set), ``c`` the
+    one-hot class and ``p`` the fixed position encoding::
 
-        s, t = net([x_a, c])            s soft-clamped to (-SCALE_CLAMP, SCALE_CLAMP)
+        s, t = net([x_a, p, c])            s soft-clamped to (-SCALE_CLAMP, SCALE_CLAMP)
         y_a = x_a
         y_b = x_b * exp(s) + t          log-det = sum(s)
 
@@ -151,7 +168,8 @@ class AffineCoupling(InvertibleBlock):
         self.channels_b = channels - self.channels_a
         padding = kernel_size // 2
         self.net = nn.Sequential(
-            nn.Conv1d(self.channels_a + classes, hidden_channels, kernel_size, padding=padding),
+            nn.Conv1d(self.channels_a + classes + POSITION_CHANNELS, hidden_channels, kernel_size,
+                      padding=padding),
             nn.GELU(),
             nn.Conv1d(hidden_channels, hidden_channels, 1),
             nn.GELU(),
@@ -160,6 +178,7 @@ class AffineCoupling(InvertibleBlock):
         last = self.net[-1]
         assert isinstance(last, nn.Conv1d)
         nn.init.zeros_(last.weight)
+        assert last.bias is not None
         nn.init.zeros_(last.bias)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +194,10 @@ class AffineCoupling(InvertibleBlock):
     def _scale_shift(
         self, x_a: torch.Tensor, condition: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = x_a
+        parts = [x_a, position_encoding(x_a)]
         if condition is not None:
-            expanded = condition[:, :, None].expand(-1, -1, x_a.shape[2])
-            inputs = torch.cat([x_a, expanded.to(x_a.dtype)], dim=1)
+            parts.append(condition[:, :, None].expand(-1, -1, x_a.shape[2]).to(x_a.dtype))
+        inputs = torch.cat(parts, dim=1)
         s_raw, t = self.net(inputs).chunk(2, dim=1)
         s = SCALE_CLAMP * torch.tanh(s_raw / SCALE_CLAMP)
         return s, t
@@ -198,6 +217,14 @@ class AffineCoupling(InvertibleBlock):
         s, t = self._scale_shift(y_a, condition)
         x_b = (y_b - t) * torch.exp(-s)
         return self._join(y_a, x_b), -s.sum(dim=(1, 2))
+
+
+def position_encoding(x: torch.Tensor) -> torch.Tensor:
+    """Return a ramp and one sine-cosine period over the window, shape (batch, 3, samples)."""
+    samples = x.shape[2]
+    t = torch.arange(samples, dtype=x.dtype, device=x.device) / samples
+    channels = torch.stack([2.0 * t - 1.0, torch.sin(2 * math.pi * t), torch.cos(2 * math.pi * t)])
+    return channels[None].expand(x.shape[0], -1, -1)
 
 
 class Squeeze(InvertibleBlock):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
 
-from appliance.blocks import FlowStep, InvertibleBlock, Squeeze
+from appliance.blocks import FlowStep, Squeeze
 from appliance.config import ModelConfig
 
 
@@ -59,6 +60,10 @@ class ConditionalFlow(nn.Module):
                 channels = channels - channels // 2
         self.latent_shapes.append((channels, samples))
 
+    def _steps(self, level: int) -> list[FlowStep]:
+        """Return the flow steps of one level, in forward order."""
+        return [cast(FlowStep, step) for step in cast(nn.ModuleList, self.levels[level])]
+
     def forward(
         self, x: torch.Tensor, condition: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +80,9 @@ class ConditionalFlow(nn.Module):
         log_det = x.new_zeros(x.shape[0])
         factored: list[torch.Tensor] = []
         h = x
-        for index, steps in enumerate(self.levels):
+        for index in range(len(self.levels)):
             h, _ = self.squeeze(h)
-            for step in steps:
+            for step in self._steps(index):
                 h, step_log_det = step(h, condition)
                 log_det = log_det + step_log_det
             if index < len(self.levels) - 1:
@@ -111,9 +116,7 @@ class ConditionalFlow(nn.Module):
             if index < len(self.levels) - 1:
                 channels, samples = self.latent_shapes[index]
                 h = torch.cat([factored[index].reshape(batch, channels, samples), h], dim=1)
-            steps = self.levels[index]
-            for step in reversed(steps):
-                assert isinstance(step, InvertibleBlock)
+            for step in reversed(self._steps(index)):
                 h, step_log_det = step.inverse(h, condition)
                 log_det = log_det + step_log_det
             h, _ = self.squeeze.inverse(h)
@@ -129,6 +132,41 @@ class ConditionalFlow(nn.Module):
         mask = torch.zeros_like(z)
         mask[:, : self.bottleneck_dims] = 1.0
         return z * mask
+
+    def sample_latent(
+        self,
+        batch: int,
+        temperature: float,
+        truncation: float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw latent values for generation: only the bottleneck is random, the rest is zero.
+
+        Each bottleneck value is ``temperature * e`` with ``e`` standard normal redrawn until
+        ``|e| <= truncation``.
+
+        Arguments:
+            batch: Number of draws.
+            temperature: Standard deviation multiplier, > 0.
+            truncation: Bound of ``|e|`` in standard deviations, > 0.
+            generator: Random source; the same seed gives the same draws.
+
+        Returns:
+            Latent values, shape (batch, latent_dims).
+        """
+        if temperature <= 0 or truncation <= 0:
+            raise ValueError(
+                f"temperature={temperature} and truncation={truncation} must both be > 0"
+            )
+        dtype = next(self.parameters()).dtype
+        e = torch.randn(batch, self.bottleneck_dims, generator=generator, dtype=dtype)
+        outside = e.abs() > truncation
+        while bool(outside.any()):
+            e[outside] = torch.randn(int(outside.sum()), generator=generator, dtype=dtype)
+            outside = e.abs() > truncation
+        z = torch.zeros(batch, self.latent_dims, dtype=dtype)
+        z[:, : self.bottleneck_dims] = temperature * e
+        return z
 
     def freeze_inverse(self) -> None:
         """Precompute the inverse channel-mixing matrices, for export."""

@@ -18,7 +18,7 @@ from appliance.classes import AAMI_CLASSES
 from appliance.config import ApplianceConfig
 from appliance.dataset import BeatSet
 from appliance.errors import NonFiniteLossError, TrainingError
-from appliance.flow import ConditionalFlow, bits_per_dim
+from appliance.flow import ConditionalFlow, bits_per_dim, standard_normal_log_prob
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,20 @@ CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 # A class needs this many training beats before the model offers it for generation.
 MIN_BEATS_PER_KNOWN_CLASS = 20
-GRADIENT_CLIP_NORM = 5.0
+# Gradients are rescaled to at most this global L2 norm before each optimiser step.
+MAX_GRADIENT_NORM = 5.0
 VALIDATION_BATCH = 512
+# Training settings that shape the trajectory; a resumed run must use the checkpoint's values.
+RESUME_MUST_MATCH = (
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "reconstruction_weight",
+    "noise_std",
+    "class_balance",
+    "max_beats_per_class",
+    "seed",
+)
 
 
 @dataclass
@@ -52,11 +64,11 @@ def compute_loss(
 
     The reconstruction term maps ``x`` to latent values, zeroes every value after the
     bottleneck, maps back, and penalises the squared error, so that the leading latent values
-    carry the beat's shape.
+    carry the beat's shape. With ``reconstruction_weight == 0`` the inverse pass is skipped and
+    the MSE returned is 0.
     """
     z, log_det = model(x, condition)
-    log_prob = -0.5 * (z**2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + log_det
-    nll_bpd = bits_per_dim(log_prob, model.latent_dims).mean()
+    nll_bpd = bits_per_dim(standard_normal_log_prob(z) + log_det, model.latent_dims).mean()
     loss = nll_bpd
     reconstruction = torch.zeros((), dtype=x.dtype)
     if reconstruction_weight > 0:
@@ -75,11 +87,42 @@ def _epoch_order(labels: np.ndarray, class_balance: float, seed: int, epoch: int
     return rng.choice(labels.size, size=labels.size, replace=True, p=weights)
 
 
+def _cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """Return sorted indices that keep at most ``max_per_class`` beats of each class."""
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if members.size > max_per_class:
+            members = rng.choice(members, size=max_per_class, replace=False)
+        keep.append(members)
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically, so a kill never leaves half a file."""
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)
+
+
+def _check_resumable(state: dict[str, Any], config: ApplianceConfig, path: Path) -> None:
+    """Raise ``TrainingError`` if a checkpoint was written with incompatible settings."""
+    saved = ApplianceConfig.from_dict(state["config"])
+    differences = []
+    if saved.model != config.model:
+        differences.append(f"model: checkpoint {saved.model}, now {config.model}")
+    if saved.data != config.data:
+        differences.append(f"data: checkpoint {saved.data}, now {config.data}")
+    for name in RESUME_MUST_MATCH:
+        before, now = getattr(saved.train, name), getattr(config.train, name)
+        if before != now:
+            differences.append(f"train.{name}: checkpoint {before}, now {now}")
+    if differences:
+        raise TrainingError(
+            f"cannot resume from {path}: settings differ ({'; '.join(differences)}); "
+            "use the checkpoint's settings, another work folder, or resume=False"
+        )
 
 
 @torch.no_grad()
@@ -106,45 +149,79 @@ def train(
 ) -> TrainResult:
     """Train the flow by maximum likelihood plus the bottleneck reconstruction term.
 
-    Checkpoints go to ``work_dir`` every ``checkpoint_every_steps`` steps and at each epoch
-    end; with ``resume`` a run continues from ``work_dir/checkpoint.pt`` when it exists.
+    Checkpoints go to ``work_dir/checkpoint.pt`` every ``checkpoint_every_steps`` steps and at
+    each epoch end; the best model by validation loss goes to ``work_dir/best.pt`` when the run
+    finishes. With ``resume``, a run continues from ``work_dir/checkpoint.pt`` when it exists
+    and reaches the same weights as an uninterrupted run: the beat order and the noise of each
+    step derive from the seed, the epoch and the step alone. The time budget counts from the
+    start of each call.
 
     Raises:
-        NonFiniteLossError: If the loss becomes NaN or infinite; the last good checkpoint stays.
-        TrainingError: If there is no validation beat to select the model with.
+        NonFiniteLossError: If the loss or its gradient becomes NaN or infinite. The last good
+            checkpoint stays and ``best.pt`` is not written.
+        TrainingError: If there is no validation beat, or the checkpoint to resume from was
+            written with other settings.
     """
     settings = config.train
     if len(validation_beats) == 0:
         raise TrainingError("no validation beats; the split needs at least one validation record")
+    threads_before = torch.get_num_threads()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    scale_mv = float(train_beats.windows.std())
-    counts = np.bincount(train_beats.labels, minlength=len(AAMI_CLASSES))
-    classes_known = [n for i, n in enumerate(AAMI_CLASSES) if counts[i] >= MIN_BEATS_PER_KNOWN_CLASS]
-    known_mask = np.isin(train_beats.labels, [AAMI_CLASSES.index(n) for n in classes_known])
-    windows = train_beats.windows[known_mask] / scale_mv
-    labels = train_beats.labels[known_mask]
-    records = train_beats.records[known_mask]
+    try:
+        return _train(config, train_beats, validation_beats, work_dir, resume, progress)
+    finally:
+        torch.set_num_threads(threads_before)
 
-    model = ConditionalFlow(
-        config.model, windows.shape[1], windows.shape[2], len(AAMI_CLASSES)
+
+def _train(
+    config: ApplianceConfig,
+    train_beats: BeatSet,
+    validation_beats: BeatSet,
+    work_dir: Path,
+    resume: bool,
+    progress: bool,
+) -> TrainResult:
+    settings = config.train
+    work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = work_dir / CHECKPOINT_FILE
+    state: dict[str, Any] | None = None
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        _check_resumable(state, config, checkpoint_path)
+
+    # Data: drop classes too rare to learn, cap the common ones, scale to unit deviation.
+    counts = np.bincount(train_beats.labels, minlength=len(AAMI_CLASSES))
+    classes_known = [
+        n for i, n in enumerate(AAMI_CLASSES) if counts[i] >= MIN_BEATS_PER_KNOWN_CLASS
+    ]
+    known = np.flatnonzero(
+        np.isin(train_beats.labels, [AAMI_CLASSES.index(n) for n in classes_known])
     )
+    known = known[
+        _cap_per_class(train_beats.labels[known], settings.max_beats_per_class, settings.seed)
+    ]
+    scale_mv = float(train_beats.windows[known].std(dtype=np.float64))
+    if state is not None:
+        scale_mv, classes_known = float(state["scale_mv"]), list(state["classes_known"])
+    windows = (train_beats.windows[known] / scale_mv).astype(np.float32)  # (beats, leads, samples)
+    labels = train_beats.labels[known]
+    records = train_beats.records[known]
+
+    torch.manual_seed(settings.seed)
+    model = ConditionalFlow(config.model, windows.shape[1], windows.shape[2], len(AAMI_CLASSES))
     optimizer = torch.optim.Adam(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
     steps_per_epoch = max(1, labels.size // settings.batch_size)
-    step, start_epoch, best_loss = 0, 0, math.inf
+    step, best_loss = 0, math.inf
     best_state: dict[str, torch.Tensor] | None = None
-    checkpoint_path = work_dir / CHECKPOINT_FILE
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
+    history: list[dict[str, float]] = []
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best_loss = int(state["step"]), float(state["best_validation_loss"])
-        start_epoch = step // steps_per_epoch
-        best_state = state.get("best_model")
+        best_state, history = state["best_model"], list(state["history"])
         logger.info("resume checkpoint=%s step=%d", checkpoint_path, step)
 
     def checkpoint() -> dict[str, Any]:
@@ -157,24 +234,25 @@ def train(
             "classes_known": classes_known,
             "best_validation_loss": best_loss,
             "best_model": best_state,
+            "history": history,
         }
 
     total_steps = settings.max_epochs * steps_per_epoch
     budget_s = settings.max_minutes * 60.0
     started = time.monotonic()
     first_step = step
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step",
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
-    history: list[dict[str, float]] = []
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step")
     stopped_by = "epochs"
-    epoch = start_epoch
+    start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, settings.max_epochs):
         order = _epoch_order(labels, settings.class_balance, settings.seed, epoch)
         model.train()
         running: list[float] = []
         for batch_index in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            index = order[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]
-            x = torch.from_numpy(windows[index]).float()
+            index = order[
+                batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size
+            ]
+            x = torch.from_numpy(windows[index])  # (batch, leads, samples)
             noise = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
             x = x + settings.noise_std * torch.randn(x.shape, generator=noise)
             condition = one_hot(torch.from_numpy(labels[index]))
@@ -184,20 +262,25 @@ def train(
                 raise NonFiniteLossError(step, sorted(set(records[index].tolist())))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP_NORM)
+            gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRADIENT_NORM)
+            # A non-finite gradient would turn every weight into NaN at the optimiser step, and
+            # the next checkpoint would store them; stop before either happens.
+            if not torch.isfinite(gradient_norm):
+                bar.close()
+                raise NonFiniteLossError(step, sorted(set(records[index].tolist())))
             optimizer.step()
             step += 1
             running.append(float(nll_bpd.detach()))
-            elapsed = time.monotonic() - started
-            steps_done = step - first_step
-            left_s = min(budget_s - elapsed, elapsed / steps_done * (total_steps - step))
             bar.update(1)
             bar.set_postfix_str(
                 f"epoch={epoch + 1}/{settings.max_epochs} loss_bpd={np.mean(running[-50:]):.3f}"
-                f" left={max(0.0, left_s):.0f}s"
             )
-            if step % settings.checkpoint_every_steps == 0:
+            # The epoch-end checkpoint covers the last batch, after validation has updated the
+            # best model; saving before validation would let a resumed run skip that validation.
+            last_batch = batch_index == steps_per_epoch - 1
+            if step % settings.checkpoint_every_steps == 0 and not last_batch:
                 _save(checkpoint_path, checkpoint())
+
         validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv)
         validation_loss = validation_bpd + settings.reconstruction_weight * validation_mse
         if not math.isfinite(validation_loss):
@@ -206,34 +289,55 @@ def train(
         if validation_loss < best_loss:
             best_loss = validation_loss
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append({"epoch": epoch + 1, "train_bpd": float(np.mean(running)) if running
-                        else math.nan, "validation_bpd": validation_bpd,
-                        "validation_reconstruction_mse": validation_mse})
-        logger.info("epoch=%d step=%d train_bpd=%.4f validation_bpd=%.4f validation_mse=%.5f",
-                    epoch + 1, step, history[-1]["train_bpd"], validation_bpd, validation_mse)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_bpd": float(np.mean(running)) if running else math.nan,
+                "validation_bpd": validation_bpd,
+                "validation_reconstruction_mse": validation_mse,
+            }
+        )
+        logger.info(
+            "epoch=%d step=%d train_bpd=%.4f validation_bpd=%.4f validation_mse=%.5f step_ms=%.1f",
+            epoch + 1,
+            step,
+            history[-1]["train_bpd"],
+            validation_bpd,
+            validation_mse,
+            1000.0 * (time.monotonic() - started) / max(1, step - first_step),
+        )
         _save(checkpoint_path, checkpoint())
         if time.monotonic() - started > budget_s:
             stopped_by = "time budget"
             break
     bar.close()
+
     if best_state is not None:
         model.load_state_dict(best_state)
     _save(work_dir / BEST_FILE, {**checkpoint(), "model": model.state_dict()})
     model.eval()
     validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv)
     summary = {
-        "epochs": epoch + 1,
+        "epochs": len(history),
         "steps": step,
         "duration_s": round(time.monotonic() - started, 1),
         "stopped_by": stopped_by,
         "validation_bpd": validation_bpd,
         "validation_reconstruction_mse": validation_mse,
+        "best_validation_loss": best_loss,
+        "scale_mv": scale_mv,
         "train_beats": int(labels.size),
         "train_class_counts": {n: int(counts[i]) for i, n in enumerate(AAMI_CLASSES)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history,
     }
-    logger.info("training done epochs=%d steps=%d validation_bpd=%.4f duration_s=%.1f",
-                epoch + 1, step, validation_bpd, summary["duration_s"])
-    return TrainResult(model=model, scale_mv=scale_mv, classes_known=classes_known,
-                       summary=summary)
+    logger.info(
+        "training done epochs=%d steps=%d validation_bpd=%.4f duration_s=%.1f",
+        len(history),
+        step,
+        validation_bpd,
+        summary["duration_s"],
+    )
+    return TrainResult(
+        model=model, scale_mv=scale_mv, classes_known=classes_known, summary=summary
+    )

@@ -1,0 +1,205 @@
+"""Training loop: checkpoints, resume after SIGKILL, determinism, non-finite loss handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import appliance.train as train_module
+from appliance.config import ApplianceConfig, DataConfig, ModelConfig, TrainConfig
+from appliance.dataset import BeatSet
+from appliance.errors import NonFiniteLossError, TrainingError
+from appliance.train import BEST_FILE, CHECKPOINT_FILE, TrainResult, train
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# A few dozen steps of a small model: seconds per run on 2 cores.
+TINY = ApplianceConfig(
+    data=DataConfig(),
+    model=ModelConfig(
+        n_levels=2, steps_per_level=2, hidden_channels=16, kernel_size=3, bottleneck_dims=16
+    ),
+    train=TrainConfig(
+        max_epochs=3,
+        max_minutes=5.0,
+        batch_size=32,
+        checkpoint_every_steps=4,
+        max_beats_per_class=150,
+        threads=1,
+        seed=3,
+    ),
+)
+
+# Runs train() on beats saved by the test, as a separate process that the test can kill.
+TRAIN_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from appliance.config import ApplianceConfig
+from appliance.dataset import BeatSet
+from appliance.train import train
+
+folder = Path(sys.argv[1])
+config = ApplianceConfig.from_dict(json.loads((folder / "config.json").read_text()))
+sets = []
+for name in ("train", "validation"):
+    data = np.load(folder / f"{name}.npz")
+    sets.append(BeatSet(data["windows"], data["labels"], data["records"]))
+train(config, sets[0], sets[1], folder / "work", resume=True, progress=False)
+"""
+
+
+def _subset(beats: BeatSet, every: int) -> BeatSet:
+    return BeatSet(beats.windows[::every], beats.labels[::every], beats.records[::every])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(default_dataset) -> tuple[BeatSet, BeatSet]:  # noqa: ANN001
+    return (
+        _subset(default_dataset.splits["train"], 25),
+        _subset(default_dataset.splits["validation"], 20),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory) -> tuple[TrainResult, Path]:  # noqa: ANN001
+    work_dir = tmp_path_factory.mktemp("tiny")
+    result = train(TINY, *tiny_data, work_dir, resume=False, progress=False)
+    return result, work_dir
+
+
+def test_checkpoint_contains_run_state(tiny_run) -> None:
+    result, work_dir = tiny_run
+    state = torch.load(work_dir / CHECKPOINT_FILE, weights_only=False)
+    assert ApplianceConfig.from_dict(state["config"]) == TINY
+    assert state["step"] == result.summary["steps"]
+    assert state["scale_mv"] == result.scale_mv
+    assert state["optimizer"]["state"], "optimiser moments missing"
+    assert state["optimizer"]["param_groups"][0]["lr"] == TINY.train.learning_rate
+    assert math.isfinite(state["best_validation_loss"])
+    assert state["best_validation_loss"] == result.summary["best_validation_loss"]
+    assert state["classes_known"] == result.classes_known
+    assert len(state["history"]) == TINY.train.max_epochs
+    assert (work_dir / BEST_FILE).exists()
+
+
+def test_training_caps_beats_per_class(tiny_run, tiny_data) -> None:
+    result, _ = tiny_run
+    counts = np.bincount(tiny_data[0].labels)
+    expected = sum(min(int(c), TINY.train.max_beats_per_class) for c in counts if c >= 20)
+    assert result.summary["train_beats"] == expected
+    assert result.summary["train_beats"] < len(tiny_data[0])
+
+
+def test_training_lowers_validation_loss(tiny_run) -> None:
+    result, _ = tiny_run
+    history = result.summary["history"]
+    assert history[-1]["validation_bpd"] < history[0]["validation_bpd"]
+
+
+def test_same_seed_gives_identical_weights(tiny_run, tiny_data, tmp_path) -> None:
+    first, _ = tiny_run
+    second = train(TINY, *tiny_data, tmp_path, resume=False, progress=False)
+    first_state = first.model.state_dict()
+    second_state = second.model.state_dict()
+    assert first_state.keys() == second_state.keys()
+    for name, value in first_state.items():
+        assert torch.equal(value, second_state[name]), name
+
+
+def test_resume_after_sigkill_matches(tiny_run, tiny_data, tmp_path) -> None:
+    uninterrupted, _ = tiny_run
+    (tmp_path / "config.json").write_text(json.dumps(TINY.to_dict()))
+    for name, beats in zip(("train", "validation"), tiny_data, strict=True):
+        np.savez(
+            tmp_path / f"{name}.npz",
+            windows=beats.windows,
+            labels=beats.labels,
+            records=beats.records,
+        )
+    checkpoint_path = tmp_path / "work" / CHECKPOINT_FILE
+    process = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(tmp_path)],
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint_path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    killed_at = torch.load(checkpoint_path, weights_only=False)["step"]
+    assert 0 < killed_at < uninterrupted.summary["steps"]
+    assert not (tmp_path / "work" / BEST_FILE).exists()
+
+    resumed = train(TINY, *tiny_data, tmp_path / "work", resume=True, progress=False)
+    assert resumed.summary["steps"] == uninterrupted.summary["steps"]
+    expected = uninterrupted.summary["validation_bpd"]
+    assert resumed.summary["validation_bpd"] == pytest.approx(expected, rel=0.01)
+    assert resumed.summary["best_validation_loss"] == pytest.approx(
+        uninterrupted.summary["best_validation_loss"], rel=0.01
+    )
+    assert resumed.scale_mv == uninterrupted.scale_mv
+
+
+def test_resume_rejects_changed_settings(tiny_run, tiny_data, tmp_path) -> None:
+    _, work_dir = tiny_run
+    state = torch.load(work_dir / CHECKPOINT_FILE, weights_only=False)
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    changed = ApplianceConfig(
+        data=TINY.data,
+        model=TINY.model,
+        train=TrainConfig(**{**TINY.train.__dict__, "learning_rate": 5e-4}),
+    )
+    with pytest.raises(TrainingError, match="train.learning_rate"):
+        train(changed, *tiny_data, tmp_path, resume=True, progress=False)
+
+
+def _fail_at(monkeypatch: pytest.MonkeyPatch, failing_call: int, mode: str) -> None:
+    """Make the training loss (mode "loss") or its gradient (mode "gradient") non-finite."""
+    real = train_module.compute_loss
+    calls = {"training": 0}
+
+    def compute_loss(model, x, condition, weight):  # noqa: ANN001, ANN202
+        loss, nll_bpd, reconstruction = real(model, x, condition, weight)
+        if model.training:
+            if calls["training"] == failing_call:
+                if mode == "loss":
+                    loss = loss * math.nan
+                else:
+                    # sqrt at 0: the value stays 0 but its derivative is infinite, so the
+                    # gradient becomes NaN while the loss stays finite.
+                    loss = loss + torch.sqrt(0.0 * next(model.parameters()).sum())
+            calls["training"] += 1
+        return loss, nll_bpd, reconstruction
+
+    monkeypatch.setattr(train_module, "compute_loss", compute_loss)
+
+
+@pytest.mark.parametrize("mode", ["loss", "gradient"])
+def test_non_finite_stops_and_keeps_checkpoint(mode, monkeypatch, tiny_data, tmp_path) -> None:
+    failing_step = 10
+    _fail_at(monkeypatch, failing_step, mode)
+    with pytest.raises(NonFiniteLossError, match=f"step {failing_step}") as caught:
+        train(TINY, *tiny_data, tmp_path, resume=False, progress=False)
+    assert caught.value.step == failing_step
+    assert caught.value.records
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    every = TINY.train.checkpoint_every_steps
+    assert state["step"] == failing_step // every * every
+    for name, value in state["model"].items():
+        assert torch.all(torch.isfinite(value.float())), name
+    model = train_module.ConditionalFlow(TINY.model, 1, TINY.data.window_samples, 5)
+    model.load_state_dict(state["model"])
