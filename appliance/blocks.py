@@ -168,8 +168,12 @@ class AffineCoupling(InvertibleBlock):
         self.channels_b = channels - self.channels_a
         padding = kernel_size // 2
         self.net = nn.Sequential(
-            nn.Conv1d(self.channels_a + classes + POSITION_CHANNELS, hidden_channels, kernel_size,
-                      padding=padding),
+            nn.Conv1d(
+                self.channels_a + classes + POSITION_CHANNELS,
+                hidden_channels,
+                kernel_size,
+                padding=padding,
+            ),
             nn.GELU(),
             nn.Conv1d(hidden_channels, hidden_channels, 1),
             nn.GELU(),
