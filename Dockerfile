@@ -41,11 +41,11 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
     && pip uninstall --yes grpcio-tools setuptools wheel pip
 # Files the appliance never uses at run time: C++ headers and CMake files for building
 # extensions, PyTorch's C++ test binaries, test libraries and TorchScript test models, and
-# ONNX's backend test models. torch/bin keeps torch_shm_manager, which torch.multiprocessing
+# the sample models of ONNX and ONNX Runtime. torch/bin keeps torch_shm_manager, which torch.multiprocessing
 # may start.
 WORKDIR /opt/venv/lib/python3.11/site-packages
 RUN find torch/bin -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} + \
-    && rm -rf onnx/backend/test/data torch/include torch/share/cmake torch/test \
+    && rm -rf onnx/backend/test/data onnxruntime/datasets torch/include torch/share/cmake torch/test \
         torch/lib/libtorchbind_test.so torch/lib/libjitbackend_test.so \
         torch/lib/libbackend_with_compiler.so torch/lib/libaoti_custom_ops.so
 
@@ -75,5 +75,5 @@ EXPOSE 50051
 # so the container reports unhealthy until training ends.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["appliance-entrypoint", "health"]
-ENTRYPOINT ["tini", "--", "appliance-entrypoint"]
+ENTRYPOINT ["tini", "-s", "--", "appliance-entrypoint"]
 CMD ["run"]

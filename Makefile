@@ -8,7 +8,7 @@ PROTO_OUT := appliance/v1/appliance_pb2.py
 BUF_VERSION := 1.75.0
 BUF := build/node/node_modules/.bin/buf
 
-.PHONY: venv proto run test lint bench image image-test clean
+.PHONY: venv proto run test lint bench image image-test image-gpu clean
 
 venv: $(VENV)/.installed $(PROTO_OUT)
 
@@ -46,3 +46,16 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+
+# Container image. Both targets need root: they install docker.io and debootstrap when missing,
+# run a private Docker engine under /tmp/appliance-engine and build with no network.
+image: venv
+	build/build-image.sh cpu
+
+# Lint, build and run the sealed-container checks; stops the engine at the end, also on failure.
+image-test: venv
+	build/image-test.sh
+
+# GPU variant (CUDA torch and onnxruntime-gpu wheels); not part of CI.
+image-gpu:
+	build/build-image.sh gpu

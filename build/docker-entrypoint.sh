@@ -8,24 +8,66 @@
 #   health         exit 0 when the local gRPC health service reports SERVING
 #   anything else  run as a command, e.g. `python -m appliance generate ...`
 #
-# Extra ARGS are passed to `python -m appliance train|serve` unchanged.
+# Extra ARGS are passed to `python -m appliance train|serve` unchanged. APPLIANCE_TRAIN_MAX_MINUTES
+# and APPLIANCE_TRAIN_EPOCHS, when set, become --max-minutes and --epochs of training.
+#
+# TLS: mount a folder at $APPLIANCE_TLS_DIR (default /tls) with server.crt and server.key;
+# client-ca.crt there turns on mutual TLS. The health check reads ca.crt (and, for mutual TLS,
+# health-client.crt and health-client.key) from the same folder, and connects to 127.0.0.1,
+# so the server certificate must list 127.0.0.1 as a subject alternative name.
+# Without TLS files the server binds a non-loopback host only when
+# APPLIANCE_ALLOW_INSECURE_REMOTE=1 is set.
 set -eu
 
 data_dir="${APPLIANCE_DATA_DIR:-/data}"
 store_dir="${APPLIANCE_STORE_DIR:-/store}"
 host="${APPLIANCE_HOST:-0.0.0.0}"
 port="${APPLIANCE_PORT:-50051}"
+tls_dir="${APPLIANCE_TLS_DIR:-/tls}"
+allow_insecure_remote="${APPLIANCE_ALLOW_INSECURE_REMOTE:-0}"
 train_max_minutes="${APPLIANCE_TRAIN_MAX_MINUTES:-}"
+train_epochs="${APPLIANCE_TRAIN_EPOCHS:-}"
 
 train() {
   if [ -n "$train_max_minutes" ]; then
     set -- --max-minutes "$train_max_minutes" "$@"
   fi
-  python -m appliance train --data "$data_dir" --store "$store_dir" "$@"
+  if [ -n "$train_epochs" ]; then
+    set -- --epochs "$train_epochs" "$@"
+  fi
+  python -m appliance train --data "$data_dir" --store "$store_dir" --no-progress "$@"
 }
 
 serve() {
+  if [ -f "$tls_dir/server.crt" ] && [ -f "$tls_dir/server.key" ]; then
+    set -- --tls-cert "$tls_dir/server.crt" --tls-key "$tls_dir/server.key" "$@"
+    if [ -f "$tls_dir/client-ca.crt" ]; then
+      set -- --tls-client-ca "$tls_dir/client-ca.crt" "$@"
+    fi
+  elif [ "$allow_insecure_remote" = 1 ]; then
+    set -- --allow-insecure-remote "$@"
+  else
+    case "$host" in
+      127.* | ::1 | localhost) ;;
+      *)
+        echo "entrypoint: no $tls_dir/server.crt and server.key, so host=$host would serve" \
+          "plain-text gRPC; mount TLS files at $tls_dir, set APPLIANCE_ALLOW_INSECURE_REMOTE=1," \
+          "or set APPLIANCE_HOST=127.0.0.1" >&2
+        exit 2
+        ;;
+    esac
+  fi
   exec python -m appliance serve --store "$store_dir" --host "$host" --port "$port" "$@"
+}
+
+health() {
+  if [ -f "$tls_dir/ca.crt" ]; then
+    set -- --tls-ca "$tls_dir/ca.crt"
+    if [ -f "$tls_dir/health-client.crt" ] && [ -f "$tls_dir/health-client.key" ]; then
+      set -- "$@" --tls-cert "$tls_dir/health-client.crt" --tls-key "$tls_dir/health-client.key"
+    fi
+  fi
+  exec python -m appliance health --address "127.0.0.1:$port" "$@"
 }
 
 command="${1:-run}"
@@ -48,7 +90,7 @@ case "$command" in
     serve "$@"
     ;;
   health)
-    exec python -m appliance health --address "127.0.0.1:$port"
+    health
     ;;
   *)
     exec "$command" "$@"

