@@ -6,8 +6,8 @@ with no network and runs them. ``DOCKER_CLI`` selects the docker client (default
 ``HADOLINT`` the hadolint binary, and ``DOCKER_HOST`` the engine as usual.
 
 One container trains on a few real MIT-BIH records mounted read-only at ``/data`` and then
-serves; every client call is made from inside the container over 127.0.0.1, because the
-container has no network interface other than loopback.
+serves. Every client call runs inside the container over 127.0.0.1, because the container has
+no network interface other than loopback.
 """
 
 from __future__ import annotations
@@ -39,15 +39,24 @@ RECORDS = ("106", "209", "223")
 # Training budget of the container: one epoch, bounded by one minute of wall time.
 TRAIN_EPOCHS = 1
 TRAIN_MAX_MINUTES = 1.0
-# Upper bound on ingest + training + export + server start on a 2-core machine; the container
-# is reported and removed when it is not healthy by then.
+# Upper bound on ingest, training, export and server start on a 2-core machine. A container
+# that is not healthy by then fails the tests, and its log is printed.
 READY_TIMEOUT_S = 480.0
 GENERATE_COUNT = 16
 
 # File names that would mean records or trained weights were baked into the image.
 FORBIDDEN_PATTERNS = (
-    "*.hea", "*.atr", "*.onnx", "*.pt", "*.pth", "*.ptl", "*.ckpt", "*.safetensors",
-    "manifest.json", "calibration.npz", "privacy_index.npy",
+    "*.hea",
+    "*.atr",
+    "*.onnx",
+    "*.pt",
+    "*.pth",
+    "*.ptl",
+    "*.ckpt",
+    "*.safetensors",
+    "manifest.json",
+    "calibration.npz",
+    "privacy_index.npy",
 )
 
 if not IMAGE:
@@ -57,7 +66,9 @@ if not IMAGE:
     )
 
 
-def docker(*args: str, check: bool = True, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+def docker(
+    *args: str, check: bool = True, timeout_s: float = 120.0
+) -> subprocess.CompletedProcess:
     """Run the docker client and return its completed process (text output)."""
     return subprocess.run(
         [DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout_s
@@ -132,22 +143,36 @@ def container(
     """A sealed container that trains on ``data_dir`` (read-only) and then serves."""
     name = f"appliance-test-{os.getpid()}"
     docker(
-        "run", "--detach", "--name", name,
-        "--network", "none",
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        "none",
         "--read-only",
-        "--cap-drop", "ALL",
-        "--security-opt", "no-new-privileges",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
         "--init",
-        "--tmpfs", "/tmp:rw,nosuid,nodev,size=512m",
-        "--volume", f"{data_dir}:/data:ro",
-        "--volume", f"{store_dir}:/store",
+        "--tmpfs",
+        "/tmp:rw,nosuid,nodev,size=512m",
+        "--volume",
+        f"{data_dir}:/data:ro",
+        "--volume",
+        f"{store_dir}:/store",
         # The image checks every 30 s; a shorter interval only makes this test wait less.
-        "--health-interval", "5s",
+        "--health-interval",
+        "5s",
         # No network exists in the container, so the server binds loopback only.
-        "--env", "APPLIANCE_HOST=127.0.0.1",
-        "--env", f"APPLIANCE_TRAIN_MAX_MINUTES={TRAIN_MAX_MINUTES}",
-        "--env", f"APPLIANCE_TRAIN_EPOCHS={TRAIN_EPOCHS}",
-        IMAGE, "run",
+        "--env",
+        "APPLIANCE_HOST=127.0.0.1",
+        "--env",
+        f"APPLIANCE_TRAIN_MAX_MINUTES={TRAIN_MAX_MINUTES}",
+        "--env",
+        f"APPLIANCE_TRAIN_EPOCHS={TRAIN_EPOCHS}",
+        IMAGE,
+        "run",
     )
     try:
         wait_until_healthy(name)
@@ -245,8 +270,19 @@ def test_store_has_published_version(container: str, store_dir: Path) -> None:
 
 def test_generate_and_validate_from_inside(container: str) -> None:
     generated = exec_in(
-        container, "python", "-m", "appliance", "generate", "--address", ADDRESS,
-        "--count", str(GENERATE_COUNT), "--out", "/tmp/generated", "--format", "npy",
+        container,
+        "python",
+        "-m",
+        "appliance",
+        "generate",
+        "--address",
+        ADDRESS,
+        "--count",
+        str(GENERATE_COUNT),
+        "--out",
+        "/tmp/generated",
+        "--format",
+        "npy",
     )
     assert generated.returncode == 0
     check = (
@@ -267,8 +303,15 @@ def test_generate_and_validate_from_inside(container: str) -> None:
     assert summary["unit"] == "mV"
 
     validated = exec_in(
-        container, "python", "-m", "appliance", "validate", "--address", ADDRESS,
-        "--input", "/tmp/generated/synthetic.npy",
+        container,
+        "python",
+        "-m",
+        "appliance",
+        "validate",
+        "--address",
+        ADDRESS,
+        "--input",
+        "/tmp/generated/synthetic.npy",
     )
     assert validated.returncode == 0
     assert validated.stdout.strip() != ""
