@@ -14,9 +14,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MITDB = SHARED_DATA / "mitdb"
 WFDB_FORMATS = SHARED_DATA / "wfdb-formats"
 
-# One short run, shared by every test that needs a trained model: two epochs of the bundled
-# records take about a minute on 2 cores.
-FIXTURE_TRAIN = TrainConfig(max_epochs=2, max_minutes=2.0, seed=0)
+# One short run, shared by every test that needs a trained model: three epochs over at most
+# 2500 beats per class (about 60 steps an epoch) take about a minute and a half on 2 idle cores.
+FIXTURE_TRAIN = TrainConfig(
+    max_epochs=3, max_minutes=3.0, max_beats_per_class=2500, checkpoint_every_steps=1000, seed=0
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
