@@ -378,7 +378,6 @@ def create_server(store: Path, config: ServeConfig) -> ApplianceServer:
     try:
         running.load(store)
     except BaseException:
-        logger.exception("model load failed port=%d store=%s", running.port, store)
         running.server.stop(0).wait()
         raise
     return running

@@ -132,9 +132,12 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             return engine.default_margin
         margin = float(request.margin)
         low, high = engine.min_margin, engine.max_margin
-        if not (math.isfinite(margin) and low <= margin <= high):
+        # The field is float32, so the bounds are compared at float32 precision: a client that
+        # sends max_margin as float32 (0.99 becomes 0.9900000095) stays within range.
+        low_f32, high_f32 = float(np.float32(low)), float(np.float32(high))
+        if not (math.isfinite(margin) and low_f32 <= margin <= high_f32):
             raise RequestError(f"margin={margin:g} is out of range; use {low:g} to {high:g}")
-        return margin
+        return min(max(margin, low), high)
 
     def _known_class(self, engine: Engine, value: int, field_name: str) -> int:
         known = ", ".join(f"BEAT_CLASS_{AAMI_CLASSES[i]}" for i in engine.classes_known)

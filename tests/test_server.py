@@ -1,0 +1,312 @@
+"""Server lifecycle over real sockets: readiness, cancellation, limits, logging, SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from appliance.client import ApplianceClient, encode_samples
+from appliance.errors import ModelStoreError
+from appliance.pipeline import ServerProcess
+from appliance.server import (
+    ApplianceServer,
+    ServeConfig,
+    TlsFiles,
+    check_bind_policy,
+    cpu_limit,
+    create_server,
+    plan_threads,
+    start_server,
+)
+from appliance.v1 import appliance_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+CALL_TIMEOUT_S = 60.0
+# Upper bound for conditions that should hold within a second or two; a generous bound keeps
+# the tests stable on a loaded machine without asserting on speed.
+WAIT_S = 30.0
+
+
+def _wait_for(condition, what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def small_server(model_store: Path) -> Iterator[ApplianceServer]:
+    """An in-process server with two workers, one engine slot and small request limits."""
+    running = create_server(
+        model_store,
+        ServeConfig(
+            port=0,
+            workers=2,
+            intra_op_threads=1,
+            max_beats_per_request=50,
+            max_message_bytes=64 * 1024,
+            grace_s=2.0,
+            drain_s=0.0,
+        ),
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def small_client(small_server: ApplianceServer) -> Iterator[ApplianceClient]:
+    with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=CALL_TIMEOUT_S) as client:
+        yield client
+
+
+def _beats(info: pb.GetModelInfoResponse, count: int) -> np.ndarray:
+    t = np.arange(info.window_samples, dtype=np.float32)
+    peak = np.exp(-0.5 * ((t - info.pre_r_samples) / 4.0) ** 2)
+    return np.broadcast_to(peak, (count, len(info.leads), info.window_samples)).copy()
+
+
+def test_health_not_serving_until_loaded(model_store: Path, tmp_path: Path):
+    running = start_server(ServeConfig(port=0, grace_s=1.0, drain_s=0.0))
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            assert client.health() == "NOT_SERVING"
+            assert client.health("appliance.v1.ApplianceService") == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as raised:
+                client.model_info()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading" in raised.value.details()
+
+            # A store without a model leaves the server up and NOT_SERVING.
+            with pytest.raises(ModelStoreError, match="has no trained model"):
+                running.load(tmp_path)
+            assert client.health() == "NOT_SERVING"
+
+            running.load(model_store)
+            assert client.health() == "SERVING"
+            assert client.health("appliance.v1.ApplianceService") == "SERVING"
+            assert client.model_info().window_samples == 256
+    finally:
+        running.stop()
+
+
+def test_cancelled_calls_free_workers(
+    small_server: ApplianceServer, small_client: ApplianceClient, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="appliance")
+    info = small_client.model_info()
+    workers = small_server.plan.workers
+    assert workers == 2
+    # Each call asks for far more work than the test waits for: 50 beats with a draw budget of
+    # 1000 per beat, in one-beat chunks.
+    request = pb.GenerateRequest(count=50, chunk_beats=1, max_draws_per_beat=1000, margin=0.99)
+    abandoned = 3 * workers
+    for i in range(abandoned):
+        metadata = (("x-request-id", f"abandoned-{i}"),)
+        if i % 2 == 0:
+            call = small_client.stub.Generate(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
+            time.sleep(0.3)
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as raised:
+                list(call)
+            assert raised.value.code() == grpc.StatusCode.CANCELLED
+        else:
+            with pytest.raises(grpc.RpcError) as raised:
+                list(small_client.stub.Generate(request, timeout=0.3, metadata=metadata))
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    # Each abandoned call ends on the server, and logs its status once.
+    def ended() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if "request_id=abandoned-" in r.getMessage()
+        ]
+
+    _wait_for(lambda: len(ended()) == abandoned, "logging of every abandoned call")
+    for i in range(abandoned):
+        lines = [m for m in ended() if f"request_id=abandoned-{i} " in m]
+        assert len(lines) == 1, lines
+        expected = "CANCELLED" if i % 2 == 0 else "DEADLINE_EXCEEDED"
+        assert f"status={expected}" in lines[0]
+    # The workers are free again: a call with a short deadline succeeds.
+    reply = small_client.stub.Validate(
+        pb.ValidateRequest(samples=encode_samples(_beats(info, 2))), timeout=20.0
+    )
+    assert len(reply.scores) == 2
+
+
+def test_size_limits_reject_large_requests(small_client: ApplianceClient):
+    info = small_client.model_info()
+    assert info.max_beats_per_request == 50
+    with pytest.raises(grpc.RpcError) as raised:
+        small_client.generate(count=51)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "count=51" in raised.value.details()
+    assert "limit of 50" in raised.value.details()
+
+    parts = [pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 30))) for _ in range(2)]
+    with pytest.raises(grpc.RpcError) as raised:
+        small_client.stub.ValidateStream(iter(parts), timeout=CALL_TIMEOUT_S)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "60 beats" in raised.value.details()
+    assert "limit of 50" in raised.value.details()
+
+    # 80 one-lead beats are 80 KiB, over the 64 KiB message limit of this server.
+    with pytest.raises(grpc.RpcError) as raised:
+        small_client.stub.Validate(
+            pb.ValidateRequest(samples=encode_samples(_beats(info, 80))), timeout=CALL_TIMEOUT_S
+        )
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "65536" in raised.value.details()
+    assert small_client.health() == "SERVING"
+    assert len(small_client.validate(_beats(info, 3)).scores) == 3
+
+
+def test_every_call_logged_once(small_client: ApplianceClient, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="appliance")
+    info = small_client.model_info()
+    stub = small_client.stub
+    _, call = stub.GetModelInfo.with_call(
+        pb.GetModelInfoRequest(), metadata=(("x-request-id", "log-info"),)
+    )
+    assert ("x-request-id", "log-info") in call.trailing_metadata()
+    chunks = list(
+        stub.Generate(
+            pb.GenerateRequest(count=4, seed=1), metadata=(("x-request-id", "log-generate"),)
+        )
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Validate(
+            pb.ValidateRequest(samples=encode_samples(_beats(info, 2)), margin=3.0),
+            metadata=(("x-request-id", "log-bad"),),
+        )
+    assert ("x-request-id", "log-bad") in raised.value.trailing_metadata()
+    stub.Validate(
+        pb.ValidateRequest(samples=encode_samples(_beats(info, 2))),
+        metadata=(("x-request-id", "bad status=OK id=forged"),),
+    )
+
+    messages = [
+        record.getMessage() for record in caplog.records if record.getMessage().startswith("rpc=")
+    ]
+
+    def lines(request_id: str) -> list[str]:
+        return [m for m in messages if f"request_id={request_id} " in m]
+
+    assert len(lines("log-info")) == 1
+    assert re.search(
+        r"rpc=GetModelInfo request_id=log-info status=OK duration_ms=\d+\.\d", lines("log-info")[0]
+    )
+    assert len(lines("log-generate")) == 1
+    generate_line = lines("log-generate")[0]
+    assert "rpc=Generate" in generate_line and "status=OK" in generate_line
+    assert "requested=4" in generate_line
+    assert f"accepted={chunks[-1].stats.accepted}" in generate_line
+    assert f"draws={chunks[-1].stats.draws}" in generate_line
+    assert len(lines("log-bad")) == 1
+    assert "status=INVALID_ARGUMENT" in lines("log-bad")[0]
+    assert "margin=3" in lines("log-bad")[0]
+    # A request id that could forge log fields is replaced by a random one.
+    assert not any("forged" in m for m in messages)
+    validate_lines = [m for m in messages if m.startswith("rpc=Validate ")]
+    assert len(validate_lines) == 2
+    assert all("beats=2" in m or "INVALID_ARGUMENT" in m for m in validate_lines)
+
+
+def test_insecure_remote_bind_rejected(model_store: Path, tmp_path: Path):
+    for host in ("0.0.0.0", "10.1.2.3", "::", "appliance.example"):
+        with pytest.raises(ValueError, match="--allow-insecure-remote"):
+            check_bind_policy(ServeConfig(host=host))
+    # create_server checks the policy before it binds or loads anything.
+    with pytest.raises(ValueError, match="insecure port on non-loopback host 0.0.0.0"):
+        create_server(model_store, ServeConfig(host="0.0.0.0", port=0))
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"):
+        check_bind_policy(ServeConfig(host=host))
+    check_bind_policy(ServeConfig(host="0.0.0.0", allow_insecure_remote=True))
+    tls = TlsFiles(tmp_path / "server.pem", tmp_path / "server.key")
+    check_bind_policy(ServeConfig(host="0.0.0.0", tls=tls))
+
+
+def test_cpu_limit_follows_cgroup_quota(tmp_path: Path):
+    cpu_max = tmp_path / "cpu.max"
+    quota, period = tmp_path / "cpu.cfs_quota_us", tmp_path / "cpu.cfs_period_us"
+    missing = tmp_path / "missing"
+    affinity, source = cpu_limit(missing, missing, missing)
+    assert source == "sched_getaffinity"
+    assert affinity >= 1
+
+    cpu_max.write_text("50000 100000\n")
+    assert cpu_limit(cpu_max, missing, missing) == (0.5, "cgroup cpu.max")
+    cpu_max.write_text("max 100000\n")
+    assert cpu_limit(cpu_max, missing, missing) == (affinity, "sched_getaffinity")
+    # A quota above the affinity mask cannot give more CPUs than the mask.
+    cpu_max.write_text(f"{int(affinity * 4 * 100000)} 100000\n")
+    assert cpu_limit(cpu_max, missing, missing) == (affinity, "sched_getaffinity")
+    quota.write_text("25000\n")
+    period.write_text("100000\n")
+    assert cpu_limit(missing, quota, period) == (0.25, "cgroup cpu.cfs_quota_us")
+    quota.write_text("-1\n")
+    assert cpu_limit(missing, quota, period) == (affinity, "sched_getaffinity")
+
+    for cpus in (0.5, 1.0, 1.5, 2.0, 3.0, 8.0, 16.0, 64.0):
+        plan = plan_threads(ServeConfig(), cpus, "cgroup cpu.max")
+        assert plan.engine_slots * plan.intra_op_threads <= max(1, int(cpus))
+        assert plan.workers > plan.engine_slots
+    plan = plan_threads(ServeConfig(workers=3, intra_op_threads=2), 8.0, "cgroup cpu.max")
+    assert (plan.workers, plan.intra_op_threads, plan.engine_slots) == (3, 2, 4)
+
+
+def test_sigterm_drains_and_exits(model_store: Path, tmp_path: Path):
+    server = ServerProcess(model_store, tmp_path)
+    try:
+        address = server.wait_serving()
+        with ApplianceClient(address, timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+            # Small chunks that the test reads slowly keep the call in flight across SIGTERM.
+            request = pb.GenerateRequest(count=24, chunk_beats=1, seed=5, margin=0.0)
+            stream = client.stub.Generate(request, timeout=CALL_TIMEOUT_S)
+            first = next(stream)
+            assert first.samples.count == 1
+            server.process.send_signal(signal.SIGTERM)
+            _wait_for(lambda: client.health() == "NOT_SERVING", "health NOT_SERVING")
+            with pytest.raises(grpc.RpcError) as raised:
+                client.validate(_beats(info, 2))
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)
+            assert rest[-1].HasField("stats")
+            assert 1 + sum(chunk.samples.count for chunk in rest) == rest[-1].stats.accepted
+        assert server.process.wait(timeout=WAIT_S) == 0
+    finally:
+        server.stop()
+
+
+def test_stop_lets_inflight_call_finish(model_store: Path):
+    running = create_server(model_store, ServeConfig(port=0, grace_s=30.0, drain_s=0.2))
+    stopper = threading.Thread(target=running.stop)
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            stream = client.stub.Generate(
+                pb.GenerateRequest(count=12, chunk_beats=1, seed=2, margin=0.0)
+            )
+            first = next(stream)
+            stopper.start()
+            rest = list(stream)
+            stopper.join(WAIT_S)
+            assert not stopper.is_alive()
+            assert (
+                first.samples.count + sum(c.samples.count for c in rest) == rest[-1].stats.accepted
+            )
+            with pytest.raises(grpc.RpcError) as raised:
+                client.model_info()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop()
