@@ -41,8 +41,13 @@ TRAIN_EPOCHS = 1
 TRAIN_MAX_MINUTES = 1.0
 # Upper bound on ingest, training, export and server start on a 2-core machine. A container
 # that is not healthy by then fails the tests, and its log is printed.
-READY_TIMEOUT_S = 480.0
+# APPLIANCE_READY_TIMEOUT_S raises it on a machine shared with other jobs.
+READY_TIMEOUT_S = float(os.environ.get("APPLIANCE_READY_TIMEOUT_S", "480"))
 GENERATE_COUNT = 16
+# A one-epoch model scores most beats near 0, so the gate would reject them at the server's
+# default margin. Margin 0 keeps every beat that passes the privacy guard; the gate itself is
+# tested outside the container.
+MARGIN = 0.0
 
 # File names that would mean records or trained weights were baked into the image.
 FORBIDDEN_PATTERNS = (
@@ -69,10 +74,18 @@ if not IMAGE:
 def docker(
     *args: str, check: bool = True, timeout_s: float = 120.0
 ) -> subprocess.CompletedProcess:
-    """Run the docker client and return its completed process (text output)."""
-    return subprocess.run(
-        [DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout_s
-    )
+    """Run the docker client and return its completed process (text output).
+
+    Raises:
+        AssertionError: If ``check`` is set and the command fails; the message holds its output.
+    """
+    result = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout_s)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"docker {' '.join(args)[:200]} failed with exit code {result.returncode}:\n"
+            f"{result.stdout[-2000:]}{result.stderr[-4000:]}"
+        )
+    return result
 
 
 def exec_in(container: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -269,22 +282,12 @@ def test_store_has_published_version(container: str, store_dir: Path) -> None:
 
 
 def test_generate_and_validate_from_inside(container: str) -> None:
-    generated = exec_in(
-        container,
-        "python",
-        "-m",
-        "appliance",
-        "generate",
-        "--address",
-        ADDRESS,
-        "--count",
-        str(GENERATE_COUNT),
-        "--out",
-        "/tmp/generated",
-        "--format",
-        "npy",
-    )
-    assert generated.returncode == 0
+    generate_command = [
+        "python", "-m", "appliance", "generate", "--address", ADDRESS,
+        "--count", str(GENERATE_COUNT), "--margin", str(MARGIN), "--seed", "7",
+        "--out", "/tmp/generated", "--format", "npy",
+    ]  # fmt: skip
+    exec_in(container, *generate_command)
     check = (
         "import json, pathlib, numpy as np\n"
         "out = pathlib.Path('/tmp/generated')\n"
@@ -302,19 +305,14 @@ def test_generate_and_validate_from_inside(container: str) -> None:
     assert set(summary["classes"]) <= {"N", "S", "V", "F", "Q"}
     assert summary["unit"] == "mV"
 
-    validated = exec_in(
-        container,
-        "python",
-        "-m",
-        "appliance",
-        "validate",
-        "--address",
-        ADDRESS,
-        "--input",
-        "/tmp/generated/synthetic.npy",
-    )
-    assert validated.returncode == 0
-    assert validated.stdout.strip() != ""
+    validate_command = [
+        "python", "-m", "appliance", "validate", "--address", ADDRESS,
+        "--input", "/tmp/generated/synthetic.npy", "--margin", str(MARGIN),
+    ]  # fmt: skip
+    lines = exec_in(container, *validate_command).stdout.strip().splitlines()
+    # One line per beat, then the summary.
+    assert len(lines) == GENERATE_COUNT + 1
+    assert lines[-1] == f"accepted {GENERATE_COUNT} of {GENERATE_COUNT} at margin {MARGIN:.3f}"
 
 
 def test_client_library_round_trip(container: str) -> None:
@@ -324,8 +322,9 @@ def test_client_library_round_trip(container: str) -> None:
         "from appliance.client import ApplianceClient\n"
         f"with ApplianceClient('{ADDRESS}') as client:\n"
         "    health = client.health()\n"
-        f"    generated = client.generate(count={GENERATE_COUNT}, seed=7)\n"
-        "    validated = client.validate(generated.beats, generated.classes)\n"
+        f"    generated = client.generate(count={GENERATE_COUNT}, seed=7, margin={MARGIN})\n"
+        "    validated = client.validate(generated.beats, generated.classes,\n"
+        f"                                margin={MARGIN})\n"
         "print(json.dumps({'health': health, 'beats': generated.beats.shape[0],\n"
         "    'validated': int(validated.scores.shape[0]),\n"
         "    'accepted': int(validated.accepted.sum())}))\n"
@@ -338,7 +337,10 @@ def test_client_library_round_trip(container: str) -> None:
 
 
 def test_nothing_written_outside_volumes(container: str) -> None:
-    assert docker("diff", container).stdout.split() == []
+    # --init bind-mounts Docker's init binary at /usr/sbin/docker-init, which docker diff lists.
+    init_entries = {"C /usr", "C /usr/sbin", "A /usr/sbin/docker-init"}
+    changes = set(docker("diff", container).stdout.splitlines()) - init_entries
+    assert changes == set()
 
 
 def test_data_folder_unchanged(
