@@ -10,7 +10,7 @@
 
 # Debian bookworm plus Python 3.11 and tini, shared by the build and runtime stages.
 FROM debian:bookworm-slim AS python-base
-# apt-get orders the local files by their (pre-)dependencies and reads no package lists.
+# apt-get orders the local files by their (pre-)dependencies; it needs no package lists.
 RUN --mount=type=bind,source=build/debs,target=/tmp/debs \
     apt-get install --yes --no-install-recommends /tmp/debs/*.deb \
     && rm -rf /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old /var/log/apt \
