@@ -1,7 +1,7 @@
 """The gRPC server: thread settings, health, reflection, TLS and graceful shutdown.
 
 The server starts listening before it loads the model, so that clients and orchestrators can
-see it come up: health reports NOT_SERVING and every ApplianceService call answers UNAVAILABLE
+see it come up: health reports NOT_SERVING and every ApplianceService call fails with UNAVAILABLE
 until both graphs are loaded and the self-check passes.
 """
 
@@ -43,7 +43,7 @@ DEFAULT_GRACE_S = 10.0
 DEFAULT_DRAIN_S = 1.0
 # Calls accepted at once (running plus queued for a worker); more get RESOURCE_EXHAUSTED.
 DEFAULT_MAX_CONCURRENT_RPCS = 256
-# Worker threads per engine slot: the extra threads answer health, GetModelInfo and calls
+# Worker threads per engine slot. The extra threads serve health, GetModelInfo and calls
 # waiting for a slot while the slots compute.
 WORKERS_PER_SLOT = 4
 MIN_WORKERS = 8
@@ -137,7 +137,7 @@ def cpu_limit(
     """Return the CPUs this process may use and where the figure comes from.
 
     A cgroup CPU quota (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` in v1) wins over the
-    affinity mask, because a container limited to 2 CPUs on a 64-CPU host still sees all 64 in
+    affinity mask, because a container limited to 2 CPUs on a 64-CPU host still has all 64 in
     its mask. The result is never above the affinity mask size.
 
     Returns:
@@ -277,11 +277,10 @@ class ApplianceServer:
         return engine
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Shut down gracefully; later calls return at once.
+        """Shut down gracefully; later calls of ``stop`` return at once.
 
-        Health turns NOT_SERVING and new calls get UNAVAILABLE for ``drain_s``; then the port
-        closes and calls still in flight get the rest of ``grace_s`` to finish before they are
-        cancelled.
+        Health turns NOT_SERVING and new calls get UNAVAILABLE for ``drain_s``. Then the port
+        closes, and calls still in flight get the rest of ``grace_s`` before they are cancelled.
         """
         with self._stopping:
             if self._stopped:
@@ -304,7 +303,7 @@ class ApplianceServer:
 def start_server(config: ServeConfig) -> ApplianceServer:
     """Bind the port and start serving health and reflection, with NOT_SERVING status.
 
-    ApplianceService calls answer UNAVAILABLE until ``ApplianceServer.load`` succeeds.
+    ApplianceService calls fail with UNAVAILABLE until ``ApplianceServer.load`` succeeds.
 
     Raises:
         ValueError: If the bind policy rejects the address (see ``check_bind_policy``) or the

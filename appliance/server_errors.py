@@ -87,8 +87,8 @@ def rpc_call(method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]
 
     The log line has ``rpc``, ``request_id``, ``status``, ``duration_ms`` and the counts the
     servicer stored in the yielded record. Appliance errors become the status of
-    ``status_code_for`` with their message; any other exception is logged with its traceback and
-    becomes INTERNAL with the request id, so a client can quote it.
+    ``status_code_for`` with their message. Any other exception is logged with its traceback
+    and becomes INTERNAL with the request id, so that a client can quote it.
     """
     record = CallRecord(method=method, request_id=request_id_of(context))
     context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id),))

@@ -48,7 +48,7 @@ def class_from_proto(value: int) -> int:
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """How the server shares the CPUs it may use.
+    """Split of the CPUs the server may use between graph calls and their threads.
 
     Attributes:
         cpu_limit: CPUs available: the cgroup quota if set, else the affinity mask size.
@@ -79,8 +79,8 @@ class _SamplesRequest(Protocol):
 class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
     """Serves Generate, Validate, ValidateStream and GetModelInfo from one engine.
 
-    Calls answer UNAVAILABLE until ``set_engine`` is called and again after ``begin_shutdown``;
-    calls already running when shutdown begins carry on.
+    Calls fail with UNAVAILABLE until ``set_engine`` is called and again after
+    ``begin_shutdown``. Calls already running when shutdown begins carry on.
 
     Arguments:
         plan: Thread settings, reported by GetModelInfo; ``engine_slots`` bounds the graph
@@ -98,11 +98,11 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         self._shutting_down = threading.Event()
 
     def set_engine(self, engine: Engine) -> None:
-        """Start answering calls with a loaded and checked engine."""
+        """Serve calls from a loaded and checked engine."""
         self._engine = engine
 
     def begin_shutdown(self) -> None:
-        """Answer new calls with UNAVAILABLE; calls in flight continue."""
+        """Reject new calls with UNAVAILABLE while calls in flight continue."""
         self._shutting_down.set()
 
     def _ready_engine(self) -> Engine:

@@ -32,8 +32,8 @@ from appliance.v1 import appliance_pb2 as pb
 pytestmark = pytest.mark.slow
 
 CALL_TIMEOUT_S = 60.0
-# Upper bound for conditions that should hold within a second or two; a generous bound keeps
-# the tests stable on a loaded machine without asserting on speed.
+# Upper bound for conditions that should hold within a second or two. It is generous so that
+# the tests stay stable on a loaded machine, and no test asserts on speed.
 WAIT_S = 30.0
 
 
@@ -107,7 +107,7 @@ def test_cancelled_calls_free_workers(
     info = small_client.model_info()
     workers = small_server.plan.workers
     assert workers == 2
-    # Each call asks for far more work than the test waits for: 50 beats with a draw budget of
+    # Each call requests far more work than the test waits for: 50 beats with a draw budget of
     # 1000 per beat, in one-beat chunks.
     request = pb.GenerateRequest(count=50, chunk_beats=1, max_draws_per_beat=1000, margin=0.99)
     abandoned = 3 * workers
@@ -208,7 +208,8 @@ def test_every_call_logged_once(small_client: ApplianceClient, caplog: pytest.Lo
     )
     assert len(lines("log-generate")) == 1
     generate_line = lines("log-generate")[0]
-    assert "rpc=Generate" in generate_line and "status=OK" in generate_line
+    assert "rpc=Generate" in generate_line
+    assert "status=OK" in generate_line
     assert "requested=4" in generate_line
     assert f"accepted={chunks[-1].stats.accepted}" in generate_line
     assert f"draws={chunks[-1].stats.draws}" in generate_line
