@@ -83,6 +83,10 @@ class TrainConfig:
         seed: Seed of every random draw in training.
         threads: Torch intra-op threads (0 keeps torch's default).
         checkpoint_every_steps: Steps between checkpoints.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``. Under
+            ``torchrun`` each process takes CUDA device ``LOCAL_RANK``.
+        mixed_precision: ``no`` (float32) or ``bf16`` (bfloat16 autocast of the training
+            forward pass, CUDA only). Checkpoints and exported graphs stay float32.
     """
 
     max_epochs: int = 30
@@ -97,6 +101,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     checkpoint_every_steps: int = 200
+    device: str = "auto"
+    mixed_precision: str = "no"
 
 
 @dataclass(frozen=True)

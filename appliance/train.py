@@ -1,4 +1,10 @@
-"""Maximum-likelihood training of the conditional flow, with checkpoints and a time budget."""
+"""Maximum-likelihood training of the conditional flow, with checkpoints and a time budget.
+
+The same loop runs in one process or under ``torchrun`` with DistributedDataParallel: every
+rank builds the same global batch, trains on its contiguous share of it, and DDP averages the
+gradients, so the weights follow the single-process run with the same ``batch_size`` up to
+float32 rounding. Only rank 0 writes checkpoints and ``best.pt``.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from appliance.classes import AAMI_CLASSES
-from appliance.config import ApplianceConfig
+from appliance.config import ApplianceConfig, TrainConfig
 from appliance.dataset import BeatSet
+from appliance.distributed import DistributedContext, any_rank, barrier, init_from_env
 from appliance.errors import NonFiniteLossError, TrainingError
 from appliance.flow import ConditionalFlow, bits_per_dim, standard_normal_log_prob
 
@@ -40,6 +49,7 @@ RESUME_MUST_MATCH = (
     "max_beats_per_class",
     "seed",
 )
+MIXED_PRECISION_CHOICES = ("no", "bf16")
 
 
 @dataclass
@@ -70,12 +80,30 @@ def compute_loss(
     z, log_det = model(x, condition)
     nll_bpd = bits_per_dim(standard_normal_log_prob(z) + log_det, model.latent_dims).mean()
     loss = nll_bpd
-    reconstruction = torch.zeros((), dtype=x.dtype)
+    reconstruction = torch.zeros((), dtype=x.dtype, device=x.device)
     if reconstruction_weight > 0:
         x_projected, _ = model.inverse(model.truncate(z), condition)
         reconstruction = ((x_projected - x) ** 2).mean()
         loss = loss + reconstruction_weight * reconstruction
     return loss, nll_bpd, reconstruction
+
+
+class _Objective(torch.nn.Module):
+    """The training loss as a module, so that DistributedDataParallel sees one forward call.
+
+    The loss runs the flow's forward and inverse passes; wrapping both in one ``forward``
+    lets DDP average the gradients of every parameter after each backward pass.
+    """
+
+    def __init__(self, flow: ConditionalFlow, reconstruction_weight: float) -> None:
+        super().__init__()
+        self.flow = flow
+        self.reconstruction_weight = reconstruction_weight
+
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return compute_loss(self.flow, x, condition, self.reconstruction_weight)
 
 
 def _epoch_order(labels: np.ndarray, class_balance: float, seed: int, epoch: int) -> np.ndarray:
@@ -126,13 +154,23 @@ def _check_resumable(state: dict[str, Any], config: ApplianceConfig, path: Path)
 
 
 @torch.no_grad()
-def evaluate(model: ConditionalFlow, beats: BeatSet, scale_mv: float) -> tuple[float, float]:
-    """Return the mean NLL in bits per dimension and the bottleneck MSE of a beat set."""
+def evaluate(
+    model: ConditionalFlow,
+    beats: BeatSet,
+    scale_mv: float,
+    device: torch.device | None = None,
+) -> tuple[float, float]:
+    """Return the mean NLL in bits per dimension and the bottleneck MSE of a beat set.
+
+    Batches go to ``device`` (default: the device of the model's first parameter).
+    """
     model.eval()
+    device = device or next(model.parameters()).device
     nll_total, reconstruction_total = 0.0, 0.0
     for start in range(0, len(beats), VALIDATION_BATCH):
         x = torch.from_numpy(beats.windows[start : start + VALIDATION_BATCH] / scale_mv).float()
         condition = one_hot(torch.from_numpy(beats.labels[start : start + VALIDATION_BATCH]))
+        x, condition = x.to(device), condition.to(device)
         _, nll_bpd, reconstruction = compute_loss(model, x, condition, 1.0)
         nll_total += float(nll_bpd) * x.shape[0]
         reconstruction_total += float(reconstruction) * x.shape[0]
@@ -156,22 +194,93 @@ def train(
     step derive from the seed, the epoch and the step alone. The time budget counts from the
     start of each call.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the call joins the process group from the
+    environment unless one is already initialised, and every rank must call it with the same
+    arguments. Rank 0 alone writes files and reads the checkpoint to resume from, then sends
+    it to the other ranks. Every rank returns the same weights, on the CPU.
+
     Raises:
         NonFiniteLossError: If the loss or its gradient becomes NaN or infinite. The last good
             checkpoint stays and ``best.pt`` is not written.
-        TrainingError: If there is no validation beat, or the checkpoint to resume from was
-            written with other settings.
+        TrainingError: If there is no validation beat, the checkpoint to resume from was
+            written with other settings, the device or mixed precision setting is invalid, or
+            ``batch_size`` is not a multiple of the number of ranks.
     """
     settings = config.train
     if len(validation_beats) == 0:
         raise TrainingError("no validation beats; the split needs at least one validation record")
+    if settings.mixed_precision not in MIXED_PRECISION_CHOICES:
+        raise TrainingError(
+            f"train.mixed_precision={settings.mixed_precision!r} is invalid; "
+            f"use one of {MIXED_PRECISION_CHOICES}"
+        )
+    context = init_from_env(settings.device)
+    if settings.mixed_precision == "bf16" and context.device.type != "cuda":
+        raise TrainingError(
+            f"train.mixed_precision='bf16' needs a CUDA device but training runs on "
+            f"{context.device}; set train.mixed_precision='no' or train on a GPU"
+        )
+    if settings.batch_size % context.world_size != 0:
+        raise TrainingError(
+            f"train.batch_size={settings.batch_size} is not a multiple of the "
+            f"{context.world_size} ranks; pick a batch size that splits evenly"
+        )
+    logger.info(
+        "training start device=%s mixed_precision=%s rank=%d world_size=%d backend=%s",
+        context.device,
+        settings.mixed_precision,
+        context.rank,
+        context.world_size,
+        context.backend or "none",
+    )
     threads_before = torch.get_num_threads()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     try:
-        return _train(config, train_beats, validation_beats, work_dir, resume, progress)
+        return _train(config, train_beats, validation_beats, work_dir, resume, progress, context)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _load_resume_state(
+    checkpoint_path: Path, resume: bool, context: DistributedContext
+) -> dict[str, Any] | None:
+    """Read the checkpoint on rank 0 and send it to the other ranks (None when none)."""
+    state: dict[str, Any] | None = None
+    if context.is_rank_zero and resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if context.is_distributed:
+        box: list[Any] = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return a state dict on the CPU, so checkpoints load on machines without a GPU."""
+    return {name: value.detach().cpu() for name, value in state.items()}
+
+
+def _global_batch(
+    windows: np.ndarray,
+    labels: np.ndarray,
+    order: np.ndarray,
+    batch_index: int,
+    step: int,
+    settings: TrainConfig,
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Build batch ``batch_index`` of an epoch with the dequantisation noise of ``step``.
+
+    Returns:
+        Beat indices (batch,), noisy scaled beats (batch, leads, samples) and one-hot
+        conditions (batch, classes), all on the CPU.
+    """
+    index = order[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]
+    x = torch.from_numpy(windows[index])  # (batch, leads, samples)
+    noise = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    x = x + settings.noise_std * torch.randn(x.shape, generator=noise)
+    condition = one_hot(torch.from_numpy(labels[index]))
+    return index, x, condition
 
 
 def _train(
@@ -181,13 +290,16 @@ def _train(
     work_dir: Path,
     resume: bool,
     progress: bool,
+    context: DistributedContext,
 ) -> TrainResult:
     settings = config.train
-    work_dir.mkdir(parents=True, exist_ok=True)
+    device = context.device
+    writes_files = context.is_rank_zero
+    if writes_files:
+        work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = work_dir / CHECKPOINT_FILE
-    state: dict[str, Any] | None = None
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
+    state = _load_resume_state(checkpoint_path, resume, context)
+    if state is not None:
         _check_resumable(state, config, checkpoint_path)
 
     # Data: drop classes too rare to learn, cap the common ones, scale to unit deviation.
@@ -210,6 +322,7 @@ def _train(
 
     torch.manual_seed(settings.seed)
     model = ConditionalFlow(config.model, windows.shape[1], windows.shape[2], len(AAMI_CLASSES))
+    model.to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
@@ -222,42 +335,81 @@ def _train(
         optimizer.load_state_dict(state["optimizer"])
         step, best_loss = int(state["step"]), float(state["best_validation_loss"])
         best_state, history = state["best_model"], list(state["history"])
-        logger.info("resume checkpoint=%s step=%d", checkpoint_path, step)
+        logger.info("resume checkpoint=%s step=%d rank=%d", checkpoint_path, step, context.rank)
 
     def checkpoint() -> dict[str, Any]:
         return {
             "config": config.to_dict(),
             "step": step,
-            "model": model.state_dict(),
+            "model": _to_cpu(model.state_dict()),
             "optimizer": optimizer.state_dict(),
             "scale_mv": scale_mv,
             "classes_known": classes_known,
             "best_validation_loss": best_loss,
-            "best_model": best_state,
+            "best_model": None if best_state is None else _to_cpu(best_state),
             "history": history,
         }
+
+    def save_checkpoint() -> None:
+        if writes_files:
+            _save(checkpoint_path, checkpoint())
+
+    # bf16 autocast covers the loss's forward and inverse passes; weights, gradients and
+    # optimiser moments stay float32.
+    autocast = torch.autocast(
+        device_type=device.type,
+        dtype=torch.bfloat16,
+        enabled=settings.mixed_precision == "bf16",
+    )
+    objective = _Objective(model, settings.reconstruction_weight)
+    local_batch = settings.batch_size // context.world_size
+    local_slice = slice(context.rank * local_batch, (context.rank + 1) * local_batch)
+    if context.is_distributed and step == 0:
+        # ActNorm sets its bias and scale from the first batch it sees in training mode. Each
+        # rank runs that batch whole, as a single process would, instead of only its share.
+        _, x, condition = _global_batch(
+            windows,
+            labels,
+            _epoch_order(labels, settings.class_balance, settings.seed, 0),
+            0,
+            0,
+            settings,
+        )
+        model.train()
+        with torch.no_grad(), autocast:
+            model(x.to(device), condition.to(device))
+    trainable: torch.nn.Module = objective
+    if context.is_distributed:
+        trainable = DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     total_steps = settings.max_epochs * steps_per_epoch
     budget_s = settings.max_minutes * 60.0
     started = time.monotonic()
     first_step = step
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step")
+    show_bar = progress and context.is_rank_zero
+    bar = tqdm(total=total_steps, initial=step, disable=not show_bar, unit="step")
     stopped_by = "epochs"
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, settings.max_epochs):
         order = _epoch_order(labels, settings.class_balance, settings.seed, epoch)
-        model.train()
+        trainable.train()
         running: list[float] = []
         for batch_index in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            index = order[
-                batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size
-            ]
-            x = torch.from_numpy(windows[index])  # (batch, leads, samples)
-            noise = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-            x = x + settings.noise_std * torch.randn(x.shape, generator=noise)
-            condition = one_hot(torch.from_numpy(labels[index]))
-            loss, nll_bpd, _ = compute_loss(model, x, condition, settings.reconstruction_weight)
-            if not torch.isfinite(loss):
+            index, x, condition = _global_batch(
+                windows, labels, order, batch_index, step, settings
+            )
+            if context.is_distributed:
+                index, x, condition = index[local_slice], x[local_slice], condition[local_slice]
+            x, condition = x.to(device), condition.to(device)
+            with autocast:
+                loss, nll_bpd, _ = trainable(x, condition)
+            loss_finite = bool(torch.isfinite(loss))
+            # In a single process a non-finite loss stops before the backward pass. Across
+            # ranks every rank must reach the gradient all-reduce first; a NaN loss on one
+            # rank then makes the averaged gradient NaN on all, and all stop together below.
+            if not loss_finite and not context.is_distributed:
                 bar.close()
                 raise NonFiniteLossError(step, sorted(set(records[index].tolist())))
             optimizer.zero_grad(set_to_none=True)
@@ -265,7 +417,7 @@ def _train(
             gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRADIENT_NORM)
             # A non-finite gradient would turn every weight into NaN at the optimiser step, and
             # the next checkpoint would store them; stop before either happens.
-            if not torch.isfinite(gradient_norm):
+            if not loss_finite or not torch.isfinite(gradient_norm):
                 bar.close()
                 raise NonFiniteLossError(step, sorted(set(records[index].tolist())))
             optimizer.step()
@@ -279,9 +431,11 @@ def _train(
             # best model; saving before validation would let a resumed run skip that validation.
             last_batch = batch_index == steps_per_epoch - 1
             if step % settings.checkpoint_every_steps == 0 and not last_batch:
-                _save(checkpoint_path, checkpoint())
+                save_checkpoint()
 
-        validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv)
+        # NOTE: every rank evaluates the whole validation set; the ranks hold the same weights,
+        # so they reach the same loss and the same best model without a collective.
+        validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv, device)
         validation_loss = validation_bpd + settings.reconstruction_weight * validation_mse
         if not math.isfinite(validation_loss):
             bar.close()
@@ -297,26 +451,33 @@ def _train(
                 "validation_reconstruction_mse": validation_mse,
             }
         )
-        logger.info(
-            "epoch=%d step=%d train_bpd=%.4f validation_bpd=%.4f validation_mse=%.5f step_ms=%.1f",
-            epoch + 1,
-            step,
-            history[-1]["train_bpd"],
-            validation_bpd,
-            validation_mse,
-            1000.0 * (time.monotonic() - started) / max(1, step - first_step),
-        )
-        _save(checkpoint_path, checkpoint())
-        if time.monotonic() - started > budget_s:
+        if context.is_rank_zero:
+            logger.info(
+                "epoch=%d step=%d train_bpd=%.4f validation_bpd=%.4f validation_mse=%.5f "
+                "step_ms=%.1f",
+                epoch + 1,
+                step,
+                history[-1]["train_bpd"],
+                validation_bpd,
+                validation_mse,
+                1000.0 * (time.monotonic() - started) / max(1, step - first_step),
+            )
+        save_checkpoint()
+        # Rank 0's clock decides for all, so no rank leaves the loop while others train on.
+        over_budget = context.is_rank_zero and time.monotonic() - started > budget_s
+        if any_rank(over_budget, context):
             stopped_by = "time budget"
             break
     bar.close()
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    _save(work_dir / BEST_FILE, {**checkpoint(), "model": model.state_dict()})
+    if writes_files:
+        _save(work_dir / BEST_FILE, {**checkpoint(), "model": _to_cpu(model.state_dict())})
+    barrier(context)
     model.eval()
-    validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv)
+    validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv, device)
+    model.cpu()
     summary = {
         "epochs": len(history),
         "steps": step,
@@ -330,13 +491,17 @@ def _train(
         "train_class_counts": {n: int(counts[i]) for i, n in enumerate(AAMI_CLASSES)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history,
+        "device": str(device),
+        "mixed_precision": settings.mixed_precision,
+        "world_size": context.world_size,
     }
     logger.info(
-        "training done epochs=%d steps=%d validation_bpd=%.4f duration_s=%.1f",
+        "training done epochs=%d steps=%d validation_bpd=%.4f duration_s=%.1f rank=%d",
         len(history),
         step,
         validation_bpd,
         summary["duration_s"],
+        context.rank,
     )
     return TrainResult(
         model=model, scale_mv=scale_mv, classes_known=classes_known, summary=summary
