@@ -103,6 +103,18 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         help=f"latent dimensions sampled by Generate (default: {model.bottleneck_dims})",
     )
     parser.add_argument(
+        "--device",
+        default=train.device,
+        choices=("auto", "cpu", "cuda"),
+        help="training device: auto takes CUDA when available, else the CPU (default: auto)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        default=train.mixed_precision,
+        choices=("no", "bf16"),
+        help="bf16 autocast of the training forward pass, CUDA only (default: no)",
+    )
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -143,21 +155,33 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
             learning_rate=args.learning_rate,
             seed=args.seed,
             threads=args.threads,
+            device=args.device,
+            mixed_precision=args.mixed_precision,
         ),
         gate=GateConfig(),
     )
 
 
 def _command_train(args: argparse.Namespace) -> int:
+    from appliance import distributed
     from appliance.jobs import train_and_export
 
     config = _config(args)
     work_dir = args.work_dir or (args.store / "training")
-    job = train_and_export(
-        args.data, args.store, config, work_dir, progress=not args.no_progress, resume=args.resume
-    )
-    sys.stdout.write(job.dataset.report.table() + "\n")
-    sys.stdout.write(f"published model {job.version.manifest['model_id']} to {args.store}\n")
+    try:
+        job = train_and_export(
+            args.data,
+            args.store,
+            config,
+            work_dir,
+            progress=not args.no_progress and distributed.is_rank_zero(),
+            resume=args.resume,
+        )
+    finally:
+        distributed.shutdown()
+    if job.version is not None:
+        sys.stdout.write(job.dataset.report.table() + "\n")
+        sys.stdout.write(f"published model {job.version.manifest['model_id']} to {args.store}\n")
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.dataset import BeatSet, Dataset, ingest
+from appliance.distributed import is_rank_zero
 from appliance.export import export_model
 from appliance.holdout import concatenate, split_holdout
 from appliance.store import ModelVersion
@@ -18,13 +19,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainJobResult:
-    """Everything the training job produced."""
+    """Everything the training job produced; ``version`` is None on ranks other than 0."""
 
     dataset: Dataset
     fit_beats: BeatSet
     holdout_beats: BeatSet
     result: TrainResult
-    version: ModelVersion
+    version: ModelVersion | None
 
 
 def train_and_export(
@@ -47,6 +48,9 @@ def train_and_export(
     result = train(
         config, fit_beats, dataset.splits["validation"], work_dir, resume=resume, progress=progress
     )
+    if not is_rank_zero():
+        # Under torchrun every rank trains; only rank 0 exports and publishes.
+        return TrainJobResult(dataset, fit_beats, holdout_beats, result, None)
     calibration_beats = concatenate(dataset.splits["validation"], holdout_beats)
     facts = {
         "leads": dataset.leads,

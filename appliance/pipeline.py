@@ -123,6 +123,8 @@ def run_main_job(
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "model-store"
     job = train_and_export(data_dir, store, config, out_dir / "training", progress=progress)
+    if job.version is None:
+        raise ApplianceError("the main job runs in one process; start it without torchrun")
     manifest = job.version.manifest
     server = ServerProcess(store, out_dir)
     try:
