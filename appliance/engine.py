@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from appliance.classes import AAMI_CLASSES
 from appliance.privacy import NearestNeighbourIndex, privacy_space
-from appliance.scoring import FEATURES, Calibration, compute_features
+from appliance.scoring import FEATURES, Calibration, compute_features, morphology_centroids
 from appliance.store import ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -141,19 +141,16 @@ class Engine:
             str(version.file("inverse_graph")), options, providers=providers
         )
         self.execution_provider = self.forward_session.get_providers()[0]
-        # Class templates f^-1(0 | c), shape (classes, leads, window_samples), scaled.
-        every_class = np.arange(len(AAMI_CLASSES), dtype=np.int64)
-        self.templates = self.inverse(
-            np.zeros((every_class.size, self.latent_dims), dtype=np.float32), every_class
-        )
         # Export builds a draft version with the graphs only, to calibrate on them.
         self.calibration: Calibration | None = None
         self.privacy_index: NearestNeighbourIndex | None = None
         if "calibration" in manifest["files"]:
             with np.load(version.file("calibration")) as arrays:
                 self.calibration = Calibration.from_arrays(dict(arrays))
+        self.centroids: np.ndarray | None = None
         if "privacy_index" in manifest["files"]:
             self.privacy_index = NearestNeighbourIndex(np.load(version.file("privacy_index")))
+            self.centroids = morphology_centroids(self.privacy_index.vectors)
         logger.info(
             "engine loaded model_id=%s provider=%s threads=%d",
             manifest["model_id"],
@@ -214,10 +211,12 @@ class Engine:
             Statistics, shape (beats, len(FEATURES)), and latent values, shape
             (beats, latent_dims).
         """
+        if self.centroids is None:
+            raise RuntimeError("engine has no privacy index; load a published model version")
         z, log_det = self.forward(x, classes)
         x_projected = self.inverse(self.truncate(z), classes)
         features = compute_features(
-            x, z, log_det, x_projected, self.templates[classes], self.bottleneck_dims, self.fs_hz
+            x, z, log_det, x_projected, self.centroids, self.bottleneck_dims, self.fs_hz
         )
         assert features.shape[1] == len(FEATURES)
         return features, z

@@ -181,6 +181,14 @@ def export_model(
             "forward_graph": {"name": forward_path.name},
             "inverse_graph": {"name": inverse_path.name},
         }
+        train_known = np.isin(
+            train_beats.labels, [AAMI_CLASSES.index(c) for c in result.classes_known]
+        )
+        train_vectors = privacy_space(train_beats.windows[train_known])
+        np.save(partial / "privacy_index.npy", train_vectors)
+        # The draft engine loads the privacy index too: the morphology statistic compares beats
+        # with centroids of the training beats.
+        manifest["files"]["privacy_index"] = {"name": "privacy_index.npy"}
         draft = Engine(ModelVersion(path=partial, manifest={**manifest, "model_id": "draft"}))
         known = np.isin(
             calibration_beats.labels, [AAMI_CLASSES.index(c) for c in result.classes_known]
@@ -195,11 +203,6 @@ def export_model(
         arrays = calibration.to_arrays()
         with (partial / "calibration.npz").open("wb") as handle:
             np.savez(handle, **arrays)  # type: ignore[arg-type]
-        train_known = np.isin(
-            train_beats.labels, [AAMI_CLASSES.index(c) for c in result.classes_known]
-        )
-        train_vectors = privacy_space(train_beats.windows[train_known])
-        np.save(partial / "privacy_index.npy", train_vectors)
         distances = NearestNeighbourIndex(train_vectors).nearest_distance(
             privacy_space(calibration_beats.windows[known])
         )

@@ -8,28 +8,31 @@ computed:
   ``(||z||^2 / 2 + D/2 log(2 pi) - log|det J|) / (D ln 2)``; large is atypical.
 - ``bottleneck_norm``: ``||z[:k]||^2 / k`` over the ``k`` bottleneck dimensions, a typicality
   test on the latent norm; both too large and too small are atypical.
-- ``reconstruction``: ``log10(mean((x - f^-1(truncate(z) | c))^2))``, the error of the beat
-  projected through the bottleneck; large is atypical (noise, mains, steps, other shapes).
+- ``reconstruction``: ``log10(mean((x - f^-1(truncate(z) | c))^2) / var(x))``, the error of
+  the beat projected through the bottleneck relative to the beat's variance, so that it does
+  not grow with a patient's amplitude; large is atypical (noise, mains, steps, other shapes).
 - ``amplitude``: ``log`` of the peak-to-peak amplitude; too small or too large is atypical
   (flat lines, scaled beats).
 - ``high_frequency``: ``log10`` of the share of the beat's spectral energy above
   ``HIGH_FREQUENCY_HZ``; too large is atypical (noise, mains) and so is too small (smooth
   sinusoids, flat lines).
-- ``morphology``: RMS difference between the z-normalised beat and the z-normalised class
-  template ``f^-1(0 | c)``, the beat at the centre of the latent space; large is atypical
-  (time-reversed beats, other leads, steps, sinusoids). z-normalising makes it blind to
-  amplitude, which ``amplitude`` covers.
+- ``morphology``: RMS difference between the z-normalised beat and the nearest of
+  ``MORPHOLOGY_CENTROIDS`` k-means centroids of the z-normalised training beats; large is
+  atypical (time-reversed beats, other leads, steps, sinusoids). z-normalising makes it blind
+  to amplitude, which ``amplitude`` covers.
 
 Each statistic becomes a tail probability ``p_i`` against the same statistic of held-out real
 beats (one-sided or two-sided as listed), with the empirical distribution inside the held-out
-range and a normal tail fitted to the held-out median and spread beyond it, so that a beat far
-outside the range gets a smaller p-value than one just outside. The evidence is
-``e = min_i p_i``, and the score ranks it against the evidence of those held-out beats:
+range and an exponential tail beyond it, so that a beat far outside the range gets a smaller
+p-value than one just outside. The evidence is
+``e = min_i log p_i``, and the score ranks it against the evidence of those held-out beats:
 
     score(x) = #{held-out beats v : e(v) <= e(x)} / n
 
-so the score is uniform on [0, 1] for real held-out beats, and a margin ``m`` rejects about a
-fraction ``m`` of them whatever the model or dataset. Raw likelihood alone is not used because
+and, below the lowest held-out evidence ``e_min``, ``exp(e(x) - e_min) / n``, so that beats
+beyond every held-out beat still rank among themselves. The score is uniform on [0, 1] for
+real held-out beats, and a margin ``m`` rejects about a fraction ``m`` of them whatever the
+model or dataset. Raw likelihood alone is not used because
 flows give high density to simple inputs such as flat lines and scaled-down beats.
 """
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import log_ndtr
+from scipy.cluster.vq import kmeans2
 
 FEATURES = (
     "nll_bpd",
@@ -60,9 +63,13 @@ FEATURE_TAILS = {
 # Lower edge of the band whose energy share ``high_frequency`` measures. QRS energy lies mostly
 # below 40 Hz, while mains (50 or 60 Hz) and broadband noise put energy above it.
 HIGH_FREQUENCY_HZ = 40.0
+# Centroids of the training beats that ``morphology`` compares with, and the training beats
+# (at most) that k-means runs on.
+MORPHOLOGY_CENTROIDS = 32
+MORPHOLOGY_SAMPLE = 5000
 _LOG_FLOOR = 1e-12
 _MIN_STD = 1e-8
-# Spread of a held-out statistic below which it counts as constant for the tail fit.
+# Distance from median to edge below which a held-out statistic counts as constant.
 _MIN_SPREAD = 1e-9
 
 
@@ -97,12 +104,35 @@ def high_frequency_share(beats: np.ndarray, fs_hz: float) -> np.ndarray:
     return high / np.maximum(total, _LOG_FLOOR)
 
 
+def morphology_centroids(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Cluster z-normalised training beats into ``MORPHOLOGY_CENTROIDS`` centroids.
+
+    Arguments:
+        vectors: Training beats mapped by ``appliance.privacy.privacy_space``, shape (n, dims),
+            unit norm.
+        seed: Seed of the subsample and of the k-means initialisation; the same vectors and
+            seed give the same centroids.
+
+    Returns:
+        Unit-norm centroids, shape (min(MORPHOLOGY_CENTROIDS, n), dims), float64.
+    """
+    rng = np.random.default_rng(seed)
+    sample = vectors
+    if vectors.shape[0] > MORPHOLOGY_SAMPLE:
+        sample = vectors[np.sort(rng.choice(vectors.shape[0], MORPHOLOGY_SAMPLE, replace=False))]
+    sample = sample.astype(np.float64)
+    count = min(MORPHOLOGY_CENTROIDS, sample.shape[0])
+    centroids, _ = kmeans2(sample, count, iter=20, minit="++", seed=rng)
+    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+    return np.asarray(centroids / np.maximum(norms, _MIN_STD))
+
+
 def compute_features(
     x: np.ndarray,
     z: np.ndarray,
     log_det: np.ndarray,
     x_projected: np.ndarray,
-    templates: np.ndarray,
+    centroids: np.ndarray,
     bottleneck_dims: int,
     fs_hz: float,
 ) -> np.ndarray:
@@ -113,7 +143,8 @@ def compute_features(
         z: Latent values, shape (beats, latent_dims).
         log_det: ``log|det dz/dx|``, shape (beats,).
         x_projected: Beats mapped back from the truncated latent values, shape of ``x``.
-        templates: Class template ``f^-1(0 | c)`` of each beat's class, shape of ``x``.
+        centroids: Unit-norm centroids from ``morphology_centroids``, shape
+            (centroids, leads * window_samples).
         bottleneck_dims: Leading latent dimensions of the bottleneck.
         fs_hz: Sampling rate of the beats.
 
@@ -127,19 +158,16 @@ def compute_features(
     bottleneck_norm = (z[:, :bottleneck_dims] ** 2).sum(axis=1) / bottleneck_dims
     flat = x.reshape(x.shape[0], -1).astype(np.float64)
     error = ((flat - x_projected.reshape(x.shape[0], -1)) ** 2).mean(axis=1)
-    reconstruction = np.log10(error + _LOG_FLOOR)
+    reconstruction = np.log10((error + _LOG_FLOOR) / (flat.var(axis=1) + _LOG_FLOOR))
     amplitude = np.log(np.ptp(flat, axis=1) + _LOG_FLOOR)
     high_frequency = np.log10(high_frequency_share(x, fs_hz) + _LOG_FLOOR)
-    difference = z_normalise(x) - z_normalise(templates)
-    morphology = np.sqrt((difference**2).mean(axis=1))
+    vectors = z_normalise(x) / np.sqrt(flat.shape[1])  # unit norm unless constant
+    similarity = (vectors @ centroids.T).max(axis=1)
+    squared_norms = (vectors**2).sum(axis=1)
+    morphology = np.sqrt(np.maximum(squared_norms + 1.0 - 2.0 * similarity, 0.0))
     return np.stack(
         [nll_bpd, bottleneck_norm, reconstruction, amplitude, high_frequency, morphology], axis=1
     )
-
-
-def _normal_log_sf(values: np.ndarray, centre: float, spread: float) -> np.ndarray:
-    """Return ``log P(N(centre, spread^2) >= values)``, stable far in the tail."""
-    return np.asarray(log_ndtr(-(values - centre) / max(spread, _MIN_SPREAD)))
 
 
 @dataclass
@@ -180,27 +208,24 @@ class Calibration:
     def _log_tail(self, column: np.ndarray, values: np.ndarray, upper: bool) -> np.ndarray:
         """Return the log tail probability of ``values`` against one sorted held-out column.
 
-        Inside the held-out range it is the empirical ``(count beyond + 1) / (n + 1)``. Beyond
-        the range it falls further along a normal tail fitted to the median and the
-        interquartile spread, continuing from the empirical floor ``1 / (n + 1)``.
+        Inside the held-out range it is the empirical ``log((count beyond + 1) / (n + 1))``.
+        Beyond the range it continues from the floor ``log(1 / (n + 1))`` along an exponential
+        tail, ``-(distance beyond the range) / scale``, whose scale makes the tail fall from
+        1/2 at the median to ``1 / (n + 1)`` at the range's edge.
         """
         n = column.size
         median = float(column[n // 2])
-        spread = float(column[(3 * n) // 4] - column[n // 4]) / 1.349
         if upper:
             count = n - np.searchsorted(column, values, side="left")
-            edge, beyond = float(column[-1]), values > column[-1]
-            log_normal = _normal_log_sf(values, median, spread)
-            log_edge = float(_normal_log_sf(np.array([edge]), median, spread)[0])
+            edge = float(column[-1])
+            beyond = values - edge
         else:
             count = np.searchsorted(column, values, side="right")
-            edge, beyond = float(column[0]), values < column[0]
-            log_normal = _normal_log_sf(-values, -median, spread)
-            log_edge = float(_normal_log_sf(np.array([-edge]), -median, spread)[0])
+            edge = float(column[0])
+            beyond = edge - values
+        scale = max(abs(edge - median), _MIN_SPREAD) / np.log((n + 1) / 2.0)
         log_p = np.log((count + 1) / (n + 1))
-        # Beyond the range: the empirical floor times how much rarer the normal tail gets.
-        extra = np.minimum(log_normal - log_edge, 0.0)
-        return np.where(beyond, log_p + extra, log_p)
+        return np.where(beyond > 0, log_p - np.maximum(beyond, 0.0) / scale, log_p)
 
     def evidence_of(self, features: np.ndarray) -> np.ndarray:
         """Return ``log min_i p_i`` for each beat, shape (beats,); non-finite rows get -inf."""
@@ -220,9 +245,17 @@ class Calibration:
         return evidence
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Return pertinence scores in [0, 1], shape (beats,); non-finite rows score 0."""
+        """Return pertinence scores in [0, 1], shape (beats,); non-finite rows score 0.
+
+        Scores below ``1 / n`` (``n`` held-out beats) mark beats less typical than every
+        held-out beat; they decrease with the evidence and stay above 0.
+        """
         evidence = self.evidence_of(features)
-        scores = np.searchsorted(self.evidence, evidence, side="right") / self.evidence.size
+        n = self.evidence.size
+        scores = np.searchsorted(self.evidence, evidence, side="right") / n
+        # Below every held-out beat the rank is 0; keep ordering beats there, inside [0, 1/n).
+        below = evidence < self.evidence[0]
+        scores[below] = np.exp(evidence[below] - self.evidence[0]) / n
         scores[~np.isfinite(evidence)] = 0.0
         return scores
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from appliance.classes import AAMI_CLASSES
 from appliance.engine import Engine
 from appliance.scoring import (
     FEATURES,
@@ -148,16 +147,12 @@ def _torch_features(
         condition = one_hot(torch.from_numpy(labels))
         z, log_det = model(torch.from_numpy(x), condition)
         x_projected, _ = model.inverse(model.truncate(z), condition)
-        every_class = torch.arange(len(AAMI_CLASSES))
-        templates, _ = model.inverse(
-            torch.zeros(len(AAMI_CLASSES), model.latent_dims), one_hot(every_class)
-        )
     return compute_features(
         x,
         z.numpy(),
         log_det.numpy(),
         x_projected.numpy(),
-        templates.numpy()[labels],
+        engine.centroids,
         model.bottleneck_dims,
         engine.fs_hz,
     )
