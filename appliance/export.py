@@ -76,7 +76,7 @@ def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
     forward_path, inverse_path = folder / "forward.onnx", folder / "inverse.onnx"
     with torch.no_grad():
         program = torch.onnx.export(
-            ForwardGraph(model),
+            ForwardGraph(model).eval(),
             (x, condition),
             input_names=["x", "condition"],
             output_names=["z", "log_det"],
@@ -89,7 +89,7 @@ def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
         assert program is not None
         program.save(str(forward_path))
         program = torch.onnx.export(
-            InverseGraph(model),
+            InverseGraph(model).eval(),
             (z, condition),
             input_names=["z", "condition"],
             output_names=["x"],
