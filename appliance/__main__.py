@@ -244,25 +244,35 @@ def _serve_config(args: argparse.Namespace) -> object:
         allow_insecure_remote=args.allow_insecure_remote,
         require_gpu=args.require_gpu,
         max_beats_per_request=args.max_beats_per_request,
+        grace_s=args.grace_s,
+        drain_s=args.drain_s,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_message_bytes=args.max_message_bytes,
     )
 
 
 def _command_serve(args: argparse.Namespace) -> int:
-    from appliance.server import ServeConfig, create_server, serve_until_signal
+    from appliance.errors import ModelStoreError
+    from appliance.server import ServeConfig, install_signal_handlers, start_server
 
     config = _serve_config(args)
     assert isinstance(config, ServeConfig)
     try:
-        running = create_server(args.store, config)
+        # The port opens first and reports NOT_SERVING until the model is loaded and checked.
+        running = start_server(config)
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    except RuntimeError as exc:  # --require-gpu without a GPU
         raise UsageError(str(exc)) from exc
     if args.port_file:
         temporary = args.port_file.with_suffix(".tmp")
         temporary.write_text(f"{running.port}\n")
         temporary.replace(args.port_file)
-    serve_until_signal(running)
+    install_signal_handlers(running)
+    try:
+        running.load(args.store)
+    except (ModelStoreError, RuntimeError) as exc:  # RuntimeError: --require-gpu without a GPU
+        running.server.stop(0)
+        raise UsageError(str(exc)) from exc
+    running.wait()
     return 0
 
 
@@ -375,6 +385,8 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every subcommand."""
+    from appliance.server import ServeConfig as ServeDefaults
+
     parser = argparse.ArgumentParser(prog="python -m appliance", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -435,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=0,
-        help="gRPC worker threads (default: 0, the CPUs available)",
+        help="gRPC worker threads (default: 0, four per engine slot and at least eight)",
     )
     serve.add_argument(
         "--intra-op-threads",
@@ -466,6 +478,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=100_000,
         help="most beats one request may ask for or carry (default: 100000)",
+    )
+    serve.add_argument(
+        "--grace-s",
+        type=float,
+        default=ServeDefaults.grace_s,
+        help=f"seconds calls in flight may take after SIGTERM (default: {ServeDefaults.grace_s})",
+    )
+    serve.add_argument(
+        "--drain-s",
+        type=float,
+        default=ServeDefaults.drain_s,
+        help="seconds, within the grace period, that health reports NOT_SERVING before the "
+        f"port closes (default: {ServeDefaults.drain_s})",
+    )
+    serve.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=ServeDefaults.max_concurrent_rpcs,
+        help="calls accepted at once; more get RESOURCE_EXHAUSTED "
+        f"(default: {ServeDefaults.max_concurrent_rpcs})",
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=ServeDefaults.max_message_bytes,
+        help=f"largest request or reply message in bytes (default: "
+        f"{ServeDefaults.max_message_bytes})",
     )
     serve.set_defaults(handler=_command_serve)
 

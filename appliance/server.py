@@ -398,8 +398,8 @@ def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
-def serve_until_signal(running: ApplianceServer) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully (see ``ApplianceServer.stop``)."""
+def install_signal_handlers(running: ApplianceServer) -> None:
+    """Stop the server gracefully on SIGTERM or SIGINT (see ``ApplianceServer.stop``)."""
 
     def handle(signum: int, frame: FrameType | None) -> None:
         logger.info("signal received signal=%s", signal.Signals(signum).name)
@@ -407,4 +407,9 @@ def serve_until_signal(running: ApplianceServer) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+
+
+def serve_until_signal(running: ApplianceServer) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    install_signal_handlers(running)
     running.wait()
