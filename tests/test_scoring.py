@@ -69,8 +69,18 @@ def test_calibration_two_sided_tail_counts_low() -> None:
     low[0, amplitude] = -8.0
     low[1, nll] = -8.0  # very likely beats are not atypical
     scores = calibration.score(low)
-    assert scores[0] == 0.0
+    assert scores[0] < 1.0 / calibration.evidence.size  # less typical than every held-out beat
     assert scores[1] > 0.2
+
+
+def test_calibration_keeps_order_below_range() -> None:
+    features = np.random.default_rng(0).normal(size=(1000, len(FEATURES)))
+    calibration = Calibration.fit(features)
+    far = np.zeros((2, len(FEATURES)))
+    far[:, FEATURES.index("morphology")] = [6.0, 9.0]
+    scores = calibration.score(far)
+    assert scores[0] > scores[1] > 0.0
+    assert scores[0] < 1.0 / calibration.evidence.size
 
 
 def test_calibration_non_finite_scores_zero() -> None:
