@@ -137,7 +137,7 @@ class RealNvpBaseline:
             loss.backward()
             optimiser.step()
             if step % 500 == 0:
-                logger.info("realnvp step=%d nll_nats=%.3f", step, float(loss))
+                logger.info("realnvp step=%d nll_nats=%.3f", step, float(loss.detach()))
         self.flow.eval()
 
     @torch.no_grad()

@@ -14,6 +14,9 @@ import numpy as np
 import scipy.linalg
 import scipy.signal
 
+# Added to each covariance diagonal before the matrix square root of the Fréchet distance.
+FRECHET_RIDGE = 1e-6
+
 
 @dataclass(frozen=True)
 class MmdResult:
@@ -117,7 +120,10 @@ def frechet_distance(first: np.ndarray, second: np.ndarray) -> float:
     mu1, mu2 = first.mean(axis=0), second.mean(axis=0)
     sigma1 = np.atleast_2d(np.cov(first, rowvar=False))
     sigma2 = np.atleast_2d(np.cov(second, rowvar=False))
-    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    # Embedding units that are zero for every beat make a covariance singular; a small ridge
+    # keeps the square root defined and changes the distance by about 2 * dims * ridge.
+    ridge = FRECHET_RIDGE * np.eye(sigma1.shape[0])
+    root = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
     root = np.real(root)
     value = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2.0 * root))
     return max(value, 0.0)

@@ -1,0 +1,234 @@
+"""Quality and privacy metrics on cases whose answer is known, and the report end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.classes import class_index
+from appliance.config import DEFAULT_DATA_DIR
+from appliance.quality.baselines import (
+    CopyGenerator,
+    NoiseGenerator,
+    PcaGaussian,
+    RealNvpBaseline,
+    RealNvpConfig,
+)
+from appliance.quality.classifier import ClassifierConfig, f1_per_class
+from appliance.quality.discriminative import discriminative_score
+from appliance.quality.evaluate import QualityConfig, evaluate_generators
+from appliance.quality.mmd import frechet_distance, mmd2_test, power_spectra
+from appliance.quality.morphology import morphology_report
+from appliance.quality.privacy_metrics import auroc, privacy_report
+from appliance.quality.protocol import LabelledBeats, load_protocol, subsample, znormalise
+from appliance.quality.report import build_report
+
+N, S, V, F = (class_index(name) for name in "NSVF")
+FAST_CLASSIFIER = ClassifierConfig(steps=40, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    """The de Chazal protocol on the bundled records (DS1: 106 208 209 220 223; DS2: 213 232)."""
+    return load_protocol(DEFAULT_DATA_DIR)
+
+
+@pytest.fixture(scope="module")
+def small_fit(protocol) -> LabelledBeats:
+    return subsample(protocol.fit, 300, seed=0)
+
+
+def test_znormalise_gives_unit_beats():
+    rng = np.random.default_rng(0)
+    beats = rng.normal(3.0, 5.0, size=(4, 1, 256))
+    beats[3] = 2.0
+    z = znormalise(beats)
+    assert np.allclose(z[:3].mean(axis=(1, 2)), 0.0, atol=1e-5)
+    assert np.allclose(z[:3].std(axis=(1, 2)), 1.0, atol=1e-4)
+    assert np.all(z[3] == 0.0)
+
+
+def test_protocol_keeps_sets_apart(protocol):
+    assert len(protocol.fit) > 0
+    assert len(protocol.holdout) > 0
+    assert len(protocol.test) > 0
+    assert protocol.holdout_mv.shape == protocol.holdout.beats.shape
+    assert np.allclose(protocol.fit.beats.std(axis=(1, 2)), 1.0, atol=1e-3)
+
+
+def test_mmd_same_distribution_near_zero(small_fit):
+    normal = small_fit.of_class(N)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(normal))
+    half = len(order) // 2
+    result = mmd2_test(normal[order[:half]], normal[order[half:]], permutations=100)
+    assert abs(result.mmd2) < 0.01
+    assert result.p_value > 0.05
+
+
+def test_mmd_noise_is_large_and_significant(small_fit):
+    normal = small_fit.of_class(N)[:100]
+    noise = NoiseGenerator((1, 256)).sample({N: 100}, seed=0).beats
+    result = mmd2_test(normal, noise, permutations=100)
+    assert result.mmd2 > 0.1
+    assert result.p_value == pytest.approx(1 / 101)
+
+
+def test_mmd_rejects_tiny_samples():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        mmd2_test(np.zeros((1, 5)), np.zeros((3, 5)))
+
+
+def test_power_spectra_sum_to_one(small_fit):
+    spectra = power_spectra(small_fit.beats[:10], fs_hz=360.0)
+    assert spectra.shape == (10, 129)
+    assert np.allclose(spectra.sum(axis=1), 1.0)
+
+
+def test_frechet_distance_of_shifted_gaussian():
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((4000, 3))
+    assert frechet_distance(sample, sample) == pytest.approx(0.0, abs=1e-6)
+    shifted = sample + np.array([3.0, 0.0, 4.0])
+    assert frechet_distance(sample, shifted) == pytest.approx(25.0, rel=1e-3)
+
+
+def test_auroc_known_cases():
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert auroc(np.ones(5), np.ones(7)) == 0.5
+
+
+def test_f1_per_class_known_answer():
+    true = np.array([N, N, N, S, S, V])
+    predicted = np.array([N, N, S, S, N, V])
+    f1 = f1_per_class(true, predicted)
+    assert f1["N"] == pytest.approx(2 / 3)
+    assert f1["S"] == pytest.approx(0.5)
+    assert f1["V"] == pytest.approx(1.0)
+    assert f1["F"] is None
+    assert f1["macro"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+
+
+def test_privacy_flags_copied_beats(protocol):
+    members = subsample(protocol.fit, 100, seed=0)
+    counts = {c: 20 * n for c, n in enumerate(np.bincount(members.labels)) if n}
+    copies = CopyGenerator(members).sample(counts, seed=0)  # nearly every member copied
+    holdout = protocol.holdout.beats[:400]
+    report = privacy_report(copies.beats, members.beats, holdout, seed=0, max_members=150)
+    assert report["dcr_synthetic_median"] == pytest.approx(0.0, abs=1e-3)
+    assert report["fraction_below_holdout_p05"] > 0.99
+    assert report["mia_auroc"] > 0.8
+
+
+def test_privacy_passes_noise(protocol):
+    members = subsample(protocol.fit, 100, seed=0)
+    noise = NoiseGenerator((1, 256)).sample({N: 300}, seed=0)
+    holdout = protocol.holdout.beats[:400]
+    report = privacy_report(noise.beats, members.beats, holdout, seed=0, max_members=300)
+    assert report["fraction_below_holdout_p05"] == 0.0
+    assert report["dcr_synthetic_median"] > report["dcr_holdout_median"]
+    assert 0.35 < report["mia_auroc"] < 0.65
+
+
+def test_discriminative_separates_noise(small_fit):
+    noise = NoiseGenerator((1, 256)).sample({N: 200, V: 200}, seed=0)
+    result = discriminative_score(small_fit, noise, FAST_CLASSIFIER, seed=0)
+    assert result["overall"] > 0.4
+    assert result["per_class"]["N"] > 0.4
+
+
+def test_discriminative_cannot_tell_real_halves(protocol):
+    first = subsample(protocol.fit, 200, seed=1)
+    second = subsample(protocol.fit, 200, seed=2)
+    copies = CopyGenerator(second).sample({N: 200, V: 200}, seed=3)
+    result = discriminative_score(first, copies, FAST_CLASSIFIER, seed=0)
+    assert result["overall"] < 0.15
+
+
+def test_morphology_of_copies_matches_real(small_fit):
+    copies = CopyGenerator(small_fit).sample({N: 60}, seed=0)
+    report = morphology_report(small_fit, copies, 360.0, 90, per_class=30, seed=0)
+    qrs = report["N"]["qrs_width_ms"]
+    assert 40.0 < qrs["real"]["median"] < 200.0
+    assert abs(qrs["median_difference"]) < 15.0
+    assert qrs["real"]["found"] > 0.8
+    assert "V" not in report  # no synthetic V beats were drawn
+
+
+def test_baselines_sample_requested_classes(small_fit):
+    flow = RealNvpBaseline(
+        small_fit, RealNvpConfig(dims=8, transforms=2, hidden_features=32, steps=10, batch_size=64)
+    )
+    for generator in (PcaGaussian(small_fit, dims=8), flow):
+        sample = generator.sample({N: 5, V: 3, F: 0}, seed=0)
+        assert sample.beats.shape == (8, 1, 256)
+        assert sample.counts()["N"] == 5
+        assert sample.counts()["V"] == 3
+        assert np.isfinite(sample.beats).all()
+
+
+def test_evaluation_ranks_copies_over_noise(protocol):
+    small = load_protocol_subset(protocol)
+    config = QualityConfig(
+        train_per_class=150,
+        rebalance_target=150,
+        eval_per_class=100,
+        mmd_per_class=60,
+        permutations=30,
+        morphology_per_class=10,
+        classifier=FAST_CLASSIFIER,
+    )
+    generators = [CopyGenerator(small.fit), NoiseGenerator((1, 256))]
+    figures = evaluate_generators(small, generators, config).summary()["generators"]
+    copies, noise = figures["copies"], figures["noise"]
+    assert copies["tstr_trtr"] > noise["tstr_trtr"]
+    assert copies["mean_mmd2_waveform"] < noise["mean_mmd2_waveform"]
+    assert copies["discriminative"]["overall"] < noise["discriminative"]["overall"]
+    assert copies["privacy"]["fraction_below_holdout_p05"] > 0.5
+    assert noise["privacy"]["fraction_below_holdout_p05"] == 0.0
+
+
+def load_protocol_subset(protocol):
+    """The protocol with a few hundred beats per class in each set, for a fast evaluation."""
+    from dataclasses import replace
+
+    return replace(
+        protocol,
+        fit=subsample(protocol.fit, 300, 0),
+        holdout=subsample(protocol.holdout, 100, 0),
+        test=subsample(protocol.test, 300, 0),
+    )
+
+
+@pytest.mark.slow
+def test_report_writes_page_and_json(model_store: Path, tmp_path: Path):
+    config = QualityConfig(
+        train_per_class=40,
+        rebalance_target=40,
+        eval_per_class=40,
+        mmd_per_class=30,
+        permutations=20,
+        morphology_per_class=5,
+        classifier=ClassifierConfig(steps=40, batch_size=32),
+    )
+    summary = build_report(
+        model_store,
+        DEFAULT_DATA_DIR,
+        tmp_path,
+        config,
+        realnvp=RealNvpConfig(dims=8, transforms=2, hidden_features=32, steps=20),
+    )
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved == summary
+    assert set(summary["generators"]) == {"appliance", "pca_gaussian", "realnvp"}
+    assert summary["protocol"]["matches_training_records"] is False  # bundled SPLITS file
+    page = (tmp_path / "quality.html").read_text()
+    for name in summary["figures"]:
+        assert (tmp_path / name).stat().st_size > 1000
+        assert f'src="{name}"' in page
+    assert summary["score_quantiles"]["real"]["median"] is not None
+    assert summary["score_quantiles"]["corrupted"]["median"] < 0.5
