@@ -120,8 +120,8 @@ def frechet_distance(first: np.ndarray, second: np.ndarray) -> float:
     mu1, mu2 = first.mean(axis=0), second.mean(axis=0)
     sigma1 = np.atleast_2d(np.cov(first, rowvar=False))
     sigma2 = np.atleast_2d(np.cov(second, rowvar=False))
-    # Embedding units that are zero for every beat make a covariance singular; a small ridge
-    # keeps the square root defined and changes the distance by about 2 * dims * ridge.
+    # Embedding units that are zero for every beat make a covariance singular. A small ridge
+    # keeps the matrix square root defined.
     ridge = FRECHET_RIDGE * np.eye(sigma1.shape[0])
     root = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
     root = np.real(root)
