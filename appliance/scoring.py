@@ -6,8 +6,9 @@ computed:
 
 - ``nll_bpd``: negative log-likelihood in bits per dimension,
   ``(||z||^2 / 2 + D/2 log(2 pi) - log|det J|) / (D ln 2)``; large is atypical.
-- ``bottleneck_norm``: ``||z[:k]||^2 / k`` over the ``k`` bottleneck dimensions, a typicality
-  test on the latent norm; both too large and too small are atypical.
+- ``bottleneck_norm``: ``||z[:k]||^2 / k`` over the ``k`` bottleneck dimensions, a test on the
+  latent norm; too large is atypical. Too small is not, so that draws at temperatures below 1
+  are not rejected for being close to the mode.
 - ``reconstruction``: ``log10(mean((x - f^-1(truncate(z) | c))^2) / var(x))``, the error of
   the beat projected through the bottleneck relative to the beat's variance, so that it does
   not grow with a patient's amplitude; large is atypical (noise, mains, steps, other shapes).
@@ -54,7 +55,7 @@ FEATURES = (
 # Which tails of each statistic count as atypical: "upper" or "both".
 FEATURE_TAILS = {
     "nll_bpd": "upper",
-    "bottleneck_norm": "both",
+    "bottleneck_norm": "upper",
     "reconstruction": "upper",
     "amplitude": "both",
     "high_frequency": "both",
