@@ -1,4 +1,4 @@
-"""Command line: ``python -m appliance train|export|serve|health|generate|validate|run``.
+"""Command line: ``python -m appliance train|export|serve|health|generate|validate|report|run``.
 
 Heavy modules (PyTorch among them) are imported inside the subcommands that need them, so that
 ``serve`` runs without PyTorch.
@@ -375,6 +375,25 @@ def _command_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_report(args: argparse.Namespace) -> int:
+    from appliance.quality.report import build_report
+
+    figures = build_report(
+        args.store,
+        args.data,
+        args.out,
+        baselines=not args.no_baselines,
+        temperature=args.temperature,
+        margin=args.margin,
+        cache_dir=str(args.cache_dir or ""),
+    )
+    sys.stdout.write(
+        f"wrote {args.out / 'quality.html'} and {args.out / 'quality.json'} "
+        f"({len(figures)} sections)\n"
+    )
+    return 0
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from appliance.pipeline import run_main_job
 
@@ -581,6 +600,47 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="lowest accepted pertinence score (default: the model's)",
             )
+
+    report = commands.add_parser(
+        "report", help="write the quality and privacy report of the store's current model"
+    )
+    report.add_argument(
+        "--store",
+        type=Path,
+        default=Path("model-store"),
+        help="model store folder (default: ./model-store)",
+    )
+    report.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="MIT-BIH folder with every record of the de Chazal split",
+    )
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/report"),
+        help="output folder (default: runs/report)",
+    )
+    report.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="latent temperature of generation (default: 1.0)",
+    )
+    report.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="pertinence margin of generation (default: the model's)",
+    )
+    report.add_argument(
+        "--no-baselines", action="store_true", help="skip the PCA Gaussian and RealNVP baselines"
+    )
+    report.add_argument(
+        "--cache-dir", type=Path, default=None, help="ingest cache folder (default: no cache)"
+    )
+    report.set_defaults(handler=_command_report)
 
     run = commands.add_parser("run", help="the main job: train, serve, generate, validate")
     _data_options(run)
