@@ -41,8 +41,14 @@ lint: venv $(BUF)
 $(BUF):
 	npm install --prefix build/node --no-save @bufbuild/buf@$(BUF_VERSION)
 
+# Each benchmark prints its figures; docs/benchmarks.md records them with command and machine.
+# The training budgets are long: the whole target takes about an hour on 2 cores.
 bench: venv
-	$(PY) -m benchmarks
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/flow_baselines.py
+	$(PY) benchmarks/gate.py
+	$(PY) benchmarks/grpc_throughput.py
+	$(PY) benchmarks/quality.py --out runs/quality
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
