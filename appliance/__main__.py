@@ -309,6 +309,8 @@ def _command_generate(args: argparse.Namespace) -> int:
     from appliance.client import ApplianceClient
     from appliance.outputs import write_beats
 
+    if args.count < 1 and not args.classes:
+        raise UsageError(f"--count={args.count} must be at least 1 (or use --classes)")
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     class_counts = None
@@ -327,6 +329,7 @@ def _command_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             margin=args.margin,
             seed=args.seed,
+            max_draws_per_beat=args.max_draws_per_beat,
         )
     paths = write_beats(
         args.out,
@@ -339,11 +342,18 @@ def _command_generate(args: argparse.Namespace) -> int:
         args.format,
     )
     stats = result.stats
+    requested = sum(class_counts.values()) if class_counts else args.count
     sys.stdout.write(
-        f"accepted {stats.accepted} of {stats.draws} draws (pertinence rejections "
-        f"{stats.pertinence_rejections}, privacy rejections {stats.privacy_rejections}, "
-        f"invalid {stats.invalid_rejections}); wrote {', '.join(str(p) for p in paths)}\n"
+        f"accepted {stats.accepted} of {requested} requested beats from {stats.draws} draws "
+        f"(pertinence rejections {stats.pertinence_rejections}, privacy rejections "
+        f"{stats.privacy_rejections}, invalid {stats.invalid_rejections}); wrote "
+        f"{', '.join(str(p) for p in paths)}\n"
     )
+    if stats.budget_exhausted:
+        sys.stdout.write(
+            "the draw budget ran out before every requested beat was accepted; raise "
+            "--max-draws-per-beat, lower --margin or retrain with a longer --max-minutes\n"
+        )
     return 0
 
 
@@ -357,9 +367,18 @@ def _command_validate(args: argparse.Namespace) -> int:
             f"--input {args.input} does not exist; pass a .npy file of shape "
             "(beats, leads, window_samples) in mV"
         )
-    beats = np.load(args.input)
-    if beats.ndim == 2:
-        beats = beats[:, None, :]
+    try:
+        beats = np.load(args.input, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UsageError(
+            f"--input {args.input} is not a NumPy .npy array file ({exc}); save the beats "
+            "with numpy.save, shape (beats, leads, window_samples), in mV"
+        ) from exc
+    if beats.ndim != 3:
+        raise UsageError(
+            f"--input {args.input} has shape {beats.shape}; expected (beats, leads, "
+            "window_samples), e.g. (n, 1, 256)"
+        )
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
@@ -577,9 +596,19 @@ def build_parser() -> argparse.ArgumentParser:
                 "--margin",
                 type=float,
                 default=None,
-                help="lowest accepted pertinence score in [0, 1] (default: the model's)",
+                help="lowest accepted pertinence score, within the model's min_margin to "
+                "max_margin (0 to 0.99 by default; default: the model's default margin)",
             )
-            sub.add_argument("--seed", type=int, default=None, help="seed of the draws")
+            sub.add_argument(
+                "--seed", type=int, default=None, help="seed of the draws (default: random)"
+            )
+            sub.add_argument(
+                "--max-draws-per-beat",
+                type=int,
+                default=0,
+                help="candidate draws allowed per requested beat before the server returns "
+                "what it has (default: 0, the server's 20)",
+            )
             sub.add_argument("--out", type=Path, required=True, help="output folder")
             sub.add_argument(
                 "--format",
@@ -654,6 +683,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rpc_error_type() -> type[Exception]:
+    """Return ``grpc.RpcError`` if gRPC is loaded, else a class no exception matches."""
+    grpc = sys.modules.get("grpc")
+    return grpc.RpcError if grpc is not None else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    """Placeholder for ``except`` when gRPC was never imported."""
+
+
+def _report_rpc_error(exc: Exception) -> int:
+    """Print a failed call's status and message in one line; bad requests exit with 2."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    sys.stderr.write(f"error: the server answered {name}: {details}\n")
+    request_errors = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
+    return EXIT_USAGE if name in request_errors else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; bad input exits with status 2 and a one-line message."""
     args = build_parser().parse_args(argv)
@@ -663,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.setLevel(args.log_level.upper())
     try:
         return int(args.handler(args))
+    except _rpc_error_type() as exc:
+        return _report_rpc_error(exc)
     except ApplianceError as exc:
         from appliance.errors import DataError, ModelStoreError
 
@@ -671,6 +722,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    except ValueError as exc:  # client-side checks, e.g. an unknown class name
+        logger.debug("command failed", exc_info=True)
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

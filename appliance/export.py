@@ -77,6 +77,9 @@ def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
     forward_path, inverse_path = folder / "forward.onnx", folder / "inverse.onnx"
     # The exporter's own internals emit deprecation and shape-naming warnings in torch 2.13 that
     # say nothing about this model; they are silenced for the export calls only.
+    exporter_logger = logging.getLogger("torch.onnx")
+    exporter_level = exporter_logger.level
+    exporter_logger.setLevel(logging.ERROR)  # "torchvision is not installed" notices
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -107,6 +110,7 @@ def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
         )
         assert program is not None
         program.save(str(inverse_path))
+    exporter_logger.setLevel(exporter_level)
     return forward_path, inverse_path
 
 

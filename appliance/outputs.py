@@ -147,8 +147,9 @@ def plot_real_vs_synthetic(
             low, high = np.percentile(real, [5, 95], axis=0)
             axis.fill_between(t_ms, low, high, color="tab:blue", alpha=0.25, label="real 5-95 %")
             axis.plot(t_ms, real.mean(axis=0), color="tab:blue", label="real mean")
-        for beat in synthetic[:20]:
-            axis.plot(t_ms, beat, color="tab:red", alpha=0.3, linewidth=0.8)
+        for index, beat in enumerate(synthetic[:20]):
+            label = "synthetic" if index == 0 else None
+            axis.plot(t_ms, beat, color="tab:red", alpha=0.3, linewidth=0.8, label=label)
         axis.set_title(f"class {name}: real n={real.shape[0]}, synthetic n={synthetic.shape[0]}")
         axis.set_xlabel("time (ms)")
         axis.set_ylabel("amplitude (mV)")

@@ -89,3 +89,30 @@ def test_negative_budget_exits_2(tmp_path: Path) -> None:
     result = run_cli("train", "--max-minutes", "-1", "--store", str(tmp_path / "store"))
     assert result.returncode == 2
     assert "--max-minutes=-1.0 must be greater than 0" in result.stderr
+
+
+def test_rejected_request_prints_one_line(server_address: str, tmp_path: Path) -> None:
+    import numpy as np
+
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((5, 1, 300), dtype=np.float32))
+    result = run_cli("validate", "--address", server_address, "--input", str(wrong))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "INVALID_ARGUMENT" in result.stderr
+    assert "window_samples=300" in result.stderr
+
+
+def test_generate_count_zero_exits_2(tmp_path: Path) -> None:
+    result = run_cli("generate", "--count", "0", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "--count=0 must be at least 1" in result.stderr
+
+
+def test_validate_text_file_exits_2(tmp_path: Path) -> None:
+    text = tmp_path / "beats.npy"
+    text.write_text("not an array\n")
+    result = run_cli("validate", "--input", str(text))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "is not a NumPy .npy array file" in result.stderr
