@@ -85,6 +85,12 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         help=f"Adam learning rate (default: {train.learning_rate})",
     )
     parser.add_argument(
+        "--max-beats-per-class",
+        type=int,
+        default=train.max_beats_per_class,
+        help=f"cap on training beats per class (default: {train.max_beats_per_class})",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=train.seed,
@@ -135,6 +141,7 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
         ("--epochs", args.epochs),
         ("--batch-size", args.batch_size),
         ("--learning-rate", args.learning_rate),
+        ("--max-beats-per-class", args.max_beats_per_class),
     ):
         if not value > 0:
             raise UsageError(f"{name}={value} must be greater than 0")
@@ -155,6 +162,7 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
             learning_rate=args.learning_rate,
             seed=args.seed,
             threads=args.threads,
+            max_beats_per_class=args.max_beats_per_class,
             device=args.device,
             mixed_precision=args.mixed_precision,
         ),

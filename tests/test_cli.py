@@ -12,7 +12,7 @@ import pytest
 from appliance.config import DEFAULT_DATA_DIR
 
 
-def run_cli(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout_s: float = 900.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance", *args],
         capture_output=True,
@@ -70,6 +70,8 @@ def test_corrupt_header_is_reported_and_skipped(tmp_path: Path) -> None:
         "1",
         "--max-minutes",
         "0.2",
+        "--max-beats-per-class",
+        "100",
         "--no-progress",
     )
     assert result.returncode == 0, result.stderr[-2000:]

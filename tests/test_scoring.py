@@ -115,13 +115,16 @@ def test_auroc_orders_and_ties() -> None:
 
 def test_engine_scores_heldout_beats_uniformly(engine: Engine, default_dataset) -> None:
     validation = default_dataset.splits["validation"]
-    known = np.isin(validation.labels, engine.classes_known)
-    x = (validation.windows[known][:TEST_BEATS] / engine.scale_mv).astype(np.float32)
-    scored = engine.score(x, validation.labels[known][:TEST_BEATS])
+    known = np.flatnonzero(np.isin(validation.labels, engine.classes_known))
+    # A random sample over the whole record, not its first minutes.
+    pick = np.sort(np.random.default_rng(11).choice(known, TEST_BEATS, replace=False))
+    x = (validation.windows[pick] / engine.scale_mv).astype(np.float32)
+    scored = engine.score(x, validation.labels[pick])
     assert scored.features.shape == (x.shape[0], len(FEATURES))
     assert np.isfinite(scored.features).all()
-    # Calibrated on these beats among others, so roughly uniform.
-    assert 0.3 < float(np.median(scored.scores)) < 0.7
+    # Calibrated on the validation record and the training records' hold-out, so roughly
+    # uniform on the validation record alone.
+    assert 0.25 < float(np.median(scored.scores)) < 0.75
 
 
 def test_score_without_label_returns_best_class(

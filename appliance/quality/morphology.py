@@ -45,9 +45,13 @@ def delineate(beats: np.ndarray, fs_hz: float, pre_r_samples: int) -> dict[str, 
     with warnings.catch_warnings():
         # NeuroKit2 warns about points it could not find; those come back as NaN.
         warnings.simplefilter("ignore")
-        _, waves = neurokit2.ecg_delineate(
-            signal, rpeaks=r_peaks, sampling_rate=fs_hz, method="dwt"
-        )
+        try:
+            _, waves = neurokit2.ecg_delineate(
+                signal, rpeaks=r_peaks, sampling_rate=fs_hz, method="dwt"
+            )
+        except ValueError as exc:  # NeuroKit2 rejects signals too short for its wavelets
+            logger.warning("delineation skipped beats=%d reason=%s", n, exc)
+            return {name: np.full(n, np.nan) for name in MEASURES}
 
     def points(key: str) -> np.ndarray:
         values = np.asarray(waves.get(key, [np.nan] * n), dtype=np.float64)
