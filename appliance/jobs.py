@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.config import ApplianceConfig
 from appliance.dataset import BeatSet, Dataset, ingest
@@ -52,12 +53,17 @@ def train_and_export(
         # Under torchrun every rank trains; only rank 0 exports and publishes.
         return TrainJobResult(dataset, fit_beats, holdout_beats, result, None)
     calibration_beats = concatenate(dataset.splits["validation"], holdout_beats)
-    facts = {
+    facts = data_facts(dataset)
+    version = export_model(config, result, fit_beats, calibration_beats, store, facts)
+    return TrainJobResult(dataset, fit_beats, holdout_beats, result, version)
+
+
+def data_facts(dataset: Dataset) -> dict[str, Any]:
+    """Return the facts about the ingested data that the manifest records."""
+    return {
         "leads": dataset.leads,
         "records": dataset.report.split_of_record,
         "beat_sources": dataset.report.beat_sources,
         "fs_hz_of_record": dataset.fs_hz_of_record,
         "preprocessing": dataset.preprocessing.to_dict() if dataset.preprocessing else None,
     }
-    version = export_model(config, result, fit_beats, calibration_beats, store, facts)
-    return TrainJobResult(dataset, fit_beats, holdout_beats, result, version)

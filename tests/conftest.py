@@ -84,6 +84,7 @@ def model_store(
     """A model store holding the exported fixture model as its current version."""
     from appliance.export import export_model
     from appliance.holdout import concatenate
+    from appliance.jobs import data_facts
 
     store = tmp_path_factory.mktemp("store")
     export_model(
@@ -92,7 +93,7 @@ def model_store(
         split_train[0],
         concatenate(default_dataset.splits["validation"], split_train[1]),
         store,
-        {"leads": default_dataset.leads},
+        data_facts(default_dataset),
     )
     return store
 
