@@ -15,7 +15,7 @@ MITDB = SHARED_DATA / "mitdb"
 WFDB_FORMATS = SHARED_DATA / "wfdb-formats"
 
 # One short run, shared by every test that needs a trained model: three epochs over at most
-# 2500 beats per class (about 60 steps an epoch) take about a minute and a half on 2 idle cores.
+# 2500 beats per class, about 60 steps an epoch (an estimate: a few minutes on 2 idle cores).
 FIXTURE_TRAIN = TrainConfig(
     max_epochs=3, max_minutes=3.0, max_beats_per_class=2500, checkpoint_every_steps=1000, seed=0
 )
