@@ -706,7 +706,7 @@ def _report_rpc_error(exc: Exception) -> int:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     name = code.name if code is not None else "UNKNOWN"
-    sys.stderr.write(f"error: the server answered {name}: {details}\n")
+    sys.stderr.write(f"error: the server returned {name}: {details}\n")
     request_errors = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
     return EXIT_USAGE if name in request_errors else 1
 

@@ -253,14 +253,19 @@ def _random_split(records: list[str], config: DataConfig) -> dict[str, str]:
     groups.extend([r] for r in records if r not in grouped)
     order = np.random.default_rng(config.split_seed).permutation(len(groups))
     n = len(groups)
-    n_test = round(n * config.test_fraction) if n >= 3 else 0
-    n_validation = round(n * config.validation_fraction) if n >= 3 else 0
-    n_test, n_validation = max(n_test, 1 if n >= 3 else 0), max(n_validation, 1 if n >= 3 else 0)
+    # With fewer than 3 subjects every record trains; otherwise each held-out side gets one.
+    n_test, n_validation = 0, 0
+    if n >= 3:
+        n_test = max(1, round(n * config.test_fraction))
+        n_validation = max(1, round(n * config.validation_fraction))
     mapping: dict[str, str] = {}
     for rank, g in enumerate(order):
-        split = (
-            "test" if rank < n_test else "validation" if rank < n_test + n_validation else "train"
-        )
+        if rank < n_test:
+            split = "test"
+        elif rank < n_test + n_validation:
+            split = "validation"
+        else:
+            split = "train"
         for record in groups[g]:
             mapping[record] = split
     return mapping

@@ -75,8 +75,8 @@ def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
     condition = one_hot(torch.tensor([0, 1]), classes)
     batch = torch.export.Dim("batch", min=1)
     forward_path, inverse_path = folder / "forward.onnx", folder / "inverse.onnx"
-    # The exporter's own internals emit deprecation and shape-naming warnings in torch 2.13 that
-    # say nothing about this model; they are silenced for the export calls only.
+    # In torch 2.13 the exporter's internals emit deprecation and shape-naming warnings that
+    # concern the exporter, not this model, so they are silenced for the export calls only.
     exporter_logger = logging.getLogger("torch.onnx")
     exporter_level = exporter_logger.level
     exporter_logger.setLevel(logging.ERROR)  # "torchvision is not installed" notices

@@ -164,26 +164,18 @@ def run_main_job(
         index.nearest_distance(privacy_space(generated.beats)) if n_synthetic else np.zeros(0)
     )
     beats_dir = out_dir / "synthetic"
-    written = write_beats(
-        beats_dir,
-        generated.beats,
-        generated.classes,
-        generated.scores,
-        generated.fs_hz,
-        int(manifest["data"]["pre_r_samples"]),
-        list(manifest["data"]["leads"]),
-        "npy",
-    )
-    written += write_beats(
-        beats_dir,
-        generated.beats,
-        generated.classes,
-        generated.scores,
-        generated.fs_hz,
-        int(manifest["data"]["pre_r_samples"]),
-        list(manifest["data"]["leads"]),
-        "wfdb",
-    )
+    written: list[Path] = []
+    for fmt in ("npy", "wfdb"):
+        written += write_beats(
+            beats_dir,
+            generated.beats,
+            generated.classes,
+            generated.scores,
+            generated.fs_hz,
+            int(manifest["data"]["pre_r_samples"]),
+            list(manifest["data"]["leads"]),
+            fmt,
+        )
     figure = plot_real_vs_synthetic(
         out_dir / "real_vs_synthetic.png",
         test.windows,

@@ -52,7 +52,7 @@ FEATURES = (
     "high_frequency",
     "morphology",
 )
-# Which tails of each statistic count as atypical: "upper" or "both".
+# Tails of each statistic that count as atypical: "upper" or "both".
 FEATURE_TAILS = {
     "nll_bpd": "upper",
     "bottleneck_norm": "upper",
