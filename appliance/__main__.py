@@ -1,5 +1,7 @@
 """Command line: ``python -m appliance train|export|serve|health|generate|validate|report|run``.
 
+``quality-report`` fetches the report that ``report`` attached to the store from a server.
+
 Heavy modules (PyTorch among them) are imported inside the subcommands that need them, so that
 ``serve`` runs without PyTorch.
 """
@@ -403,7 +405,8 @@ def _command_validate(args: argparse.Namespace) -> int:
 
 
 def _command_report(args: argparse.Namespace) -> int:
-    from appliance.quality.report import build_report
+    from appliance.quality.report import build_report, embedded_html
+    from appliance.report_store import attach_report
 
     figures = build_report(
         args.store,
@@ -417,6 +420,27 @@ def _command_report(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"wrote {args.out / 'quality.html'} and {args.out / 'quality.json'} "
         f"({len(figures)} sections)\n"
+    )
+    if not args.no_attach:
+        folder = attach_report(args.store, figures, embedded_html(figures, args.out))
+        sys.stdout.write(
+            f"attached the report of model {figures['model_id']} to {folder}; "
+            "GetQualityReport returns it\n"
+        )
+    return 0
+
+
+def _command_quality_report(args: argparse.Namespace) -> int:
+    from appliance.client import ApplianceClient, write_quality_report
+
+    client = _client(args)
+    assert isinstance(client, ApplianceClient)
+    with client:
+        reply = client.quality_report(include_html=not args.no_html)
+    paths = write_quality_report(reply, args.out)
+    sys.stdout.write(
+        f"quality report of model {reply.model_id}, computed {reply.created_at}: wrote "
+        f"{', '.join(str(p) for p in paths)}\n"
     )
     return 0
 
@@ -558,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("health", _command_health, "check the server's gRPC health status"),
         ("generate", _command_generate, "generate synthetic beats through a server"),
         ("validate", _command_validate, "score beats from a .npy file through a server"),
+        (
+            "quality-report",
+            _command_quality_report,
+            "fetch the served model's quality report through a server",
+        ),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument(
@@ -624,6 +653,18 @@ def build_parser() -> argparse.ArgumentParser:
                 default="npy",
                 help="output format (default: npy)",
             )
+        if name == "quality-report":
+            sub.add_argument(
+                "--out",
+                type=Path,
+                required=True,
+                help="output folder for quality.html and quality.json",
+            )
+            sub.add_argument(
+                "--no-html",
+                action="store_true",
+                help="fetch quality.json only, for a page over the server's message limit",
+            )
         if name == "validate":
             sub.add_argument(
                 "--input",
@@ -676,6 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--cache-dir", type=Path, default=None, help="ingest cache folder (default: no cache)"
+    )
+    report.add_argument(
+        "--no-attach",
+        action="store_true",
+        help="do not store the report in STORE/reports for GetQualityReport "
+        "(default: store it beside the model version it describes)",
     )
     report.set_defaults(handler=_command_report)
 

@@ -16,6 +16,11 @@ from appliance.server_errors import REQUEST_ID_KEY
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
+# Largest reply the client accepts by default: twice the server's default message limit.
+DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 8 * 1024 * 1024
+# File names of a quality report fetched with GetQualityReport.
+QUALITY_HTML = "quality.html"
+QUALITY_JSON = "quality.json"
 # Beats per ValidateStream message: 4096 one-lead beats of 256 samples are 4 MiB, the default
 # message limit, so 2048 keeps each message near 2 MiB.
 VALIDATE_STREAM_BEATS = 2048
@@ -78,6 +83,21 @@ def decode_samples(samples: pb.Samples) -> np.ndarray:
     return values.reshape(samples.count, samples.leads, samples.window_samples)
 
 
+def write_quality_report(reply: pb.GetQualityReportResponse, out_dir: Path) -> list[Path]:
+    """Write a GetQualityReport reply as ``quality.json`` and, if it carries the page, HTML.
+
+    Returns:
+        The paths written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / QUALITY_JSON]
+    paths[0].write_text(reply.report_json, encoding="utf-8")
+    if reply.report_html:
+        paths.append(out_dir / QUALITY_HTML)
+        paths[1].write_bytes(reply.report_html)
+    return paths
+
+
 def class_value(name: str | None) -> int:
     """Return the BeatClass enum value of a class name; None gives UNSPECIFIED."""
     if name is None or name == "":
@@ -103,6 +123,8 @@ class ApplianceClient:
         client_certificate: PEM certificate for mutual TLS.
         client_key: PEM private key for mutual TLS.
         timeout_s: Deadline of each call in seconds.
+        max_receive_message_bytes: Largest reply message accepted, in bytes; raise it for a
+            server started with a larger ``--max-message-bytes``.
     """
 
     def __init__(
@@ -112,8 +134,9 @@ class ApplianceClient:
         client_certificate: Path | None = None,
         client_key: Path | None = None,
         timeout_s: float = 300.0,
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     ) -> None:
-        options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+        options = [("grpc.max_receive_message_length", max_receive_message_bytes)]
         if root_certificate is None:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
@@ -152,6 +175,22 @@ class ApplianceClient:
         """Return the served model's data contract and training summary."""
         return self.stub.GetModelInfo(
             pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self._metadata()
+        )
+
+    def quality_report(self, include_html: bool = True) -> pb.GetQualityReportResponse:
+        """Return the quality report stored for the served model.
+
+        Arguments:
+            include_html: Also return the page with its embedded PNG figures.
+
+        Raises:
+            grpc.RpcError: FAILED_PRECONDITION if the model has no report, RESOURCE_EXHAUSTED
+                if the page does not fit in the server's message limit.
+        """
+        return self.stub.GetQualityReport(
+            pb.GetQualityReportRequest(include_html=include_html),
+            timeout=self.timeout_s,
+            metadata=self._metadata(),
         )
 
     def generate_stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:

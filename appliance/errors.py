@@ -9,6 +9,7 @@
     ├── RequestError           a gRPC request is invalid           -> INVALID_ARGUMENT
     │   └── RequestTooLargeError  a request exceeds a size limit   -> RESOURCE_EXHAUSTED
     ├── ModelStoreError        the model store is missing or corrupt -> FAILED_PRECONDITION
+    │   └── ReportNotFoundError  the served model has no stored quality report
     ├── ModelNotReadyError     the server has no usable model yet  -> UNAVAILABLE
     └── TrainingError          training cannot continue
         └── NonFiniteLossError the loss became NaN or infinite
@@ -56,6 +57,10 @@ class RequestTooLargeError(RequestError):
 
 class ModelStoreError(ApplianceError):
     """The model store is missing, incomplete or fails its hash check."""
+
+
+class ReportNotFoundError(ModelStoreError):
+    """The model store contains no valid quality report for the requested model."""
 
 
 class ModelNotReadyError(ApplianceError):

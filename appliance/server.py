@@ -26,7 +26,12 @@ from grpc_reflection.v1alpha import reflection
 
 from appliance.engine import Engine
 from appliance.errors import ModelStoreError
-from appliance.service import DEFAULT_MAX_BEATS_PER_REQUEST, ApplianceServicer, ThreadPlan
+from appliance.service import (
+    DEFAULT_MAX_BEATS_PER_REQUEST,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ApplianceServicer,
+    ThreadPlan,
+)
 from appliance.store import load_current
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
@@ -35,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ApplianceService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# gRPC's default message limit, stated so that the limit is explicit and documented.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_GRACE_S = 10.0
 # After SIGTERM, health reports NOT_SERVING and new calls are rejected for this long before the
 # listening port closes, so that load balancers polling health can move traffic away.
@@ -264,7 +267,7 @@ class ApplianceServer:
         )
         self_check(engine)
         self.engine = engine
-        self.servicer.set_engine(engine)
+        self.servicer.set_engine(engine, store)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -326,7 +329,7 @@ def start_server(config: ServeConfig) -> ApplianceServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    servicer = ApplianceServicer(plan, config.max_beats_per_request)
+    servicer = ApplianceServicer(plan, config.max_beats_per_request, config.max_message_bytes)
     pb_grpc.add_ApplianceServiceServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -8,14 +8,22 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, cast
+from pathlib import Path
+from typing import Any, Protocol, cast
 
 import grpc
 import numpy as np
 
 from appliance.classes import AAMI_CLASSES
 from appliance.engine import Engine
-from appliance.errors import ApplianceError, ModelNotReadyError, RequestError, RequestTooLargeError
+from appliance.errors import (
+    ApplianceError,
+    ModelNotReadyError,
+    ReportNotFoundError,
+    RequestError,
+    RequestTooLargeError,
+)
+from appliance.report_store import REPORT_COMMAND, StoredReport, load_report, metric_rows
 from appliance.server_errors import CallCancelledError, rpc_call
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
@@ -27,6 +35,8 @@ MAX_CHUNK_BEATS = 4096
 DEFAULT_DRAWS_PER_BEAT = 20
 MAX_DRAWS_PER_BEAT = 1000
 DEFAULT_MAX_BEATS_PER_REQUEST = 100_000
+# gRPC's default message limit, stated so that the limit is explicit and documented.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Validate scores this many beats per engine call, so that a cancelled call stops within one
 # piece and other calls get the engine in between.
 SCORE_PIECE_BEATS = 1024
@@ -77,7 +87,7 @@ class _SamplesRequest(Protocol):
 
 
 class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
-    """Serves Generate, Validate, ValidateStream and GetModelInfo from one engine.
+    """Serves Generate, Validate, ValidateStream, GetModelInfo and GetQualityReport.
 
     Calls fail with UNAVAILABLE until ``set_engine`` is called and again after
     ``begin_shutdown``. Calls already running when shutdown begins carry on.
@@ -86,20 +96,35 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         plan: Thread settings, reported by GetModelInfo; ``engine_slots`` bounds the graph
             calls that run at the same time.
         max_beats_per_request: Most beats one request may ask for or carry.
+        max_message_bytes: The server's largest reply message in bytes; GetQualityReport
+            rejects a reply above it with RESOURCE_EXHAUSTED.
     """
 
     def __init__(
-        self, plan: ThreadPlan, max_beats_per_request: int = DEFAULT_MAX_BEATS_PER_REQUEST
+        self,
+        plan: ThreadPlan,
+        max_beats_per_request: int = DEFAULT_MAX_BEATS_PER_REQUEST,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.plan = plan
         self.max_beats_per_request = max_beats_per_request
+        self.max_message_bytes = max_message_bytes
         self._engine: Engine | None = None
+        self._store: Path | None = None
         self._slots = threading.BoundedSemaphore(plan.engine_slots)
         self._shutting_down = threading.Event()
 
-    def set_engine(self, engine: Engine) -> None:
-        """Serve calls from a loaded and checked engine."""
+    def set_engine(self, engine: Engine, store: Path | None = None) -> None:
+        """Serve calls from a loaded and checked engine.
+
+        Arguments:
+            engine: The model to serve.
+            store: Model store the engine was loaded from; GetQualityReport reads the
+                model's report there. With None, GetQualityReport fails with
+                FAILED_PRECONDITION.
+        """
         self._engine = engine
+        self._store = store
 
     def begin_shutdown(self) -> None:
         """Reject new calls with UNAVAILABLE while calls in flight continue."""
@@ -477,6 +502,36 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             return model_info(engine, self.max_beats_per_request, self.plan)
         raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
 
+    def GetQualityReport(  # noqa: N802 - name fixed by the proto
+        self, request: pb.GetQualityReportRequest, context: grpc.ServicerContext
+    ) -> pb.GetQualityReportResponse:
+        """Return the quality report stored for the served model, read from the store per call.
+
+        Reading per call lets an operator attach a report while the server runs.
+        """
+        with rpc_call("GetQualityReport", context) as call:
+            engine = self._ready_engine()
+            model_id = str(engine.manifest["model_id"])
+            call.counts.update(model_id=model_id, include_html=request.include_html)
+            if self._store is None:
+                raise ReportNotFoundError(
+                    f"model {model_id} has no quality report: the server was started without "
+                    f"a model store; run `{REPORT_COMMAND}` and serve that store"
+                )
+            stored = load_report(self._store, str(engine.manifest["version"]), model_id)
+            reply = quality_report_reply(stored, request.include_html)
+            size_bytes = reply.ByteSize()
+            call.counts.update(html_bytes=len(stored.report_html), reply_bytes=size_bytes)
+            if size_bytes > self.max_message_bytes:
+                raise RequestTooLargeError(
+                    f"the quality report reply of model {model_id} is {size_bytes} bytes "
+                    f"(report_html {len(stored.report_html)} bytes), over the server's message "
+                    f"limit of {self.max_message_bytes} bytes; set include_html=false, or "
+                    "restart the server with a larger --max-message-bytes"
+                )
+            return reply
+        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
+
 
 def model_info(
     engine: Engine, max_beats_per_request: int, plan: ThreadPlan
@@ -520,6 +575,62 @@ def model_info(
         engine_slots=plan.engine_slots,
         intra_op_threads=plan.intra_op_threads,
     )
+
+
+def quality_report_reply(stored: StoredReport, include_html: bool) -> pb.GetQualityReportResponse:
+    """Build the GetQualityReport reply from a stored report's figures.
+
+    Only aggregate figures are copied; ``report_html`` is left empty unless ``include_html``.
+    """
+    summary = stored.summary
+    settings = summary.get("settings", {})
+    reply = pb.GetQualityReportResponse(
+        model_id=stored.model_id,
+        created_at=str(summary.get("created_at") or ""),
+        temperature=float(settings.get("temperature") or 0.0),
+        margin=float(settings.get("margin") or 0.0),
+        report_json=stored.report_json,
+        report_html_bytes=len(stored.report_html),
+    )
+    for name, figures in metric_rows(summary):
+        metrics = pb.GeneratorMetrics(name=name)
+        for field_name, key in _GENERATOR_FIELDS.items():
+            _set_optional(metrics, field_name, figures[key])
+        reply.generators.append(metrics)
+    trtr_f1: dict[str, Any] = summary.get("trtr_f1", {})
+    for class_name in AAMI_CLASSES:
+        value = trtr_f1.get(class_name)
+        if value is not None:
+            reply.trtr_f1[class_name] = float(value)
+    _set_optional(reply, "trtr_macro_f1", trtr_f1.get("macro"))
+    matches = summary.get("protocol", {}).get("matches_training_records")
+    if isinstance(matches, bool):
+        reply.matches_training_records = matches
+    if include_html:
+        reply.report_html = stored.report_html
+    return reply
+
+
+# GeneratorMetrics field name to the key of ``metric_rows``.
+_GENERATOR_FIELDS = {
+    "tstr_macro_f1": "tstr_macro_f1",
+    "tstr_trtr": "tstr_trtr",
+    "rebalancing_gain_f1_s": "gain_f1_S",
+    "rebalancing_gain_f1_f": "gain_f1_F",
+    "discriminative": "discriminative",
+    "mean_mmd2_waveform": "mean_mmd2_waveform",
+    "mean_mmd2_spectrum": "mean_mmd2_spectrum",
+    "frechet": "frechet",
+    "dcr_synthetic_median": "dcr_synthetic_median",
+    "fraction_below_holdout_p05": "fraction_below_holdout_p05",
+    "mia_auroc": "mia_auroc",
+}
+
+
+def _set_optional(message: Any, field_name: str, value: Any) -> None:
+    """Set an optional double field, leaving it unset for a figure the report lacks."""
+    if value is not None:
+        setattr(message, field_name, float(value))
 
 
 def _portions(counts: dict[int, int], chunk_beats: int) -> Iterator[dict[int, int]]:

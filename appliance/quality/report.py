@@ -6,9 +6,12 @@ bands, never as a single beat, so the report can leave the appliance.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,11 @@ from appliance.quality.baselines import (
 )
 from appliance.quality.evaluate import Evaluation, QualityConfig, evaluate_generators
 from appliance.quality.protocol import BeatGenerator, ProtocolData, load_protocol
+from appliance.report_store import REPORT_HTML, REPORT_JSON, metric_rows
 from appliance.store import load_current
 
 logger = logging.getLogger(__name__)
 
-REPORT_HTML = "quality.html"
-REPORT_JSON = "quality.json"
 # Synthetic beats drawn per class panel, and the real percentile band around the mean.
 BEATS_PER_PANEL = 12
 BAND_PERCENTILES = (5.0, 95.0)
@@ -96,6 +98,8 @@ def build_report(
     figures = write_figures(out_dir, data, evaluation, scores)
     summary = {
         "model_id": version.manifest.get("model_id"),
+        "model_version": version.manifest.get("version"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "protocol": {
             "split": "de-chazal",
             "fit_counts": data.fit.counts(),
@@ -277,32 +281,6 @@ def _histogram_figure(path: Path, sets: dict[str, np.ndarray], xlabel: str) -> s
     return path.name
 
 
-def metric_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Return the headline figures of each generator, in the order of the metric table."""
-    rows = []
-    for name, m in summary["generators"].items():
-        gain = m["rebalancing_gain"]
-        rows.append(
-            (
-                name,
-                {
-                    "tstr_macro_f1": m["tstr_f1"]["macro"],
-                    "tstr_trtr": m["tstr_trtr"],
-                    "gain_f1_S": gain["S"],
-                    "gain_f1_F": gain["F"],
-                    "discriminative": m["discriminative"]["overall"],
-                    "mean_mmd2_waveform": m["mean_mmd2_waveform"],
-                    "mean_mmd2_spectrum": m["mean_mmd2_spectrum"],
-                    "frechet": m["frechet"],
-                    "dcr_synthetic_median": m["privacy"]["dcr_synthetic_median"],
-                    "fraction_below_holdout_p05": m["privacy"]["fraction_below_holdout_p05"],
-                    "mia_auroc": m["privacy"]["mia_auroc"],
-                },
-            )
-        )
-    return rows
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -311,8 +289,15 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def render_html(summary: dict[str, Any]) -> str:
-    """Render the report page from the JSON figures."""
+def render_html(summary: dict[str, Any], image_sources: Mapping[str, str] | None = None) -> str:
+    """Render the report page from the JSON figures.
+
+    Arguments:
+        summary: The figures of ``quality.json``.
+        image_sources: ``src`` of each figure by file name; a figure not listed is referenced
+            by its file name, relative to the page.
+    """
+    sources = image_sources or {}
     rows = metric_rows(summary)
     columns = list(rows[0][1]) if rows else []
     head = "".join(
@@ -336,7 +321,8 @@ def render_html(summary: dict[str, Any]) -> str:
         for n, f1 in f1_rows
     )
     images = "".join(
-        f'<p><img src="{html.escape(f)}" alt="{html.escape(f)}"></p>' for f in summary["figures"]
+        f'<p><img src="{html.escape(sources.get(f, f))}" alt="{html.escape(f)}"></p>'
+        for f in summary["figures"]
     )
     counts = html.escape(json.dumps(summary["protocol"]))
     return (
@@ -351,6 +337,18 @@ def render_html(summary: dict[str, Any]) -> str:
         f"<h2>Figures</h2>{images}<h2>Protocol</h2><pre>{counts}</pre>"
         "<p>Every figure, per class included, is in quality.json.</p></body></html>"
     )
+
+
+def embedded_html(summary: dict[str, Any], figures_dir: Path) -> str:
+    """Render the report page with each PNG figure of ``figures_dir`` embedded as a data URI.
+
+    The page needs no other file, so it can be stored in the model store and sent over gRPC.
+    """
+    sources = {}
+    for name in summary["figures"]:
+        encoded = base64.b64encode((Path(figures_dir) / name).read_bytes()).decode("ascii")
+        sources[name] = f"data:image/png;base64,{encoded}"
+    return render_html(summary, sources)
 
 
 def _plain(value: Any) -> Any:
