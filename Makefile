@@ -8,7 +8,7 @@ PROTO_OUT := appliance/v1/appliance_pb2.py
 BUF_VERSION := 1.75.0
 BUF := build/node/node_modules/.bin/buf
 
-.PHONY: venv proto run test lint bench image image-test image-gpu clean
+.PHONY: venv proto run test lint bench image image-test image-gpu image-gpu-test clean
 
 venv: $(VENV)/.installed $(PROTO_OUT)
 
@@ -65,3 +65,8 @@ image-test: venv
 # GPU variant (CUDA torch and onnxruntime-gpu wheels); not part of CI.
 image-gpu:
 	build/build-image.sh gpu
+
+# Build the GPU variant and check it on a host without a GPU: CUDA builds present, serving
+# falls back to the CPU provider, --require-gpu stops the server. Stops the engine at the end.
+image-gpu-test:
+	build/image-gpu-test.sh

@@ -47,7 +47,9 @@ build_deps=("grpcio-tools>=1.66" "setuptools>=68" "wheel")
 if [[ "$variant" == cpu ]]; then
   variant_deps=("torch==${torch_version}" "onnxruntime>=1.20")
 else
-  variant_deps=("torch==${torch_version}" "onnxruntime-gpu>=1.20")
+  # The extras make onnxruntime-gpu pull the CUDA and cuDNN wheels its CUDA provider links
+  # against, instead of relying on the ones that torch happens to require.
+  variant_deps=("torch==${torch_version}" "onnxruntime-gpu[cuda,cudnn]>=1.20")
 fi
 
 target=(
@@ -55,20 +57,28 @@ target=(
   --implementation cp
   --python-version 3.11
   --abi cp311
-  --platform manylinux_2_28_x86_64
-  --platform manylinux_2_27_x86_64
-  --platform manylinux_2_17_x86_64
+)
+# Every manylinux tag that bookworm's glibc 2.36 runs, newest first (pip prefers the tags in
+# the order given). The nvidia-* wheels of the CUDA build use tags such as manylinux_2_18,
+# which a short list of common tags misses.
+glibc_minor_max=36
+for (( minor = glibc_minor_max; minor >= 5; minor-- )); do
+  target+=(--platform "manylinux_2_${minor}_x86_64")
+done
+target+=(
   --platform manylinux2014_x86_64
-  --platform manylinux_2_5_x86_64
+  --platform manylinux2010_x86_64
   --platform manylinux1_x86_64
   --platform linux_x86_64
 )
 
-pip_env=()
+pip_env=(env)
 if [[ "$variant" == gpu ]]; then
-  # A local folder of CPU wheels (find-links in pip's configuration) would win over the CUDA
-  # build, because pip ranks the local version 2.13.0+cpu above 2.13.0.
-  pip_env=(env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null)
+  # A find-links folder of CPU wheels in pip's configuration would win over the CUDA build,
+  # because pip ranks the local version 2.13.0+cpu above 2.13.0. PIP_FIND_LINKS replaces the
+  # configured find-links with the destination folder, so the indexes and mirrors of pip's
+  # configuration still apply and a rerun reuses the wheels it already downloaded.
+  pip_env=(env "PIP_FIND_LINKS=$dest")
 fi
 
 echo "downloading variant=$variant into $dest" >&2
