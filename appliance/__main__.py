@@ -748,12 +748,21 @@ class _NeverRaised(Exception):
     """Placeholder for ``except`` when gRPC was never imported."""
 
 
-def _report_rpc_error(exc: Exception) -> int:
+def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
     """Print a failed call's status and message in one line; bad requests exit with 2."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     name = code.name if code is not None else "UNKNOWN"
-    sys.stderr.write(f"error: the server returned {name}: {details}\n")
+    hint = ""
+    uses_tls = getattr(args, "tls_ca", None) is not None
+    if name == "UNAVAILABLE" and uses_tls and getattr(args, "tls_cert", None) is None:
+        # A server that requires mutual TLS closes the handshake of a client without a
+        # certificate, which gRPC reports as UNAVAILABLE with a transport message.
+        hint = (
+            "; if the server requires client certificates (mutual TLS), pass --tls-cert and "
+            "--tls-key"
+        )
+    sys.stderr.write(f"error: the server returned {name}: {details}{hint}\n")
     request_errors = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
     return EXIT_USAGE if name in request_errors else 1
 
@@ -768,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except _rpc_error_type() as exc:
-        return _report_rpc_error(exc)
+        return _report_rpc_error(exc, args)
     except ApplianceError as exc:
         from appliance.errors import DataError, ModelStoreError
 

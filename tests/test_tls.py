@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +211,35 @@ def test_mutual_tls_requires_client_certificate(mtls_server: ApplianceServer, pk
         )
         == model_id
     )
+
+
+def test_cli_without_client_certificate_hints(
+    mtls_server: ApplianceServer, pki: Pki, tmp_path: Path
+):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "quality-report",
+            "--address",
+            f"localhost:{mtls_server.port}",
+            "--tls-ca",
+            str(pki.ca),
+            "--out",
+            str(tmp_path / "report"),
+            "--timeout-s",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert "pass --tls-cert and --tls-key" in result.stderr
+    assert not (tmp_path / "report").exists()
 
 
 def test_missing_certificate_file_named(model_store: Path, pki: Pki, tmp_path: Path):
