@@ -8,8 +8,9 @@
 #   1. PyTorch is the CUDA build, ONNX Runtime lists CUDAExecutionProvider, and every shared
 #      library of ONNX Runtime's CUDA provider resolves from the nvidia-* wheels except the
 #      driver's libcuda.so.1, which the NVIDIA container runtime mounts on a GPU host;
-#   2. a model trained in the container on three MIT-BIH records is served, the server logs
-#      provider=CPUExecutionProvider (no GPU here), and generate returns beats;
+#   2. a model trained in the container on three MIT-BIH records is served; the CUDA provider
+#      fails to load only because libcuda.so.1 is missing (the nvidia-* libraries load), the
+#      server logs the fallback and provider=CPUExecutionProvider, and generate returns beats;
 #   3. `serve --require-gpu` exits non-zero and says that a GPU is required.
 # RECORDS_DIR (default: the bundled records in appliance/data/default) supplies records 106,
 # 209 and 223. The engine and its containers are stopped on exit, also when a check fails.
@@ -108,6 +109,17 @@ echo "$serving_line" >&2
 if ! grep -q 'provider=CPUExecutionProvider' <<<"$serving_line"; then
   fail "the server did not log provider=CPUExecutionProvider on a host without a GPU"
 fi
+# ONNX Runtime names the first shared library that failed to load. Any name other than the
+# driver's libcuda.so.1 means the serving process did not load the nvidia-* libraries.
+load_error="$(grep -oE 'libonnxruntime_providers_cuda\.so with error: [^ ]+' <<<"$serve_log" \
+  | head -n 1 || true)"
+echo "CUDA provider load error: ${load_error:-none}" >&2
+if [[ "${load_error##* }" != libcuda.so.1: ]]; then
+  "$docker_cli" logs --tail 30 "$serve_name" >&2
+  fail "the CUDA provider did not fail on libcuda.so.1 alone: ${load_error:-no load error logged}"
+fi
+grep -E 'execution provider fallback requested=CUDAExecutionProvider used=CPUExecutionProvider' \
+  <<<"$serve_log" >&2 || fail "the server did not log the fallback from the CUDA provider"
 "$docker_cli" exec "$serve_name" python -m appliance generate --address 127.0.0.1:50051 \
   --count 8 --margin 0 --seed 7 --out /tmp/generated --format npy >/dev/null
 beat_count="$("$docker_cli" exec "$serve_name" python -c \
