@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.classes import AAMI_CLASSES
+from appliance.errors import ModelStoreError
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.scoring import FEATURES, Calibration, compute_features, morphology_centroids
 from appliance.store import ModelVersion
@@ -92,6 +93,10 @@ def available_providers(require_gpu: bool = False) -> list[str]:
     """
     present = ort.get_available_providers()
     if "CUDAExecutionProvider" in present:
+        # onnxruntime-gpu lists CUDA whenever it was built with it. The CUDA and cuDNN
+        # libraries of the nvidia-* wheels are not on the loader path, and the serving process
+        # never imports PyTorch (which would load them), so load them here.
+        ort.preload_dlls(cuda=True, cudnn=True, msvc=False, directory="")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if require_gpu:
         raise RuntimeError(
@@ -118,6 +123,7 @@ class Engine:
         contract = manifest["data"]
         self.fs_hz = float(contract["fs_hz"])
         self.window_samples = int(contract["window_samples"])
+        self.pre_r_samples = int(contract["pre_r_samples"])
         self.leads = list(contract["leads"])
         self.scale_mv = float(contract["scale_mv"])
         self.bottleneck_dims = int(manifest["model"]["bottleneck_dims"])
@@ -141,12 +147,33 @@ class Engine:
             str(version.file("inverse_graph")), options, providers=providers
         )
         self.execution_provider = self.forward_session.get_providers()[0]
+        if providers[0] != self.execution_provider:
+            # ONNX Runtime falls back to the next provider when CUDA fails to start, for example
+            # without a GPU or without the NVIDIA driver in the container.
+            if require_gpu:
+                raise RuntimeError(
+                    f"a GPU is required but ONNX Runtime could not start {providers[0]} and "
+                    f"fell back to {self.execution_provider}; run with a GPU and its driver "
+                    "(docker run --gpus all) or drop --require-gpu"
+                )
+            logger.warning(
+                "execution provider fallback requested=%s used=%s",
+                providers[0],
+                self.execution_provider,
+            )
         # Export builds a draft version with the graphs only, to calibrate on them.
         self.calibration: Calibration | None = None
         self.privacy_index: NearestNeighbourIndex | None = None
         if "calibration" in manifest["files"]:
             with np.load(version.file("calibration")) as arrays:
                 self.calibration = Calibration.from_arrays(dict(arrays))
+            calibrated = self.calibration.feature_values.shape[1]
+            if calibrated != len(FEATURES):
+                raise ModelStoreError(
+                    f"model {manifest['model_id']} is calibrated on {calibrated} statistics, "
+                    f"this version of the appliance scores with {len(FEATURES)}; retrain or "
+                    "re-export the model with this version"
+                )
         self.centroids: np.ndarray | None = None
         if "privacy_index" in manifest["files"]:
             self.privacy_index = NearestNeighbourIndex(np.load(version.file("privacy_index")))
@@ -216,7 +243,14 @@ class Engine:
         z, log_det = self.forward(x, classes)
         x_projected = self.inverse(self.truncate(z), classes)
         features = compute_features(
-            x, z, log_det, x_projected, self.centroids, self.bottleneck_dims, self.fs_hz
+            x,
+            z,
+            log_det,
+            x_projected,
+            self.centroids,
+            self.bottleneck_dims,
+            self.fs_hz,
+            self.pre_r_samples,
         )
         assert features.shape[1] == len(FEATURES)
         return features, z

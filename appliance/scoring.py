@@ -1,8 +1,8 @@
 """Pertinence score: evidence from the flow combined and calibrated on held-out real beats.
 
 For a beat ``x`` (scaled, shape (leads, samples), ``D = leads * samples`` values) scored under
-class ``c`` the flow gives latent values ``z = f(x | c)`` and ``log|det J|``. Six statistics are
-computed:
+class ``c`` the flow gives latent values ``z = f(x | c)`` and ``log|det J|``. Eight statistics
+are computed:
 
 - ``nll_bpd``: negative log-likelihood in bits per dimension,
   ``(||z||^2 / 2 + D/2 log(2 pi) - log|det J|) / (D ln 2)``; large is atypical.
@@ -21,6 +21,14 @@ computed:
   ``MORPHOLOGY_CENTROIDS`` k-means centroids of the z-normalised training beats; large is
   atypical (time-reversed beats, other leads, steps, sinusoids). z-normalising makes it blind
   to amplitude, which ``amplitude`` covers.
+- ``max_slope``: ``log`` of the largest change between neighbouring samples divided by the
+  peak-to-peak amplitude; too large is atypical and so is too small. The fastest slope of a
+  real beat, the QRS upstroke, spans several samples, while a baseline step, a spike or an
+  electrode pop moves the level within one sample, and a smooth sinusoid has no steep part.
+- ``r_peak``: the z-normalised value at the R-peak position of the window (``pre_r_samples``),
+  averaged over leads; too small is atypical. Windows are cut around a detected R peak, so a
+  beat from another lead, an inverted or time-reversed beat, or a beat shifted in time has no
+  peak there.
 
 Each statistic becomes a tail probability ``p_i`` against the same statistic of held-out real
 beats (one-sided or two-sided as listed), with the empirical distribution inside the held-out
@@ -51,8 +59,10 @@ FEATURES = (
     "amplitude",
     "high_frequency",
     "morphology",
+    "max_slope",
+    "r_peak",
 )
-# Tails of each statistic that count as atypical: "upper" or "both".
+# Tails of each statistic that count as atypical: "upper", "lower" or "both".
 FEATURE_TAILS = {
     "nll_bpd": "upper",
     "bottleneck_norm": "upper",
@@ -60,6 +70,8 @@ FEATURE_TAILS = {
     "amplitude": "both",
     "high_frequency": "both",
     "morphology": "upper",
+    "max_slope": "both",
+    "r_peak": "lower",
 }
 # Lower edge of the band whose energy share ``high_frequency`` measures. QRS energy lies mostly
 # below 40 Hz, while mains (50 or 60 Hz) and broadband noise put energy above it.
@@ -136,6 +148,7 @@ def compute_features(
     centroids: np.ndarray,
     bottleneck_dims: int,
     fs_hz: float,
+    r_index: int,
 ) -> np.ndarray:
     """Compute the statistics of ``FEATURES`` for each beat.
 
@@ -148,6 +161,7 @@ def compute_features(
             (centroids, leads * window_samples).
         bottleneck_dims: Leading latent dimensions of the bottleneck.
         fs_hz: Sampling rate of the beats.
+        r_index: Sample of the window where the R peak lies (``pre_r_samples``).
 
     Returns:
         Statistics, shape (beats, len(FEATURES)), float64, columns in ``FEATURES`` order.
@@ -166,8 +180,23 @@ def compute_features(
     similarity = (vectors @ centroids.T).max(axis=1)
     squared_norms = (vectors**2).sum(axis=1)
     morphology = np.sqrt(np.maximum(squared_norms + 1.0 - 2.0 * similarity, 0.0))
+    per_lead = x.astype(np.float64)
+    largest_step = np.abs(np.diff(per_lead, axis=2)).max(axis=(1, 2))
+    max_slope = np.log((largest_step + _LOG_FLOOR) / (np.ptp(flat, axis=1) + _LOG_FLOOR))
+    lead_std = np.maximum(per_lead.std(axis=2), _MIN_STD)  # (beats, leads)
+    r_peak = ((per_lead[:, :, r_index] - per_lead.mean(axis=2)) / lead_std).mean(axis=1)
     return np.stack(
-        [nll_bpd, bottleneck_norm, reconstruction, amplitude, high_frequency, morphology], axis=1
+        [
+            nll_bpd,
+            bottleneck_norm,
+            reconstruction,
+            amplitude,
+            high_frequency,
+            morphology,
+            max_slope,
+            r_peak,
+        ],
+        axis=1,
     )
 
 
@@ -235,10 +264,13 @@ class Calibration:
             column = self.feature_values[:, i]
             # Non-finite rows get -inf below; zeros keep the arithmetic finite meanwhile.
             values = np.nan_to_num(features[:, i].astype(np.float64), posinf=0.0, neginf=0.0)
-            upper = self._log_tail(column, values, upper=True)
-            if FEATURE_TAILS[name] == "upper":
-                log_p[:, i] = upper
+            tail = FEATURE_TAILS[name]
+            if tail == "upper":
+                log_p[:, i] = self._log_tail(column, values, upper=True)
+            elif tail == "lower":
+                log_p[:, i] = self._log_tail(column, values, upper=False)
             else:
+                upper = self._log_tail(column, values, upper=True)
                 lower = self._log_tail(column, values, upper=False)
                 log_p[:, i] = np.minimum(0.0, np.log(2.0) + np.minimum(upper, lower))
         evidence = log_p.min(axis=1)

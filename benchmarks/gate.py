@@ -31,7 +31,7 @@ from appliance.errors import RecordError
 from appliance.holdout import concatenate, split_holdout
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.scoring import Calibration, auroc
-from appliance.store import load_current
+from appliance.store import ModelVersion, load_current
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
 INDEX_BEATS = 100_000
@@ -202,9 +202,14 @@ def main() -> None:
             store,
             {"leads": dataset.leads},
         )
-    engine = Engine(load_current(store))
+    version = load_current(store)
     if args.store is not None:
-        # Recalibrate with this checkout's statistics, as export would.
+        # Load the graphs without the stored calibration, which may hold another version's
+        # statistics, and recalibrate with this checkout's statistics as export would.
+        files = {k: v for k, v in version.manifest["files"].items() if k != "calibration"}
+        version = ModelVersion(path=version.path, manifest={**version.manifest, "files": files})
+    engine = Engine(version)
+    if args.store is not None:
         held_out = concatenate(dataset.splits["validation"], holdout)
         known = np.isin(held_out.labels, engine.classes_known)
         x = (held_out.windows[known] / engine.scale_mv).astype(np.float32)

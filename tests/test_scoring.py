@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,9 @@ import torch
 from scipy.stats import spearmanr
 
 from appliance.engine import Engine
+from appliance.errors import ModelStoreError
 from appliance.scoring import (
+    FEATURE_TAILS,
     FEATURES,
     HIGH_FREQUENCY_HZ,
     Calibration,
@@ -18,7 +22,7 @@ from appliance.scoring import (
     compute_features,
     high_frequency_share,
 )
-from appliance.store import load_current
+from appliance.store import MANIFEST_FILE, load_current, sha256_of
 from appliance.train import one_hot
 
 FS_HZ = 360.0
@@ -107,6 +111,56 @@ def test_high_frequency_share_of_mains_and_beat() -> None:
     assert shares[1] < 0.05
 
 
+def test_calibration_lower_tail_ignores_high() -> None:
+    features = np.random.default_rng(0).normal(size=(1000, len(FEATURES)))
+    calibration = Calibration.fit(features)
+    r_peak = FEATURES.index("r_peak")
+    assert FEATURE_TAILS["r_peak"] == "lower"
+    probe = np.zeros((2, len(FEATURES)))
+    probe[0, r_peak] = -8.0
+    probe[1, r_peak] = 8.0  # a taller peak than any held-out beat is not atypical
+    scores = calibration.score(probe)
+    assert scores[0] < 1.0 / calibration.evidence.size
+    assert scores[1] > 0.2
+
+
+def test_slope_and_peak_statistics_on_real_beats(
+    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, labels = test_beats[0][:200], test_beats[1][:200]
+    beats = x.astype(np.float64)
+    step = beats.copy()
+    step[:, :, 150:] += 1.0 / engine.scale_mv  # 1 mV baseline step after the R peak
+    inverted = -beats
+    slope = FEATURES.index("max_slope")
+    peak = FEATURES.index("r_peak")
+    real = engine.score(x, labels).features
+    stepped = engine.score(step.astype(np.float32), labels).features
+    flipped = engine.score(inverted.astype(np.float32), labels).features
+    assert auroc(stepped[:, slope], real[:, slope]) > 0.95
+    assert auroc(real[:, peak], flipped[:, peak]) > 0.95
+    # The statistics do not depend on the beat's scale.
+    doubled = engine.score((2 * x).astype(np.float32), labels).features
+    np.testing.assert_allclose(doubled[:, slope], real[:, slope], atol=1e-5)
+    np.testing.assert_allclose(doubled[:, peak], real[:, peak], atol=1e-4)
+
+
+def test_engine_rejects_older_calibration(model_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    version = load_current(store)
+    with np.load(version.file("calibration")) as arrays:
+        narrow = {name: arrays[name] for name in arrays.files}
+    narrow["feature_values"] = narrow["feature_values"][:, :6]
+    with version.file("calibration").open("wb") as handle:
+        np.savez(handle, **narrow)
+    manifest = dict(version.manifest)
+    manifest["files"]["calibration"]["sha256"] = sha256_of(version.file("calibration"))
+    (version.path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelStoreError, match="calibrated on 6 statistics"):
+        Engine(load_current(store))
+
+
 def test_auroc_orders_and_ties() -> None:
     assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
     assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
@@ -168,6 +222,7 @@ def _torch_features(
         engine.centroids,
         model.bottleneck_dims,
         engine.fs_hz,
+        engine.pre_r_samples,
     )
 
 
