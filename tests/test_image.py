@@ -6,12 +6,14 @@ with no network and runs them. ``DOCKER_CLI`` selects the docker client (default
 ``HADOLINT`` the hadolint binary, and ``DOCKER_HOST`` the engine as usual.
 
 One container trains on a few real MIT-BIH records mounted read-only at ``/data`` and then
-serves. Every client call runs inside the container over 127.0.0.1, because the container has
-no network interface other than loopback.
+serves. A second one serves the same store over mutual TLS, with certificates made in the test
+and mounted read-only at ``/tls``. Every client call runs inside a container over 127.0.0.1,
+because the containers have no network interface other than loopback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pki import create_authority, issue_certificate
 
 pytestmark = pytest.mark.image
 
@@ -48,6 +51,10 @@ GENERATE_COUNT = 16
 # default margin. Margin 0 keeps every beat that passes the privacy guard; the gate itself is
 # tested outside the container.
 MARGIN = 0.0
+
+# Where the TLS container finds a remote client's files: the CA of the server certificate, and
+# a client certificate with its key. The entrypoint reads the server's own files from /tls.
+CLIENT_TLS_DIR = "/client-tls"
 
 # File names that would mean records or trained weights were baked into the image.
 FORBIDDEN_PATTERNS = (
@@ -149,44 +156,40 @@ def wait_until_healthy(container: str) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def container(
-    data_dir: Path, data_digest_before: dict[str, str], store_dir: Path
-) -> Iterator[str]:
-    """A sealed container that trains on ``data_dir`` (read-only) and then serves."""
-    name = f"appliance-test-{os.getpid()}"
-    docker(
-        "run",
-        "--detach",
-        "--name",
-        name,
-        "--network",
-        "none",
-        "--read-only",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges",
-        "--init",
-        "--tmpfs",
-        "/tmp:rw,nosuid,nodev,size=512m",
-        "--volume",
-        f"{data_dir}:/data:ro",
-        "--volume",
-        f"{store_dir}:/store",
-        # The image checks every 30 s; a shorter interval only makes this test wait less.
-        "--health-interval",
-        "5s",
-        # No network exists in the container, so the server binds loopback only.
-        "--env",
-        "APPLIANCE_HOST=127.0.0.1",
-        "--env",
-        f"APPLIANCE_TRAIN_MAX_MINUTES={TRAIN_MAX_MINUTES}",
-        "--env",
-        f"APPLIANCE_TRAIN_EPOCHS={TRAIN_EPOCHS}",
-        IMAGE,
-        "run",
-    )
+# docker run options shared by every long-running container of these tests.
+SEALED_OPTIONS = (
+    "--network",
+    "none",
+    "--read-only",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges",
+    "--init",
+    "--tmpfs",
+    "/tmp:rw,nosuid,nodev,size=512m",
+    # The image checks every 30 s; a shorter interval only makes this test wait less.
+    "--health-interval",
+    "5s",
+    # No network exists in the container, so the server binds loopback only.
+    "--env",
+    "APPLIANCE_HOST=127.0.0.1",
+)
+
+
+@contextlib.contextmanager
+def sealed_container(name: str, *arguments: str) -> Iterator[str]:
+    """Run a detached container with ``SEALED_OPTIONS`` and wait until it is healthy.
+
+    Args:
+        name: Container name.
+        arguments: Further ``docker run`` options, then the image and its command.
+
+    Yields:
+        The container name. On exit the container's log is printed and the container removed,
+        also when a check failed.
+    """
+    docker("run", "--detach", "--name", name, *SEALED_OPTIONS, *arguments)
     try:
         wait_until_healthy(name)
         yield name
@@ -194,6 +197,27 @@ def container(
         logs = docker("logs", "--tail", "200", name, check=False)
         print(f"--- container {name} log (last 200 lines) ---\n{logs.stdout}{logs.stderr}")
         docker("rm", "--force", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def container(
+    data_dir: Path, data_digest_before: dict[str, str], store_dir: Path
+) -> Iterator[str]:
+    """A sealed container that trains on ``data_dir`` (read-only) and then serves."""
+    with sealed_container(
+        f"appliance-test-{os.getpid()}",
+        "--volume",
+        f"{data_dir}:/data:ro",
+        "--volume",
+        f"{store_dir}:/store",
+        "--env",
+        f"APPLIANCE_TRAIN_MAX_MINUTES={TRAIN_MAX_MINUTES}",
+        "--env",
+        f"APPLIANCE_TRAIN_EPOCHS={TRAIN_EPOCHS}",
+        IMAGE,
+        "run",
+    ) as name:
+        yield name
 
 
 def test_hadolint_passes() -> None:
@@ -354,3 +378,118 @@ def test_stop_is_graceful(container: str) -> None:
     state = json.loads(docker("inspect", "--format", "{{json .State}}", container).stdout)
     # 137 would mean SIGKILL after the 30 s grace period: the server ignored SIGTERM.
     assert state["ExitCode"] != 137
+
+
+def install_pem(source: Path, target: Path, mode: int) -> None:
+    """Copy a PEM file to ``target``, owned by the container's user and with ``mode``."""
+    shutil.copyfile(source, target)
+    os.chown(target, APPLIANCE_UID, APPLIANCE_UID)
+    target.chmod(mode)
+
+
+@pytest.fixture(scope="module")
+def tls_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Folders to mount at /tls (server and health check) and ``CLIENT_TLS_DIR`` (a client).
+
+    One CA signs the server certificate and another one the client certificates, so the
+    health check fails if the entrypoint swaps ca.crt and client-ca.crt.
+    """
+    issued = tmp_path_factory.mktemp("pki")
+    server_ca, server_ca_key, server_ca_path = create_authority(issued, "server")
+    client_ca, client_ca_key, client_ca_path = create_authority(issued, "client")
+    server = issue_certificate(issued, "server", (server_ca, server_ca_key), server=True)
+    health_client = issue_certificate(issued, "health-client", (client_ca, client_ca_key))
+    client = issue_certificate(issued, "client", (client_ca, client_ca_key))
+
+    server_dir = tmp_path_factory.mktemp("tls")
+    install_pem(server.certificate, server_dir / "server.crt", 0o444)
+    install_pem(server.key, server_dir / "server.key", 0o400)
+    install_pem(client_ca_path, server_dir / "client-ca.crt", 0o444)
+    install_pem(server_ca_path, server_dir / "ca.crt", 0o444)
+    install_pem(health_client.certificate, server_dir / "health-client.crt", 0o444)
+    install_pem(health_client.key, server_dir / "health-client.key", 0o400)
+
+    client_dir = tmp_path_factory.mktemp("client-tls")
+    install_pem(server_ca_path, client_dir / "ca.crt", 0o444)
+    install_pem(client.certificate, client_dir / "client.crt", 0o444)
+    install_pem(client.key, client_dir / "client.key", 0o400)
+    for folder in (server_dir, client_dir):
+        folder.chmod(0o755)
+    return server_dir, client_dir
+
+
+@pytest.fixture(scope="module")
+def tls_container(
+    container: str, store_dir: Path, tls_folders: tuple[Path, Path]
+) -> Iterator[str]:
+    """A second sealed container that serves the store ``container`` trained, over mutual TLS.
+
+    It runs ``serve``, not ``run``, so it never trains, and it mounts the store read-only.
+    """
+    server_dir, client_dir = tls_folders
+    with sealed_container(
+        f"appliance-tls-test-{os.getpid()}",
+        "--volume",
+        f"{store_dir}:/store:ro",
+        "--volume",
+        f"{server_dir}:/tls:ro",
+        "--volume",
+        f"{client_dir}:{CLIENT_TLS_DIR}:ro",
+        IMAGE,
+        "serve",
+    ) as name:
+        yield name
+
+
+def generate_in(container: str, out: str, *tls_options: str) -> subprocess.CompletedProcess:
+    """Run ``python -m appliance generate`` inside ``container``, also when it fails."""
+    command = [
+        "python", "-m", "appliance", "generate", "--address", ADDRESS,
+        "--count", str(GENERATE_COUNT), "--margin", str(MARGIN), "--seed", "7",
+        "--out", out, "--format", "npy", "--timeout-s", "60", *tls_options,
+    ]  # fmt: skip
+    return exec_in(container, *command, check=False)
+
+
+def test_tls_container_healthy_over_mutual_tls(tls_container: str) -> None:
+    # The fixture waited for the status healthy. The health log shows that the image's own
+    # health command read SERVING over TLS, and the server log shows mutual TLS turned on.
+    health = json.loads(
+        docker("inspect", "--format", "{{json .State.Health}}", tls_container).stdout
+    )
+    passed = [entry for entry in health["Log"] if entry["ExitCode"] == 0]
+    assert passed, health["Log"]
+    # Output contains stdout and stderr of the command, so gRPC log lines may precede SERVING.
+    assert "SERVING" in passed[-1]["Output"].split()
+    logs = docker("logs", tls_container)
+    assert "tls=True mutual_tls=True" in logs.stdout + logs.stderr
+
+
+def test_tls_client_with_certificate_gets_beats(tls_container: str) -> None:
+    result = generate_in(
+        tls_container,
+        "/tmp/mutual-tls",
+        "--tls-ca", f"{CLIENT_TLS_DIR}/ca.crt",
+        "--tls-cert", f"{CLIENT_TLS_DIR}/client.crt",
+        "--tls-key", f"{CLIENT_TLS_DIR}/client.key",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = f"accepted {GENERATE_COUNT} of {GENERATE_COUNT} requested beats"
+    assert result.stdout.startswith(expected), result.stdout
+    listing = exec_in(tls_container, "ls", "/tmp/mutual-tls").stdout.split()
+    assert "synthetic.npy" in listing
+
+
+def test_tls_client_without_certificate_rejected(tls_container: str) -> None:
+    result = generate_in(
+        tls_container, "/tmp/no-client-certificate", "--tls-ca", f"{CLIENT_TLS_DIR}/ca.crt"
+    )
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert "pass --tls-cert and --tls-key" in result.stderr
+
+
+def test_tls_container_rejects_plaintext(tls_container: str) -> None:
+    result = generate_in(tls_container, "/tmp/plaintext")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pki import Pki, create_pki
 
 from appliance.client import ApplianceClient
 from appliance.server import ApplianceServer, ServeConfig, TlsFiles, create_server
@@ -25,122 +19,9 @@ pytestmark = pytest.mark.slow
 CALL_TIMEOUT_S = 30.0
 
 
-@dataclass(frozen=True)
-class Issued:
-    """PEM files of one certificate and its private key."""
-
-    certificate: Path
-    key: Path
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
-
-
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    server: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-    )
-    if issuer is None:
-        builder = builder.add_extension(
-            x509.BasicConstraints(ca=True, path_length=0), critical=True
-        )
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        return builder.sign(key, hashes.SHA256())
-    builder = builder.add_extension(
-        x509.BasicConstraints(ca=False, path_length=None), critical=True
-    )
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer[1], hashes.SHA256())
-
-
-def _authority(
-    folder: Path, name: str
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _certificate(f"{name} test CA", key, None)
-    path = folder / f"{name}-ca.pem"
-    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return certificate, key, path
-
-
-def _issue(
-    folder: Path,
-    name: str,
-    authority: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-    server: bool = False,
-) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _certificate(name, key, authority, server=server)
-    path = folder / f"{name}.pem"
-    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return Issued(path, _write_key(key, folder / f"{name}.key"))
-
-
-@dataclass(frozen=True)
-class Pki:
-    """A CA with server and client certificates, and a second CA the server does not trust."""
-
-    ca: Path
-    server: Issued
-    client: Issued
-    rogue_ca: Path
-    rogue_client: Issued
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca_certificate, ca_key, ca_path = _authority(folder, "hospital")
-    rogue_certificate, rogue_key, rogue_path = _authority(folder, "rogue")
-    return Pki(
-        ca=ca_path,
-        server=_issue(folder, "server", (ca_certificate, ca_key), server=True),
-        client=_issue(folder, "client", (ca_certificate, ca_key)),
-        rogue_ca=rogue_path,
-        rogue_client=_issue(folder, "rogue-client", (rogue_certificate, rogue_key)),
-    )
+    return create_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
