@@ -23,7 +23,18 @@ def run_cli(*args: str, timeout_s: float = 900.0) -> subprocess.CompletedProcess
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "export", "serve", "health", "generate", "validate", "run"]
+    "command",
+    [
+        "train",
+        "export",
+        "serve",
+        "health",
+        "generate",
+        "validate",
+        "run",
+        "report",
+        "quality-report",
+    ],
 )
 def test_help_states_every_option(command: str) -> None:
     result = run_cli(command, "--help")
