@@ -309,7 +309,9 @@ def _command_health(args: argparse.Namespace) -> int:
         try:
             status = client.health()
         except grpc.RpcError as exc:
-            sys.stderr.write(f"health check of {args.address} failed: {exc.code().name}\n")
+            sys.stderr.write(
+                f"health check of {args.address} failed: {exc.code().name}: {exc.details()}\n"
+            )
             return 1
     sys.stdout.write(status + "\n")
     return 0 if status == "SERVING" else 1
@@ -328,9 +330,14 @@ def _command_generate(args: argparse.Namespace) -> int:
         class_counts = {}
         for item in args.classes.split(","):
             name, _, count = item.partition("=")
-            if not count.isdigit():
+            name = name.strip()
+            if not name or not count.strip().lstrip("-").isdigit():
                 raise UsageError(f"--classes item {item!r} is not NAME=COUNT, e.g. N=100,V=50")
-            class_counts[name.strip()] = int(count)
+            if int(count) < 1:
+                raise UsageError(f"--classes count {name}={count} must be at least 1")
+            if name in class_counts:
+                raise UsageError(f"--classes names class {name} twice; give each class once")
+            class_counts[name] = int(count)
     with client:
         info = client.model_info()
         result = client.generate(
@@ -353,11 +360,19 @@ def _command_generate(args: argparse.Namespace) -> int:
     )
     stats = result.stats
     requested = sum(class_counts.values()) if class_counts else args.count
+    # Draws run in batches, so beats accepted after a class has its count are dropped.
+    surplus = (
+        stats.draws
+        - stats.accepted
+        - stats.pertinence_rejections
+        - stats.privacy_rejections
+        - stats.invalid_rejections
+    )
     sys.stdout.write(
         f"accepted {stats.accepted} of {requested} requested beats from {stats.draws} draws "
         f"(pertinence rejections {stats.pertinence_rejections}, privacy rejections "
-        f"{stats.privacy_rejections}, invalid {stats.invalid_rejections}); wrote "
-        f"{', '.join(str(p) for p in paths)}\n"
+        f"{stats.privacy_rejections}, invalid {stats.invalid_rejections}, accepted beyond the "
+        f"request and dropped {surplus}); wrote {', '.join(str(p) for p in paths)}\n"
     )
     if stats.budget_exhausted:
         sys.stdout.write(
@@ -371,35 +386,37 @@ def _command_validate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from appliance.client import ApplianceClient
+    from appliance.outputs import read_beats
 
-    if not args.input.exists():
+    if not args.input.exists() and not args.input.with_suffix(".hea").exists():
         raise UsageError(
             f"--input {args.input} does not exist; pass a .npy file of shape "
-            "(beats, leads, window_samples) in mV"
+            "(beats, leads, window_samples) in mV, or a .csv or WFDB file written by generate"
         )
     try:
-        beats = np.load(args.input, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UsageError(
-            f"--input {args.input} is not a NumPy .npy array file ({exc}); save the beats "
-            "with numpy.save, shape (beats, leads, window_samples), in mV"
-        ) from exc
+        beats, classes = read_beats(args.input)
+    except ValueError as exc:
+        raise UsageError(f"--input {exc}") from exc
     if beats.ndim != 3:
         raise UsageError(
             f"--input {args.input} has shape {beats.shape}; expected (beats, leads, "
             "window_samples), e.g. (n, 1, 256)"
         )
+    if args.best_class:
+        classes = None
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
-        reply = client.validate(beats.astype(np.float32), margin=args.margin)
+        reply = client.validate(beats.astype(np.float32), classes, margin=args.margin)
+    sys.stdout.write("index\tscore\tresult\tclass\n")
     for i, (score, accepted, name) in enumerate(
         zip(reply.scores, reply.accepted, reply.classes, strict=True)
     ):
         sys.stdout.write(f"{i}\t{score:.4f}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
     sys.stdout.write(
         f"accepted {int(reply.accepted.sum())} of {reply.scores.size} at margin "
-        f"{reply.margin:.3f}\n"
+        f"{reply.margin:.3f}, scored under "
+        f"{'the classes of the input' if classes else 'the best-fitting class of each beat'}\n"
     )
     return 0
 
@@ -670,7 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "--input",
                 type=Path,
                 required=True,
-                help=".npy of beats, shape (beats, leads, window_samples), in mV",
+                help=".npy of beats, shape (beats, leads, window_samples), in mV, or a .npy, "
+                ".csv or WFDB record written by generate, whose classes are used",
+            )
+            sub.add_argument(
+                "--best-class",
+                action="store_true",
+                help="ignore the input's classes and score each beat under its best-fitting "
+                "class; output: one tab-separated line per beat (index, score, result, class)",
             )
             sub.add_argument(
                 "--margin",

@@ -118,6 +118,81 @@ def _write_wfdb(
     return [out_dir / f"{name}.hea", out_dir / f"{name}.dat", out_dir / f"{name}.atr"]
 
 
+def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """Read beats written by ``write_beats``, or a plain ``.npy`` array, for validation.
+
+    Arguments:
+        path: A ``.npy`` file (its classes come from ``<stem>_classes.json`` beside it, when
+            present), a ``.csv`` file with ``class`` and ``score`` columns first, or a WFDB
+            record (``.hea``, ``.dat`` or the record path without extension) of consecutive
+            beat windows with one beat annotation per window.
+
+    Returns:
+        Beats, shape (beats, leads, window_samples), in mV, and the class name of each beat,
+        or ``None`` when the file holds no classes.
+
+    Raises:
+        ValueError: If the file cannot be read as any of these, with the reason.
+    """
+    suffix = path.suffix.lower()
+    if suffix in (".hea", ".dat", ".atr", ""):
+        return _read_wfdb(path.with_suffix(""))
+    if suffix == ".csv":
+        return _read_csv(path)
+    try:
+        beats = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(
+            f"{path} is not a NumPy .npy array file; pass a .npy, .csv or WFDB file written by "
+            "`generate`, or save the beats with numpy.save"
+        ) from exc
+    labels = path.with_name(f"{path.stem}_classes.json")
+    classes = None
+    if labels.exists():
+        classes = list(json.loads(labels.read_text())["classes"])
+        if len(classes) != beats.shape[0]:
+            raise ValueError(
+                f"{labels} lists {len(classes)} classes for {beats.shape[0]} beats in {path}; "
+                "remove or fix the classes file"
+            )
+    return beats, classes
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",") if lines else []
+    if header[:2] != ["class", "score"]:
+        raise ValueError(f"{path} has no 'class,score,...' header; it was not written by generate")
+    leads = list(dict.fromkeys(column.rsplit("_", 1)[0] for column in header[2:]))
+    rows = [line.split(",") for line in lines[1:] if line]
+    values = np.array([[float(v) for v in row[2:]] for row in rows], dtype=np.float32)
+    beats = values.reshape(len(rows), len(leads), -1) if rows else values.reshape(0, 1, 0)
+    return beats, [row[0] for row in rows]
+
+
+def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
+    import wfdb
+
+    try:
+        signal = wfdb.rdrecord(str(record)).p_signal
+        annotation = wfdb.rdann(str(record), "atr")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"WFDB record {record} cannot be read: {exc}") from exc
+    count = len(annotation.sample)
+    if count == 0 or signal.shape[0] % count:
+        raise ValueError(
+            f"WFDB record {record} has {signal.shape[0]} samples and {count} beat annotations; "
+            "validate reads records of consecutive beat windows, one annotation per window"
+        )
+    window = signal.shape[0] // count
+    beats = signal.reshape(count, window, signal.shape[1]).transpose(0, 2, 1)
+    symbol_class = {symbol: name for name, symbol in CLASS_SYMBOL.items()}
+    classes = [symbol_class.get(symbol) for symbol in annotation.symbol]
+    if any(name is None for name in classes):
+        return beats.astype(np.float32), None
+    return beats.astype(np.float32), [str(name) for name in classes]
+
+
 def plot_real_vs_synthetic(
     path: Path,
     real_mv: np.ndarray,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,7 +389,8 @@ def _train(
     budget_s = settings.max_minutes * 60.0
     started = time.monotonic()
     first_step = step
-    show_bar = progress and context.is_rank_zero
+    # A bar redrawn into a log file or pipe buries the epoch lines, so it needs a terminal.
+    show_bar = progress and context.is_rank_zero and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=step, disable=not show_bar, unit="step")
     stopped_by = "epochs"
     start_epoch = step // steps_per_epoch

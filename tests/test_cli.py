@@ -129,3 +129,70 @@ def test_validate_text_file_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "is not a NumPy .npy array file" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["npy", "csv", "wfdb"])
+def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / "out"
+    generated = run_cli(
+        "generate",
+        "--address",
+        server_address,
+        "--classes",
+        "N=4,V=3",
+        "--margin",
+        "0",
+        "--seed",
+        "3",
+        "--format",
+        fmt,
+        "--out",
+        str(out),
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert "accepted 7 of 7" in generated.stdout
+    assert "accepted beyond the request and dropped" in generated.stdout
+
+    source = {"npy": "synthetic.npy", "csv": "synthetic.csv", "wfdb": "synthetic.hea"}[fmt]
+    result = run_cli(
+        "validate", "--address", server_address, "--input", str(out / source), "--margin", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "index\tscore\tresult\tclass"
+    classes = [line.split("\t")[3] for line in lines[1:-1]]
+    assert sorted(classes) == ["N"] * 4 + ["V"] * 3
+    assert lines[-1] == "accepted 7 of 7 at margin 0.000, scored under the classes of the input"
+
+    best = run_cli(
+        "validate",
+        "--address",
+        server_address,
+        "--input",
+        str(out / source),
+        "--best-class",
+    )
+    assert best.returncode == 0, best.stderr
+    assert best.stdout.strip().splitlines()[-1].endswith("the best-fitting class of each beat")
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        ("N=-3", "--classes count N=-3 must be at least 1"),
+        ("N=5,N=6", "--classes names class N twice"),
+        ("N5", "--classes item 'N5' is not NAME=COUNT"),
+    ],
+)
+def test_generate_bad_class_counts_exit_2(tmp_path: Path, classes: str, message: str) -> None:
+    result = run_cli("generate", "--classes", classes, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_health_of_closed_port_names_cause() -> None:
+    # Port 1 on loopback has no listener, so the connection is refused at once.
+    result = run_cli("health", "--address", "127.0.0.1:1", "--timeout-s", "10", timeout_s=60.0)
+    assert result.returncode == 1
+    assert result.stderr.startswith("health check of 127.0.0.1:1 failed: UNAVAILABLE: ")
+    assert len(result.stderr.strip()) > len("health check of 127.0.0.1:1 failed: UNAVAILABLE: ")

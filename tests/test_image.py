@@ -334,9 +334,13 @@ def test_generate_and_validate_from_inside(container: str) -> None:
         "--input", "/tmp/generated/synthetic.npy", "--margin", str(MARGIN),
     ]  # fmt: skip
     lines = exec_in(container, *validate_command).stdout.strip().splitlines()
-    # One line per beat, then the summary.
-    assert len(lines) == GENERATE_COUNT + 1
-    assert lines[-1] == f"accepted {GENERATE_COUNT} of {GENERATE_COUNT} at margin {MARGIN:.3f}"
+    # A header, one line per beat, then the summary.
+    assert len(lines) == GENERATE_COUNT + 2
+    assert lines[0] == "index\tscore\tresult\tclass"
+    assert lines[-1] == (
+        f"accepted {GENERATE_COUNT} of {GENERATE_COUNT} at margin {MARGIN:.3f}, scored under "
+        "the classes of the input"
+    )
 
 
 def test_client_library_round_trip(container: str) -> None:
