@@ -7,8 +7,9 @@ PROTO_SRC := proto/appliance/v1/appliance.proto
 PROTO_OUT := appliance/v1/appliance_pb2.py
 BUF_VERSION := 1.75.0
 BUF := build/node/node_modules/.bin/buf
+NODE_CLIENT := clients/node/node_modules/.installed
 
-.PHONY: venv proto run test lint bench image image-test image-gpu image-gpu-test clean
+.PHONY: venv proto node-client run test lint bench image image-test image-gpu image-gpu-test clean
 
 venv: $(VENV)/.installed $(PROTO_OUT)
 
@@ -28,7 +29,7 @@ $(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
 run: venv
 	$(PY) -m appliance run --out runs/latest
 
-test: venv
+test: venv node-client
 	$(PY) -m pytest -q
 
 lint: venv $(BUF)
@@ -40,6 +41,13 @@ lint: venv $(BUF)
 # buf lints the proto contract (settings in buf.yaml); npm installs it under build/node.
 $(BUF):
 	npm install --prefix build/node --no-save @bufbuild/buf@$(BUF_VERSION)
+
+node-client: $(NODE_CLIENT)
+
+# npm installs the Node.js client's pinned packages (no lock file) when package.json changes.
+$(NODE_CLIENT): clients/node/package.json
+	npm install --prefix clients/node --no-package-lock --no-audit --no-fund
+	touch $@
 
 # Each benchmark prints its figures; docs/benchmarks.md records them with command and machine.
 # The training budgets are long: the whole target takes about an hour on 2 cores.
