@@ -111,6 +111,13 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         help=f"latent dimensions sampled by Generate (default: {model.bottleneck_dims})",
     )
     parser.add_argument(
+        "--tail-scale",
+        type=float,
+        default=GateConfig.tail_scale,
+        help="spread of the latent values after the bottleneck relative to the fitted prior, "
+        f"from 0 (fixed at their mean) to 2 (default: {GateConfig.tail_scale})",
+    )
+    parser.add_argument(
         "--device",
         default=train.device,
         choices=("auto", "cpu", "cuda"),
@@ -147,6 +154,8 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
     ):
         if not value > 0:
             raise UsageError(f"{name}={value} must be greater than 0")
+    if not 0.0 <= args.tail_scale <= 2.0:
+        raise UsageError(f"--tail-scale={args.tail_scale} must be between 0 and 2")
     return ApplianceConfig(
         data=dataclasses.replace(
             DataConfig(),
@@ -168,7 +177,7 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
             device=args.device,
             mixed_precision=args.mixed_precision,
         ),
-        gate=GateConfig(),
+        gate=dataclasses.replace(GateConfig(), tail_scale=args.tail_scale),
     )
 
 
@@ -318,7 +327,7 @@ def _command_health(args: argparse.Namespace) -> int:
 
 
 def _command_generate(args: argparse.Namespace) -> int:
-    from appliance.client import ApplianceClient
+    from appliance.client import ApplianceClient, class_name
     from appliance.outputs import write_beats
 
     if args.count < 1 and not args.classes:
@@ -340,6 +349,13 @@ def _command_generate(args: argparse.Namespace) -> int:
             class_counts[name] = int(count)
     with client:
         info = client.model_info()
+        known = [class_name(value) for value in info.classes_known]
+        unknown = [name for name in class_counts if name not in known]
+        if unknown:
+            raise UsageError(
+                f"--classes names {', '.join(unknown)}, which the model does not know; "
+                f"use {', '.join(known)}"
+            )
         result = client.generate(
             count=args.count,
             class_counts=class_counts,

@@ -118,6 +118,9 @@ class GateConfig:
         truncation: Latent values are drawn from a normal truncated at this many standard
             deviations (times the temperature).
         max_abs_mv: Physiological amplitude limit; a generated beat beyond it is rejected.
+        tail_scale: Spread of the latent values after the bottleneck relative to the
+            generation prior's (``appliance.latent_prior``): 1 draws them as fitted, 0 fixes them
+            at their mean, so that generation samples the bottleneck only.
     """
 
     default_margin: float = 0.05
@@ -126,6 +129,7 @@ class GateConfig:
     privacy_quantile: float = 0.05
     truncation: float = 3.0
     max_abs_mv: float = 10.0
+    tail_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from appliance.classes import AAMI_CLASSES
 from appliance.errors import ModelStoreError
+from appliance.latent_prior import LatentPrior
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.scoring import FEATURES, Calibration, compute_features, morphology_centroids
 from appliance.store import ModelVersion
@@ -134,6 +135,8 @@ class Engine:
         self.min_margin = float(gate["min_margin"])
         self.max_margin = float(gate["max_margin"])
         self.truncation = float(gate["truncation"])
+        # Stores exported before the tail scale existed keep the tail at zero.
+        self.tail_scale = float(gate.get("tail_scale", 0.0))
         self.max_abs_mv = float(gate["max_abs_mv"])
         self.privacy_threshold = float(manifest.get("privacy", {}).get("threshold", 0.0))
         options = ort.SessionOptions()
@@ -174,6 +177,12 @@ class Engine:
                     f"this version of the appliance scores with {len(FEATURES)}; retrain or "
                     "re-export the model with this version"
                 )
+        self.latent_prior = LatentPrior.standard(
+            len(AAMI_CLASSES), self.bottleneck_dims, self.latent_dims
+        )
+        if "latent_prior" in manifest["files"]:
+            with np.load(version.file("latent_prior")) as arrays:
+                self.latent_prior = LatentPrior.from_arrays(dict(arrays))
         self.centroids: np.ndarray | None = None
         if "privacy_index" in manifest["files"]:
             self.privacy_index = NearestNeighbourIndex(np.load(version.file("privacy_index")))
@@ -292,21 +301,26 @@ class Engine:
 
     # Generation ----------------------------------------------------------------------------
 
-    def draw_latent(self, rng: np.random.Generator, count: int, temperature: float) -> np.ndarray:
-        """Draw bottleneck values from a normal truncated at ``truncation`` standard deviations.
+    def draw_latent(
+        self, rng: np.random.Generator, count: int, temperature: float, class_index: int
+    ) -> np.ndarray:
+        """Draw latent values of one class from the generation prior.
+
+        ``e`` is standard normal, redrawn until ``|e| <= truncation``, and the prior maps it to
+        ``z[:k] = mean_c + temperature * chol_c @ e[:k]`` and
+        ``z[k:] = tail_mean_c + tail_scale * temperature * tail_std_c * e[k:]``. The prior is
+        the one fitted at export (``appliance.latent_prior``), or the standard normal for a
+        model exported without one.
 
         Returns:
-            Latent values, shape (count, latent_dims): the bottleneck scaled by ``temperature``,
-            the rest zero.
+            Latent values, shape (count, latent_dims), float32.
         """
-        lead = rng.standard_normal((count, self.bottleneck_dims))
-        outside = np.abs(lead) > self.truncation
+        e = rng.standard_normal((count, self.latent_dims))
+        outside = np.abs(e) > self.truncation
         while outside.any():
-            lead[outside] = rng.standard_normal(int(outside.sum()))
-            outside = np.abs(lead) > self.truncation
-        z = np.zeros((count, self.latent_dims), dtype=np.float32)
-        z[:, : self.bottleneck_dims] = temperature * lead
-        return z
+            e[outside] = rng.standard_normal(int(outside.sum()))
+            outside = np.abs(e) > self.truncation
+        return self.latent_prior.draw(e, class_index, temperature, self.tail_scale)
 
     def generate(
         self,
@@ -347,7 +361,7 @@ class Engine:
                 if callable(should_stop) and should_stop():
                     break
                 batch = int(min(INFERENCE_BATCH, max(8, 2 * (wanted - accepted)), budget - drawn))
-                z = self.draw_latent(rng, batch, temperature)
+                z = self.draw_latent(rng, batch, temperature, class_index)
                 labels = np.full(batch, class_index, dtype=np.int64)
                 x = self.inverse(z, labels)
                 drawn += batch

@@ -18,6 +18,12 @@ from appliance.dataset import BeatSet
 from appliance.engine import Engine
 from appliance.errors import ApplianceError
 from appliance.flow import ConditionalFlow
+from appliance.latent_prior import (
+    MAX_FIT_BEATS_PER_CLASS,
+    MIN_BEATS,
+    SHRINKAGE_BEATS,
+    LatentPrior,
+)
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.scoring import FEATURES, Calibration
 from appliance.store import (
@@ -211,6 +217,9 @@ def export_model(
         figures = check_parity(
             model, draft, x_holdout[:PARITY_BEATS], labels_holdout[:PARITY_BEATS]
         )
+        prior = _fit_latent_prior(draft, train_beats, result, config.train.seed)
+        with (partial / "latent_prior.npz").open("wb") as handle:
+            np.savez(handle, **prior.to_arrays())  # type: ignore[arg-type]
         features, _ = draft.features(x_holdout, labels_holdout)
         calibration = Calibration.fit(features)
         arrays = calibration.to_arrays()
@@ -222,6 +231,13 @@ def export_model(
         threshold = float(np.quantile(distances, config.gate.privacy_quantile))
         manifest["files"]["calibration"] = {"name": "calibration.npz"}
         manifest["files"]["privacy_index"] = {"name": "privacy_index.npy"}
+        manifest["files"]["latent_prior"] = {"name": "latent_prior.npz"}
+        manifest["latent_prior"] = {
+            "kind": "Gaussian per class: full covariance on the bottleneck, diagonal on the tail",
+            "beats_per_class": {name: int(prior.beats[i]) for i, name in enumerate(AAMI_CLASSES)},
+            "shrinkage_beats": SHRINKAGE_BEATS,
+            "min_beats": MIN_BEATS,
+        }
         manifest["privacy"] = {
             "threshold": threshold,
             "quantile": config.gate.privacy_quantile,
@@ -248,6 +264,37 @@ def export_model(
         threshold,
     )
     return version
+
+
+def _fit_latent_prior(
+    draft: Engine, train_beats: BeatSet, result: TrainResult, seed: int
+) -> LatentPrior:
+    """Fit the generation prior to the latent values of sampled training beats of each class.
+
+    Raises:
+        ExportError: If a training beat maps to a latent value that is not finite.
+    """
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    for name in result.classes_known:
+        members = np.flatnonzero(train_beats.labels == AAMI_CLASSES.index(name))
+        if members.size > MAX_FIT_BEATS_PER_CLASS:
+            members = rng.choice(members, MAX_FIT_BEATS_PER_CLASS, replace=False)
+        chosen.append(np.sort(members))
+    index = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    labels = train_beats.labels[index]
+    x = (train_beats.windows[index] / result.scale_mv).astype(np.float32)
+    z, _ = draft.forward(x, labels)
+    try:
+        prior = LatentPrior.fit(z, labels, len(AAMI_CLASSES), draft.bottleneck_dims)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+    logger.info(
+        "latent prior fitted beats=%d classes=%s",
+        int(index.size),
+        {name: int(prior.beats[i]) for i, name in enumerate(AAMI_CLASSES) if prior.beats[i]},
+    )
+    return prior
 
 
 def _manifest(

@@ -139,33 +139,43 @@ class ConditionalFlow(nn.Module):
         temperature: float,
         truncation: float,
         generator: torch.Generator | None = None,
+        tail_scale: float = 0.0,
     ) -> torch.Tensor:
-        """Draw latent values for generation: only the bottleneck is random, the rest is zero.
+        """Draw latent values for generation under the standard normal prior.
 
-        Each bottleneck value is ``temperature * e`` with ``e`` standard normal redrawn until
-        ``|e| <= truncation``.
+        The served engine draws from the prior fitted at export instead (``Engine.draw_latent``).
+
+        Each bottleneck value is ``temperature * e`` and each later value
+        ``tail_scale * temperature * e``, with ``e`` standard normal redrawn until
+        ``|e| <= truncation``. With ``tail_scale`` 0 only the bottleneck is random.
 
         Arguments:
             batch: Number of draws.
             temperature: Standard deviation multiplier, > 0.
             truncation: Bound of ``|e|`` in standard deviations, > 0.
             generator: Random source; the same seed gives the same draws.
+            tail_scale: Standard deviation of the values after the bottleneck relative to
+                ``temperature``, >= 0.
 
         Returns:
             Latent values, shape (batch, latent_dims).
         """
-        if temperature <= 0 or truncation <= 0:
+        if temperature <= 0 or truncation <= 0 or tail_scale < 0:
             raise ValueError(
-                f"temperature={temperature} and truncation={truncation} must both be > 0"
+                f"temperature={temperature} and truncation={truncation} must both be > 0 and "
+                f"tail_scale={tail_scale} must be >= 0"
             )
         dtype = next(self.parameters()).dtype
-        e = torch.randn(batch, self.bottleneck_dims, generator=generator, dtype=dtype)
+        drawn_dims = self.latent_dims if tail_scale > 0 else self.bottleneck_dims
+        e = torch.randn(batch, drawn_dims, generator=generator, dtype=dtype)
         outside = e.abs() > truncation
         while bool(outside.any()):
             e[outside] = torch.randn(int(outside.sum()), generator=generator, dtype=dtype)
             outside = e.abs() > truncation
         z = torch.zeros(batch, self.latent_dims, dtype=dtype)
-        z[:, : self.bottleneck_dims] = temperature * e
+        z[:, : self.bottleneck_dims] = temperature * e[:, : self.bottleneck_dims]
+        if drawn_dims > self.bottleneck_dims:
+            z[:, self.bottleneck_dims :] = tail_scale * temperature * e[:, self.bottleneck_dims :]
         return z
 
     def freeze_inverse(self) -> None:

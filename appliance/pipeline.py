@@ -229,6 +229,10 @@ def _table(figures: dict[str, Any]) -> str:
         f"per class: {figures['synthetic_per_class']}   margin {figures['margin']:.2f}   "
         f"privacy threshold {figures['privacy_threshold']:.4f}",
         "",
+        "pertinence score quantiles: 0 to 1, higher is more like the held-out real beats the "
+        "score is calibrated on;",
+        "AUROC: probability that a real test beat scores above its corrupted copy "
+        "(1 separates them, 0.5 does not)",
         f"{'pertinence score':<30}{'q05':>8}{'q25':>8}{'q50':>8}{'q75':>8}{'q95':>8}{'AUROC':>8}",
     ]
     for name, quantiles in figures["score_quantiles"].items():

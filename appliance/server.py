@@ -202,7 +202,7 @@ def self_check(engine: Engine) -> None:
     """
     rng = np.random.default_rng(0)
     classes = np.asarray(engine.classes_known, dtype=np.int64)
-    z = engine.draw_latent(rng, classes.size, 1.0)
+    z = np.concatenate([engine.draw_latent(rng, 1, 1.0, int(c)) for c in classes])
     x = engine.inverse(z, classes)
     z_back, log_det = engine.forward(x, classes)
     if not (np.isfinite(x).all() and np.isfinite(z_back).all() and np.isfinite(log_det).all()):

@@ -574,6 +574,8 @@ def model_info(
         cpu_limit_source=plan.cpu_limit_source,
         engine_slots=plan.engine_slots,
         intra_op_threads=plan.intra_op_threads,
+        fitted_latent_prior="latent_prior" in files,
+        tail_scale=engine.tail_scale,
     )
 
 

@@ -4,7 +4,8 @@ Layout::
 
     STORE/CURRENT                 name of the active version (replaced with os.replace)
     STORE/versions/<id>/manifest.json
-    STORE/versions/<id>/forward.onnx, inverse.onnx, calibration.npz, privacy_index.npy
+    STORE/versions/<id>/forward.onnx, inverse.onnx, calibration.npz, privacy_index.npy,
+                                  latent_prior.npz
 
 Serving reads ``CURRENT`` once, so it never sees a half-written version. This module does not
 import PyTorch.

@@ -87,7 +87,7 @@ for name, providers in (
     engine_module.available_providers = lambda require_gpu=False, p=providers: list(p)
     engine = Engine(version)
     classes = rng.choice(engine.classes_known, size=beats)
-    z = engine.draw_latent(rng, beats, 1.0)
+    z = engine.draw_latent(rng, beats, 1.0, engine.classes_known[0])
     engine.inverse(z[:256], classes[:256])  # warm-up: session start and CUDA kernels
     started = time.monotonic()
     x = engine.inverse(z, classes)

@@ -107,7 +107,7 @@ def onnx_against_torch(engine: Engine, model, threads: int) -> dict[str, float]:
     model.eval()
     rng = np.random.default_rng(0)
     classes = np.full(TORCH_BATCH, engine.classes_known[0], dtype=np.int64)
-    z = engine.draw_latent(rng, TORCH_BATCH, 1.0)
+    z = engine.draw_latent(rng, TORCH_BATCH, 1.0, engine.classes_known[0])
     x = engine.inverse(z, classes)
     condition = torch.from_numpy(np.eye(5, dtype=np.float32)[classes])
 

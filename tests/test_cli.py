@@ -190,6 +190,16 @@ def test_generate_bad_class_counts_exit_2(tmp_path: Path, classes: str, message:
     assert message in result.stderr
 
 
+def test_generate_unknown_class_exit_2(server_address: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli(
+        "generate", "--address", server_address, "--classes", "N=2,X=3", "--out", str(out)
+    )
+    assert result.returncode == 2
+    assert "--classes names X, which the model does not know; use N" in result.stderr
+    assert not out.exists()
+
+
 def test_health_of_closed_port_names_cause() -> None:
     # Port 1 on loopback has no listener, so the connection is refused at once.
     result = run_cli("health", "--address", "127.0.0.1:1", "--timeout-s", "10", timeout_s=60.0)

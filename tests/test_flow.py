@@ -109,6 +109,19 @@ def test_sample_latent_respects_truncation() -> None:
         flow.sample_latent(1, temperature=0.0, truncation=3.0)
 
 
+def test_sample_latent_tail_scale() -> None:
+    flow = _small_flow(1, 16)
+    generator = torch.Generator().manual_seed(0)
+    z = flow.sample_latent(4000, 0.5, 3.0, generator, tail_scale=0.4)
+    tail = z[:, flow.bottleneck_dims :]
+    # The tail is a normal truncated at 3, of standard deviation 0.5 * 0.4 = 0.2.
+    assert tail.abs().max().item() <= 0.2 * 3.0
+    assert abs(tail.std().item() - 0.2) < 0.01
+    assert abs(z[:, : flow.bottleneck_dims].std().item() - 0.5) < 0.02
+    with pytest.raises(ValueError, match="tail_scale"):
+        flow.sample_latent(1, 1.0, 3.0, tail_scale=-0.1)
+
+
 @pytest.fixture(scope="module")
 def trained(trained_result):  # noqa: ANN001, ANN201
     return trained_result

@@ -69,6 +69,7 @@ FORBIDDEN_PATTERNS = (
     "manifest.json",
     "calibration.npz",
     "privacy_index.npy",
+    "latent_prior.npz",
 )
 
 if not IMAGE:

@@ -46,6 +46,7 @@ def test_store_manifest_lists_contract(model_store: Path) -> None:
         "inverse_graph",
         "calibration",
         "privacy_index",
+        "latent_prior",
     }
     for entry in manifest["files"].values():
         assert len(entry["sha256"]) == 64

@@ -401,6 +401,8 @@ def test_model_info_has_contract_only(client: ApplianceClient, info, model_store
     assert info.trained_at.endswith(("Z", "+00:00"))
     assert info.min_margin <= info.default_margin <= info.max_margin
     assert info.execution_provider == "CPUExecutionProvider"
+    assert info.fitted_latent_prior
+    assert info.tail_scale == 1.0
 
     assert info.cpu_limit > 0
     assert info.cpu_limit_source in (
@@ -437,7 +439,13 @@ def test_reflection_lists_and_calls_service(server_address: str):
         pool = descriptor_pool.DescriptorPool(database)
         service = pool.FindServiceByName("appliance.v1.ApplianceService")
         methods = {method.name for method in service.methods}
-        assert methods == {"Generate", "Validate", "ValidateStream", "GetModelInfo"}
+        assert methods == {
+            "Generate",
+            "Validate",
+            "ValidateStream",
+            "GetModelInfo",
+            "GetQualityReport",
+        }
         # Call GetModelInfo with message classes built from reflection alone, as grpcurl does.
         method = service.methods_by_name["GetModelInfo"]
         request_class = message_factory.GetMessageClass(method.input_type)
