@@ -350,7 +350,7 @@ def _command_generate(args: argparse.Namespace) -> int:
     with client:
         info = client.model_info()
         known = [class_name(value) for value in info.classes_known]
-        unknown = [name for name in class_counts if name not in known]
+        unknown = [name for name in class_counts or {} if name not in known]
         if unknown:
             raise UsageError(
                 f"--classes names {', '.join(unknown)}, which the model does not know; "
