@@ -39,6 +39,10 @@ MIN_BEATS_PER_KNOWN_CLASS = 20
 # Gradients are rescaled to at most this global L2 norm before each optimiser step.
 MAX_GRADIENT_NORM = 5.0
 VALIDATION_BATCH = 512
+# Per-beat bottleneck reconstruction error (squared scaled units) at which checkpoint selection
+# caps a beat. The scaled training beats have unit variance, so 1 is the error of predicting
+# zero: a beat whose projection diverges counts as failed, not as 1e5 times worse.
+SELECTION_MSE_CAP = 1.0
 # Training settings that shape the trajectory; a resumed run must use the checkpoint's values.
 RESUME_MUST_MATCH = (
     "batch_size",
@@ -154,28 +158,58 @@ def _check_resumable(state: dict[str, Any], config: ApplianceConfig, path: Path)
         )
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Validation figures of a beat set.
+
+    Attributes:
+        nll_bpd: Mean negative log-likelihood in bits per dimension.
+        reconstruction_mse: Mean bottleneck reconstruction error, squared scaled units.
+        capped_mse: The same mean with each beat's error capped at ``SELECTION_MSE_CAP``,
+            which checkpoint selection uses: a few beats of a held-out patient whose projection
+            diverges cannot outweigh the rest.
+    """
+
+    nll_bpd: float
+    reconstruction_mse: float
+    capped_mse: float
+
+
 @torch.no_grad()
 def evaluate(
     model: ConditionalFlow,
     beats: BeatSet,
     scale_mv: float,
     device: torch.device | None = None,
-) -> tuple[float, float]:
-    """Return the mean NLL in bits per dimension and the bottleneck MSE of a beat set.
+) -> Evaluation:
+    """Return the NLL and bottleneck reconstruction figures of a beat set.
 
     Batches go to ``device`` (default: the device of the model's first parameter).
     """
     model.eval()
     device = device or next(model.parameters()).device
-    nll_total, reconstruction_total = 0.0, 0.0
+    nll_parts, error_parts = [], []
     for start in range(0, len(beats), VALIDATION_BATCH):
         x = torch.from_numpy(beats.windows[start : start + VALIDATION_BATCH] / scale_mv).float()
         condition = one_hot(torch.from_numpy(beats.labels[start : start + VALIDATION_BATCH]))
         x, condition = x.to(device), condition.to(device)
-        _, nll_bpd, reconstruction = compute_loss(model, x, condition, 1.0)
-        nll_total += float(nll_bpd) * x.shape[0]
-        reconstruction_total += float(reconstruction) * x.shape[0]
-    return nll_total / len(beats), reconstruction_total / len(beats)
+        z, log_det = model(x, condition)
+        nll = bits_per_dim(standard_normal_log_prob(z) + log_det, model.latent_dims)
+        x_projected, _ = model.inverse(model.truncate(z), condition)
+        errors = ((x_projected - x) ** 2).mean(dim=(1, 2))
+        nll_parts.append(nll.double().cpu().numpy())
+        error_parts.append(errors.double().cpu().numpy())
+    nll_all = np.concatenate(nll_parts)
+    error_all = np.concatenate(error_parts)
+    # A projection that overflows counts as failed too, like one that diverges.
+    capped = np.where(
+        np.isfinite(error_all), np.minimum(error_all, SELECTION_MSE_CAP), SELECTION_MSE_CAP
+    )
+    return Evaluation(
+        nll_bpd=float(nll_all.mean()),
+        reconstruction_mse=float(error_all.mean()),
+        capped_mse=float(capped.mean()),
+    )
 
 
 def train(
@@ -437,8 +471,9 @@ def _train(
 
         # NOTE: every rank evaluates the whole validation set; the ranks hold the same weights,
         # so they reach the same loss and the same best model without a collective.
-        validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv, device)
-        validation_loss = validation_bpd + settings.reconstruction_weight * validation_mse
+        figures = evaluate(model, validation_beats, scale_mv, device)
+        validation_bpd, validation_mse = figures.nll_bpd, figures.reconstruction_mse
+        validation_loss = validation_bpd + settings.reconstruction_weight * figures.capped_mse
         if not math.isfinite(validation_loss):
             bar.close()
             raise NonFiniteLossError(step, ["validation"])
@@ -451,17 +486,20 @@ def _train(
                 "train_bpd": float(np.mean(running)) if running else math.nan,
                 "validation_bpd": validation_bpd,
                 "validation_reconstruction_mse": validation_mse,
+                "validation_capped_mse": figures.capped_mse,
             }
         )
         if context.is_rank_zero:
             logger.info(
                 "epoch=%d step=%d train_bpd=%.4f validation_bpd=%.4f validation_mse=%.5f "
+                "validation_capped_mse=%.5f "
                 "step_ms=%.1f",
                 epoch + 1,
                 step,
                 history[-1]["train_bpd"],
                 validation_bpd,
                 validation_mse,
+                figures.capped_mse,
                 1000.0 * (time.monotonic() - started) / max(1, step - first_step),
             )
         save_checkpoint()
@@ -478,7 +516,8 @@ def _train(
         _save(work_dir / BEST_FILE, {**checkpoint(), "model": _to_cpu(model.state_dict())})
     barrier(context)
     model.eval()
-    validation_bpd, validation_mse = evaluate(model, validation_beats, scale_mv, device)
+    final = evaluate(model, validation_beats, scale_mv, device)
+    validation_bpd, validation_mse = final.nll_bpd, final.reconstruction_mse
     model.cpu()
     summary = {
         "epochs": len(history),

@@ -207,7 +207,8 @@ def main() -> None:
         scale_mv, classes_known = result.scale_mv, result.classes_known
         parameters = result.summary["parameters"]
         test_set = known_subset(dataset.splits["test"], classes_known)
-        test_bpd, test_mse = evaluate(result.model, test_set, scale_mv)
+        test_figures = evaluate(result.model, test_set, scale_mv)
+        test_bpd, test_mse = test_figures.nll_bpd, test_figures.reconstruction_mse
         epochs = result.summary["epochs"]
         rows.append(
             (

@@ -16,10 +16,19 @@ import pytest
 import torch
 
 import appliance.train as train_module
+from appliance.classes import AAMI_CLASSES
 from appliance.config import ApplianceConfig, DataConfig, ModelConfig, TrainConfig
 from appliance.dataset import BeatSet
 from appliance.errors import NonFiniteLossError, TrainingError
-from appliance.train import BEST_FILE, CHECKPOINT_FILE, TrainResult, train
+from appliance.flow import ConditionalFlow
+from appliance.train import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    SELECTION_MSE_CAP,
+    TrainResult,
+    evaluate,
+    train,
+)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # A few dozen steps of a small model: seconds per run on 2 cores.
@@ -203,3 +212,20 @@ def test_non_finite_stops_and_keeps_checkpoint(mode, monkeypatch, tiny_data, tmp
         assert torch.all(torch.isfinite(value.float())), name
     model = train_module.ConditionalFlow(TINY.model, 1, TINY.data.window_samples, 5)
     model.load_state_dict(state["model"])
+
+
+def test_evaluate_caps_diverging_projections(tiny_data) -> None:  # noqa: ANN001
+    _, validation = tiny_data
+    model = ConditionalFlow(TINY.model, 1, 256, len(AAMI_CLASSES))
+    model.eval()
+    scale_mv = float(np.std(validation.windows))
+    plain = evaluate(model, validation, scale_mv)
+    # One beat blown up 1000 times: its projection through the bottleneck misses by far.
+    windows = validation.windows.copy()
+    windows[0] *= 1000.0
+    outlier = evaluate(model, BeatSet(windows, validation.labels, validation.records), scale_mv)
+    beats = len(validation)
+    assert outlier.reconstruction_mse > 100 * plain.reconstruction_mse
+    assert outlier.capped_mse <= plain.capped_mse + SELECTION_MSE_CAP / beats + 1e-9
+    assert outlier.capped_mse >= plain.capped_mse
+    assert plain.capped_mse <= plain.reconstruction_mse
