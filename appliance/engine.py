@@ -308,19 +308,16 @@ class Engine:
 
         ``e`` is standard normal, redrawn until ``|e| <= truncation``, and the prior maps it to
         ``z[:k] = mean_c + temperature * chol_c @ e[:k]`` and
-        ``z[k:] = tail_mean_c + tail_scale * temperature * tail_std_c * e[k:]``. The prior is
-        the one fitted at export (``appliance.latent_prior``), or the standard normal for a
-        model exported without one.
+        ``z[k:] = tail_mean_c + tail_scale * temperature * tail_std_c * e[k:]``. With
+        ``tail_scale`` 0 only ``e[:k]`` is drawn. The prior is the one fitted at export
+        (``appliance.latent_prior``), or the standard normal for a model exported without one.
 
         Returns:
             Latent values, shape (count, latent_dims), float32.
         """
-        e = rng.standard_normal((count, self.latent_dims))
-        outside = np.abs(e) > self.truncation
-        while outside.any():
-            e[outside] = rng.standard_normal(int(outside.sum()))
-            outside = np.abs(e) > self.truncation
-        return self.latent_prior.draw(e, class_index, temperature, self.tail_scale)
+        return self.latent_prior.sample(
+            rng, count, class_index, temperature, self.truncation, self.tail_scale
+        )
 
     def generate(
         self,

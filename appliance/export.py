@@ -272,7 +272,8 @@ def _fit_latent_prior(
     """Fit the generation prior to the latent values of sampled training beats of each class.
 
     Raises:
-        ExportError: If a training beat maps to a latent value that is not finite.
+        ExportError: If a training beat maps to a latent value that is not finite, or the
+            latent values of a class are too large to fit a Gaussian to.
     """
     rng = np.random.default_rng(seed)
     chosen: list[np.ndarray] = []

@@ -85,7 +85,9 @@ class LatentPrior:
             normal.
 
         Raises:
-            ValueError: If ``z`` contains a value that is not finite.
+            ValueError: If ``z`` contains a value that is not finite, or the latent values of a
+                class are so large that its moments overflow or its covariance is not
+                positive definite in floating point.
         """
         if not np.isfinite(z).all():
             raise ValueError(
@@ -102,21 +104,75 @@ class LatentPrior:
                 continue
             weight = n / (n + SHRINKAGE_BEATS)
             head, tail = members[:, :k], members[:, k:]
-            mean = head.mean(axis=0)
-            second = (head.T @ head) / n
-            # Shrink the mean and the second moment towards those of the standard normal
-            # (0 and the identity), then centre; the result stays positive definite.
-            mean_shrunk = weight * mean
-            second_shrunk = weight * second + (1 - weight) * np.eye(k)
-            covariance = second_shrunk - np.outer(mean_shrunk, mean_shrunk)
+            # Finite latent values beyond about 1e154 overflow the second moments. The check
+            # below turns that into an error instead of a prior that draws NaN.
+            with np.errstate(over="ignore", invalid="ignore"):
+                mean = head.mean(axis=0)
+                second = (head.T @ head) / n
+                # Shrink the mean and the second moment towards those of the standard normal
+                # (0 and the identity), then centre; the result stays positive definite.
+                mean_shrunk = weight * mean
+                second_shrunk = weight * second + (1 - weight) * np.eye(k)
+                covariance = second_shrunk - np.outer(mean_shrunk, mean_shrunk)
+                tail_mean = weight * tail.mean(axis=0)
+                tail_second = weight * (tail**2).mean(axis=0) + (1 - weight)
+                tail_variance = tail_second - tail_mean**2
+            magnitude = float(np.abs(members).max())
+            if not (np.isfinite(covariance).all() and np.isfinite(tail_variance).all()):
+                raise ValueError(
+                    f"the latent moments of class {class_index} ({n} beats) overflow float64 "
+                    f"because the largest latent magnitude is {magnitude:.3g}. The model is "
+                    "not fit to export, so retrain it"
+                )
+            try:
+                chol = np.linalg.cholesky(covariance)
+            except np.linalg.LinAlgError as exc:
+                # The shrinkage keeps every eigenvalue at or above 1 - weight. Rounding errors,
+                # roughly 1e-16 times the squared latent magnitude, exceed that only for
+                # latent values near 1e7 or beyond.
+                raise ValueError(
+                    f"the latent covariance of class {class_index} ({n} beats) is not positive "
+                    "definite in floating point because the largest latent magnitude is "
+                    f"{magnitude:.3g}. The model is not fit to export, so retrain it"
+                ) from exc
             prior.mean[class_index] = mean_shrunk
-            prior.chol[class_index] = np.linalg.cholesky(covariance)
-            tail_mean = weight * tail.mean(axis=0)
-            tail_second = weight * (tail**2).mean(axis=0) + (1 - weight)
+            prior.chol[class_index] = chol
             prior.tail_mean[class_index] = tail_mean
-            prior.tail_std[class_index] = np.sqrt(np.maximum(tail_second - tail_mean**2, 0.0))
+            prior.tail_std[class_index] = np.sqrt(np.maximum(tail_variance, 0.0))
             prior.beats[class_index] = n
         return prior
+
+    def sample(
+        self,
+        rng: np.random.Generator,
+        count: int,
+        class_index: int,
+        temperature: float,
+        truncation: float,
+        tail_scale: float,
+    ) -> np.ndarray:
+        """Draw latent values of one class: truncated standard normal values mapped by ``draw``.
+
+        With ``tail_scale`` 0 only the bottleneck's standard normal values are drawn. The
+        generator is then consumed as it was before the fitted prior existed, so a model
+        exported without a prior gives the same latent values for a seed as it did then.
+
+        Arguments:
+            rng: Random source; the same state gives the same values.
+            count: Number of draws.
+            class_index: Class of every draw.
+            temperature: Multiplier of the spread around the class mean.
+            truncation: Bound of each standard normal value's magnitude, > 0.
+            tail_scale: Multiplier of the tail's spread; 0 puts the tail at its mean.
+
+        Returns:
+            Latent values, shape (count, latent_dims), float32.
+        """
+        latent_dims = self.bottleneck_dims + int(self.tail_mean.shape[1])
+        drawn_dims = latent_dims if tail_scale != 0 else self.bottleneck_dims
+        e = np.zeros((count, latent_dims))
+        e[:, :drawn_dims] = truncated_standard_normal(rng, (count, drawn_dims), truncation)
+        return self.draw(e, class_index, temperature, tail_scale)
 
     def draw(
         self,
@@ -162,3 +218,15 @@ class LatentPrior:
             tail_std=arrays["tail_std"],
             beats=arrays["beats"],
         )
+
+
+def truncated_standard_normal(
+    rng: np.random.Generator, shape: tuple[int, int], truncation: float
+) -> np.ndarray:
+    """Draw standard normal values, each redrawn until its magnitude is at most ``truncation``."""
+    values = rng.standard_normal(shape)
+    outside = np.abs(values) > truncation
+    while outside.any():
+        values[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(values) > truncation
+    return values

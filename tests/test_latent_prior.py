@@ -92,3 +92,86 @@ def test_arrays_round_trip() -> None:
     for name, array in prior.to_arrays().items():
         assert np.array_equal(getattr(rebuilt, name), array), name
     assert rebuilt.bottleneck_dims == BOTTLENECK
+
+
+def _bottleneck_only_draws(seed: int, count: int, temperature: float) -> np.ndarray:
+    """Return the latent values that generation drew before the fitted prior existed."""
+    rng = np.random.default_rng(seed)
+    lead = rng.standard_normal((count, BOTTLENECK))
+    outside = np.abs(lead) > 3.0
+    while outside.any():
+        lead[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(lead) > 3.0
+    z = np.zeros((count, LATENT), dtype=np.float32)
+    z[:, :BOTTLENECK] = temperature * lead
+    return z
+
+
+def test_sample_without_tail_keeps_old_draws() -> None:
+    # A model exported before the fitted prior has the standard prior and tail_scale 0. The
+    # same seed must give the latent values that generation drew then.
+    prior = LatentPrior.standard(CLASSES, BOTTLENECK, LATENT)
+    drawn = prior.sample(np.random.default_rng(7), 500, 1, 0.8, 3.0, 0.0)
+    expected = _bottleneck_only_draws(7, 500, 0.8)
+    assert drawn.dtype == np.float32
+    assert np.array_equal(drawn, expected)
+
+
+def test_sample_with_tail_draws_every_value() -> None:
+    z, _, _ = _latents(2000, 6)
+    prior = LatentPrior.fit(z, np.zeros(2000, dtype=np.int64), CLASSES, BOTTLENECK)
+    drawn = prior.sample(np.random.default_rng(8), 3000, 0, 0.7, 2.0, 1.5)
+    rng = np.random.default_rng(8)
+    e = rng.standard_normal((3000, LATENT))
+    outside = np.abs(e) > 2.0
+    while outside.any():
+        e[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(e) > 2.0
+    assert np.array_equal(drawn, prior.draw(e, 0, 0.7, 1.5))
+    # Each tail value is its mean plus 1.5 * 0.7 * tail_std times a value within +-2.
+    bound = 1.5 * 0.7 * 2.0 * prior.tail_std[0] + 1e-5
+    assert np.all(np.abs(drawn[:, BOTTLENECK:] - prior.tail_mean[0]) <= bound)
+    fixed = prior.sample(np.random.default_rng(8), 10, 0, 0.7, 2.0, 0.0)
+    assert np.allclose(fixed[:, BOTTLENECK:], prior.tail_mean[0], atol=1e-6)
+
+
+def test_fit_with_fewer_beats_than_dimensions() -> None:
+    # 100 beats in a 150-dimensional bottleneck make the sample covariance singular, but the
+    # shrinkage keeps every eigenvalue at or above 1 - weight.
+    n, bottleneck, latent = MIN_BEATS, 150, 160
+    z = np.random.default_rng(9).standard_normal((n, latent))
+    prior = LatentPrior.fit(z, np.zeros(n, dtype=np.int64), CLASSES, bottleneck)
+    weight = n / (n + SHRINKAGE_BEATS)
+    assert prior.beats[0] == n
+    assert np.all(np.isfinite(prior.chol[0]))
+    eigenvalues = np.linalg.eigvalsh(prior.chol[0] @ prior.chol[0].T)
+    assert eigenvalues.min() >= (1 - weight) * (1 - 1e-9)
+
+
+def test_fit_rejects_covariance_lost_to_rounding() -> None:
+    # Two identical bottleneck values of +-2**27 with mean 0 make every sum exact. The
+    # shrinkage's 1 - weight (0.0064) is lost against w * 2**54, so the covariance is singular
+    # and its computed Cholesky pivot is negative.
+    n = 5000
+    z = np.random.default_rng(10).standard_normal((n, LATENT))
+    z[:, 0] = 2.0**27
+    z[::2, 0] = -(2.0**27)
+    z[:, 1] = z[:, 0]
+    labels = np.full(n, 3, dtype=np.int64)
+    with pytest.raises(ValueError, match="covariance of class 3 .5000 beats.") as caught:
+        LatentPrior.fit(z, labels, CLASSES, 2)
+    assert "not positive definite" in str(caught.value)
+    assert "retrain" in str(caught.value)
+
+
+def test_fit_rejects_overflowing_moments() -> None:
+    # Finite latent values of 1e200 square to infinity, and the prior must not contain NaN.
+    z, _, _ = _latents(MIN_BEATS, 11)
+    z[:, -1] *= 1e200
+    labels = np.full(MIN_BEATS, 4, dtype=np.int64)
+    with pytest.raises(ValueError, match="moments of class 4 .100 beats. overflow"):
+        LatentPrior.fit(z, labels, CLASSES, BOTTLENECK)
+    z, _, _ = _latents(MIN_BEATS, 12)
+    z[:, 0] *= 1e200
+    with pytest.raises(ValueError, match="moments of class 4 .100 beats. overflow"):
+        LatentPrior.fit(z, labels, CLASSES, BOTTLENECK)
