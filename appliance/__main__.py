@@ -108,7 +108,8 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--bottleneck-dims",
         type=int,
         default=model.bottleneck_dims,
-        help=f"latent dimensions sampled by Generate (default: {model.bottleneck_dims})",
+        help="leading latent dimensions that carry the beat's shape and get a full-covariance "
+        f"generation prior (default: {model.bottleneck_dims})",
     )
     parser.add_argument(
         "--tail-scale",

@@ -54,7 +54,9 @@ class ModelConfig:
         steps_per_level: Flow steps (ActNorm, 1x1 convolution, affine coupling) per level.
         hidden_channels: Channels of each coupling subnetwork.
         kernel_size: Kernel size of the coupling subnetwork convolutions.
-        bottleneck_dims: Leading latent dimensions that generation samples; the rest are zero.
+        bottleneck_dims: Leading latent dimensions that carry the beat's shape (the
+            reconstruction term) and get a full-covariance generation prior. The other
+            dimensions get an independent prior, scaled by ``GateConfig.tail_scale``.
     """
 
     n_levels: int = 4
@@ -115,8 +117,10 @@ class GateConfig:
         max_margin: Highest margin a request may ask for.
         privacy_quantile: Quantile of held-out beats' distances to the training set below which
             a generated beat counts as a near-copy.
-        truncation: Latent values are drawn from a normal truncated at this many standard
-            deviations (times the temperature).
+        truncation: Bound of the standard normal values that the generation prior maps to
+            latent values. Each is redrawn until its magnitude is at most this. A latent value
+            mixes several of them through the prior's Cholesky factor, so it can lie more than
+            ``truncation * temperature`` of its own standard deviations from the class mean.
         max_abs_mv: Physiological amplitude limit; a generated beat beyond it is rejected.
         tail_scale: Spread of the latent values after the bottleneck relative to the
             generation prior's (``appliance.latent_prior``): 1 draws them as fitted, 0 fixes them
