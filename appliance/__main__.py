@@ -331,6 +331,8 @@ def _command_generate(args: argparse.Namespace) -> int:
     from appliance.client import ApplianceClient, class_name
     from appliance.outputs import write_beats
 
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a folder, which is created if missing")
     if args.count < 1 and not args.classes:
         raise UsageError(f"--count={args.count} must be at least 1 (or use --classes)")
     client = _client(args)
@@ -615,7 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("health", _command_health, "check the server's gRPC health status"),
         ("generate", _command_generate, "generate synthetic beats through a server"),
-        ("validate", _command_validate, "score beats from a .npy file through a server"),
+        (
+            "validate",
+            _command_validate,
+            "score beats from a .npy, .csv or WFDB file through a server",
+        ),
         (
             "quality-report",
             _command_quality_report,
@@ -803,7 +809,13 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
             "; if the server requires client certificates (mutual TLS), pass --tls-cert and "
             "--tls-key"
         )
-    sys.stderr.write(f"error: the server returned {name}: {details}{hint}\n")
+    if name == "UNAVAILABLE":
+        address = getattr(args, "address", "the server")
+        if not hint:
+            hint = "; check --address and that `python -m appliance serve` is running there"
+        sys.stderr.write(f"error: cannot reach {address}: {name}: {details}{hint}\n")
+    else:
+        sys.stderr.write(f"error: the server returned {name}: {details}{hint}\n")
     request_errors = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
     return EXIT_USAGE if name in request_errors else 1
 

@@ -249,6 +249,8 @@ class ApplianceServer:
         self.engine: Engine | None = None
         self._stopping = threading.Lock()
         self._stopped = False
+        # Set once ``stop`` has finished, so that ``wait`` returns after its last log line.
+        self._stop_finished = threading.Event()
 
     def load(self, store: Path) -> Engine:
         """Load the store's current model, self-check it and report SERVING.
@@ -297,10 +299,13 @@ class ApplianceServer:
         time.sleep(drain)
         self.server.stop(grace - drain).wait()
         logger.info("server stopped port=%d", self.port)
+        self._stop_finished.set()
 
     def wait(self) -> None:
-        """Block until the server stops."""
+        """Block until the server stops and, when ``stop`` stopped it, until ``stop`` returns."""
         self.server.wait_for_termination()
+        if self._stopped:
+            self._stop_finished.wait(timeout=self.config.grace_s + 5.0)
 
 
 def start_server(config: ServeConfig) -> ApplianceServer:

@@ -208,6 +208,25 @@ def test_generate_unknown_class_exit_2(server_address: str, tmp_path: Path) -> N
     assert not out.exists()
 
 
+def test_generate_out_is_file_exit_2(tmp_path: Path) -> None:
+    existing = tmp_path / "beats.npy"
+    existing.write_bytes(b"")
+    result = run_cli("generate", "--count", "3", "--out", str(existing))
+    assert result.returncode == 2
+    assert f"--out {existing} is a file; pass a folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_closed_port_names_address(tmp_path: Path) -> None:
+    # Port 1 on loopback has no listener, so the connection is refused at once.
+    result = run_cli(
+        "generate", "--address", "127.0.0.1:1", "--count", "3", "--out", str(tmp_path / "out")
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
+    assert "check --address" in result.stderr
+
+
 def test_health_of_closed_port_names_cause() -> None:
     # Port 1 on loopback has no listener, so the connection is refused at once.
     result = run_cli("health", "--address", "127.0.0.1:1", "--timeout-s", "10", timeout_s=60.0)
