@@ -122,10 +122,10 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
     """Read beats written by ``write_beats``, or a plain ``.npy`` array, for validation.
 
     Arguments:
-        path: A ``.npy`` file (its classes come from ``<stem>_classes.json`` beside it, when
-            present), a ``.csv`` file with ``class`` and ``score`` columns first, or a WFDB
-            record (``.hea``, ``.dat`` or the record path without extension) of consecutive
-            beat windows with one beat annotation per window.
+        path: A ``.npy``, ``.csv`` or WFDB file. The classes of a ``.npy`` file come from
+            ``<stem>_classes.json`` beside it, when present. A ``.csv`` file has ``class`` and
+            ``score`` columns first. A WFDB record (``.hea``, ``.dat`` or the record path
+            without extension) contains consecutive beat windows, one beat annotation each.
 
     Returns:
         Beats, shape (beats, leads, window_samples), in mV, and the class name of each beat,

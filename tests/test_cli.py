@@ -134,7 +134,7 @@ def test_validate_text_file_exits_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["npy", "csv", "wfdb"])
 def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
-    # The csv case asks for a total count, the others for counts per class.
+    # The csv case requests a total count, the others request counts per class.
     amount = ["--count", "7"] if fmt == "csv" else ["--classes", "N=4,V=3"]
     generated = run_cli(
         "generate",
