@@ -1,6 +1,8 @@
-"""Command line: ``python -m appliance train|export|serve|health|generate|validate|report|run``.
+"""Command line: ``python -m appliance COMMAND``.
 
-``quality-report`` fetches the report that ``report`` attached to the store from a server.
+Commands: train, export, serve, health, info, generate, validate, report, run and
+quality-report. ``quality-report`` fetches the report that ``report`` attached to the store
+from a server.
 
 Heavy modules (PyTorch among them) are imported inside the subcommands that need them, so that
 ``serve`` runs without PyTorch.
@@ -327,6 +329,28 @@ def _command_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def _command_info(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from appliance.client import ApplianceClient, describe_model_info
+
+    client = _client(args)
+    assert isinstance(client, ApplianceClient)
+    with client:
+        info = client.model_info()
+    if args.json:
+        text = json_format.MessageToJson(
+            info,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            sort_keys=True,
+        )
+    else:
+        text = describe_model_info(info)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
 def _command_generate(args: argparse.Namespace) -> int:
     from appliance.client import ApplianceClient, class_name
     from appliance.outputs import write_beats
@@ -616,6 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, text in (
         ("health", _command_health, "check the server's gRPC health status"),
+        (
+            "info",
+            _command_info,
+            "print the served model's data contract, classes, margins and graph hashes",
+        ),
         ("generate", _command_generate, "generate synthetic beats through a server"),
         (
             "validate",
@@ -653,6 +682,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="deadline of each call in seconds (default: 300)",
         )
         sub.set_defaults(handler=handler)
+        if name == "info":
+            sub.add_argument(
+                "--json",
+                action="store_true",
+                help="print the GetModelInfo reply as JSON with the proto's field names "
+                "(default: aligned text)",
+            )
         if name == "generate":
             sub.add_argument(
                 "--count",

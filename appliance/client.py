@@ -98,6 +98,60 @@ def write_quality_report(reply: pb.GetQualityReportResponse, out_dir: Path) -> l
     return paths
 
 
+def describe_model_info(info: pb.GetModelInfoResponse) -> str:
+    """Format a GetModelInfo reply as aligned ``label  value`` lines for a terminal.
+
+    Classes the model does not know are listed with their training counts on a line of their
+    own. Quality figures, one per line, appear only when the manifest has some.
+    """
+    known = [class_name(value) for value in info.classes_known]
+    counts = dict(info.train_class_counts)
+    known_text = ", ".join(f"{name} {counts.get(name, 0)}" for name in known)
+    # Protobuf maps have no defined order, so the other classes are listed in AAMI order.
+    unknown = sorted(
+        (name for name in counts if name not in known),
+        key=lambda name: (AAMI_CLASSES.index(name) if name in AAMI_CLASSES else 99, name),
+    )
+    unknown_text = ", ".join(f"{name} {counts[name]}" for name in unknown)
+    rows = [
+        ("model id", info.model_id),
+        ("trained at", info.trained_at),
+        ("sampling rate", f"{info.fs_hz:g} Hz"),
+        ("window", f"{info.window_samples} samples, {info.pre_r_samples} before the R peak"),
+        ("leads", ", ".join(info.leads)),
+        ("scale", f"{info.scale_mv:.4g} mV per model unit"),
+        ("classes", f"{known_text} (training beats)"),
+    ]
+    if unknown_text:
+        rows.append(("classes not known", f"{unknown_text} (training beats, too few to learn)"))
+    prior = "fitted per class at export" if info.fitted_latent_prior else "standard normal"
+    rows += [
+        ("bottleneck", f"{info.bottleneck_dims} of {info.latent_dims} latent dimensions"),
+        ("tail scale", f"{info.tail_scale:g}"),
+        ("latent prior", prior),
+        (
+            "default margin",
+            f"{info.default_margin:.3f} (a request may set {info.min_margin:.3f} to "
+            f"{info.max_margin:.3f})",
+        ),
+        ("forward graph", f"SHA-256 {info.forward_graph_sha256}"),
+        ("inverse graph", f"SHA-256 {info.inverse_graph_sha256}"),
+    ]
+    # One figure per line; only the first line carries the label.
+    for index, (name, value) in enumerate(sorted(info.quality.items())):
+        rows.append(("quality" if index == 0 else "", f"{name} {value:.6g}"))
+    rows += [
+        ("max amplitude", f"{info.max_abs_mv:g} mV"),
+        ("max beats", f"{info.max_beats_per_request} per request"),
+        ("execution provider", info.execution_provider),
+        ("engine slots", str(info.engine_slots)),
+        ("threads per slot", str(info.intra_op_threads)),
+        ("CPU limit", f"{info.cpu_limit:g} ({info.cpu_limit_source})"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
 def class_value(name: str | None) -> int:
     """Return the BeatClass enum value of a class name; None gives UNSPECIFIED."""
     if name is None or name == "":

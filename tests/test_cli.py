@@ -29,6 +29,7 @@ def run_cli(*args: str, timeout_s: float = 900.0) -> subprocess.CompletedProcess
         "export",
         "serve",
         "health",
+        "info",
         "generate",
         "validate",
         "run",
@@ -233,3 +234,74 @@ def test_health_of_closed_port_names_cause() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("health check of 127.0.0.1:1 failed: UNAVAILABLE: ")
     assert len(result.stderr.strip()) > len("health check of 127.0.0.1:1 failed: UNAVAILABLE: ")
+
+
+def test_info_prints_model_summary(server_address: str) -> None:
+    from appliance.client import ApplianceClient, class_name
+
+    result = run_cli("info", "--address", server_address)
+    assert result.returncode == 0, result.stderr
+    with ApplianceClient(server_address) as client:
+        info = client.model_info()
+    # Labels are padded to one column, where every value starts. Quality figures after the
+    # first have an empty label.
+    lines = result.stdout.splitlines()
+    column = lines[0].index(info.model_id)
+    rows = [(line[:column].strip(), line[column:]) for line in lines]
+    by_label = {label: value for label, value in rows if label}
+    assert by_label["model id"] == info.model_id
+    assert by_label["trained at"] == info.trained_at
+    assert by_label["sampling rate"] == "360 Hz"
+    assert by_label["window"] == "256 samples, 90 before the R peak"
+    assert by_label["leads"] == ", ".join(info.leads)
+    for value in info.classes_known:
+        name = class_name(value)
+        assert f"{name} {info.train_class_counts[name]}" in by_label["classes"]
+    assert (
+        by_label["bottleneck"] == f"{info.bottleneck_dims} of {info.latent_dims} latent dimensions"
+    )
+    assert by_label["tail scale"] == f"{info.tail_scale:g}"
+    assert by_label["default margin"] == (
+        f"{info.default_margin:.3f} (a request may set {info.min_margin:.3f} to "
+        f"{info.max_margin:.3f})"
+    )
+    assert by_label["forward graph"] == f"SHA-256 {info.forward_graph_sha256}"
+    assert by_label["inverse graph"] == f"SHA-256 {info.inverse_graph_sha256}"
+    assert info.quality, "the fixture manifest has quality figures"
+    first = [label for label, _ in rows].index("quality")
+    figures = [value for _, value in rows[first : first + len(info.quality)]]
+    assert figures == [f"{name} {value:.6g}" for name, value in sorted(info.quality.items())]
+    assert by_label["execution provider"] == info.execution_provider
+
+
+def test_info_json_parses_as_reply(server_address: str) -> None:
+    import json
+
+    from google.protobuf import json_format
+
+    from appliance.client import ApplianceClient
+    from appliance.v1 import appliance_pb2 as pb
+
+    result = run_cli("info", "--address", server_address, "--json")
+    assert result.returncode == 0, result.stderr
+    with ApplianceClient(server_address) as client:
+        info = client.model_info()
+    parsed = json_format.Parse(result.stdout, pb.GetModelInfoResponse())
+    assert parsed == info
+    fields = json.loads(result.stdout)
+    # Fields at their default value are printed too, so a min_margin of 0 is not missing.
+    assert "min_margin" in fields
+    assert "forward_graph_sha256" in fields
+
+
+def test_info_closed_port_matches_generate(tmp_path: Path) -> None:
+    # Port 1 on loopback has no listener, so the connection is refused at once.
+    info = run_cli("info", "--address", "127.0.0.1:1", timeout_s=60.0)
+    generate = run_cli(
+        "generate", "--address", "127.0.0.1:1", "--count", "3", "--out", str(tmp_path / "out")
+    )
+    assert info.returncode == 1
+    assert info.returncode == generate.returncode
+    assert info.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
+    assert info.stderr == generate.stderr
+    assert info.stdout == ""
