@@ -284,18 +284,49 @@ def _command_serve(args: argparse.Namespace) -> int:
         running = start_server(config)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    # The handlers go in before the port file, so that a signal cannot end the process
+    # between writing the file and the cleanup below.
+    install_signal_handlers(running)
     if args.port_file:
         temporary = args.port_file.with_suffix(".tmp")
         temporary.write_text(f"{running.port}\n")
         temporary.replace(args.port_file)
-    install_signal_handlers(running)
     try:
         running.load(args.store)
     except (ModelStoreError, RuntimeError) as exc:  # RuntimeError: --require-gpu without a GPU
         running.server.stop(0)
         raise UsageError(str(exc)) from exc
-    running.wait()
+    else:
+        running.wait()
+    finally:
+        if args.port_file:
+            _remove_port_file(args.port_file, running.port)
     return 0
+
+
+def _remove_port_file(path: Path, port: int) -> None:
+    """Delete the port file unless another process has written its own port there since."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        logger.warning("port file not removed path=%s error=%s", path, exc)
+        return
+    if text.strip() != str(port):
+        logger.info(
+            "port file kept path=%s port=%d reason=other_content content=%r",
+            path,
+            port,
+            text.strip()[:32],
+        )
+        return
+    try:
+        path.unlink()
+    except OSError as exc:
+        logger.warning("port file not removed path=%s error=%s", path, exc)
+        return
+    logger.info("port file removed path=%s port=%d", path, port)
 
 
 def _client(args: argparse.Namespace) -> object:
@@ -571,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-file",
         type=Path,
         default=None,
-        help="write the bound port to this file once serving",
+        help="write the bound port to this file once the port is open; the file is removed "
+        "when serve exits, unless it then contains another port (default: no file)",
     )
     serve.add_argument(
         "--workers",

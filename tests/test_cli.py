@@ -305,3 +305,28 @@ def test_info_closed_port_matches_generate(tmp_path: Path) -> None:
     assert info.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
     assert info.stderr == generate.stderr
     assert info.stdout == ""
+
+
+def test_serve_removes_port_file_on_sigterm(model_store: Path, tmp_path: Path) -> None:
+    from appliance.pipeline import ServerProcess
+
+    server = ServerProcess(model_store, tmp_path)
+    address = server.wait_serving()
+    assert server.port_file.read_text() == f"{address.rsplit(':', 1)[1]}\n"
+    assert server.stop() == 0
+    assert not server.port_file.exists()
+    assert not server.port_file.with_suffix(".tmp").exists()
+
+
+def test_serve_keeps_port_file_of_other_process(model_store: Path, tmp_path: Path) -> None:
+    import signal
+
+    from appliance.pipeline import ServerProcess
+
+    server = ServerProcess(model_store, tmp_path)
+    server.wait_serving()
+    # Another server that reuses the path has written its own port since.
+    server.port_file.write_text("65000\n")
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=60) == 0
+    assert server.port_file.read_text() == "65000\n"
