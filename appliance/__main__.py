@@ -459,6 +459,7 @@ def _command_generate(args: argparse.Namespace) -> int:
 def _command_validate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from appliance.baseline import check_baseline
     from appliance.client import ApplianceClient
     from appliance.outputs import read_beats
 
@@ -476,6 +477,8 @@ def _command_validate(args: argparse.Namespace) -> int:
             f"--input {args.input} has shape {beats.shape}; expected (beats, leads, "
             "window_samples), e.g. (n, 1, 256)"
         )
+    # Beats that still carry baseline wander or an offset score low; warn, then score anyway.
+    check_baseline(beats)
     if args.best_class:
         classes = None
     client = _client(args)

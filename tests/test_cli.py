@@ -330,3 +330,42 @@ def test_serve_keeps_port_file_of_other_process(model_store: Path, tmp_path: Pat
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(timeout=60) == 0
     assert server.port_file.read_text() == "65000\n"
+
+
+def test_validate_warns_on_baseline_offset(
+    server_address: str, shared_data: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from appliance.baseline import measure_baseline_offset
+    from appliance.config import DataConfig
+    from appliance.ecg import read_record
+
+    beats = read_record(shared_data / "mitdb" / "100", "100", DataConfig()).windows[:300]
+    processed = tmp_path / "processed.npy"
+    np.save(processed, beats)
+    # -0.34 mV is the median level of record 100's raw MLII windows.
+    offset = tmp_path / "offset.npy"
+    np.save(offset, beats - 0.34)
+
+    clean = run_cli("validate", "--address", server_address, "--input", str(processed))
+    assert clean.returncode == 0, clean.stderr
+    assert "appliance.baseline" not in clean.stderr
+
+    shifted = run_cli("validate", "--address", server_address, "--input", str(offset))
+    assert shifted.returncode == 0, shifted.stderr
+    warnings = [line for line in shifted.stderr.splitlines() if "appliance.baseline" in line]
+    assert len(warnings) == 1
+    assert " WARNING " in warnings[0]
+    expected = measure_baseline_offset(beats - 0.34)
+    assert f"offset_beats={expected.offset_beats} beats=300" in warnings[0]
+    assert f"median_offset_mv={expected.median_offset_mv:.3f}" in warnings[0]
+    assert "docs/api.md, section 'Input beats" in warnings[0]
+
+    # The beats are scored anyway, and the offset lowers their scores.
+    clean_rows = clean.stdout.strip().splitlines()[1:-1]
+    shifted_rows = shifted.stdout.strip().splitlines()[1:-1]
+    assert len(shifted_rows) == 300
+    clean_scores = [float(row.split("\t")[1]) for row in clean_rows]
+    shifted_scores = [float(row.split("\t")[1]) for row in shifted_rows]
+    assert np.median(shifted_scores) < np.median(clean_scores)
