@@ -233,7 +233,8 @@ def _command_export(args: argparse.Namespace) -> int:
         model=model,
         scale_mv=float(state["scale_mv"]),
         classes_known=list(state["classes_known"]),
-        summary={"validation_bpd": float("nan"), "steps": state["step"]},
+        # The checkpoint does not store the final validation figure, so it is unknown (null).
+        summary={"validation_bpd": None, "steps": state["step"]},
     )
     version = export_model(
         config,

@@ -32,7 +32,7 @@ from appliance.store import (
     new_version_dir,
     publish_version,
 )
-from appliance.train import TrainResult, one_hot
+from appliance.train import TrainResult, finite_or_none, one_hot
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def export_model(
         manifest["calibration"] = {"features": list(FEATURES), "beats": int(features.shape[0])}
         manifest["quality"] = {
             **figures,
-            "validation_bpd": float(result.summary["validation_bpd"]),
+            "validation_bpd": finite_or_none(result.summary.get("validation_bpd")),
         }
         version = publish_version(store, partial, manifest)
     except BaseException:

@@ -59,12 +59,27 @@ MIXED_PRECISION_CHOICES = ("no", "bf16")
 
 @dataclass
 class TrainResult:
-    """A trained model and what the run measured."""
+    """A trained model and what the run measured.
+
+    ``summary`` goes into the manifest and ``summary.json`` as JSON, so its figures that are
+    not finite, such as an uncapped reconstruction error that overflowed, are None.
+    """
 
     model: ConditionalFlow
     scale_mv: float
     classes_known: list[str]
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """Return ``value`` unchanged, or None when it is NaN or infinite.
+
+    ``json.dumps`` writes NaN and infinity as ``NaN`` and ``Infinity``, which are not JSON and
+    which strict parsers reject, so figures that go into JSON files pass through this first.
+    """
+    if value is None or not math.isfinite(value):
+        return None
+    return value
 
 
 def one_hot(labels: torch.Tensor, classes: int = len(AAMI_CLASSES)) -> torch.Tensor:
@@ -524,14 +539,16 @@ def _train(
         "steps": step,
         "duration_s": round(time.monotonic() - started, 1),
         "stopped_by": stopped_by,
-        "validation_bpd": validation_bpd,
-        "validation_reconstruction_mse": validation_mse,
-        "best_validation_loss": best_loss,
+        "validation_bpd": finite_or_none(validation_bpd),
+        "validation_reconstruction_mse": finite_or_none(validation_mse),
+        "best_validation_loss": finite_or_none(best_loss),
         "scale_mv": scale_mv,
         "train_beats": int(labels.size),
         "train_class_counts": {n: int(counts[i]) for i, n in enumerate(AAMI_CLASSES)},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "history": history,
+        "history": [
+            {name: finite_or_none(value) for name, value in epoch.items()} for epoch in history
+        ],
         "device": str(device),
         "mixed_precision": settings.mixed_precision,
         "world_size": context.world_size,

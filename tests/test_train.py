@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from appliance.train import (
     BEST_FILE,
     CHECKPOINT_FILE,
     SELECTION_MSE_CAP,
+    Evaluation,
     TrainResult,
     evaluate,
     train,
@@ -229,3 +231,51 @@ def test_evaluate_caps_diverging_projections(tiny_data) -> None:  # noqa: ANN001
     assert outlier.capped_mse <= plain.capped_mse + SELECTION_MSE_CAP / beats + 1e-9
     assert outlier.capped_mse >= plain.capped_mse
     assert plain.capped_mse <= plain.reconstruction_mse
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_non_finite_mse_is_written_as_null(monkeypatch, tiny_data, tmp_path) -> None:  # noqa: ANN001
+    from appliance.export import _manifest
+    from appliance.store import MANIFEST_FILE, new_version_dir, publish_version
+
+    real_evaluate = train_module.evaluate
+
+    def overflowing(*args, **kwargs) -> Evaluation:  # noqa: ANN002, ANN003
+        # What evaluate returns when one projection overflows float32: the plain mean is
+        # infinite and the capped mean, which checkpoint selection uses, stays finite.
+        figures = real_evaluate(*args, **kwargs)
+        return Evaluation(figures.nll_bpd, math.inf, figures.capped_mse)
+
+    monkeypatch.setattr(train_module, "evaluate", overflowing)
+    one_epoch = ApplianceConfig(
+        data=TINY.data,
+        model=TINY.model,
+        train=TrainConfig(**{**TINY.train.__dict__, "max_epochs": 1}),
+    )
+    result = train(one_epoch, *tiny_data, tmp_path / "work", resume=False, progress=False)
+    assert result.summary["validation_reconstruction_mse"] is None
+    assert result.summary["history"][0]["validation_reconstruction_mse"] is None
+    assert result.summary["history"][0]["epoch"] == 1
+    assert math.isfinite(result.summary["validation_bpd"])
+
+    summary = json.loads(json.dumps(result.summary), parse_constant=_reject_constant)
+    assert summary["validation_reconstruction_mse"] is None
+
+    # The manifest writer of the store, on the manifest that export builds from the summary.
+    store = tmp_path / "store"
+    partial = new_version_dir(store)
+    for name in ("forward.onnx", "inverse.onnx"):
+        (partial / name).write_bytes(name.encode())
+    manifest = _manifest(one_epoch, result, {"leads": ["MLII"]})
+    manifest["files"] = {
+        "forward_graph": {"name": "forward.onnx"},
+        "inverse_graph": {"name": "inverse.onnx"},
+    }
+    version = publish_version(store, partial, manifest)
+    text = (version.path / MANIFEST_FILE).read_text()
+    written = json.loads(text, parse_constant=_reject_constant)
+    assert written["training"]["validation_reconstruction_mse"] is None
+    assert "Infinity" not in text
