@@ -19,6 +19,7 @@ from appliance.engine import Engine
 from appliance.errors import ApplianceError
 from appliance.flow import ConditionalFlow
 from appliance.latent_prior import (
+    BEATS_PER_COMPONENT,
     MAX_FIT_BEATS_PER_CLASS,
     MIN_BEATS,
     SHRINKAGE_BEATS,
@@ -233,10 +234,15 @@ def export_model(
         manifest["files"]["privacy_index"] = {"name": "privacy_index.npy"}
         manifest["files"]["latent_prior"] = {"name": "latent_prior.npz"}
         manifest["latent_prior"] = {
-            "kind": "Gaussian per class: full covariance on the bottleneck, diagonal on the tail",
+            "kind": "per class: mixture of full-covariance Gaussians on the bottleneck, "
+            "independent Gaussian values on the tail",
             "beats_per_class": {name: int(prior.beats[i]) for i, name in enumerate(AAMI_CLASSES)},
+            "components_per_class": {
+                name: prior.components(i) for i, name in enumerate(AAMI_CLASSES)
+            },
             "shrinkage_beats": SHRINKAGE_BEATS,
             "min_beats": MIN_BEATS,
+            "beats_per_component": BEATS_PER_COMPONENT,
         }
         manifest["privacy"] = {
             "threshold": threshold,
@@ -287,13 +293,14 @@ def _fit_latent_prior(
     x = (train_beats.windows[index] / result.scale_mv).astype(np.float32)
     z, _ = draft.forward(x, labels)
     try:
-        prior = LatentPrior.fit(z, labels, len(AAMI_CLASSES), draft.bottleneck_dims)
+        prior = LatentPrior.fit(z, labels, len(AAMI_CLASSES), draft.bottleneck_dims, seed=seed)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
     logger.info(
-        "latent prior fitted beats=%d classes=%s",
+        "latent prior fitted beats=%d classes=%s components=%s",
         int(index.size),
         {name: int(prior.beats[i]) for i, name in enumerate(AAMI_CLASSES) if prior.beats[i]},
+        {name: prior.components(i) for i, name in enumerate(AAMI_CLASSES) if prior.beats[i]},
     )
     return prior
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.latent_prior import MIN_BEATS, SHRINKAGE_BEATS, LatentPrior
+from appliance.latent_prior import (
+    COMPONENT_SHRINKAGE_BEATS,
+    MIN_BEATS,
+    SHRINKAGE_BEATS,
+    LatentPrior,
+)
 
 CLASSES = 5
 BOTTLENECK = 4
@@ -119,7 +124,7 @@ def test_sample_without_tail_keeps_old_draws() -> None:
 
 def test_sample_with_tail_draws_every_value() -> None:
     z, _, _ = _latents(2000, 6)
-    prior = LatentPrior.fit(z, np.zeros(2000, dtype=np.int64), CLASSES, BOTTLENECK)
+    prior = LatentPrior.fit(z, np.zeros(2000, dtype=np.int64), CLASSES, BOTTLENECK, 1)
     drawn = prior.sample(np.random.default_rng(8), 3000, 0, 0.7, 2.0, 1.5)
     rng = np.random.default_rng(8)
     e = rng.standard_normal((3000, LATENT))
@@ -175,3 +180,101 @@ def test_fit_rejects_overflowing_moments() -> None:
     z[:, 0] *= 1e200
     with pytest.raises(ValueError, match="moments of class 4 .100 beats. overflow"):
         LatentPrior.fit(z, labels, CLASSES, BOTTLENECK)
+
+
+def _two_clusters(n: int, seed: int) -> np.ndarray:
+    """Return latents whose bottleneck has two tight clusters at +-3 on its first value."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((2, BOTTLENECK))
+    centres[:, 0] = [3.0, -3.0]
+    head = centres[np.arange(n) % 2] + 0.3 * rng.standard_normal((n, BOTTLENECK))
+    tail = rng.standard_normal((n, LATENT - BOTTLENECK))
+    return np.concatenate([head, tail], axis=1)
+
+
+def test_mixture_finds_separated_clusters() -> None:
+    n = 2000
+    z = _two_clusters(n, 13)
+    prior = LatentPrior.fit(z, np.zeros(n, dtype=np.int64), CLASSES, BOTTLENECK, 2, seed=0)
+    assert prior.components(0) == 2
+    assert np.allclose(np.sort(prior.component_mean[0, :, 0]), [-3.0, 3.0], atol=0.05)
+    assert np.allclose(prior.component_weights[0], 0.5, atol=0.01)
+    drawn = prior.sample(np.random.default_rng(14), 4000, 0, 1.0, 3.0, 1.0)
+    head = drawn[:, 0]
+    # One Gaussian would put a third of its draws between the clusters. The mixture puts
+    # almost none there, and each cluster keeps its own spread, widened by the shrinkage.
+    assert np.mean(np.abs(head) < 1.5) < 0.01
+    assert abs(float(np.mean(head > 0)) - 0.5) < 0.03
+    assert 0.3 <= float(head[head > 0].std()) < 0.5
+    single = LatentPrior.fit(z, np.zeros(n, dtype=np.int64), CLASSES, BOTTLENECK, 1)
+    single_draws = single.sample(np.random.default_rng(14), 4000, 0, 1.0, 3.0, 1.0)
+    assert np.mean(np.abs(single_draws[:, 0]) < 1.5) > 0.2
+
+
+def test_components_follow_class_size() -> None:
+    # One component per BEATS_PER_COMPONENT beats, at most max_components.
+    z = _two_clusters(1000, 15)
+    labels = np.zeros(1000, dtype=np.int64)
+    labels[:250] = 1
+    labels[250:450] = 3
+    prior = LatentPrior.fit(z, labels, CLASSES, BOTTLENECK, 4, seed=0)
+    assert [prior.components(c) for c in range(CLASSES)] == [4, 2, 1, 2, 1]
+    assert prior.beats[2] == 0
+    assert np.allclose(prior.component_weights.sum(axis=1), 1.0)
+
+
+def test_mixture_fit_and_sample_are_seeded() -> None:
+    z = _two_clusters(1200, 16)
+    labels = np.zeros(1200, dtype=np.int64)
+    first = LatentPrior.fit(z, labels, CLASSES, BOTTLENECK, 4, seed=3)
+    second = LatentPrior.fit(z, labels, CLASSES, BOTTLENECK, 4, seed=3)
+    for name, array in first.to_arrays().items():
+        assert np.array_equal(getattr(second, name), array), name
+    draws = first.sample(np.random.default_rng(5), 300, 0, 0.9, 3.0, 1.0)
+    again = second.sample(np.random.default_rng(5), 300, 0, 0.9, 3.0, 1.0)
+    assert np.array_equal(draws, again)
+    rebuilt = LatentPrior.from_arrays(first.to_arrays())
+    assert np.array_equal(rebuilt.sample(np.random.default_rng(5), 300, 0, 0.9, 3.0, 1.0), draws)
+
+
+def test_mixture_components_shrink_towards_class() -> None:
+    # Each component's covariance mixes in the class covariance with
+    # COMPONENT_SHRINKAGE_BEATS pseudo-beats.
+    z = _two_clusters(2000, 17)
+    prior = LatentPrior.fit(z, np.zeros(2000, dtype=np.int64), CLASSES, BOTTLENECK, 2, seed=0)
+    class_variance = (prior.chol[0] @ prior.chol[0].T)[0, 0]
+    for j in range(2):
+        covariance = prior.component_chol[0, j] @ prior.component_chol[0, j].T
+        beats = prior.component_weights[0, j] * 2000
+        share = COMPONENT_SHRINKAGE_BEATS / (beats + COMPONENT_SHRINKAGE_BEATS)
+        expected = (1 - share) * 0.09 + share * class_variance
+        assert covariance[0, 0] == pytest.approx(expected, rel=0.1)
+        assert np.linalg.eigvalsh(covariance).min() > 0
+
+
+def test_arrays_without_components_draw_as_before() -> None:
+    # Arrays written before mixtures existed lack the component arrays; the rebuilt prior
+    # draws exactly as the single Gaussian did, seed for seed.
+    z, _, _ = _latents(800, 18)
+    prior = LatentPrior.fit(z, np.zeros(800, dtype=np.int64), CLASSES, BOTTLENECK, 1)
+    old = {
+        name: prior.to_arrays()[name]
+        for name in ("mean", "chol", "tail_mean", "tail_std", "beats")
+    }
+    rebuilt = LatentPrior.from_arrays(old)
+    assert rebuilt.components(0) == 1
+    rng = np.random.default_rng(19)
+    e = rng.standard_normal((400, LATENT))
+    outside = np.abs(e) > 3.0
+    while outside.any():
+        e[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(e) > 3.0
+    expected = (prior.mean[0] + 0.8 * e[:, :BOTTLENECK] @ prior.chol[0].T).astype(np.float32)
+    drawn = rebuilt.sample(np.random.default_rng(19), 400, 0, 0.8, 3.0, 1.0)
+    assert np.array_equal(drawn[:, :BOTTLENECK], expected)
+
+
+def test_max_components_below_one_raises() -> None:
+    z, _, _ = _latents(MIN_BEATS, 20)
+    with pytest.raises(ValueError, match="max_components=0"):
+        LatentPrior.fit(z, np.zeros(MIN_BEATS, dtype=np.int64), CLASSES, BOTTLENECK, 0)
