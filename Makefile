@@ -54,6 +54,7 @@ $(NODE_CLIENT): clients/node/package.json
 bench: venv
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/flow_baselines.py
+	$(PY) benchmarks/flops.py
 	$(PY) benchmarks/gate.py
 	$(PY) benchmarks/grpc_throughput.py
 	$(PY) benchmarks/quality.py --out runs/quality
