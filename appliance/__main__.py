@@ -280,6 +280,11 @@ def _command_serve(args: argparse.Namespace) -> int:
 
     config = _serve_config(args)
     assert isinstance(config, ServeConfig)
+    if args.port_file and not args.port_file.parent.is_dir():
+        raise UsageError(
+            f"--port-file {args.port_file}: folder {args.port_file.parent} does not exist; "
+            "create it or pass a file in an existing folder"
+        )
     try:
         # The port opens first and reports NOT_SERVING until the model is loaded and checked.
         running = start_server(config)
@@ -290,8 +295,16 @@ def _command_serve(args: argparse.Namespace) -> int:
     install_signal_handlers(running)
     if args.port_file:
         temporary = args.port_file.with_suffix(".tmp")
-        temporary.write_text(f"{running.port}\n")
-        temporary.replace(args.port_file)
+        try:
+            temporary.write_text(f"{running.port}\n")
+            temporary.replace(args.port_file)
+        except OSError as exc:
+            running.server.stop(0)
+            temporary.unlink(missing_ok=True)
+            raise UsageError(
+                f"--port-file {args.port_file}: writing it failed ({exc.strerror}); pass a "
+                "file in a folder this user can write to"
+            ) from exc
     try:
         running.load(args.store)
     except (ModelStoreError, RuntimeError) as exc:  # RuntimeError: --require-gpu without a GPU

@@ -99,6 +99,30 @@ def test_serve_without_model_exits_2(tmp_path: Path) -> None:
     assert "no trained model" in result.stderr
 
 
+def test_serve_port_file_in_missing_folder_exits_2(model_store: Path, tmp_path: Path) -> None:
+    port_file = tmp_path / "missing" / "server.port"
+    result = run_cli(
+        "serve", "--store", str(model_store), "--port", "0", "--port-file", str(port_file)
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"folder {port_file.parent} does not exist" in result.stderr
+    assert not port_file.parent.exists()
+
+
+def test_serve_port_file_on_folder_exits_2(model_store: Path, tmp_path: Path) -> None:
+    # A folder at the port file's path makes the final rename fail.
+    port_file = tmp_path / "taken"
+    port_file.mkdir()
+    result = run_cli(
+        "serve", "--store", str(model_store), "--port", "0", "--port-file", str(port_file)
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"--port-file {port_file}: writing it failed" in result.stderr
+    assert not port_file.with_suffix(".tmp").exists()
+
+
 def test_negative_budget_exits_2(tmp_path: Path) -> None:
     result = run_cli("train", "--max-minutes", "-1", "--store", str(tmp_path / "store"))
     assert result.returncode == 2
