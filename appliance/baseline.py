@@ -1,4 +1,4 @@
-"""Check of client beats for baseline wander or a DC offset before they are scored.
+"""Check of client beats for baseline wander, a DC offset or a wrong unit before scoring.
 
 The model learned beats in mV after baseline-wander removal (a 0.5 Hz zero-phase high-pass,
 see ``appliance.ecg.remove_baseline``), so the mean level of each window sits near 0 mV. Beats
@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 OFFSET_LIMIT_MV = 0.2
 # Share of the beats that must be offset before the check warns.
 OFFSET_SHARE_LIMIT = 0.1
+# Median peak-to-peak amplitude of a batch, in mV, outside which the beats are probably not in
+# mV. One beat's largest peak-to-peak over its leads lies between 0.39 and 5.5 mV for 15,544
+# ingested MIT-BIH beats (held-out DS1 and 1,000 DS2 beats, lead MLII). The same beats in uV
+# have a median near 2,000 and in V near 0.002.
+UNIT_LOW_MV = 0.05
+UNIT_HIGH_MV = 50.0
 # Section of docs/api.md that states the input contract and how to meet it.
 API_DOC_SECTION = "docs/api.md, section 'Input beats: millivolts without baseline wander'"
 
@@ -56,17 +62,27 @@ class BaselineOffset:
             each beat), in mV; 0 when no beat is offset.
         largest_offset_mv: The window mean furthest from 0 over every beat and lead, with its
             sign, in mV.
+        median_peak_to_peak_mv: Median over the beats of each beat's largest peak-to-peak
+            amplitude over its leads, in the unit the beats came in (mV when they are right).
     """
 
     beats: int
     offset_beats: int
     median_offset_mv: float
     largest_offset_mv: float
+    median_peak_to_peak_mv: float = 0.0
 
     @property
     def suspect(self) -> bool:
         """Whether more than ``OFFSET_SHARE_LIMIT`` of the beats are offset."""
         return self.offset_beats > OFFSET_SHARE_LIMIT * self.beats
+
+    @property
+    def unit_suspect(self) -> bool:
+        """Whether the median amplitude lies outside ``UNIT_LOW_MV`` to ``UNIT_HIGH_MV``."""
+        if self.beats == 0 or not np.isfinite(self.median_peak_to_peak_mv):
+            return False
+        return not UNIT_LOW_MV <= self.median_peak_to_peak_mv <= UNIT_HIGH_MV
 
 
 def measure_baseline_offset(beats: np.ndarray) -> BaselineOffset:
@@ -97,16 +113,23 @@ def measure_baseline_offset(beats: np.ndarray) -> BaselineOffset:
     offset = finite & (np.abs(furthest) > OFFSET_LIMIT_MV)
     median = float(np.median(furthest[offset])) if offset.any() else 0.0
     largest = furthest[finite][np.abs(furthest[finite]).argmax()] if finite.any() else 0.0
+    peak_to_peak = np.ptp(beats, axis=2).max(axis=1)  # (beats,), largest over the leads
+    finite_ptp = peak_to_peak[np.isfinite(peak_to_peak)]
     return BaselineOffset(
         beats=int(beats.shape[0]),
         offset_beats=int(offset.sum()),
         median_offset_mv=median,
         largest_offset_mv=float(largest),
+        median_peak_to_peak_mv=float(np.median(finite_ptp)) if finite_ptp.size else 0.0,
     )
 
 
 def check_baseline(beats: np.ndarray) -> BaselineOffset:
-    """Measure the beats' baseline offset and log a warning when too many beats are offset.
+    """Measure the beats' baseline offset and amplitude, and log a warning when either is off.
+
+    A batch whose median peak-to-peak amplitude lies outside ``UNIT_LOW_MV`` to
+    ``UNIT_HIGH_MV`` gets a warning about its unit. Otherwise a batch with more than
+    ``OFFSET_SHARE_LIMIT`` offset beats gets a warning about its baseline.
 
     Call it on beats in mV before ``ApplianceClient.validate``; ``python -m appliance validate``
     calls it on its input. Scoring is not affected: the beats are sent as they are.
@@ -119,7 +142,24 @@ def check_baseline(beats: np.ndarray) -> BaselineOffset:
             a number.
     """
     result = measure_baseline_offset(beats)
-    if result.suspect:
+    if result.unit_suspect:
+        # An offset measured in the wrong unit says nothing about the baseline, so only the
+        # unit is reported.
+        factor = "divide them by 1000 (uV to mV)"
+        if result.median_peak_to_peak_mv < UNIT_LOW_MV:
+            factor = "multiply them by 1000 (V to mV)"
+        logger.warning(
+            "input beats are probably not in mV: median_peak_to_peak_mv=%.4g beats=%d, while "
+            "ECG beats in mV lie between about %g and %g. Validate expects mV, so these beats "
+            "score low; %s; see %s",
+            result.median_peak_to_peak_mv,
+            result.beats,
+            UNIT_LOW_MV,
+            UNIT_HIGH_MV,
+            factor,
+            API_DOC_SECTION,
+        )
+    elif result.suspect:
         logger.warning(
             "input beats carry baseline wander or a DC offset: offset_beats=%d beats=%d "
             "median_offset_mv=%.3f largest_offset_mv=%.3f limit_mv=%.2f. Validate expects mV "

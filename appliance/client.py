@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from appliance.classes import AAMI_CLASSES
@@ -62,8 +63,23 @@ class Validated:
     margin: float
 
 
-def encode_samples(beats: np.ndarray, normalised: bool = False) -> pb.Samples:
+def unsigned_field(name: str, value: int, bits: int) -> int:
+    """Return ``value`` if it fits an unsigned protobuf field of ``bits`` bits.
+
+    Raises:
+        ValueError: Naming the field, the value and the range, if it does not fit.
+    """
+    largest = 2**bits - 1
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name}={value!r} is not a whole number; use one from 0 to {largest}")
+    if not 0 <= int(value) <= largest:
+        raise ValueError(f"{name}={value} is out of range; use a whole number from 0 to {largest}")
+    return int(value)
+
+
+def encode_samples(beats: npt.ArrayLike, normalised: bool = False) -> pb.Samples:
     """Pack beats of shape (beats, leads, window_samples) as little-endian float32."""
+    beats = np.asarray(beats, dtype=np.float32)
     if beats.ndim != 3:
         raise ValueError(
             f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
@@ -273,21 +289,26 @@ class ApplianceClient:
             normalised: Return model units instead of millivolts.
             chunk_beats: Beats per streamed chunk (server default 256).
             max_draws_per_beat: Draw budget per requested beat (server default 20).
+
+        Raises:
+            ValueError: If a count, the seed or the draw budget does not fit its field.
         """
         request = pb.GenerateRequest(
-            count=count,
+            count=unsigned_field("count", count, 32),
             unit=pb.SAMPLE_UNIT_NORMALISED if normalised else pb.SAMPLE_UNIT_MILLIVOLT,
-            chunk_beats=chunk_beats,
-            max_draws_per_beat=max_draws_per_beat,
+            chunk_beats=unsigned_field("chunk_beats", chunk_beats, 32),
+            max_draws_per_beat=unsigned_field("max_draws_per_beat", max_draws_per_beat, 32),
         )
         for name, n in (class_counts or {}).items():
-            request.class_counts.add(beat_class=class_value(name), count=n)
+            request.class_counts.add(
+                beat_class=class_value(name), count=unsigned_field(f"count of {name}", n, 32)
+            )
         if temperature is not None:
             request.temperature = temperature
         if margin is not None:
             request.margin = margin
         if seed is not None:
-            request.seed = seed
+            request.seed = unsigned_field("seed", seed, 64)
         beats: list[np.ndarray] = []
         classes: list[str] = []
         scores: list[float] = []
@@ -305,7 +326,7 @@ class ApplianceClient:
 
     def validate(
         self,
-        beats: np.ndarray,
+        beats: npt.ArrayLike,
         classes: Sequence[str | None] | None = None,
         margin: float | None = None,
         normalised: bool = False,
@@ -313,7 +334,13 @@ class ApplianceClient:
         """Score beats of shape (beats, leads, window_samples), in mV unless ``normalised``.
 
         Large sets are sent with ValidateStream in messages of ``VALIDATE_STREAM_BEATS``.
+        Nested lists are accepted and converted to a float32 array.
         """
+        beats = np.asarray(beats, dtype=np.float32)
+        if beats.ndim != 3:
+            raise ValueError(
+                f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
+            )
         if beats.shape[0] <= VALIDATE_STREAM_BEATS:
             request = pb.ValidateRequest(samples=encode_samples(beats, normalised))
             if classes is not None:

@@ -258,7 +258,12 @@ def train(
     """
     settings = config.train
     if len(validation_beats) == 0:
-        raise TrainingError("no validation beats; the split needs at least one validation record")
+        raise TrainingError(
+            "no validation beats: the split put no record in validation. The random split "
+            "needs at least 3 records (one each for train, validation and test); add records, "
+            "or write a SPLITS file (NAME SPLIT per line) that names at least one validation "
+            "record. See docs/ingest.md, section Splits"
+        )
     if settings.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise TrainingError(
             f"train.mixed_precision={settings.mixed_precision!r} is invalid; "

@@ -13,6 +13,8 @@ import wfdb
 from appliance.baseline import (
     OFFSET_LIMIT_MV,
     OFFSET_SHARE_LIMIT,
+    UNIT_HIGH_MV,
+    UNIT_LOW_MV,
     BaselineOffset,
     check_baseline,
     measure_baseline_offset,
@@ -149,6 +151,37 @@ def test_wander_logs_warning(
     assert result.suspect
     assert result.offset_beats > 0.3 * len(windows)
     assert len(_baseline_warnings(caplog)) == 1
+
+
+def test_processed_records_have_mv_amplitudes(record_checks: dict[str, RecordCheck]) -> None:
+    medians = {
+        name: check.processed.median_peak_to_peak_mv for name, check in record_checks.items()
+    }
+    suspects = [name for name, check in record_checks.items() if check.processed.unit_suspect]
+    assert suspects == []
+    assert min(medians.values()) > 4 * UNIT_LOW_MV
+    assert max(medians.values()) < UNIT_HIGH_MV / 4
+
+
+@pytest.mark.parametrize(
+    ("factor", "advice"), [(1000.0, "divide them by 1000"), (0.001, "multiply them by 1000")]
+)
+def test_wrong_unit_logs_unit_warning(
+    record_100: tuple[np.ndarray, np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+    factor: float,
+    advice: str,
+) -> None:
+    windows, _ = record_100
+    with caplog.at_level(logging.WARNING, logger="appliance.baseline"):
+        result = check_baseline(windows * factor)
+    assert result.unit_suspect
+    messages = _baseline_warnings(caplog)
+    # Only the unit is reported: an offset in uV says nothing about the baseline.
+    assert len(messages) == 1
+    assert "probably not in mV" in messages[0]
+    assert advice in messages[0]
+    assert "carry baseline wander" not in messages[0]
 
 
 def test_measure_uses_furthest_lead_and_skips_nan() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,32 @@ def test_negative_count_rejected_by_message_type():
     # that wraps -1 to 4294967295 meets the count limit (see the table above).
     with pytest.raises(ValueError, match="-1"):
         pb.GenerateRequest(count=-1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"count": 5, "seed": -1}, "seed=-1 is out of range; use a whole number from 0 to"),
+        ({"count": 5, "seed": 2**64}, f"seed={2**64} is out of range"),
+        ({"count": -1}, "count=-1 is out of range; use a whole number from 0 to 4294967295"),
+        ({"class_counts": {"N": -1}}, "count of N=-1 is out of range"),
+        ({"count": 5, "max_draws_per_beat": -1}, "max_draws_per_beat=-1 is out of range"),
+        ({"count": 5, "chunk_beats": 1.5}, "chunk_beats=1.5 is not a whole number"),
+    ],
+)
+def test_client_names_field_out_of_range(
+    client: ApplianceClient, arguments: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        client.generate(**arguments)
+
+
+def test_client_validates_nested_lists(client: ApplianceClient, generated) -> None:
+    as_lists = generated.beats[:3].tolist()
+    reply = client.validate(as_lists, classes=generated.classes[:3])
+    np.testing.assert_allclose(reply.scores, generated.scores[:3], atol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(beats, leads, window_samples\)"):
+        client.validate([0.0, 1.0])
 
 
 def test_validate_stream_errors(client: ApplianceClient, info: pb.GetModelInfoResponse):

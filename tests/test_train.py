@@ -279,3 +279,13 @@ def test_non_finite_mse_is_written_as_null(monkeypatch, tiny_data, tmp_path) -> 
     written = json.loads(text, parse_constant=_reject_constant)
     assert written["training"]["validation_reconstruction_mse"] is None
     assert "Infinity" not in text
+
+
+def test_empty_validation_names_the_fix(tiny_data, tmp_path: Path) -> None:  # noqa: ANN001
+    fit, validation = tiny_data
+    empty = BeatSet(validation.windows[:0], validation.labels[:0], validation.records[:0])
+    with pytest.raises(TrainingError, match="no validation beats") as caught:
+        train(TINY, fit, empty, tmp_path / "work", resume=False, progress=False)
+    assert "at least 3 records" in str(caught.value)
+    assert "SPLITS file" in str(caught.value)
+    assert not (tmp_path / "work" / CHECKPOINT_FILE).exists()
