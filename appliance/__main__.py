@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.config import (
     DEFAULT_DATA_DIR,
@@ -27,13 +30,107 @@ from appliance.config import (
 )
 from appliance.errors import ApplianceError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 logger = logging.getLogger("appliance")
 
 EXIT_USAGE = 2
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# gRPC target schemes whose addresses have no TCP port to check.
+PORTLESS_SCHEMES = ("unix:", "unix-abstract:", "vsock:")
+# gRPC target schemes followed by HOST:PORT addresses. Without a port, gRPC 1.85 dials port 443
+# for a plain or dns: address and fails with an unclear message for ipv4: and ipv6:.
+PORTED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+PARSER_DESCRIPTION = (
+    "Train a class-conditional normalizing flow on WFDB ECG records, publish it as ONNX graphs, "
+    "serve it over gRPC, and generate or score beats through that server."
+)
+
 
 class UsageError(ApplianceError):
     """A command-line value that cannot be used."""
+
+
+def _tcp_port(text: str) -> int:
+    """Parse a ``serve --port`` value.
+
+    gRPC 1.85 binds a port outside 0..65535 modulo 65536 instead of failing, so the range is
+    checked here.
+    """
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a TCP port; pass a number from 0 to 65535 (0 lets the system choose)"
+        )
+    return port
+
+
+def _positive_seconds(text: str) -> float:
+    """Parse a ``--timeout-s`` value: a finite number of seconds greater than 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a number of seconds greater than 0, e.g. 300"
+        )
+    return seconds
+
+
+def _server_address(text: str) -> str:
+    """Check a client ``--address`` value and return it unchanged.
+
+    Plain addresses are ``HOST:PORT`` or ``[IPV6]:PORT``. gRPC target URIs pass through:
+    ``unix:``, ``unix-abstract:`` and ``vsock:`` as they are, and ``dns:``, ``ipv4:`` and
+    ``ipv6:`` once every address after the scheme has a port.
+    """
+    if text.startswith(PORTLESS_SCHEMES):
+        return text
+    targets = [text]
+    for scheme in PORTED_SCHEMES:
+        if text.startswith(scheme):
+            rest = text.removeprefix(scheme)
+            if scheme == "dns:" and rest.startswith("//"):
+                # dns://AUTHORITY/HOST:PORT names the DNS server first.
+                rest = rest[2:].partition("/")[2]
+            targets = rest.split(",") if scheme != "dns:" else [rest]
+            break
+    for target in targets:
+        _check_host_port(target, text)
+    return text
+
+
+def _check_host_port(target: str, address: str) -> None:
+    """Raise ``ArgumentTypeError`` unless ``target`` is ``HOST:PORT`` or ``[IPV6]:PORT``."""
+    example = "pass HOST:PORT, e.g. 127.0.0.1:50051, or [IPV6]:PORT, e.g. [::1]:50051"
+    if target.startswith("["):
+        host, bracket, rest = target[1:].partition("]")
+        if not bracket:
+            raise argparse.ArgumentTypeError(f"{address!r} has no closing ']'; {example}")
+        # Text after the bracket that does not start with ':' counts as a missing port.
+        colon, port = (":", rest[1:]) if rest.startswith(":") else ("", "")
+    else:
+        host, colon, port = target.rpartition(":")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"{address!r} is an IPv6 address without brackets; {example}"
+            )
+    if not colon or not port:
+        raise argparse.ArgumentTypeError(f"{address!r} has no port; {example}")
+    if not host:
+        raise argparse.ArgumentTypeError(f"{address!r} has no host; {example}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(
+            f"{address!r} has port {port!r}; a port is a number from 1 to 65535"
+        )
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
@@ -356,20 +453,13 @@ def _client(args: argparse.Namespace) -> object:
 
 
 def _command_health(args: argparse.Namespace) -> int:
-    import grpc
-
     from appliance.client import ApplianceClient
 
     client = _client(args)
     assert isinstance(client, ApplianceClient)
+    # A failed call is reported by main, in the same words as for the other client commands.
     with client:
-        try:
-            status = client.health()
-        except grpc.RpcError as exc:
-            sys.stderr.write(
-                f"health check of {args.address} failed: {exc.code().name}: {exc.details()}\n"
-            )
-            return 1
+        status = client.health()
     sys.stdout.write(status + "\n")
     return 0 if status == "SERVING" else 1
 
@@ -475,17 +565,13 @@ def _command_validate(args: argparse.Namespace) -> int:
 
     from appliance.baseline import check_baseline
     from appliance.client import ApplianceClient
-    from appliance.outputs import read_beats
 
     if not args.input.exists() and not args.input.with_suffix(".hea").exists():
         raise UsageError(
             f"--input {args.input} does not exist; pass a .npy file of shape "
             "(beats, leads, window_samples) in mV, or a .csv or WFDB file written by generate"
         )
-    try:
-        beats, classes = read_beats(args.input)
-    except ValueError as exc:
-        raise UsageError(f"--input {exc}") from exc
+    beats, classes = _read_validate_input(args.input)
     if beats.ndim != 3:
         raise UsageError(
             f"--input {args.input} has shape {beats.shape}; expected (beats, leads, "
@@ -495,6 +581,8 @@ def _command_validate(args: argparse.Namespace) -> int:
     check_baseline(beats)
     if args.best_class:
         classes = None
+    if classes is not None:
+        _check_input_classes(args.input, classes)
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
@@ -510,6 +598,49 @@ def _command_validate(args: argparse.Namespace) -> int:
         f"{'the classes of the input' if classes else 'the best-fitting class of each beat'}\n"
     )
     return 0
+
+
+def _classes_file(path: Path) -> Path:
+    """Return the classes file that ``read_beats`` reads beside a ``.npy`` input."""
+    return path.with_name(f"{path.stem}_classes.json")
+
+
+def _read_validate_input(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """Read a validate ``--input`` file, naming the file at fault in every error."""
+    from appliance.outputs import read_beats
+
+    try:
+        return read_beats(path)
+    except json.JSONDecodeError as exc:
+        # Only the classes file beside a .npy input is JSON.
+        raise UsageError(
+            f"--input {path}: the classes file {_classes_file(path)} is not valid JSON ({exc}); "
+            "fix it, or move it away to score each beat under its best-fitting class"
+        ) from exc
+    except (KeyError, TypeError) as exc:
+        if path.suffix.lower() != ".npy":
+            raise
+        raise UsageError(
+            f"--input {path}: the classes file {_classes_file(path)} has no list under the key "
+            "'classes'; fix it, or move it away to score each beat under its best-fitting class"
+        ) from exc
+    except ValueError as exc:
+        raise UsageError(f"--input {exc}") from exc
+
+
+def _check_input_classes(path: Path, classes: Sequence[object]) -> None:
+    """Reject a class name that is not an AAMI class, naming the file and the beat index."""
+    from appliance.classes import AAMI_CLASSES
+
+    for index, name in enumerate(classes):
+        # An empty name, or null in JSON, leaves the beat to its best-fitting class.
+        if name is None or name == "" or name in AAMI_CLASSES:
+            continue
+        source = _classes_file(path) if path.suffix.lower() == ".npy" else path
+        raise UsageError(
+            f"--input {path}: {source} gives beat index {index} the class {name!r}, which is "
+            f"not an AAMI class; use one of {', '.join(AAMI_CLASSES)}, or pass --best-class"
+        )
 
 
 def _command_report(args: argparse.Namespace) -> int:
@@ -565,9 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every subcommand."""
     from appliance.server import ServeConfig as ServeDefaults
 
-    parser = argparse.ArgumentParser(prog="python -m appliance", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="python -m appliance", description=PARSER_DESCRIPTION)
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help=f"logging level, in any case: {', '.join(LOG_LEVELS)} (default: INFO)",
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, title="commands", metavar="COMMAND"
+    )
 
     train = commands.add_parser("train", help="ingest, train, export and publish a model")
     _data_options(train)
@@ -591,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=DEFAULT_DATA_DIR,
-        help="the WFDB folder the checkpoint was trained on (for calibration)",
+        help="the WFDB folder the checkpoint was trained on, read again for calibration "
+        "(default: the bundled MIT-BIH records)",
     )
     export.add_argument(
         "--store",
@@ -611,9 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument(
         "--port",
-        type=int,
+        type=_tcp_port,
         default=50051,
-        help="TCP port; 0 lets the system choose (default: 50051)",
+        help="TCP port from 0 to 65535; 0 lets the system choose (default: 50051)",
     )
     serve.add_argument(
         "--port-file",
@@ -709,8 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument(
             "--address",
+            type=_server_address,
             default="127.0.0.1:50051",
-            help="server host:port (default: 127.0.0.1:50051)",
+            help="server HOST:PORT, or [IPV6]:PORT (default: 127.0.0.1:50051)",
         )
         sub.add_argument(
             "--tls-ca",
@@ -726,9 +867,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--timeout-s",
-            type=float,
+            type=_positive_seconds,
             default=300.0,
-            help="deadline of each call in seconds (default: 300)",
+            help="deadline of each call in seconds, greater than 0 (default: 300)",
         )
         sub.set_defaults(handler=handler)
         if name == "info":
@@ -894,11 +1035,16 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
             "; if the server requires client certificates (mutual TLS), pass --tls-cert and "
             "--tls-key"
         )
+    address = getattr(args, "address", "the server")
     if name == "UNAVAILABLE":
-        address = getattr(args, "address", "the server")
         if not hint:
             hint = "; check --address and that `python -m appliance serve` is running there"
         sys.stderr.write(f"error: cannot reach {address}: {name}: {details}{hint}\n")
+    elif name == "DEADLINE_EXCEEDED" and hasattr(args, "timeout_s"):
+        sys.stderr.write(
+            f"error: the call to {address} did not finish within --timeout-s={args.timeout_s:g} "
+            f"s ({name}: {details}); raise --timeout-s\n"
+        )
     else:
         sys.stderr.write(f"error: the server returned {name}: {details}{hint}\n")
     request_errors = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}

@@ -41,7 +41,45 @@ def test_help_states_every_option(command: str) -> None:
     result = run_cli(command, "--help")
     assert result.returncode == 0
     assert "usage:" in result.stdout
-    assert "default" in result.stdout or command == "export"
+    assert "default" in result.stdout
+
+
+def test_top_level_help_is_plain() -> None:
+    from appliance.__main__ import PARSER_DESCRIPTION
+
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert PARSER_DESCRIPTION in text
+    # The module docstring (reStructuredText and notes on imports) is not the help text.
+    assert "``" not in result.stdout
+    assert "PyTorch" not in result.stdout
+    for command in ("train", "export", "serve", "health", "info", "generate", "report", "run"):
+        assert f"\n    {command} " in result.stdout
+    assert "quality-report" in result.stdout
+    assert "score beats from a .npy, .csv or WFDB file" in text
+    assert "DEBUG, INFO, WARNING, ERROR" in text
+
+
+def test_export_help_states_data_default() -> None:
+    result = run_cli("export", "--help")
+    assert result.returncode == 0
+    assert "(default: the bundled MIT-BIH records)" in " ".join(result.stdout.split())
+
+
+def test_unknown_log_level_exits_2() -> None:
+    result = run_cli("--log-level", "foo", "health", "--address", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "argument --log-level: invalid choice: 'FOO'" in result.stderr
+    assert "'DEBUG', 'INFO', 'WARNING', 'ERROR'" in result.stderr
+
+
+def test_log_level_ignores_case() -> None:
+    # Port 1 on loopback has no listener, so the command gets as far as the failed call.
+    result = run_cli("--log-level", "warning", "health", "--address", "127.0.0.1:1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
 
 
 def test_missing_data_folder_exits_2(tmp_path: Path) -> None:
@@ -99,6 +137,18 @@ def test_serve_without_model_exits_2(tmp_path: Path) -> None:
     assert "no trained model" in result.stderr
 
 
+@pytest.mark.parametrize("port", ["99999", "70000", "65536", "-1", "http"])
+def test_serve_port_out_of_range_exits_2(tmp_path: Path, port: str) -> None:
+    # gRPC would bind 99999 as 34463; the store is empty, so a server that started would
+    # fail with "no trained model" instead.
+    result = run_cli("serve", "--store", str(tmp_path / "empty"), "--port", port)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"argument --port: '{port}' is not a TCP port" in result.stderr
+    assert "pass a number from 0 to 65535" in result.stderr
+    assert "no trained model" not in result.stderr
+
+
 def test_serve_port_file_in_missing_folder_exits_2(model_store: Path, tmp_path: Path) -> None:
     port_file = tmp_path / "missing" / "server.port"
     result = run_cli(
@@ -145,6 +195,53 @@ def test_generate_count_zero_exits_2(tmp_path: Path) -> None:
     result = run_cli("generate", "--count", "0", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "--count=0 must be at least 1" in result.stderr
+
+
+def test_validate_broken_classes_json_exits_2(tmp_path: Path) -> None:
+    import numpy as np
+
+    beats = tmp_path / "beats.npy"
+    np.save(beats, np.zeros((3, 1, 256), dtype=np.float32))
+    labels = tmp_path / "beats_classes.json"
+    labels.write_text('{"classes": ["N", "N", "V"],}')
+    result = run_cli("validate", "--input", str(beats))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"--input {beats}: the classes file {labels} is not valid JSON (" in result.stderr
+    assert "Expecting property name" in result.stderr
+
+    labels.write_text('{"labels": ["N", "N", "V"]}')
+    result = run_cli("validate", "--input", str(beats))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"the classes file {labels} has no list under the key 'classes'" in result.stderr
+
+
+def test_validate_unknown_class_names_beat(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    beats = tmp_path / "beats.npy"
+    np.save(beats, np.zeros((3, 1, 256), dtype=np.float32))
+    labels = tmp_path / "beats_classes.json"
+    labels.write_text(json.dumps({"classes": ["N", "X", "V"]}))
+    result = run_cli("validate", "--input", str(beats))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{labels} gives beat index 1 the class 'X', which is not an AAMI class" in (
+        result.stderr
+    )
+    assert "use one of N, S, V, F, Q, or pass --best-class" in result.stderr
+
+    table = tmp_path / "beats.csv"
+    header = "class,score," + ",".join(f"MLII_{i}" for i in range(256))
+    row = ",".join(["0.0"] * 256)
+    table.write_text(f"{header}\nN,0.9,{row}\nV,0.9,{row}\nB,0.9,{row}\n")
+    result = run_cli("validate", "--input", str(table))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"--input {table}: {table} gives beat index 2 the class 'B'" in result.stderr
 
 
 def test_validate_text_file_exits_2(tmp_path: Path) -> None:
@@ -252,12 +349,116 @@ def test_generate_closed_port_names_address(tmp_path: Path) -> None:
     assert "check --address" in result.stderr
 
 
-def test_health_of_closed_port_names_cause() -> None:
+def test_health_closed_port_matches_generate(tmp_path: Path) -> None:
     # Port 1 on loopback has no listener, so the connection is refused at once.
-    result = run_cli("health", "--address", "127.0.0.1:1", "--timeout-s", "10", timeout_s=60.0)
+    health = run_cli("health", "--address", "127.0.0.1:1", "--timeout-s", "10", timeout_s=60.0)
+    generate = run_cli(
+        "generate", "--address", "127.0.0.1:1", "--count", "3", "--out", str(tmp_path / "out")
+    )
+    assert health.returncode == 1
+    assert health.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
+    assert "check --address and that `python -m appliance serve` is running" in health.stderr
+    assert health.stderr == generate.stderr
+    assert health.stdout == ""
+
+
+# Every client command with the options it requires besides --address.
+CLIENT_COMMANDS = {
+    "health": [],
+    "info": [],
+    "generate": ["--count", "3", "--out", "OUT"],
+    "validate": ["--input", "INPUT"],
+    "quality-report": ["--out", "OUT"],
+}
+
+
+def client_command(command: str, tmp_path: Path, *options: str) -> list[str]:
+    """Return the argument list of a client command, with its required options filled in."""
+    import numpy as np
+
+    beats = tmp_path / "beats.npy"
+    np.save(beats, np.zeros((2, 1, 256), dtype=np.float32))
+    required = [
+        {"OUT": str(tmp_path / "out"), "INPUT": str(beats)}.get(value, value)
+        for value in CLIENT_COMMANDS[command]
+    ]
+    return [command, *required, *options]
+
+
+@pytest.mark.parametrize("command", sorted(CLIENT_COMMANDS))
+def test_address_without_port_exits_2(tmp_path: Path, command: str) -> None:
+    result = run_cli(*client_command(command, tmp_path, "--address", "localhost"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "argument --address: 'localhost' has no port" in result.stderr
+    assert "pass HOST:PORT, e.g. 127.0.0.1:50051" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("[::1]", "'[::1]' has no port"),
+        ("127.0.0.1:", "'127.0.0.1:' has no port"),
+        ("dns:///localhost", "'dns:///localhost' has no port"),
+        ("ipv4:127.0.0.1:1,127.0.0.2", "'ipv4:127.0.0.1:1,127.0.0.2' has no port"),
+        ("::1:50051", "'::1:50051' is an IPv6 address without brackets"),
+        ("[::1:50051", "'[::1:50051' has no closing ']'"),
+        ("[::1]x:50051", "'[::1]x:50051' has no port"),
+        (":50051", "':50051' has no host"),
+        ("127.0.0.1:70000", "'127.0.0.1:70000' has port '70000'; a port is a number from 1"),
+        ("127.0.0.1:0", "'127.0.0.1:0' has port '0'"),
+        ("127.0.0.1:http", "'127.0.0.1:http' has port 'http'"),
+    ],
+)
+def test_invalid_address_exits_2(address: str, message: str) -> None:
+    result = run_cli("health", "--address", address)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"argument --address: {message}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "address", ["[::1]:1", "ipv4:127.0.0.1:1", "dns:///127.0.0.1:1", "unix:SOCKET"]
+)
+def test_accepted_address_forms_dial(tmp_path: Path, address: str) -> None:
+    # Nothing listens on port 1 or at the socket path, so each call fails after dialling.
+    address = address.replace("SOCKET", str(tmp_path / "missing.sock"))
+    result = run_cli("health", "--address", address, "--timeout-s", "10", timeout_s=60.0)
     assert result.returncode == 1
-    assert result.stderr.startswith("health check of 127.0.0.1:1 failed: UNAVAILABLE: ")
-    assert len(result.stderr.strip()) > len("health check of 127.0.0.1:1 failed: UNAVAILABLE: ")
+    assert result.stderr.startswith(f"error: cannot reach {address}: UNAVAILABLE: ")
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon"])
+def test_timeout_not_positive_exits_2(tmp_path: Path, timeout: str) -> None:
+    result = run_cli(*client_command("generate", tmp_path, "--timeout-s", timeout))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"argument --timeout-s: '{timeout}' must be a number of seconds greater than 0" in (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", sorted(CLIENT_COMMANDS))
+def test_deadline_names_timeout_option(tmp_path: Path, command: str) -> None:
+    import socket
+
+    # A socket that accepts connections and never speaks HTTP/2, so every call runs until
+    # its deadline.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        arguments = client_command(command, tmp_path, "--address", address, "--timeout-s", "0.5")
+        result = run_cli(*arguments, timeout_s=120.0)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    # validate also logs a warning that the all-zero beats are probably not in mV.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(
+        f"error: the call to {address} did not finish within --timeout-s=0.5 s "
+        "(DEADLINE_EXCEEDED: "
+    )
+    assert errors[0].endswith("; raise --timeout-s")
 
 
 def test_info_prints_model_summary(server_address: str) -> None:
