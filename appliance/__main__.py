@@ -492,12 +492,17 @@ def _command_generate(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a folder, which is created if missing")
-    if args.count < 1 and not args.classes:
+    if args.classes is not None and not args.classes.strip():
+        raise UsageError(
+            "--classes is empty; pass beats per class as NAME=COUNT pairs, e.g. N=100,V=50, "
+            "or leave --classes out to use --count"
+        )
+    if args.count < 1 and args.classes is None:
         raise UsageError(f"--count={args.count} must be at least 1 (or use --classes)")
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     class_counts = None
-    if args.classes:
+    if args.classes is not None:
         class_counts = {}
         for item in args.classes.split(","):
             name, _, count = item.partition("=")
@@ -887,7 +892,10 @@ def build_parser() -> argparse.ArgumentParser:
                 help="beats spread over the known classes (default: 100)",
             )
             sub.add_argument(
-                "--classes", default="", help="beats per class instead of --count, e.g. N=100,V=50"
+                "--classes",
+                default=None,
+                help="beats per class instead of --count, as NAME=COUNT pairs, e.g. N=100,V=50 "
+                "(default: --count spread over the known classes)",
             )
             sub.add_argument(
                 "--temperature",

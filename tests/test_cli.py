@@ -339,6 +339,16 @@ def test_generate_out_is_file_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("classes", ["", " "])
+def test_generate_empty_classes_exit_2(tmp_path: Path, classes: str) -> None:
+    out = tmp_path / "out"
+    result = run_cli("generate", "--classes", classes, "--out", str(out))
+    assert result.returncode == 2
+    assert "--classes is empty; pass beats per class as NAME=COUNT pairs" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def test_generate_closed_port_names_address(tmp_path: Path) -> None:
     # Port 1 on loopback has no listener, so the connection is refused at once.
     result = run_cli(
