@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -499,6 +500,8 @@ def _command_generate(args: argparse.Namespace) -> int:
         )
     if args.count < 1 and args.classes is None:
         raise UsageError(f"--count={args.count} must be at least 1 (or use --classes)")
+    # Checked before the call, so that an unusable folder does not waste the generation.
+    _check_writable_folder(args.out)
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     class_counts = None
@@ -531,16 +534,24 @@ def _command_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_draws_per_beat=args.max_draws_per_beat,
         )
-    paths = write_beats(
-        args.out,
-        result.beats,
-        result.classes,
-        result.scores,
-        result.fs_hz,
-        info.pre_r_samples,
-        list(info.leads),
-        args.format,
-    )
+    try:
+        paths = write_beats(
+            args.out,
+            result.beats,
+            result.classes,
+            result.scores,
+            result.fs_hz,
+            info.pre_r_samples,
+            list(info.leads),
+            args.format,
+        )
+    except OSError as exc:
+        # The folder passed the check before the call, so this is a later failure such as a
+        # full disk.
+        raise ApplianceError(
+            f"--out {args.out}: writing the {len(result.classes)} generated beats failed "
+            f"({exc}); free space or pass another folder, then generate again"
+        ) from exc
     stats = result.stats
     requested = sum(class_counts.values()) if class_counts else args.count
     # Draws run in batches, so beats accepted after a class has its count are dropped.
@@ -563,6 +574,40 @@ def _command_generate(args: argparse.Namespace) -> int:
             "--max-draws-per-beat, lower --margin or retrain with a longer --max-minutes\n"
         )
     return 0
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` and a file in it, then remove both, or raise ``UsageError``.
+
+    The check leaves no folder or file behind. It tries the write instead of asking
+    ``os.access``, because ``os.access`` reports success to root on folders such as ``/proc``
+    where creating a folder fails.
+    """
+    created = []
+    missing = folder
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    step = "creating the folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        step = "writing a file in the folder"
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"--out {folder}: {step} failed ({exc.strerror or exc}); pass a folder that this "
+            "user can create and write to, e.g. under the home or current folder"
+        ) from exc
+    finally:
+        # Deepest first, so each folder is empty when it is removed.
+        for path in created:
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                continue  # mkdir failed before it reached this folder
+            except OSError as exc:
+                logger.warning("probe folder not removed path=%s error=%s", path, exc)
 
 
 def _command_validate(args: argparse.Namespace) -> int:

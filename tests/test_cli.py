@@ -349,6 +349,40 @@ def test_generate_empty_classes_exit_2(tmp_path: Path, classes: str) -> None:
     assert not out.exists()
 
 
+def unwritable_out(tmp_path: Path, case: str) -> Path:
+    """Return an --out folder that cannot be created, even by root."""
+    if case == "under_file":
+        parent = tmp_path / "beats.npy"
+        parent.write_bytes(b"")
+        return parent / "out"
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc file system")
+    return Path("/proc/forbidden")
+
+
+@pytest.mark.parametrize("case", ["under_file", "proc"])
+def test_generate_unwritable_out_exits_2(tmp_path: Path, case: str) -> None:
+    out = unwritable_out(tmp_path, case)
+    # Port 1 on loopback has no listener, so a check after the call would report UNAVAILABLE.
+    result = run_cli(
+        "generate", "--address", "127.0.0.1:1", "--count", "4", "--seed", "1", "--out", str(out)
+    )
+    assert result.returncode == 2
+    assert f"--out {out}: creating the folder failed" in result.stderr
+    assert "pass a folder that this user can create and write to" in result.stderr
+    assert "UNAVAILABLE" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_out_check_leaves_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b" / "out"
+    result = run_cli("generate", "--address", "127.0.0.1:1", "--count", "2", "--out", str(out))
+    # The folder check passes, so the command gets as far as the failed call.
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert not (tmp_path / "a").exists()
+
+
 def test_generate_closed_port_names_address(tmp_path: Path) -> None:
     # Port 1 on loopback has no listener, so the connection is refused at once.
     result = run_cli(
