@@ -145,18 +145,25 @@ def check_baseline(beats: np.ndarray) -> BaselineOffset:
     if result.unit_suspect:
         # An offset measured in the wrong unit says nothing about the baseline, so only the
         # unit is reported.
-        factor = "divide them by 1000 (uV to mV)"
         if result.median_peak_to_peak_mv < UNIT_LOW_MV:
-            factor = "multiply them by 1000 (V to mV)"
+            advice = "They are probably in V: multiply them by 1000 to convert them to mV"
+        else:
+            # Raw ADC counts also land here, for example int16 MIT-BIH samples, whose median
+            # peak-to-peak amplitude is a few hundred counts at a gain of 200 per mV.
+            advice = (
+                "They are probably in uV or in raw ADC units and must be converted to mV. For "
+                "uV, divide them by 1000. For ADC counts, subtract the baseline and divide by "
+                "the gain (ADC units per mV) that the record header gives for the lead"
+            )
         logger.warning(
             "input beats are probably not in mV: median_peak_to_peak_mv=%.4g beats=%d, while "
             "ECG beats in mV lie between about %g and %g. Validate expects mV, so these beats "
-            "score low; %s; see %s",
+            "score low. %s. See %s",
             result.median_peak_to_peak_mv,
             result.beats,
             UNIT_LOW_MV,
             UNIT_HIGH_MV,
-            factor,
+            advice,
             API_DOC_SECTION,
         )
     elif result.suspect:

@@ -164,7 +164,12 @@ def test_processed_records_have_mv_amplitudes(record_checks: dict[str, RecordChe
 
 
 @pytest.mark.parametrize(
-    ("factor", "advice"), [(1000.0, "divide them by 1000"), (0.001, "multiply them by 1000")]
+    ("factor", "advice"),
+    [
+        (1000.0, "probably in uV or in raw ADC units and must be converted to mV"),
+        (1000.0, "For uV, divide them by 1000"),
+        (0.001, "probably in V: multiply them by 1000"),
+    ],
 )
 def test_wrong_unit_logs_unit_warning(
     record_100: tuple[np.ndarray, np.ndarray],
@@ -182,6 +187,29 @@ def test_wrong_unit_logs_unit_warning(
     assert "probably not in mV" in messages[0]
     assert advice in messages[0]
     assert "carry baseline wander" not in messages[0]
+
+
+def test_adc_counts_log_conversion_advice(
+    shared_data: Path,
+    record_100: tuple[np.ndarray, np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Raw int16 samples of record 100 (gain 200 per mV, baseline 1024) get ADC advice."""
+    config = DataConfig()
+    _, r_samples = record_100
+    record = wfdb.rdrecord(str(shared_data / "mitdb" / "100"), channels=[0], physical=False)
+    counts = record.d_signal[:, 0]
+    offsets = (r_samples - config.pre_r_samples)[:, None] + np.arange(config.window_samples)
+    windows = counts[offsets][:, None, :].astype(np.int16)
+    with caplog.at_level(logging.WARNING, logger="appliance.baseline"):
+        result = check_baseline(windows)
+    assert result.unit_suspect
+    assert UNIT_HIGH_MV < result.median_peak_to_peak_mv < 1000.0
+    messages = _baseline_warnings(caplog)
+    assert len(messages) == 1
+    assert "probably in uV or in raw ADC units" in messages[0]
+    assert "subtract the baseline and divide by the gain" in messages[0]
+    assert "multiply them by 1000" not in messages[0]
 
 
 def test_measure_uses_furthest_lead_and_skips_nan() -> None:
