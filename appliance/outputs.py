@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from appliance.classes import AAMI_CLASSES
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +21,27 @@ FORMATS = ("npy", "csv", "wfdb")
 WFDB_ADC_GAIN = 1000.0
 # AAMI class -> a representative MIT-BIH beat symbol for the annotation file.
 CLASS_SYMBOL = {"N": "N", "S": "S", "V": "V", "F": "F", "Q": "Q"}
+# Minimum number of real beats of one class for figures and reports to show their statistics
+# (mean, 5-95 % band, morphology medians and quartiles). numpy's linear percentile puts the 5th
+# percentile of n values at sorted position 0.05 * (n - 1), so with 20 beats or fewer a band edge
+# is drawn from the most extreme beat at each sample, and with 1 beat the mean is that beat.
+# From 30 beats each edge lies between the 2nd and 3rd most extreme beats, and no beat weighs
+# more than 1/30 of the mean.
+# NOTE: 30 is a judgment for aggregate figures, not a formal privacy bound.
+MIN_REAL_BEATS_PER_CLASS = 30
+
+
+def real_statistics_allowed(real_beats: int) -> bool:
+    """Return whether statistics of ``real_beats`` real beats of one class may be shown."""
+    return real_beats >= MIN_REAL_BEATS_PER_CLASS
+
+
+def real_band_withheld_note(real_beats: int) -> str:
+    """Return the figure note for a class whose real mean and band are left out."""
+    return (
+        f"real mean and band left out: {real_beats} real beats, "
+        f"fewer than {MIN_REAL_BEATS_PER_CLASS}"
+    )
 
 
 def write_beats(
@@ -203,33 +228,46 @@ def plot_real_vs_synthetic(
 ) -> Path:
     """Draw, per class, the real beats' mean and 5-95 % band against synthetic beats.
 
-    Only aggregate bands of real beats are drawn, never a single real beat.
+    Only aggregate bands of real beats are drawn, never a single real beat. A class with fewer
+    than ``MIN_REAL_BEATS_PER_CLASS`` real beats shows its synthetic beats only, with a note.
     """
-    import matplotlib
+    figure = real_vs_synthetic_figure(
+        real_mv, real_classes, synthetic_mv, synthetic_classes, fs_hz
+    )
+    figure.savefig(path, dpi=110)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def real_vs_synthetic_figure(
+    real_mv: np.ndarray,
+    real_classes: np.ndarray,
+    synthetic_mv: np.ndarray,
+    synthetic_classes: list[str],
+    fs_hz: float,
+) -> Figure:
+    """Build the figure of ``plot_real_vs_synthetic``, one panel per synthetic class."""
+    from matplotlib.figure import Figure
 
     present = [c for c in AAMI_CLASSES if c in synthetic_classes]
-    figure, axes = plt.subplots(
-        1, max(1, len(present)), figsize=(4 * max(1, len(present)), 3.2), squeeze=False
-    )
+    figure = Figure(figsize=(4 * max(1, len(present)), 3.2))
+    axes = figure.subplots(1, max(1, len(present)), squeeze=False)
     t_ms = np.arange(real_mv.shape[2]) / fs_hz * 1000
     for axis, name in zip(axes[0], present, strict=False):
         real = real_mv[real_classes == AAMI_CLASSES.index(name), 0]
         synthetic = synthetic_mv[np.asarray(synthetic_classes) == name, 0]
-        if real.shape[0]:
+        if real_statistics_allowed(real.shape[0]):
             low, high = np.percentile(real, [5, 95], axis=0)
             axis.fill_between(t_ms, low, high, color="tab:blue", alpha=0.25, label="real 5-95 %")
             axis.plot(t_ms, real.mean(axis=0), color="tab:blue", label="real mean")
         for index, beat in enumerate(synthetic[:20]):
             label = "synthetic" if index == 0 else None
             axis.plot(t_ms, beat, color="tab:red", alpha=0.3, linewidth=0.8, label=label)
-        axis.set_title(f"class {name}: real n={real.shape[0]}, synthetic n={synthetic.shape[0]}")
+        title = f"class {name}: real n={real.shape[0]}, synthetic n={synthetic.shape[0]}"
+        if not real_statistics_allowed(real.shape[0]):
+            title += "\n" + real_band_withheld_note(real.shape[0])
+        axis.set_title(title, fontsize=9)
         axis.set_xlabel("time (ms)")
         axis.set_ylabel("amplitude (mV)")
     axes[0][0].legend(loc="upper right", fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure

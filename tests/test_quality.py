@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from appliance.classes import class_index
 from appliance.config import DEFAULT_DATA_DIR
+from appliance.outputs import MIN_REAL_BEATS_PER_CLASS, real_vs_synthetic_figure
 from appliance.quality.baselines import (
     CopyGenerator,
     NoiseGenerator,
@@ -24,7 +26,7 @@ from appliance.quality.mmd import frechet_distance, mmd2_test, power_spectra
 from appliance.quality.morphology import morphology_report
 from appliance.quality.privacy_metrics import auroc, privacy_report
 from appliance.quality.protocol import LabelledBeats, load_protocol, subsample, znormalise
-from appliance.quality.report import build_report
+from appliance.quality.report import beats_figure, build_report
 
 N, S, V, F = (class_index(name) for name in "NSVF")
 FAST_CLASSIFIER = ClassifierConfig(steps=40, batch_size=32)
@@ -157,6 +159,81 @@ def test_morphology_of_copies_matches_real(small_fit):
     assert abs(qrs["median_difference"]) < 15.0
     assert qrs["real"]["found"] > 0.8
     assert "V" not in report  # no synthetic V beats were drawn
+
+
+def beats_of_classes(source: LabelledBeats, counts: dict[int, int]) -> LabelledBeats:
+    """Return the first ``counts[c]`` beats of each class ``c`` of ``source``."""
+    beats = [source.of_class(c)[:n] for c, n in counts.items()]
+    for (c, n), chosen in zip(counts.items(), beats, strict=True):
+        assert len(chosen) == n, f"the source has {len(chosen)} beats of class {c}, not {n}"
+    labels = [np.full(n, c) for c, n in counts.items()]
+    return LabelledBeats(np.concatenate(beats), np.concatenate(labels))
+
+
+def test_morphology_withholds_few_real_beats(protocol):
+    few = MIN_REAL_BEATS_PER_CLASS - 1
+    real = beats_of_classes(protocol.fit, {N: MIN_REAL_BEATS_PER_CLASS, V: few})
+    synthetic = beats_of_classes(protocol.fit, {N: 10, V: 10})
+    report = morphology_report(real, synthetic, 360.0, 90, per_class=100, seed=0)
+    for measure, entry in report["V"].items():
+        assert entry["real_withheld"] is True, measure
+        assert entry["real_beats"] == few, measure
+        assert set(entry["real"].values()) == {None}, measure
+        assert entry["median_difference"] is None, measure
+        assert entry["synthetic"]["found"] is not None, measure
+    qrs = report["N"]["qrs_width_ms"]
+    assert qrs["real_withheld"] is False
+    assert qrs["real_beats"] == MIN_REAL_BEATS_PER_CLASS
+    assert qrs["real"]["median"] is not None
+
+
+def test_morphology_counts_delineated_real_beats(small_fit):
+    # per_class below the minimum caps the real beats delineated, so every real summary is
+    # withheld.
+    synthetic = beats_of_classes(small_fit, {N: 5})
+    report = morphology_report(small_fit, synthetic, 360.0, 90, per_class=10, seed=0)
+    qrs = report["N"]["qrs_width_ms"]
+    assert qrs["real_beats"] == 10
+    assert qrs["real_withheld"] is True
+    assert qrs["real"]["median"] is None
+
+
+def test_beats_figure_withholds_few_real_beats(protocol):
+    # The bundled DS1 records contain 2 Q beats.
+    few = {class_index("Q"): 2, V: 1}
+    fit = beats_of_classes(protocol.fit, {N: MIN_REAL_BEATS_PER_CLASS, **few})
+    data = dataclasses.replace(protocol, fit=fit)
+    synthetic = beats_of_classes(protocol.fit, {N: 3, V: 3})
+    synthetic = LabelledBeats(
+        np.concatenate([synthetic.beats, synthetic.beats[:2]]),
+        np.concatenate([synthetic.labels, np.full(2, class_index("Q"))]),
+    )
+    figure = beats_figure("test", data, synthetic)
+    panels = dict(zip("NSVFQ", figure.axes, strict=True))
+    # The N panel has the band (one filled area), the mean line and three synthetic beats.
+    assert len(panels["N"].collections) == 1
+    assert len(panels["N"].lines) == 4
+    assert "left out" not in panels["N"].get_title()
+    for name, synthetic_count in (("V", 3), ("Q", 2)):
+        panel = panels[name]
+        assert len(panel.collections) == 0, name
+        assert len(panel.lines) == synthetic_count, name
+        assert "real mean and band left out" in panel.get_title(), name
+        assert f"fewer than {MIN_REAL_BEATS_PER_CLASS}" in panel.get_title(), name
+
+
+def test_real_vs_synthetic_withholds_few_real_beats(protocol):
+    real = beats_of_classes(protocol.fit, {N: MIN_REAL_BEATS_PER_CLASS, V: 4})
+    names = ["N", "N", "V", "V"]
+    synthetic = np.concatenate([real.of_class(N)[:2], real.of_class(V)[:2]])
+    figure = real_vs_synthetic_figure(real.beats, real.labels, synthetic, names, 360.0)
+    panel_n, panel_v = figure.axes
+    assert len(panel_n.collections) == 1
+    assert len(panel_n.lines) == 3
+    assert len(panel_v.collections) == 0
+    assert len(panel_v.lines) == 2
+    assert "real mean and band left out: 4 real beats" in panel_v.get_title()
+    assert "left out" not in panel_n.get_title()
 
 
 def test_baselines_sample_requested_classes(small_fit):

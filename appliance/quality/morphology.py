@@ -16,6 +16,7 @@ import neurokit2
 import numpy as np
 
 from appliance.classes import AAMI_CLASSES
+from appliance.outputs import real_statistics_allowed
 from appliance.quality.protocol import LabelledBeats
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ def _summary(values: np.ndarray) -> dict[str, float | None]:
     }
 
 
+def _withheld() -> dict[str, float | None]:
+    """Return a real summary left empty because too few real beats exist."""
+    return {"median": None, "q25": None, "q75": None, "found": None}
+
+
 def morphology_report(
     real: LabelledBeats,
     synthetic: LabelledBeats,
@@ -103,8 +109,10 @@ def morphology_report(
 
     Returns:
         Class name to measure name to ``real`` and ``synthetic`` summaries (median, quartiles
-        and the share of beats where the points were found) and ``median_difference``
-        (synthetic minus real).
+        and the share of beats where the points were found), ``median_difference`` (synthetic
+        minus real), ``real_beats`` (real beats delineated) and ``real_withheld``. When fewer
+        than ``appliance.outputs.MIN_REAL_BEATS_PER_CLASS`` real beats are delineated,
+        ``real_withheld`` is true and the real summary and the difference are null.
     """
     rng = np.random.default_rng(seed)
     report: dict[str, Any] = {}
@@ -117,9 +125,13 @@ def morphology_report(
             if len(beats) > per_class:
                 beats = beats[np.sort(rng.choice(len(beats), size=per_class, replace=False))]
             measured[label] = delineate(beats, fs_hz, pre_r_samples)
+        # Statistics of fewer real beats than the minimum stay out of the report, so a median
+        # or quartile cannot be the value of one or a few real beats.
+        real_count = len(measured["real"][MEASURES[0]])
+        real_shown = real_statistics_allowed(real_count)
         report[name] = {}
         for measure in MEASURES:
-            real_summary = _summary(measured["real"][measure])
+            real_summary = _summary(measured["real"][measure]) if real_shown else _withheld()
             synthetic_summary = _summary(measured["synthetic"][measure])
             difference = None
             if real_summary["median"] is not None and synthetic_summary["median"] is not None:
@@ -128,6 +140,8 @@ def morphology_report(
                 "real": real_summary,
                 "synthetic": synthetic_summary,
                 "median_difference": difference,
+                "real_beats": real_count,
+                "real_withheld": not real_shown,
             }
     logger.info("morphology classes=%s", ",".join(report))
     return report

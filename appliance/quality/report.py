@@ -1,7 +1,9 @@
 """The quality report: one HTML page with PNG figures and the same numbers as JSON.
 
 The page shows aggregate figures only. Real beats appear as the per-class mean and percentile
-bands, never as a single beat, so the report can leave the appliance.
+bands, never as a single beat, and only for classes with at least
+``appliance.outputs.MIN_REAL_BEATS_PER_CLASS`` real beats, so the report can leave the
+appliance.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from appliance.config import DataConfig
 from appliance.corrupt import CORRUPTIONS, corrupt
 from appliance.dataset import assign_splits, find_records
 from appliance.engine import Engine
+from appliance.outputs import real_band_withheld_note, real_statistics_allowed
 from appliance.quality.baselines import (
     ApplianceGenerator,
     PcaGaussian,
@@ -30,7 +33,7 @@ from appliance.quality.baselines import (
     RealNvpConfig,
 )
 from appliance.quality.evaluate import Evaluation, QualityConfig, evaluate_generators
-from appliance.quality.protocol import BeatGenerator, ProtocolData, load_protocol
+from appliance.quality.protocol import BeatGenerator, LabelledBeats, ProtocolData, load_protocol
 from appliance.report_store import REPORT_HTML, REPORT_JSON, metric_rows
 from appliance.store import load_current
 
@@ -207,13 +210,25 @@ def write_figures(
 
 
 def _beats_figure(path: Path, name: str, data: ProtocolData, synthetic: Any) -> str:
+    figure = beats_figure(name, data, synthetic)
+    figure.savefig(path, dpi=80)
+    return path.name
+
+
+def beats_figure(name: str, data: ProtocolData, synthetic: LabelledBeats) -> Figure:
+    """Draw synthetic beats over the real per-class mean and band of the fit set.
+
+    A class with fewer than ``appliance.outputs.MIN_REAL_BEATS_PER_CLASS`` real beats shows its
+    synthetic beats only, and its panel title states why the real band is left out.
+    """
     time_ms = (np.arange(data.fit.beats.shape[2]) - data.pre_r_samples) * 1000.0 / data.fs_hz
     figure = Figure(figsize=(3.2 * len(AAMI_CLASSES), 3.0))
     axes = figure.subplots(1, len(AAMI_CLASSES), sharey=True)
     for class_index, (ax, class_name) in enumerate(zip(axes, AAMI_CLASSES, strict=True)):
         real = data.fit.of_class(class_index)[:, 0, :]
         fake = synthetic.of_class(class_index)[:BEATS_PER_PANEL, 0, :]
-        if real.shape[0]:
+        shown = real_statistics_allowed(real.shape[0])
+        if shown:
             low, high = np.percentile(real, BAND_PERCENTILES, axis=0)
             ax.fill_between(
                 time_ms,
@@ -225,14 +240,20 @@ def _beats_figure(path: Path, name: str, data: ProtocolData, synthetic: Any) -> 
             ax.plot(time_ms, real.mean(axis=0), color="black", lw=2, label="real mean")
         for beat in fake:
             ax.plot(time_ms, beat, color="tab:red", lw=0.6, alpha=0.6)
-        ax.set_title(f"{class_name}: {real.shape[0]} real, {len(fake)} synthetic shown")
+        title = f"{class_name}: {real.shape[0]} real, {len(fake)} synthetic shown"
+        if not shown:
+            title += "\n" + real_band_withheld_note(real.shape[0])
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("time from R (ms)")
     axes[0].set_ylabel("z-normalised amplitude")
-    axes[0].legend(loc="lower left", fontsize=7)
+    # The legend goes on the first panel with a real band, because only the band is labelled.
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower left", fontsize=7)
+            break
     figure.suptitle(f"{name}: synthetic beats (red) over real per-class mean and band")
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    return path.name
+    return figure
 
 
 def _balance_figure(path: Path, data: ProtocolData, evaluation: Evaluation) -> str:
