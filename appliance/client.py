@@ -341,6 +341,11 @@ class ApplianceClient:
             raise ValueError(
                 f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
             )
+        if classes is not None and len(classes) != beats.shape[0]:
+            raise ValueError(
+                f"classes has {len(classes)} entries for {beats.shape[0]} beats; pass one "
+                "class (or None) per beat, or no classes"
+            )
         if beats.shape[0] <= VALIDATE_STREAM_BEATS:
             request = pb.ValidateRequest(samples=encode_samples(beats, normalised))
             if classes is not None:

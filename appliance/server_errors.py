@@ -105,6 +105,14 @@ def rpc_call(method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]
         record.status = code.name
         error = str(exc)
         abort = (code, error)
+    except grpc.RpcError as exc:
+        # Reading a request stream raises this when the client cancels, its deadline expires
+        # or a message is over the size limit. gRPC has already sent the client its status.
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        record.status = code.name if code is not None else _ended_status(context)
+        error = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        if context.is_active() and code is not None:
+            abort = (code, error or code.name)
     except Exception:
         record.status = "INTERNAL"
         logger.exception("rpc=%s request_id=%s error=unhandled", method, record.request_id)

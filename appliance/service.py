@@ -38,8 +38,13 @@ DEFAULT_MAX_BEATS_PER_REQUEST = 100_000
 # gRPC's default message limit, stated so that the limit is explicit and documented.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Validate scores this many beats per engine call, so that a cancelled call stops within one
-# piece and other calls get the engine in between.
-SCORE_PIECE_BEATS = 1024
+# piece and other calls get the engine in between. On 2 cores 1,024 beats held an engine slot
+# for about 2 s after the client had gone; scoring time grows with the beats, so 256 beats
+# should take about a quarter of that (an estimate).
+SCORE_PIECE_BEATS = 256
+# Bytes of a Generate response besides the samples, scores and classes: the sample header,
+# fs_hz, field tags and length prefixes, with room to spare.
+RESPONSE_OVERHEAD_BYTES = 1024
 # Tolerance when comparing a request's fs_hz with the model's, in Hz.
 FS_TOLERANCE_HZ = 1e-3
 # How often a call waiting for an engine slot checks whether its client is still there, in s.
@@ -161,8 +166,9 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         # sends max_margin as float32 (0.99 becomes 0.9900000095) stays within range.
         low_f32, high_f32 = float(np.float32(low)), float(np.float32(high))
         if not (math.isfinite(margin) and low_f32 <= margin <= high_f32):
-            raise RequestError(f"margin={margin:g} is out of range; use {low:g} to {high:g}")
-        return min(max(margin, low), high)
+            raise RequestError(f"margin={margin:.9g} is out of range; use {low:g} to {high:g}")
+        # Adding 0.0 turns -0.0 into 0.0, which the reply and the log then show.
+        return min(max(margin, low), high) + 0.0
 
     def _known_class(self, engine: Engine, value: int, field_name: str) -> int:
         known = ", ".join(f"BEAT_CLASS_{AAMI_CLASSES[i]}" for i in engine.classes_known)
@@ -225,7 +231,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         value = float(request.temperature)
         if not (math.isfinite(value) and 0.0 < value <= MAX_TEMPERATURE):
             raise RequestError(
-                f"temperature={value:g} is out of range; use a value above 0 "
+                f"temperature={value:.9g} is out of range; use a value above 0 "
                 f"and at most {MAX_TEMPERATURE:g}"
             )
         return value
@@ -330,8 +336,11 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             counts = self._class_counts(engine, request)
             temperature = self._temperature(request)
             margin = self._margin(engine, request)
-            chunk_beats = self._bounded(
-                "chunk_beats", request.chunk_beats, DEFAULT_CHUNK_BEATS, MAX_CHUNK_BEATS
+            chunk_beats = min(
+                self._bounded(
+                    "chunk_beats", request.chunk_beats, DEFAULT_CHUNK_BEATS, MAX_CHUNK_BEATS
+                ),
+                self._chunk_fit(engine),
             )
             draws_per_beat = self._bounded(
                 "max_draws_per_beat",
@@ -381,6 +390,12 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             final.stats.CopyFrom(stats)
             yield final
 
+    def _chunk_fit(self, engine: Engine) -> int:
+        """Return the most beats whose Generate response fits the server's message limit."""
+        # float32 samples, one float32 score and a class enum of at most 2 bytes per beat.
+        beat_bytes = len(engine.leads) * engine.window_samples * 4 + 4 + 2
+        return max(1, (self.max_message_bytes - RESPONSE_OVERHEAD_BYTES) // beat_bytes)
+
     def _chunk(
         self,
         engine: Engine,
@@ -421,7 +436,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 beat_classes=[class_to_proto(int(c)) for c in scored_classes],
                 margin=margin,
             )
-        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
+        # Reached only when the client cancelled or its deadline expired; gRPC drops the reply.
+        return pb.ValidateResponse()
 
     def ValidateStream(  # noqa: N802 - name fixed by the proto
         self,
@@ -431,16 +447,24 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         """Score beats sent as several messages; one reply covers all of them in order."""
         with rpc_call("ValidateStream", context) as call:
             engine = self._ready_engine()
-            xs: list[np.ndarray] = []
+            # Each message is scored as it arrives, so a stream keeps one message's beats in
+            # memory at a time however long the client keeps it open.
+            scores_list: list[np.ndarray] = []
             classes_list: list[np.ndarray] = []
             margin: float | None = None
             total = 0
             for message in request_iterator:
                 message_margin = self._margin(engine, message)
-                if margin is not None and message.HasField("margin") and message_margin != margin:
+                # Margins travel as float32, so they are compared at that precision: a client
+                # that repeats the default margin must not differ from it by rounding.
+                if (
+                    margin is not None
+                    and message.HasField("margin")
+                    and np.float32(message_margin) != np.float32(margin)
+                ):
                     raise RequestError(
-                        f"margin={message_margin:g} in message {len(xs)} differs "
-                        f"from the first message's {margin:g}; use one margin "
+                        f"margin={message_margin:.9g} in message {len(scores_list)} differs "
+                        f"from the first message's {margin:.9g}; use one margin "
                         "per stream"
                     )
                 margin = message_margin if margin is None else margin
@@ -452,16 +476,20 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                         f"limit of {self.max_beats_per_request}; split "
                         "it into several calls"
                     )
-                xs.append(x)
-                classes_list.append(classes)
-            if not xs or margin is None:
+                message_scores, message_classes = self._score(engine, x, classes, context)
+                scores_list.append(message_scores)
+                classes_list.append(message_classes)
+            if not context.is_active():
+                # gRPC ends the request stream when the client goes away or a message is over
+                # the size limit; the client already has its status.
+                raise CallCancelledError
+            if not scores_list or margin is None:
                 raise RequestError(
                     "the stream carried no ValidateStreamRequest; send at least one"
                 )
-            call.counts.update(beats=total, messages=len(xs), margin=margin)
-            scores, scored_classes = self._score(
-                engine, np.concatenate(xs), np.concatenate(classes_list), context
-            )
+            call.counts.update(beats=total, messages=len(scores_list), margin=margin)
+            scores = np.concatenate(scores_list)
+            scored_classes = np.concatenate(classes_list)
             accepted = scores >= margin
             call.counts["accepted"] = int(accepted.sum())
             return pb.ValidateStreamResponse(
@@ -470,7 +498,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 beat_classes=[class_to_proto(int(c)) for c in scored_classes],
                 margin=margin,
             )
-        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
+        # Reached only when the client cancelled or its deadline expired; gRPC drops the reply.
+        return pb.ValidateStreamResponse()
 
     def _score(
         self, engine: Engine, x: np.ndarray, classes: np.ndarray, context: grpc.ServicerContext
@@ -500,7 +529,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         with rpc_call("GetModelInfo", context):
             engine = self._ready_engine()
             return model_info(engine, self.max_beats_per_request, self.plan)
-        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
+        # Reached only when the client cancelled or its deadline expired; gRPC drops the reply.
+        return pb.GetModelInfoResponse()
 
     def GetQualityReport(  # noqa: N802 - name fixed by the proto
         self, request: pb.GetQualityReportRequest, context: grpc.ServicerContext
@@ -530,7 +560,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     "restart the server with a larger --max-message-bytes"
                 )
             return reply
-        raise AssertionError("unreachable: rpc_call aborts on error")  # pragma: no cover
+        # Reached only when the client cancelled or its deadline expired; gRPC drops the reply.
+        return pb.GetQualityReportResponse()
 
 
 def model_info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -169,6 +170,128 @@ def test_size_limits_reject_large_requests(small_client: ApplianceClient):
     assert "65536" in raised.value.details()
     assert small_client.health() == "SERVING"
     assert len(small_client.validate(_beats(info, 3)).scores) == 3
+
+
+def _hold_engine(client: ApplianceClient, request_id: str) -> grpc.Future:
+    """Start a Generate that keeps one engine slot busy until it is cancelled.
+
+    One chunk of 50 beats at margin 0.99 with a budget of 1000 draws per beat runs inside one
+    engine call, which keeps its slot for far longer than the tests wait.
+    """
+    request = pb.GenerateRequest(count=50, chunk_beats=50, max_draws_per_beat=1000, margin=0.99)
+    call = client.stub.Generate(
+        request, timeout=CALL_TIMEOUT_S, metadata=(("x-request-id", request_id),)
+    )
+
+    def first_response() -> None:
+        # The call ends as CANCELLED when the test cancels it.
+        with contextlib.suppress(grpc.RpcError):
+            next(call, None)
+
+    threading.Thread(target=first_response, daemon=True).start()
+    return call
+
+
+def _rpc_lines(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if f"request_id={request_id} " in r.getMessage()
+    ]
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_validate_deadline_while_waiting_logs_status(
+    model_store: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    # More workers than engine slots, so that a Validate runs while every slot is taken.
+    running = create_server(
+        model_store, ServeConfig(port=0, workers=4, intra_op_threads=1, grace_s=1.0, drain_s=0.0)
+    )
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+            slots = running.plan.engine_slots
+            assert running.plan.workers > slots
+            holders = [_hold_engine(client, f"hold-validate-{i}") for i in range(slots)]
+            time.sleep(1.0)
+            try:
+                with pytest.raises(grpc.RpcError) as raised:
+                    client.stub.Validate(
+                        pb.ValidateRequest(samples=encode_samples(_beats(info, 5))),
+                        timeout=0.5,
+                        metadata=(("x-request-id", "late-validate"),),
+                    )
+                assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                _wait_for(lambda: _rpc_lines(caplog, "late-validate"), "the late call's log")
+            finally:
+                for holder in holders:
+                    holder.cancel()
+            lines = _rpc_lines(caplog, "late-validate")
+            assert len(lines) == 1
+            assert "status=DEADLINE_EXCEEDED" in lines[0]
+            assert _errors(caplog) == []
+            assert len(client.validate(_beats(info, 2)).scores) == 2
+    finally:
+        running.stop()
+
+
+def test_validate_stream_deadline_logs_status(
+    small_client: ApplianceClient, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    info = small_client.model_info()
+
+    def one_then_silence() -> Iterator[pb.ValidateStreamRequest]:
+        yield pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 4)))
+        time.sleep(3.0)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        small_client.stub.ValidateStream(
+            one_then_silence(), timeout=1.0, metadata=(("x-request-id", "silent-stream"),)
+        )
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_for(lambda: _rpc_lines(caplog, "silent-stream"), "the silent stream's log line")
+    lines = _rpc_lines(caplog, "silent-stream")
+    assert len(lines) == 1
+    assert re.search(r"status=(DEADLINE_EXCEEDED|CANCELLED) ", lines[0])
+    assert _errors(caplog) == []
+
+
+def test_validate_stream_accepts_repeated_default_margin(small_client: ApplianceClient):
+    info = small_client.model_info()
+    # The default travels as float32 (0.0500000007 for 0.05) when a client repeats it.
+    parts = [
+        pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 3))),
+        pb.ValidateStreamRequest(
+            samples=encode_samples(_beats(info, 3)), margin=info.default_margin
+        ),
+    ]
+    reply = small_client.stub.ValidateStream(iter(parts), timeout=CALL_TIMEOUT_S)
+    assert len(reply.scores) == 6
+    assert reply.margin == pytest.approx(info.default_margin)
+
+
+def test_generate_chunks_fit_message_limit(model_store: Path):
+    # 32 KiB hold 30 one-lead beats of 256 samples with their scores and classes, so the
+    # default chunk of 256 beats must shrink to fit.
+    running = create_server(
+        model_store,
+        ServeConfig(port=0, workers=2, intra_op_threads=1, max_message_bytes=32 * 1024),
+    )
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            request = pb.GenerateRequest(count=45, margin=0.0, seed=3)
+            chunks = list(client.stub.Generate(request, timeout=CALL_TIMEOUT_S))
+            sizes = [chunk.samples.count for chunk in chunks if chunk.samples.count]
+            assert sum(sizes) == chunks[-1].stats.accepted
+            assert chunks[-1].stats.accepted > 30
+            assert max(sizes) <= 30
+            assert all(chunk.ByteSize() <= 32 * 1024 for chunk in chunks)
+    finally:
+        running.stop()
 
 
 def test_every_call_logged_once(small_client: ApplianceClient, caplog: pytest.LogCaptureFixture):

@@ -292,6 +292,8 @@ def test_client_validates_nested_lists(client: ApplianceClient, generated) -> No
     np.testing.assert_allclose(reply.scores, generated.scores[:3], atol=1e-5)
     with pytest.raises(ValueError, match=r"shape \(beats, leads, window_samples\)"):
         client.validate([0.0, 1.0])
+    with pytest.raises(ValueError, match="classes has 2 entries for 3 beats"):
+        client.validate(generated.beats[:3], classes=generated.classes[:2])
 
 
 def test_validate_stream_errors(client: ApplianceClient, info: pb.GetModelInfoResponse):
