@@ -166,7 +166,9 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         # sends max_margin as float32 (0.99 becomes 0.9900000095) stays within range.
         low_f32, high_f32 = float(np.float32(low)), float(np.float32(high))
         if not (math.isfinite(margin) and low_f32 <= margin <= high_f32):
-            raise RequestError(f"margin={margin:.9g} is out of range; use {low:g} to {high:g}")
+            raise RequestError(
+                f"margin={_float32_text(margin)} is out of range; use {low:g} to {high:g}"
+            )
         # Adding 0.0 turns -0.0 into 0.0, which the reply and the log then show.
         return min(max(margin, low), high) + 0.0
 
@@ -231,7 +233,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         value = float(request.temperature)
         if not (math.isfinite(value) and 0.0 < value <= MAX_TEMPERATURE):
             raise RequestError(
-                f"temperature={value:.9g} is out of range; use a value above 0 "
+                f"temperature={_float32_text(value)} is out of range; use a value above 0 "
                 f"and at most {MAX_TEMPERATURE:g}"
             )
         return value
@@ -463,8 +465,9 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     and np.float32(message_margin) != np.float32(margin)
                 ):
                     raise RequestError(
-                        f"margin={message_margin:.9g} in message {len(scores_list)} differs "
-                        f"from the first message's {margin:.9g}; use one margin "
+                        f"margin={_float32_text(message_margin)} in message "
+                        f"{len(scores_list)} differs from the first message's "
+                        f"{_float32_text(margin)}; use one margin "
                         "per stream"
                     )
                 margin = message_margin if margin is None else margin
@@ -664,6 +667,15 @@ def _set_optional(message: Any, field_name: str, value: Any) -> None:
     """Set an optional double field, leaving it unset for a figure the report lacks."""
     if value is not None:
         setattr(message, field_name, float(value))
+
+
+def _float32_text(value: float) -> str:
+    """Return the shortest text that reads back as the same float32, as a client wrote it.
+
+    float32 fields arrive widened to float64 (0.2 becomes 0.200000003), so messages print them
+    at float32 precision: 0.2 stays 0.2 and 5.0000005 stays distinct from the limit 5.
+    """
+    return str(np.float32(value))
 
 
 def _portions(counts: dict[int, int], chunk_beats: int) -> Iterator[dict[int, int]]:
