@@ -143,7 +143,7 @@ def check_baseline(beats: np.ndarray) -> BaselineOffset:
     """
     result = measure_baseline_offset(beats)
     if result.unit_suspect:
-        # An offset measured in the wrong unit says nothing about the baseline, so only the
+        # An offset measured in the wrong unit tells nothing about the baseline, so only the
         # unit is reported.
         if result.median_peak_to_peak_mv < UNIT_LOW_MV:
             advice = "They are probably in V: multiply them by 1000 to convert them to mV"

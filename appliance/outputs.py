@@ -23,8 +23,9 @@ WFDB_ADC_GAIN = 1000.0
 CLASS_SYMBOL = {"N": "N", "S": "S", "V": "V", "F": "F", "Q": "Q"}
 # Minimum number of real beats of one class for figures and reports to show their statistics
 # (mean, 5-95 % band, morphology medians and quartiles). numpy's linear percentile puts the 5th
-# percentile of n values at sorted position 0.05 * (n - 1), so with 20 beats or fewer a band edge
-# is drawn from the most extreme beat at each sample, and with 1 beat the mean is that beat.
+# percentile of n values at sorted position 0.05 * (n - 1). With 20 beats or fewer a band edge
+# is therefore interpolated from the most extreme beat at each sample. With 1 beat the mean is
+# that beat.
 # From 30 beats each edge lies between the 2nd and 3rd most extreme beats, and no beat weighs
 # more than 1/30 of the mean.
 # NOTE: 30 is a judgment for aggregate figures, not a formal privacy bound.

@@ -38,8 +38,8 @@ DEFAULT_MAX_BEATS_PER_REQUEST = 100_000
 # gRPC's default message limit, stated so that the limit is explicit and documented.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Validate scores this many beats per engine call, so that a cancelled call stops within one
-# piece and other calls get the engine in between. On 2 cores 1,024 beats held an engine slot
-# for about 2 s after the client had gone; scoring time grows with the beats, so 256 beats
+# piece and other calls get the engine in between. On 2 cores 1,024 beats kept an engine slot
+# for about 2 s after the client had gone. Scoring time grows with the beats, so 256 beats
 # should take about a quarter of that (an estimate).
 SCORE_PIECE_BEATS = 256
 # Bytes of a Generate response besides the samples, scores and classes: the sample header,

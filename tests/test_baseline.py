@@ -182,7 +182,7 @@ def test_wrong_unit_logs_unit_warning(
         result = check_baseline(windows * factor)
     assert result.unit_suspect
     messages = _baseline_warnings(caplog)
-    # Only the unit is reported: an offset in uV says nothing about the baseline.
+    # Only the unit is reported, because an offset in uV tells nothing about the baseline.
     assert len(messages) == 1
     assert "probably not in mV" in messages[0]
     assert advice in messages[0]

@@ -99,14 +99,24 @@ def test_arrays_round_trip() -> None:
     assert rebuilt.bottleneck_dims == BOTTLENECK
 
 
+def _redrawn_normal(rng: np.random.Generator, shape: tuple[int, int], bound: float) -> np.ndarray:
+    """Draw standard normal values, redrawing each one beyond ``bound``, in the prior's order.
+
+    It is written out here, apart from ``truncated_standard_normal``, so that the tests pin the
+    order in which the generator is consumed.
+    """
+    values = rng.standard_normal(shape)
+    outside = np.abs(values) > bound
+    while outside.any():
+        values[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(values) > bound
+    return values
+
+
 def _bottleneck_only_draws(seed: int, count: int, temperature: float) -> np.ndarray:
     """Return the latent values that generation drew before the fitted prior existed."""
     rng = np.random.default_rng(seed)
-    lead = rng.standard_normal((count, BOTTLENECK))
-    outside = np.abs(lead) > 3.0
-    while outside.any():
-        lead[outside] = rng.standard_normal(int(outside.sum()))
-        outside = np.abs(lead) > 3.0
+    lead = _redrawn_normal(rng, (count, BOTTLENECK), 3.0)
     z = np.zeros((count, LATENT), dtype=np.float32)
     z[:, :BOTTLENECK] = temperature * lead
     return z
@@ -126,12 +136,7 @@ def test_sample_with_tail_draws_every_value() -> None:
     z, _, _ = _latents(2000, 6)
     prior = LatentPrior.fit(z, np.zeros(2000, dtype=np.int64), CLASSES, BOTTLENECK, 1)
     drawn = prior.sample(np.random.default_rng(8), 3000, 0, 0.7, 2.0, 1.5)
-    rng = np.random.default_rng(8)
-    e = rng.standard_normal((3000, LATENT))
-    outside = np.abs(e) > 2.0
-    while outside.any():
-        e[outside] = rng.standard_normal(int(outside.sum()))
-        outside = np.abs(e) > 2.0
+    e = _redrawn_normal(np.random.default_rng(8), (3000, LATENT), 2.0)
     assert np.array_equal(drawn, prior.draw(e, 0, 0.7, 1.5))
     # Each tail value is its mean plus 1.5 * 0.7 * tail_std times a value within +-2.
     bound = 1.5 * 0.7 * 2.0 * prior.tail_std[0] + 1e-5
@@ -263,12 +268,7 @@ def test_arrays_without_components_draw_as_before() -> None:
     }
     rebuilt = LatentPrior.from_arrays(old)
     assert rebuilt.components(0) == 1
-    rng = np.random.default_rng(19)
-    e = rng.standard_normal((400, LATENT))
-    outside = np.abs(e) > 3.0
-    while outside.any():
-        e[outside] = rng.standard_normal(int(outside.sum()))
-        outside = np.abs(e) > 3.0
+    e = _redrawn_normal(np.random.default_rng(19), (400, LATENT), 3.0)
     expected = (prior.mean[0] + 0.8 * e[:, :BOTTLENECK] @ prior.chol[0].T).astype(np.float32)
     drawn = rebuilt.sample(np.random.default_rng(19), 400, 0, 0.8, 3.0, 1.0)
     assert np.array_equal(drawn[:, :BOTTLENECK], expected)

@@ -227,8 +227,8 @@ def beats_figure(name: str, data: ProtocolData, synthetic: LabelledBeats) -> Fig
     for class_index, (ax, class_name) in enumerate(zip(axes, AAMI_CLASSES, strict=True)):
         real = data.fit.of_class(class_index)[:, 0, :]
         fake = synthetic.of_class(class_index)[:BEATS_PER_PANEL, 0, :]
-        shown = real_statistics_allowed(real.shape[0])
-        if shown:
+        real_band_drawn = real_statistics_allowed(real.shape[0])
+        if real_band_drawn:
             low, high = np.percentile(real, BAND_PERCENTILES, axis=0)
             ax.fill_between(
                 time_ms,
@@ -241,7 +241,7 @@ def beats_figure(name: str, data: ProtocolData, synthetic: LabelledBeats) -> Fig
         for beat in fake:
             ax.plot(time_ms, beat, color="tab:red", lw=0.6, alpha=0.6)
         title = f"{class_name}: {real.shape[0]} real, {len(fake)} synthetic shown"
-        if not shown:
+        if not real_band_drawn:
             title += "\n" + real_band_withheld_note(real.shape[0])
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("time from R (ms)")
