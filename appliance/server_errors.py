@@ -72,12 +72,25 @@ class CallRecord:
     status: str = "OK"
 
 
+def _deadline_passed(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def call_ended(context: grpc.ServicerContext) -> bool:
+    """Tell whether the client has gone away or the call's deadline has passed.
+
+    gRPC may end a request stream at the deadline a moment before ``is_active`` turns false,
+    so the deadline is checked as well.
+    """
+    return not context.is_active() or _deadline_passed(context)
+
+
 def _ended_status(context: grpc.ServicerContext) -> str:
+    if _deadline_passed(context):
+        return "DEADLINE_EXCEEDED"
     if context.is_active():
         return "OK"
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return "DEADLINE_EXCEEDED"
     return "CANCELLED"
 
 

@@ -24,7 +24,7 @@ from appliance.errors import (
     RequestTooLargeError,
 )
 from appliance.report_store import REPORT_COMMAND, StoredReport, load_report, metric_rows
-from appliance.server_errors import CallCancelledError, rpc_call
+from appliance.server_errors import CallCancelledError, call_ended, rpc_call
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -148,7 +148,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
     def _engine_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
         """Hold one engine slot; give up if the client cancels while waiting."""
         while not self._slots.acquire(timeout=SLOT_POLL_S):
-            if not context.is_active():
+            if call_ended(context):
                 raise CallCancelledError
         try:
             yield
@@ -358,7 +358,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             stats = pb.GenerateStats(margin=margin, privacy_threshold=engine.privacy_threshold)
             call.counts["accepted"] = 0
             for part, portion in enumerate(_portions(counts, chunk_beats)):
-                if not context.is_active():
+                if call_ended(context):
                     raise CallCancelledError
                 with self._engine_slot(context):
                     result = engine.generate(
@@ -367,7 +367,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                         margin,
                         seed=_portion_seed(seed, part),
                         max_draws_per_beat=draws_per_beat,
-                        should_stop=lambda: not context.is_active(),
+                        should_stop=lambda: call_ended(context),
                     )
                 stats.draws += result.draws
                 stats.accepted += result.beats.shape[0]
@@ -380,7 +380,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     yield self._chunk(
                         engine, result.beats, result.classes, result.scores, millivolt
                     )
-            if not context.is_active():
+            if call_ended(context):
                 raise CallCancelledError
             call.counts.update(
                 pertinence_rejections=stats.pertinence_rejections,
@@ -482,7 +482,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 message_scores, message_classes = self._score(engine, x, classes, context)
                 scores_list.append(message_scores)
                 classes_list.append(message_classes)
-            if not context.is_active():
+            if call_ended(context):
                 # gRPC ends the request stream when the client goes away or a message is over
                 # the size limit; the client already has its status.
                 raise CallCancelledError
@@ -514,7 +514,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         """
         scores, scored_classes = [], []
         for start in range(0, x.shape[0], SCORE_PIECE_BEATS):
-            if not context.is_active():
+            if call_ended(context):
                 raise CallCancelledError
             piece = slice(start, start + SCORE_PIECE_BEATS)
             with self._engine_slot(context):

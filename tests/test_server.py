@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -28,6 +29,7 @@ from appliance.server import (
     plan_threads,
     start_server,
 )
+from appliance.server_errors import _ended_status, call_ended
 from appliance.v1 import appliance_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -258,6 +260,39 @@ def test_validate_stream_deadline_logs_status(
     assert len(lines) == 1
     assert re.search(r"status=(DEADLINE_EXCEEDED|CANCELLED) ", lines[0])
     assert _errors(caplog) == []
+
+
+class _StubContext:
+    """The two ServicerContext methods that decide how a call ended."""
+
+    def __init__(self, active: bool, remaining_s: float | None) -> None:
+        self.active = active
+        self.remaining_s = remaining_s
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def time_remaining(self) -> float | None:
+        return self.remaining_s
+
+
+@pytest.mark.parametrize(
+    ("active", "remaining_s", "ended", "status"),
+    [
+        (True, 5.0, False, "OK"),
+        (True, None, False, "OK"),
+        # gRPC can end a request stream at the deadline while is_active still says True.
+        (True, -0.002, True, "DEADLINE_EXCEEDED"),
+        (False, -0.002, True, "DEADLINE_EXCEEDED"),
+        (False, 5.0, True, "CANCELLED"),
+    ],
+)
+def test_call_end_follows_deadline_before_activity(
+    active: bool, remaining_s: float | None, ended: bool, status: str
+):
+    context = cast(grpc.ServicerContext, _StubContext(active, remaining_s))
+    assert call_ended(context) is ended
+    assert _ended_status(context) == status
 
 
 def test_validate_stream_accepts_repeated_default_margin(small_client: ApplianceClient):
