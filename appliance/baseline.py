@@ -85,6 +85,80 @@ class BaselineOffset:
         return not UNIT_LOW_MV <= self.median_peak_to_peak_mv <= UNIT_HIGH_MV
 
 
+@dataclass(frozen=True)
+class BeatLevels:
+    """Per-beat figures that the baseline and unit checks summarise.
+
+    Attributes:
+        window_mean_mv: Window mean of each beat's lead furthest from 0, with its sign, in
+            mV; NaN for a beat with a NaN or infinite sample. Shape (beats,).
+        peak_to_peak_mv: Largest peak-to-peak amplitude over each beat's leads, in the unit
+            the beats came in; NaN for a beat with a NaN or infinite sample. Shape (beats,).
+    """
+
+    window_mean_mv: np.ndarray
+    peak_to_peak_mv: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: list[BeatLevels]) -> BeatLevels:
+        """Join the figures of several batches, in order, as if they were one batch."""
+        if not parts:
+            return cls(np.zeros(0), np.zeros(0))
+        return cls(
+            np.concatenate([part.window_mean_mv for part in parts]),
+            np.concatenate([part.peak_to_peak_mv for part in parts]),
+        )
+
+
+def measure_beat_levels(beats: np.ndarray) -> BeatLevels:
+    """Measure each beat's window mean and peak-to-peak amplitude.
+
+    Arguments:
+        beats: Shape (beats, leads, window_samples), in mV.
+
+    Raises:
+        ValueError: If ``beats`` does not have three dimensions or contains text that is not
+            a number.
+    """
+    if beats.ndim != 3:
+        raise ValueError(
+            f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
+        )
+    if beats.shape[1] == 0 or beats.shape[2] == 0:
+        nothing = np.full(beats.shape[0], np.nan)
+        return BeatLevels(nothing, nothing.copy())
+    if not np.issubdtype(beats.dtype, np.number):
+        beats = beats.astype(np.float64)  # ValueError for text that is not a number
+    means = beats.mean(axis=2, dtype=np.float64)  # (beats, leads)
+    finite = np.isfinite(means).all(axis=1)
+    # The lead furthest from 0 represents the beat, with its sign.
+    furthest = np.take_along_axis(
+        means, np.abs(np.nan_to_num(means)).argmax(axis=1)[:, None], axis=1
+    )[:, 0]
+    peak_to_peak = np.ptp(beats, axis=2).max(axis=1).astype(np.float64)
+    return BeatLevels(
+        window_mean_mv=np.where(finite, furthest, np.nan),
+        peak_to_peak_mv=np.where(np.isfinite(peak_to_peak), peak_to_peak, np.nan),
+    )
+
+
+def summarise_beat_levels(levels: BeatLevels) -> BaselineOffset:
+    """Count the offset beats and take the median amplitude of a batch's figures."""
+    means = levels.window_mean_mv
+    finite = np.isfinite(means)
+    offset = finite & (np.abs(np.nan_to_num(means)) > OFFSET_LIMIT_MV)
+    median = float(np.median(means[offset])) if offset.any() else 0.0
+    largest = float(means[finite][np.abs(means[finite]).argmax()]) if finite.any() else 0.0
+    finite_ptp = levels.peak_to_peak_mv[np.isfinite(levels.peak_to_peak_mv)]
+    return BaselineOffset(
+        beats=int(means.shape[0]),
+        offset_beats=int(offset.sum()),
+        median_offset_mv=median,
+        largest_offset_mv=largest,
+        median_peak_to_peak_mv=float(np.median(finite_ptp)) if finite_ptp.size else 0.0,
+    )
+
+
 def measure_baseline_offset(beats: np.ndarray) -> BaselineOffset:
     """Measure the mean level of each beat's window, in mV, and count the offset beats.
 
@@ -96,32 +170,59 @@ def measure_baseline_offset(beats: np.ndarray) -> BaselineOffset:
         ValueError: If ``beats`` does not have three dimensions or contains text that is not
             a number.
     """
-    if beats.ndim != 3:
-        raise ValueError(
-            f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
+    return summarise_beat_levels(measure_beat_levels(beats))
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """A property of a batch of beats that makes their scores unreliable.
+
+    Attributes:
+        kind: ``unit`` when the beats are probably not in mV, ``baseline`` when they probably
+            carry baseline wander or a DC offset.
+        message: Sentences with the measured figures and how to fix the beats.
+    """
+
+    kind: str
+    message: str
+
+
+def find_input_problem(result: BaselineOffset) -> InputProblem | None:
+    """Return the unit or baseline problem that ``result`` shows, or None.
+
+    A wrong unit takes precedence, because an offset measured in the wrong unit says nothing
+    about the baseline.
+    """
+    if result.unit_suspect:
+        if result.median_peak_to_peak_mv < UNIT_LOW_MV:
+            advice = "They are probably in V: multiply them by 1000 to convert them to mV"
+        else:
+            # Raw ADC counts also land here, for example int16 MIT-BIH samples, whose median
+            # peak-to-peak amplitude is a few hundred counts at a gain of 200 per mV.
+            advice = (
+                "They are probably in uV or in raw ADC units and must be converted to mV. For "
+                "uV, divide them by 1000. For ADC counts, subtract the baseline and divide by "
+                "the gain (ADC units per mV) that the record header gives for the lead"
+            )
+        return InputProblem(
+            "unit",
+            f"input beats are probably not in mV: median_peak_to_peak_mv="
+            f"{result.median_peak_to_peak_mv:.4g} beats={result.beats}, while ECG beats in mV "
+            f"lie between about {UNIT_LOW_MV:g} and {UNIT_HIGH_MV:g}. Validate expects mV, so "
+            f"these beats score low. {advice}. See {API_DOC_SECTION}",
         )
-    if beats.shape[0] == 0 or beats.shape[1] == 0 or beats.shape[2] == 0:
-        return BaselineOffset(beats.shape[0], 0, 0.0, 0.0)
-    if not np.issubdtype(beats.dtype, np.number):
-        beats = beats.astype(np.float64)  # ValueError for text that is not a number
-    means = beats.mean(axis=2, dtype=np.float64)  # (beats, leads)
-    finite = np.isfinite(means).all(axis=1)
-    # The lead furthest from 0 represents the beat, with its sign.
-    furthest = np.take_along_axis(
-        means, np.abs(np.nan_to_num(means)).argmax(axis=1)[:, None], axis=1
-    )[:, 0]
-    offset = finite & (np.abs(furthest) > OFFSET_LIMIT_MV)
-    median = float(np.median(furthest[offset])) if offset.any() else 0.0
-    largest = furthest[finite][np.abs(furthest[finite]).argmax()] if finite.any() else 0.0
-    peak_to_peak = np.ptp(beats, axis=2).max(axis=1)  # (beats,), largest over the leads
-    finite_ptp = peak_to_peak[np.isfinite(peak_to_peak)]
-    return BaselineOffset(
-        beats=int(beats.shape[0]),
-        offset_beats=int(offset.sum()),
-        median_offset_mv=median,
-        largest_offset_mv=float(largest),
-        median_peak_to_peak_mv=float(np.median(finite_ptp)) if finite_ptp.size else 0.0,
-    )
+    if result.suspect:
+        return InputProblem(
+            "baseline",
+            f"input beats carry baseline wander or a DC offset: offset_beats="
+            f"{result.offset_beats} beats={result.beats} median_offset_mv="
+            f"{result.median_offset_mv:.3f} largest_offset_mv={result.largest_offset_mv:.3f} "
+            f"limit_mv={OFFSET_LIMIT_MV:.2f}. Validate expects mV after baseline-wander "
+            "removal, so these beats score low and may get a wrong best-fitting class. Remove "
+            "the baseline first, for example with a 0.5 Hz zero-phase high-pass filter; see "
+            f"{API_DOC_SECTION}",
+        )
+    return None
 
 
 def check_baseline(beats: np.ndarray) -> BaselineOffset:
@@ -142,42 +243,7 @@ def check_baseline(beats: np.ndarray) -> BaselineOffset:
             a number.
     """
     result = measure_baseline_offset(beats)
-    if result.unit_suspect:
-        # An offset measured in the wrong unit tells nothing about the baseline, so only the
-        # unit is reported.
-        if result.median_peak_to_peak_mv < UNIT_LOW_MV:
-            advice = "They are probably in V: multiply them by 1000 to convert them to mV"
-        else:
-            # Raw ADC counts also land here, for example int16 MIT-BIH samples, whose median
-            # peak-to-peak amplitude is a few hundred counts at a gain of 200 per mV.
-            advice = (
-                "They are probably in uV or in raw ADC units and must be converted to mV. For "
-                "uV, divide them by 1000. For ADC counts, subtract the baseline and divide by "
-                "the gain (ADC units per mV) that the record header gives for the lead"
-            )
-        logger.warning(
-            "input beats are probably not in mV: median_peak_to_peak_mv=%.4g beats=%d, while "
-            "ECG beats in mV lie between about %g and %g. Validate expects mV, so these beats "
-            "score low. %s. See %s",
-            result.median_peak_to_peak_mv,
-            result.beats,
-            UNIT_LOW_MV,
-            UNIT_HIGH_MV,
-            advice,
-            API_DOC_SECTION,
-        )
-    elif result.suspect:
-        logger.warning(
-            "input beats carry baseline wander or a DC offset: offset_beats=%d beats=%d "
-            "median_offset_mv=%.3f largest_offset_mv=%.3f limit_mv=%.2f. Validate expects mV "
-            "after baseline-wander removal, so these beats score low and may get a wrong "
-            "best-fitting class. Remove the baseline first, for example with a 0.5 Hz "
-            "zero-phase high-pass filter; see %s",
-            result.offset_beats,
-            result.beats,
-            result.median_offset_mv,
-            result.largest_offset_mv,
-            OFFSET_LIMIT_MV,
-            API_DOC_SECTION,
-        )
+    problem = find_input_problem(result)
+    if problem is not None:
+        logger.warning("%s", problem.message)
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -55,12 +55,15 @@ class Validated:
         accepted: Whether each score reached the margin, shape (beats,).
         classes: AAMI class name each beat was scored under.
         margin: Margin the server used.
+        warnings: The server's warnings about the beats as a whole, for example that they are
+            probably not in mV or carry baseline wander. Empty when the server found none.
     """
 
     scores: np.ndarray
     accepted: np.ndarray
     classes: list[str]
     margin: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def unsigned_field(name: str, value: int, bits: int) -> int:
@@ -366,6 +369,7 @@ class ApplianceClient:
             accepted=np.asarray(reply.accepted, dtype=bool),
             classes=[class_name(v) for v in reply.beat_classes],
             margin=reply.margin,
+            warnings=[warning.message for warning in reply.warnings],
         )
 
     def _stream_requests(

@@ -45,14 +45,20 @@ class CallCancelledError(Exception):
     """The client cancelled the call or its deadline expired; the servicer stops its work."""
 
 
-def request_id_of(context: grpc.ServicerContext) -> str:
-    """Return the client's ``x-request-id`` if it is log-safe, else a new random id."""
+def request_id_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
+    """Return the call's request id and the length of a client id that was replaced.
+
+    Returns:
+        The client's ``x-request-id`` if it is log-safe, else a new random id. Second, the
+        length in characters of a client id that was not log-safe, or None when the client
+        sent a valid id or none.
+    """
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str):
             if _REQUEST_ID_PATTERN.fullmatch(value):
-                return value
-            break
-    return uuid.uuid4().hex[:16]
+                return value, None
+            return uuid.uuid4().hex[:16], len(value)
+    return uuid.uuid4().hex[:16], None
 
 
 @dataclass
@@ -103,7 +109,11 @@ def rpc_call(method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]
     ``status_code_for`` with their message. Any other exception is logged with its traceback
     and becomes INTERNAL with the request id, so that a client can quote it.
     """
-    record = CallRecord(method=method, request_id=request_id_of(context))
+    request_id, replaced_id_chars = request_id_of(context)
+    record = CallRecord(method=method, request_id=request_id)
+    if replaced_id_chars is not None:
+        # The client's id itself is not logged, because it could forge log fields.
+        record.counts["invalid_client_request_id_chars"] = replaced_id_chars
     context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id),))
     started = time.monotonic()
     abort: tuple[grpc.StatusCode, str] | None = None

@@ -14,6 +14,12 @@ from typing import Any, Protocol, cast
 import grpc
 import numpy as np
 
+from appliance.baseline import (
+    BeatLevels,
+    find_input_problem,
+    measure_beat_levels,
+    summarise_beat_levels,
+)
 from appliance.classes import AAMI_CLASSES
 from appliance.engine import Engine
 from appliance.errors import (
@@ -24,7 +30,7 @@ from appliance.errors import (
     RequestTooLargeError,
 )
 from appliance.report_store import REPORT_COMMAND, StoredReport, load_report, metric_rows
-from appliance.server_errors import CallCancelledError, call_ended, rpc_call
+from appliance.server_errors import CallCancelledError, CallRecord, call_ended, rpc_call
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -429,14 +435,17 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             margin = self._margin(engine, request)
             x, classes = self._decode(engine, request)
             call.counts.update(beats=x.shape[0], margin=margin)
+            levels = measure_beat_levels(x * engine.scale_mv)
             scores, scored_classes = self._score(engine, x, classes, context)
             accepted = scores >= margin
             call.counts["accepted"] = int(accepted.sum())
+            warnings = _input_warnings(levels, call)
             return pb.ValidateResponse(
                 scores=scores.astype(np.float32).tolist(),
                 accepted=accepted.tolist(),
                 beat_classes=[class_to_proto(int(c)) for c in scored_classes],
                 margin=margin,
+                warnings=warnings,
             )
         # Reached only when the client cancelled or its deadline expired; gRPC drops the reply.
         return pb.ValidateResponse()
@@ -453,6 +462,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             # memory at a time however long the client keeps it open.
             scores_list: list[np.ndarray] = []
             classes_list: list[np.ndarray] = []
+            levels_list: list[BeatLevels] = []
             margin: float | None = None
             total = 0
             for message in request_iterator:
@@ -479,6 +489,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                         f"limit of {self.max_beats_per_request}; split "
                         "it into several calls"
                     )
+                levels_list.append(measure_beat_levels(x * engine.scale_mv))
                 message_scores, message_classes = self._score(engine, x, classes, context)
                 scores_list.append(message_scores)
                 classes_list.append(message_classes)
@@ -495,11 +506,13 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             scored_classes = np.concatenate(classes_list)
             accepted = scores >= margin
             call.counts["accepted"] = int(accepted.sum())
+            warnings = _input_warnings(BeatLevels.concatenate(levels_list), call)
             return pb.ValidateStreamResponse(
                 scores=scores.astype(np.float32).tolist(),
                 accepted=accepted.tolist(),
                 beat_classes=[class_to_proto(int(c)) for c in scored_classes],
                 margin=margin,
+                warnings=warnings,
             )
         # Reached only when the client cancelled or its deadline expired; gRPC drops the reply.
         return pb.ValidateStreamResponse()
@@ -667,6 +680,25 @@ def _set_optional(message: Any, field_name: str, value: Any) -> None:
     """Set an optional double field, leaving it unset for a figure the report lacks."""
     if value is not None:
         setattr(message, field_name, float(value))
+
+
+_INPUT_WARNING_KINDS = {
+    "unit": pb.INPUT_WARNING_KIND_UNIT,
+    "baseline": pb.INPUT_WARNING_KIND_BASELINE,
+}
+
+
+def _input_warnings(levels: BeatLevels, call: CallRecord) -> list[pb.InputWarning]:
+    """Return the warning about a call's input beats, if any, and name it in the call's log.
+
+    Raw gRPC clients do not run the CLI's check before they send, so the server repeats it.
+    The beats are scored unchanged.
+    """
+    problem = find_input_problem(summarise_beat_levels(levels))
+    if problem is None:
+        return []
+    call.counts["input_warning"] = problem.kind
+    return [pb.InputWarning(kind=_INPUT_WARNING_KINDS[problem.kind], message=problem.message)]
 
 
 def _float32_text(value: float) -> str:

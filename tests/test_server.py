@@ -374,11 +374,16 @@ def test_every_call_logged_once(small_client: ApplianceClient, caplog: pytest.Lo
     assert len(lines("log-bad")) == 1
     assert "status=INVALID_ARGUMENT" in lines("log-bad")[0]
     assert "margin=3" in lines("log-bad")[0]
-    # A request id that could forge log fields is replaced by a random one.
+    # A request id that could forge log fields is replaced by a random one, and the line
+    # gives the rejected id's length instead of the id.
     assert not any("forged" in m for m in messages)
     validate_lines = [m for m in messages if m.startswith("rpc=Validate ")]
     assert len(validate_lines) == 2
     assert all("beats=2" in m or "INVALID_ARGUMENT" in m for m in validate_lines)
+    replaced = [m for m in validate_lines if "invalid_client_request_id_chars=" in m]
+    assert len(replaced) == 1
+    assert "invalid_client_request_id_chars=23 " in replaced[0]
+    assert re.search(r"request_id=[0-9a-f]{16} status=OK ", replaced[0])
 
 
 def test_insecure_remote_bind_rejected(model_store: Path, tmp_path: Path):

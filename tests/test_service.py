@@ -417,6 +417,90 @@ def test_validate_stream_matches_validate(client: ApplianceClient, info, generat
     assert streamed.margin == pytest.approx(0.3)
 
 
+@pytest.fixture(scope="module")
+def real_beats(shared_data: Path) -> np.ndarray:
+    """300 real MLII beats of record 100 in mV after baseline-wander removal."""
+    from appliance.config import DataConfig
+    from appliance.ecg import read_record
+
+    record = read_record(shared_data / "mitdb" / "100", "100", DataConfig())
+    return record.windows[:300].astype(np.float32)
+
+
+def _warning_kinds(reply: pb.ValidateResponse | pb.ValidateStreamResponse) -> list[str]:
+    return [pb.InputWarningKind.Name(warning.kind) for warning in reply.warnings]
+
+
+def test_validate_warns_on_unit_and_baseline(
+    client: ApplianceClient, info: pb.GetModelInfoResponse, real_beats: np.ndarray
+):
+    from appliance.baseline import measure_baseline_offset
+
+    def validate(beats: np.ndarray, normalised: bool = False) -> pb.ValidateResponse:
+        request = pb.ValidateRequest(samples=encode_samples(beats, normalised))
+        return client.stub.Validate(request, timeout=CALL_TIMEOUT_S)
+
+    clean = validate(real_beats)
+    assert _warning_kinds(clean) == []
+    # Model units are scaled back to mV before the check, so they do not warn either.
+    assert _warning_kinds(validate(real_beats / info.scale_mv, normalised=True)) == []
+
+    microvolt = validate(real_beats * 1000)
+    assert _warning_kinds(microvolt) == ["INPUT_WARNING_KIND_UNIT"]
+    assert "probably not in mV" in microvolt.warnings[0].message
+    assert "divide them by 1000" in microvolt.warnings[0].message
+    assert "beats=300" in microvolt.warnings[0].message
+    # The beats are scored as sent, and the wrong unit lowers their scores.
+    assert len(microvolt.scores) == 300
+    assert np.median(microvolt.scores) < np.median(clean.scores)
+
+    volt = validate(real_beats / 1000)
+    assert _warning_kinds(volt) == ["INPUT_WARNING_KIND_UNIT"]
+    assert "multiply them by 1000" in volt.warnings[0].message
+
+    # -0.34 mV is the median level of record 100's raw MLII windows.
+    offset = validate(real_beats - 0.34)
+    assert _warning_kinds(offset) == ["INPUT_WARNING_KIND_BASELINE"]
+    expected = measure_baseline_offset(real_beats - 0.34)
+    assert expected.offset_beats == 300
+    assert "offset_beats=300 beats=300" in offset.warnings[0].message
+    assert f"median_offset_mv={expected.median_offset_mv:.3f}" in offset.warnings[0].message
+
+    # The Python client passes the messages on.
+    assert client.validate(real_beats * 1000).warnings == [microvolt.warnings[0].message]
+    assert client.validate(real_beats).warnings == []
+
+
+def test_validate_stream_warns_over_whole_stream(client: ApplianceClient, real_beats: np.ndarray):
+    from appliance.baseline import measure_baseline_offset
+
+    # The first message is clean and the other two have 20 % offset beats each, so the stream
+    # warns with the count of all three messages.
+    shifted = real_beats.copy()
+    shifted[100::5] -= 0.5
+    parts = [
+        pb.ValidateStreamRequest(samples=encode_samples(shifted[start : start + 100]))
+        for start in range(0, 300, 100)
+    ]
+    streamed = client.stub.ValidateStream(iter(parts), timeout=CALL_TIMEOUT_S)
+    assert _warning_kinds(streamed) == ["INPUT_WARNING_KIND_BASELINE"]
+    expected = measure_baseline_offset(shifted)
+    assert expected.offset_beats >= 40
+    assert f"offset_beats={expected.offset_beats} beats=300" in streamed.warnings[0].message
+
+    in_microvolt = [
+        pb.ValidateStreamRequest(samples=encode_samples(real_beats[start : start + 100] * 1000))
+        for start in range(0, 300, 100)
+    ]
+    streamed = client.stub.ValidateStream(iter(in_microvolt), timeout=CALL_TIMEOUT_S)
+    assert _warning_kinds(streamed) == ["INPUT_WARNING_KIND_UNIT"]
+    clean = [
+        pb.ValidateStreamRequest(samples=encode_samples(real_beats[start : start + 100]))
+        for start in range(0, 300, 100)
+    ]
+    assert _warning_kinds(client.stub.ValidateStream(iter(clean), timeout=CALL_TIMEOUT_S)) == []
+
+
 def test_model_info_has_contract_only(client: ApplianceClient, info, model_store: Path):
     assert info.fs_hz == pytest.approx(360.0)
     assert info.window_samples == 256
