@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from appliance.engine import Engine
 from appliance.errors import ModelStoreError
+from appliance.server_errors import UnservedCallLogger
 from appliance.service import (
     DEFAULT_MAX_BEATS_PER_REQUEST,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -329,6 +330,7 @@ def start_server(config: ServeConfig) -> ApplianceServer:
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        interceptors=[UnservedCallLogger(config.max_message_bytes, config.max_concurrent_rpcs)],
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +55,11 @@ def request_id_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
         length in characters of a client id that was not log-safe, or None when the client
         sent a valid id or none.
     """
-    for key, value in context.invocation_metadata() or ():
+    return _request_id_from(context.invocation_metadata())
+
+
+def _request_id_from(metadata: Any) -> tuple[str, int | None]:
+    for key, value in metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str):
             if _REQUEST_ID_PATTERN.fullmatch(value):
                 return value, None
@@ -168,3 +174,108 @@ def rpc_call(method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]
             )
     if abort is not None:
         context.abort(*abort)
+
+
+@dataclass
+class _CallWatch:
+    """State that the unserved-call logger keeps for one call while gRPC handles it."""
+
+    method: str
+    request_id: str
+    started: float
+    interceptor_thread: int
+    max_message_bytes: int
+    max_concurrent_rpcs: int | None
+    received: bool = False
+
+    def report_if_unserved(self) -> None:
+        if self.received:
+            return
+        duration_ms = (time.monotonic() - self.started) * 1000
+        if threading.get_ident() == self.interceptor_thread:
+            # gRPC rejects a call over its concurrent-call limit in the thread that ran the
+            # interceptor, before any worker takes it.
+            # NOTE: that is how grpcio 1.85's server works, not a documented contract; the
+            # concurrent-call test in tests/test_server.py checks it.
+            status = "RESOURCE_EXHAUSTED"
+            reason = f"the server was at its limit of {self.max_concurrent_rpcs} calls at once"
+        else:
+            status = "NOT_RECEIVED"
+            reason = (
+                "the request message never reached the service: it was over the message size "
+                f"limit of {self.max_message_bytes} bytes, or the client cancelled first"
+            )
+        logger.warning(
+            "rpc=%s request_id=%s status=%s duration_ms=%.1f reason=%r",
+            self.method,
+            self.request_id,
+            status,
+            duration_ms,
+            reason,
+        )
+
+
+class UnservedCallLogger(grpc.ServerInterceptor):
+    """Log calls that gRPC ends before their request reaches the servicer.
+
+    gRPC itself rejects a call over the concurrent-call limit, and a unary request over the
+    message size limit, so ``rpc_call`` never runs for them. This interceptor wraps the method's
+    behaviour and logs one line, with the request id, when gRPC drops a call whose behaviour
+    never ran. Calls that reach the servicer are logged by ``rpc_call`` only.
+    """
+
+    def __init__(self, max_message_bytes: int, max_concurrent_rpcs: int | None) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # gRPC returns UNIMPLEMENTED for an unknown method
+        method = str(handler_call_details.method)
+        request_id, _ = _request_id_from(handler_call_details.invocation_metadata)
+        watch = _CallWatch(
+            method=method.rsplit("/", 1)[-1] if method.startswith(_SERVICE_PREFIX) else method,
+            request_id=request_id,
+            started=time.monotonic(),
+            interceptor_thread=threading.get_ident(),
+            max_message_bytes=self.max_message_bytes,
+            max_concurrent_rpcs=self.max_concurrent_rpcs,
+        )
+        return _watched_handler(handler, watch)
+
+
+_SERVICE_PREFIX = "/appliance.v1.ApplianceService/"
+
+_HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _watched_handler(handler: grpc.RpcMethodHandler, watch: _CallWatch) -> grpc.RpcMethodHandler:
+    """Return ``handler`` with its behaviour wrapped so that ``watch`` records whether it ran."""
+    for kind, factory in _HANDLER_FACTORIES.items():
+        inner = getattr(handler, kind, None)
+        if inner is None:
+            continue
+
+        def behavior(request: Any, context: grpc.ServicerContext, inner: Any = inner) -> Any:
+            watch.received = True
+            return inner(request, context)
+
+        # gRPC drops its last reference to the behaviour when the call ends; the finalizer
+        # then runs in that thread. No finalizer runs at interpreter exit.
+        weakref.finalize(behavior, watch.report_if_unserved).atexit = False
+        return factory(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler

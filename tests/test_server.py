@@ -147,7 +147,10 @@ def test_cancelled_calls_free_workers(
     assert len(reply.scores) == 2
 
 
-def test_size_limits_reject_large_requests(small_client: ApplianceClient):
+def test_size_limits_reject_large_requests(
+    small_client: ApplianceClient, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
     info = small_client.model_info()
     assert info.max_beats_per_request == 50
     with pytest.raises(grpc.RpcError) as raised:
@@ -166,10 +169,18 @@ def test_size_limits_reject_large_requests(small_client: ApplianceClient):
     # 80 one-lead beats are 80 KiB, over the 64 KiB message limit of this server.
     with pytest.raises(grpc.RpcError) as raised:
         small_client.stub.Validate(
-            pb.ValidateRequest(samples=encode_samples(_beats(info, 80))), timeout=CALL_TIMEOUT_S
+            pb.ValidateRequest(samples=encode_samples(_beats(info, 80))),
+            timeout=CALL_TIMEOUT_S,
+            metadata=(("x-request-id", "too-big"),),
         )
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "65536" in raised.value.details()
+    # gRPC rejects the message before the servicer runs, and the call is logged all the same.
+    _wait_for(lambda: _rpc_lines(caplog, "too-big"), "the oversized call's log line")
+    lines = _rpc_lines(caplog, "too-big")
+    assert len(lines) == 1
+    assert lines[0].startswith("rpc=Validate request_id=too-big status=NOT_RECEIVED ")
+    assert "message size limit of 65536 bytes" in lines[0]
     assert small_client.health() == "SERVING"
     assert len(small_client.validate(_beats(info, 3)).scores) == 3
 
@@ -202,6 +213,52 @@ def _rpc_lines(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_concurrent_call_limit_logs_rejection(model_store: Path, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO)
+    running = create_server(
+        model_store,
+        ServeConfig(
+            port=0,
+            workers=4,
+            intra_op_threads=1,
+            max_concurrent_rpcs=2,
+            grace_s=1.0,
+            drain_s=0.0,
+        ),
+    )
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            holders = [_hold_engine(client, f"hold-limit-{i}") for i in range(2)]
+            time.sleep(1.0)
+            try:
+                with pytest.raises(grpc.RpcError) as raised:
+                    client.stub.GetModelInfo(
+                        pb.GetModelInfoRequest(),
+                        timeout=CALL_TIMEOUT_S,
+                        metadata=(("x-request-id", "over-limit"),),
+                    )
+                assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                _wait_for(lambda: _rpc_lines(caplog, "over-limit"), "the rejected call's log")
+            finally:
+                for holder in holders:
+                    holder.cancel()
+            lines = _rpc_lines(caplog, "over-limit")
+            assert len(lines) == 1
+            assert lines[0].startswith(
+                "rpc=GetModelInfo request_id=over-limit status=RESOURCE_EXHAUSTED "
+            )
+            assert "limit of 2 calls at once" in lines[0]
+            # Once the holders have ended, calls are served and logged by the servicer only.
+            _wait_for(
+                lambda: all(_rpc_lines(caplog, f"hold-limit-{i}") for i in range(2)),
+                "the held calls' log lines",
+            )
+            assert client.model_info().window_samples > 0
+            assert _errors(caplog) == []
+    finally:
+        running.stop()
 
 
 def test_validate_deadline_while_waiting_logs_status(
@@ -281,7 +338,7 @@ class _StubContext:
     [
         (True, 5.0, False, "OK"),
         (True, None, False, "OK"),
-        # gRPC can end a request stream at the deadline while is_active still says True.
+        # gRPC can end a request stream at the deadline while is_active still returns True.
         (True, -0.002, True, "DEADLINE_EXCEEDED"),
         (False, -0.002, True, "DEADLINE_EXCEEDED"),
         (False, 5.0, True, "CANCELLED"),
