@@ -306,23 +306,25 @@ def _command_train(args: argparse.Namespace) -> int:
 
 
 def _command_export(args: argparse.Namespace) -> int:
-    import torch
 
     from appliance.classes import AAMI_CLASSES
     from appliance.dataset import ingest
     from appliance.export import export_model
     from appliance.flow import ConditionalFlow
     from appliance.holdout import concatenate, split_holdout
-    from appliance.train import TrainResult
+    from appliance.jobs import data_facts
+    from appliance.train import TrainResult, load_checkpoint
 
-    if not args.checkpoint.exists():
+    if not args.checkpoint.is_file():
         raise UsageError(
-            f"checkpoint {args.checkpoint} does not exist; pass the best.pt that `train` wrote"
+            f"checkpoint {args.checkpoint} does not exist or is not a file; pass the best.pt "
+            "that `train` wrote"
         )
-    state = torch.load(args.checkpoint, weights_only=False)
+    state = load_checkpoint(args.checkpoint)
     config = ApplianceConfig.from_dict(state["config"])
     dataset = ingest(args.data, config.data)
     fit, holdout = split_holdout(dataset.splits["train"])
+    _check_export_data(args, state.get("train_records"), fit.beats_per_record())
     model = ConditionalFlow(
         config.model, config.data.n_leads, config.data.window_samples, len(AAMI_CLASSES)
     )
@@ -340,10 +342,48 @@ def _command_export(args: argparse.Namespace) -> int:
         fit,
         concatenate(dataset.splits["validation"], holdout),
         args.store,
-        {"leads": dataset.leads},
+        data_facts(dataset),
     )
     sys.stdout.write(f"published model {version.manifest['model_id']} to {args.store}\n")
     return 0
+
+
+def _check_export_data(
+    args: argparse.Namespace, trained: dict[str, int] | None, found: dict[str, int]
+) -> None:
+    """Raise ``UsageError`` unless ``--data`` gives the beats the checkpoint was trained on.
+
+    The privacy guard compares generated beats with these beats, so beats of other records
+    would leave training records unguarded.
+    """
+    if trained is None:
+        logger.warning(
+            "checkpoint=%s has no list of its training records (written by an older version), "
+            "so export cannot check that --data=%s holds the records it was trained on",
+            args.checkpoint,
+            args.data,
+        )
+        return
+    if dict(trained) == found:
+        return
+    missing = sorted(set(trained) - set(found))
+    extra = sorted(set(found) - set(trained))
+    changed = sorted(name for name in set(trained) & set(found) if trained[name] != found[name])
+    differences = []
+    if missing:
+        differences.append(f"training records missing: {', '.join(missing)}")
+    if extra:
+        differences.append(f"records not trained on: {', '.join(extra)}")
+    if changed:
+        differences.append(
+            "beat counts differ for "
+            + ", ".join(f"{name} ({trained[name]} trained, {found[name]} now)" for name in changed)
+        )
+    raise UsageError(
+        f"--data {args.data} does not give the training beats of checkpoint {args.checkpoint} "
+        f"({'; '.join(differences)}). The privacy guard must see every training beat, so pass "
+        "the WFDB folder, split and settings the checkpoint was trained with"
+    )
 
 
 def _serve_config(args: argparse.Namespace) -> object:

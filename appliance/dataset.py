@@ -56,6 +56,11 @@ class BeatSet:
         counts = np.bincount(self.labels, minlength=len(AAMI_CLASSES))
         return {name: int(counts[i]) for i, name in enumerate(AAMI_CLASSES)}
 
+    def beats_per_record(self) -> dict[str, int]:
+        """Return the number of beats of each record, by record name."""
+        names, counts = np.unique(self.records.astype(str), return_counts=True)
+        return {str(name): int(count) for name, count in zip(names, counts, strict=True)}
+
 
 @dataclass
 class IngestReport:

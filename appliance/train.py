@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
+# Entries that every checkpoint has; ``train_records`` is absent from older ones.
+CHECKPOINT_KEYS = ("config", "model", "step", "scale_mv", "classes_known")
 # A class needs this many training beats before the model offers it for generation.
 MIN_BEATS_PER_KNOWN_CLASS = 20
 # Gradients are rescaled to at most this global L2 norm before each optimiser step.
@@ -297,13 +300,38 @@ def train(
         torch.set_num_threads(threads_before)
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint that ``train`` wrote, as tensors and plain Python values only.
+
+    ``weights_only`` loading runs no code from the file, so a hostile file cannot run any.
+
+    Raises:
+        TrainingError: If the file is not a checkpoint that ``train`` wrote, naming the file.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise TrainingError(
+            f"{path} is not a checkpoint written by `train` ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); pass the best.pt or "
+            "checkpoint.pt of a training work folder"
+        ) from exc
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise TrainingError(
+            f"{path} is not a checkpoint written by `train`: it lacks {', '.join(missing)}; pass "
+            "the best.pt or checkpoint.pt of a training work folder"
+        )
+    return cast(dict[str, Any], state)
+
+
 def _load_resume_state(
     checkpoint_path: Path, resume: bool, context: DistributedContext
 ) -> dict[str, Any] | None:
     """Read the checkpoint on rank 0 and send it to the other ranks (None when none)."""
     state: dict[str, Any] | None = None
     if context.is_rank_zero and resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(checkpoint_path)
     if context.is_distributed:
         box: list[Any] = [state]
         dist.broadcast_object_list(box, src=0)
@@ -403,6 +431,8 @@ def _train(
             "best_validation_loss": best_loss,
             "best_model": None if best_state is None else _to_cpu(best_state),
             "history": history,
+            # Beats per training record, so that an export can check it gets the same beats.
+            "train_records": train_beats.beats_per_record(),
         }
 
     def save_checkpoint() -> None:

@@ -53,16 +53,22 @@ def split_train(default_dataset: Dataset):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
+def trained_work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Work folder of ``trained_result``, with its ``best.pt`` once that fixture has run."""
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="session")
 def trained_result(
     fixture_config: ApplianceConfig,
     default_dataset: Dataset,
     split_train,
-    tmp_path_factory: pytest.TempPathFactory,
+    trained_work_dir: Path,
 ):  # noqa: ANN201
     """A flow trained briefly on the bundled records (``appliance.train.TrainResult``)."""
     from appliance.train import train
 
-    work_dir = tmp_path_factory.mktemp("train")
+    work_dir = trained_work_dir
     return train(
         fixture_config,
         split_train[0],

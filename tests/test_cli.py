@@ -67,6 +67,45 @@ def test_export_help_states_data_default() -> None:
     assert "(default: the bundled MIT-BIH records)" in " ".join(result.stdout.split())
 
 
+def test_export_rejects_file_not_checkpoint(tmp_path: Path) -> None:
+    not_checkpoint = tmp_path / "notes.pt"
+    not_checkpoint.write_text("# not a checkpoint\n")
+    result = run_cli("export", "--checkpoint", str(not_checkpoint), "--store", str(tmp_path / "s"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"{not_checkpoint} is not a checkpoint written by `train`" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_export_checks_training_records(
+    trained_result, trained_work_dir: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    from appliance.store import load_current
+
+    checkpoint = str(trained_work_dir / "best.pt")
+    # The full database splits differently, so its training beats are not the bundled ones.
+    other = run_cli(
+        "export",
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        str(shared_data / "mitdb"),
+        "--store",
+        str(tmp_path / "other"),
+    )
+    assert other.returncode != 0
+    assert "Traceback" not in other.stderr
+    assert "does not give the training beats of checkpoint" in other.stderr
+    assert "records not trained on: " in other.stderr
+    assert not (tmp_path / "other").exists()
+
+    same = run_cli("export", "--checkpoint", checkpoint, "--store", str(tmp_path / "same"))
+    assert same.returncode == 0, same.stderr
+    manifest = load_current(tmp_path / "same").manifest
+    # The manifest records the ingested data as a training run's manifest does.
+    assert set(manifest["data"]["records"]) == {p.stem for p in DEFAULT_DATA_DIR.glob("*.hea")}
+
+
 def test_unknown_log_level_exits_2() -> None:
     result = run_cli("--log-level", "foo", "health", "--address", "127.0.0.1:1")
     assert result.returncode == 2

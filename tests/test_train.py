@@ -29,6 +29,7 @@ from appliance.train import (
     Evaluation,
     TrainResult,
     evaluate,
+    load_checkpoint,
     train,
 )
 
@@ -289,3 +290,29 @@ def test_empty_validation_names_the_fix(tiny_data, tmp_path: Path) -> None:  # n
     assert "at least 3 records" in str(caught.value)
     assert "SPLITS file" in str(caught.value)
     assert not (tmp_path / "work" / CHECKPOINT_FILE).exists()
+
+
+class _WritesFile:
+    """A pickle payload that creates a file when unpickled with full pickle semantics."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (str(self.target), "ran"))  # type: ignore[return-value]
+
+
+def test_load_checkpoint_runs_no_code(tmp_path: Path):
+    marker = tmp_path / "marker.txt"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"config": _WritesFile(marker)}, hostile)
+    with pytest.raises(TrainingError, match="is not a checkpoint written by `train`"):
+        load_checkpoint(hostile)
+    assert not marker.exists()
+
+
+def test_load_checkpoint_names_missing_entries(tmp_path: Path):
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {}, "step": 3}, partial)
+    with pytest.raises(TrainingError, match="lacks config, scale_mv, classes_known"):
+        load_checkpoint(partial)
