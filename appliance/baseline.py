@@ -31,6 +31,7 @@ beats drawn at random from all records, that happens to 0.29 % of one-beat batch
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,7 @@ class BaselineOffset:
             sign, in mV.
         median_peak_to_peak_mv: Median over the beats of each beat's largest peak-to-peak
             amplitude over its leads, in the unit the beats came in (mV when they are right).
+            NaN when no beat is finite.
     """
 
     beats: int
@@ -155,7 +157,8 @@ def summarise_beat_levels(levels: BeatLevels) -> BaselineOffset:
         offset_beats=int(offset.sum()),
         median_offset_mv=median,
         largest_offset_mv=largest,
-        median_peak_to_peak_mv=float(np.median(finite_ptp)) if finite_ptp.size else 0.0,
+        # NaN when no beat is finite, so that beats the server rejects get no unit warning.
+        median_peak_to_peak_mv=float(np.median(finite_ptp)) if finite_ptp.size else math.nan,
     )
 
 
@@ -206,9 +209,10 @@ def find_input_problem(result: BaselineOffset) -> InputProblem | None:
             )
         return InputProblem(
             "unit",
-            f"input beats are probably not in mV: median_peak_to_peak_mv="
-            f"{result.median_peak_to_peak_mv:.4g} beats={result.beats}, while ECG beats in mV "
-            f"lie between about {UNIT_LOW_MV:g} and {UNIT_HIGH_MV:g}. Validate expects mV, so "
+            f"input beats are probably not in mV: their median peak-to-peak amplitude is "
+            f"{result.median_peak_to_peak_mv:.4g} in the unit they came in (beats="
+            f"{result.beats}). In mV, one ECG beat spans about 0.4 to 5.5, and this check "
+            f"warns outside {UNIT_LOW_MV:g} to {UNIT_HIGH_MV:g}. Validate expects mV, so "
             f"these beats score low. {advice}. See {API_DOC_SECTION}",
         )
     if result.suspect:

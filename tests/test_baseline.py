@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +186,23 @@ def test_wrong_unit_logs_unit_warning(
     # Only the unit is reported, because an offset in uV tells nothing about the baseline.
     assert len(messages) == 1
     assert "probably not in mV" in messages[0]
+    assert (
+        f"amplitude is {result.median_peak_to_peak_mv:.4g} in the unit they came in"
+        in (messages[0])
+    )
     assert advice in messages[0]
     assert "carry baseline wander" not in messages[0]
+
+
+def test_non_finite_beats_log_no_unit_warning(caplog: pytest.LogCaptureFixture) -> None:
+    beats = np.zeros((4, 1, 256))
+    beats[:, 0, 17] = np.nan
+    with caplog.at_level(logging.WARNING, logger="appliance.baseline"):
+        result = check_baseline(beats)
+    # The server rejects these beats, so a unit warning would only send the user the wrong way.
+    assert math.isnan(result.median_peak_to_peak_mv)
+    assert not result.unit_suspect
+    assert _baseline_warnings(caplog) == []
 
 
 def test_adc_counts_log_conversion_advice(
