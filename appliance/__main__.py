@@ -95,6 +95,12 @@ def _server_address(text: str) -> str:
     """
     if text.startswith(PORTLESS_SCHEMES):
         return text
+    web_scheme, separator, rest = text.partition("://")
+    if separator and web_scheme.lower() in ("http", "https", "grpc", "grpcs"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} starts with the scheme {web_scheme}://, which gRPC does not take; pass "
+            f"HOST:PORT, e.g. {rest.rstrip('/')}, and --tls-ca for a TLS server"
+        )
     targets = [text]
     for scheme in PORTED_SCHEMES:
         if text.startswith(scheme):
@@ -656,6 +662,17 @@ def _command_validate(args: argparse.Namespace) -> int:
     from appliance.baseline import check_baseline
     from appliance.client import ApplianceClient
 
+    if args.input.is_dir():
+        candidates = sorted(
+            path.name
+            for path in args.input.iterdir()
+            if path.suffix.lower() in (".npy", ".csv", ".hea")
+        )
+        found = f"; it contains {', '.join(candidates[:5])}" if candidates else ""
+        example = f", e.g. {args.input / candidates[0]}" if candidates else ""
+        raise UsageError(
+            f"--input {args.input} is a folder{found}. Pass one .npy, .csv or WFDB file{example}"
+        )
     if not args.input.exists() and not args.input.with_suffix(".hea").exists():
         raise UsageError(
             f"--input {args.input} does not exist; pass a .npy file of shape "

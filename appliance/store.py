@@ -99,6 +99,13 @@ def load_current(store: Path) -> ModelVersion:
     """
     pointer = store / CURRENT_FILE
     if not pointer.exists():
+        # `python -m appliance run --out DIR` keeps its store in DIR/model-store.
+        inner = store / "model-store"
+        if (inner / CURRENT_FILE).exists():
+            raise ModelStoreError(
+                f"model store {store} has no trained model ({pointer} is missing), but "
+                f"{inner} has one; pass --store {inner}"
+            )
         raise ModelStoreError(
             f"model store {store} has no trained model ({pointer} is missing); run "
             "`python -m appliance train --store {store}` first".replace("{store}", str(store))

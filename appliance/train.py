@@ -419,6 +419,11 @@ def _train(
         step, best_loss = int(state["step"]), float(state["best_validation_loss"])
         best_state, history = state["best_model"], list(state["history"])
         logger.info("resume checkpoint=%s step=%d rank=%d", checkpoint_path, step, context.rank)
+    elif resume and context.is_rank_zero:
+        logger.info(
+            "no checkpoint to resume from checkpoint=%s; training starts at step 0",
+            checkpoint_path,
+        )
 
     def checkpoint() -> dict[str, Any]:
         return {

@@ -67,6 +67,26 @@ def test_export_help_states_data_default() -> None:
     assert "(default: the bundled MIT-BIH records)" in " ".join(result.stdout.split())
 
 
+def test_validate_folder_names_files(tmp_path: Path) -> None:
+    import numpy as np
+
+    np.save(tmp_path / "synthetic.npy", np.zeros((2, 1, 256), dtype=np.float32))
+    result = run_cli("validate", "--address", "127.0.0.1:1", "--input", str(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"--input {tmp_path} is a folder; it contains synthetic.npy." in result.stderr
+    assert f"e.g. {tmp_path / 'synthetic.npy'}" in result.stderr
+
+
+def test_serve_run_folder_names_store(model_store: Path, tmp_path: Path) -> None:
+    run_folder = tmp_path / "run"
+    shutil.copytree(model_store, run_folder / "model-store")
+    result = run_cli("serve", "--store", str(run_folder), "--port", "0", timeout_s=300.0)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"but {run_folder / 'model-store'} has one; pass --store" in result.stderr
+
+
 def test_export_rejects_file_not_checkpoint(tmp_path: Path) -> None:
     not_checkpoint = tmp_path / "notes.pt"
     not_checkpoint.write_text("# not a checkpoint\n")
@@ -491,6 +511,11 @@ def test_address_without_port_exits_2(tmp_path: Path, command: str) -> None:
         ("127.0.0.1:70000", "'127.0.0.1:70000' has port '70000'; a port is a number from 1"),
         ("127.0.0.1:0", "'127.0.0.1:0' has port '0'"),
         ("127.0.0.1:http", "'127.0.0.1:http' has port 'http'"),
+        (
+            "http://127.0.0.1:50051/",
+            "'http://127.0.0.1:50051/' starts with the scheme http://, which gRPC does not take; "
+            "pass HOST:PORT, e.g. 127.0.0.1:50051,",
+        ),
     ],
 )
 def test_invalid_address_exits_2(address: str, message: str) -> None:

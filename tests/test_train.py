@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -316,3 +317,13 @@ def test_load_checkpoint_names_missing_entries(tmp_path: Path):
     torch.save({"model": {}, "step": 3}, partial)
     with pytest.raises(TrainingError, match="lacks config, scale_mv, classes_known"):
         load_checkpoint(partial)
+
+
+def test_resume_without_checkpoint_logs_fresh_start(
+    tiny_data, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.train")
+    train(TINY, *tiny_data, tmp_path / "work", resume=True, progress=False)
+    fresh = [r.getMessage() for r in caplog.records if "no checkpoint to resume" in r.getMessage()]
+    assert len(fresh) == 1
+    assert str(tmp_path / "work" / CHECKPOINT_FILE) in fresh[0]
