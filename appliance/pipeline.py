@@ -206,7 +206,10 @@ def run_main_job(
         },
         "auroc_real_vs_corrupted": {k: auroc(real_scores, v) for k, v in kind_scores.items()},
         "synthetic_nearest_train_distance": _quantiles(distances),
-        "files": [str(p) for p in [*written, figure]],
+        "files": [
+            str(p)
+            for p in [*written, figure, out_dir / "summary.json", store, out_dir / "training"]
+        ],
         "training": {k: v for k, v in job.result.summary.items() if k != "history"},
     }
     (out_dir / "summary.json").write_text(json.dumps(figures, indent=2))
