@@ -983,8 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--json",
                 action="store_true",
-                help="print the GetModelInfo reply as JSON with the proto's field names "
-                "(default: aligned text)",
+                help="print the GetModelInfo reply as JSON with the proto's field names, in "
+                "protobuf's JSON mapping, which writes 64-bit integers such as the class counts "
+                "as strings (default: aligned text)",
             )
         if name == "generate":
             sub.add_argument(
@@ -1118,6 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: runs/latest)",
     )
     run.set_defaults(handler=_command_run)
+    # Each command's parser reports its own unknown options, with its own usage line.
+    for command_parser in commands.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -1163,7 +1167,9 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; bad input exits with status 2 and a one-line message."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

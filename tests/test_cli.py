@@ -126,6 +126,16 @@ def test_export_checks_training_records(
     assert set(manifest["data"]["records"]) == {p.stem for p in DEFAULT_DATA_DIR.glob("*.hea")}
 
 
+def test_mistyped_option_shows_command_usage(tmp_path: Path) -> None:
+    result = run_cli("generate", "--coutn", "10", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "usage: python -m appliance generate" in result.stderr
+    assert "python -m appliance generate: error: unrecognized arguments: --coutn 10" in (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_log_level_exits_2() -> None:
     result = run_cli("--log-level", "foo", "health", "--address", "127.0.0.1:1")
     assert result.returncode == 2
