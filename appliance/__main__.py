@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("appliance")
 
+# Beats that generate fetches when neither --count nor --classes is given.
+DEFAULT_GENERATE_COUNT = 100
+
 EXIT_USAGE = 2
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -544,6 +547,13 @@ def _command_generate(args: argparse.Namespace) -> int:
             "--classes is empty; pass beats per class as NAME=COUNT pairs, e.g. N=100,V=50, "
             "or leave --classes out to use --count"
         )
+    if args.count is not None and args.classes is not None:
+        raise UsageError(
+            f"--count={args.count} and --classes={args.classes} are both set; --classes gives "
+            "the beats of each class, so leave --count out"
+        )
+    if args.count is None:
+        args.count = DEFAULT_GENERATE_COUNT
     if args.count < 1 and args.classes is None:
         raise UsageError(f"--count={args.count} must be at least 1 (or use --classes)")
     # Checked before the call, so that an unusable folder does not waste the generation.
@@ -555,7 +565,8 @@ def _command_generate(args: argparse.Namespace) -> int:
         class_counts = {}
         for item in args.classes.split(","):
             name, _, count = item.partition("=")
-            name = name.strip()
+            # AAMI class names are single capital letters, so n=5 means N=5.
+            name = name.strip().upper()
             if not name or not count.strip().lstrip("-").isdigit():
                 raise UsageError(f"--classes item {item!r} is not NAME=COUNT, e.g. N=100,V=50")
             if int(count) < 1:
@@ -579,6 +590,18 @@ def _command_generate(args: argparse.Namespace) -> int:
             margin=args.margin,
             seed=args.seed,
             max_draws_per_beat=args.max_draws_per_beat,
+        )
+    written_names = {
+        "npy": ["synthetic.npy", "synthetic_classes.json"],
+        "csv": ["synthetic.csv"],
+        "wfdb": ["synthetic.hea", "synthetic.dat", "synthetic.atr"],
+    }[args.format]
+    replaced = [name for name in written_names if (args.out / name).exists()]
+    if replaced:
+        logger.warning(
+            "replacing files of an earlier generate in out=%s files=%s",
+            args.out,
+            ",".join(replaced),
         )
     try:
         paths = write_beats(
@@ -991,8 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--count",
                 type=int,
-                default=100,
-                help="beats spread over the known classes (default: 100)",
+                default=None,
+                help=f"beats spread over the known classes; leave it out with --classes "
+                f"(default: {DEFAULT_GENERATE_COUNT})",
             )
             sub.add_argument(
                 "--classes",

@@ -399,6 +399,31 @@ def test_generate_unknown_class_exit_2(server_address: str, tmp_path: Path) -> N
     assert not out.exists()
 
 
+def test_generate_count_with_classes_exit_2(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("generate", "--count", "5", "--classes", "N=3", "--out", str(out))
+    assert result.returncode == 2
+    assert "--count=5 and --classes=N=3 are both set" in result.stderr
+    assert not out.exists()
+
+
+def test_generate_again_warns_on_replaced_files(server_address: str, tmp_path: Path) -> None:
+    import numpy as np
+
+    out = tmp_path / "out"
+    first = run_cli("generate", "--address", server_address, "--classes", "n=3", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    # Class names are matched in any case.
+    assert np.load(out / "synthetic.npy").shape[0] == 3
+    assert "replacing" not in first.stderr
+    second = run_cli("generate", "--address", server_address, "--count", "2", "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    warnings = [line for line in second.stderr.splitlines() if "replacing files" in line]
+    assert len(warnings) == 1
+    assert "files=synthetic.npy,synthetic_classes.json" in warnings[0]
+    assert np.load(out / "synthetic.npy").shape[0] == 2
+
+
 def test_generate_out_is_file_exit_2(tmp_path: Path) -> None:
     existing = tmp_path / "beats.npy"
     existing.write_bytes(b"")
