@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,17 @@ def test_morphology_counts_delineated_real_beats(small_fit):
     assert qrs["real_beats"] == 10
     assert qrs["real_withheld"] is True
     assert qrs["real"]["median"] is None
+
+
+def test_morphology_skip_names_class_and_set(small_fit, caplog: pytest.LogCaptureFixture):
+    # NeuroKit2 rejects a signal of 2 beats as too short for its wavelets.
+    synthetic = beats_of_classes(small_fit, {N: 2})
+    with caplog.at_level(logging.WARNING, logger="appliance.quality.morphology"):
+        report = morphology_report(small_fit, synthetic, 360.0, 90, per_class=40, seed=0)
+    skipped = [r.getMessage() for r in caplog.records if "delineation skipped" in r.getMessage()]
+    assert len(skipped) == 1
+    assert skipped[0].startswith("delineation skipped class=N set=synthetic beats=2 reason=")
+    assert report["N"]["qrs_width_ms"]["synthetic"]["median"] is None
 
 
 def test_beats_figure_withholds_few_real_beats(protocol):

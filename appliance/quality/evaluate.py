@@ -136,6 +136,7 @@ def _evaluate_one(
     config: QualityConfig,
 ) -> GeneratorFigures:
     seed = config.seed
+    logger.info("generator=%s evaluation started", generator.name)
     counts = {c: int(n) for c, n in enumerate(np.bincount(real_train.labels)) if n > 0}
     synthetic = generator.sample(counts, seed)
     top_up_counts = {
@@ -171,7 +172,7 @@ def _evaluate_one(
     dcr_synthetic = privacy.pop("dcr_synthetic")
     privacy.pop("dcr_holdout")
     metrics["privacy"] = privacy
-    logger.info("generator=%s evaluated", generator.name)
+    logger.info("generator=%s evaluation done", generator.name)
     return GeneratorFigures(metrics, synthetic, dcr_synthetic)
 
 

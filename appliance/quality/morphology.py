@@ -25,13 +25,16 @@ logger = logging.getLogger(__name__)
 MEASURES = ("qrs_width_ms", "pr_interval_ms", "qt_interval_ms", "r_amplitude", "t_amplitude")
 
 
-def delineate(beats: np.ndarray, fs_hz: float, pre_r_samples: int) -> dict[str, np.ndarray]:
+def delineate(
+    beats: np.ndarray, fs_hz: float, pre_r_samples: int, description: str = ""
+) -> dict[str, np.ndarray]:
     """Delineate beats and return each measure per beat (NaN where a point was not found).
 
     Arguments:
         beats: Beats, shape (n, leads, samples), z-normalised; lead 0 is delineated.
         fs_hz: Sampling rate.
         pre_r_samples: Samples before the R peak in each window.
+        description: key=value fields that name the beats in a log line, e.g. ``class=Q``.
 
     Returns:
         Measure name to values, shape (n,): intervals in ms, amplitudes in z-units.
@@ -51,7 +54,7 @@ def delineate(beats: np.ndarray, fs_hz: float, pre_r_samples: int) -> dict[str, 
                 signal, rpeaks=r_peaks, sampling_rate=fs_hz, method="dwt"
             )
         except ValueError as exc:  # NeuroKit2 rejects signals too short for its wavelets
-            logger.warning("delineation skipped beats=%d reason=%s", n, exc)
+            logger.warning("delineation skipped %sbeats=%d reason=%s", description, n, exc)
             return {name: np.full(n, np.nan) for name in MEASURES}
 
     def points(key: str) -> np.ndarray:
@@ -124,7 +127,9 @@ def morphology_report(
         for label, beats in sets.items():
             if len(beats) > per_class:
                 beats = beats[np.sort(rng.choice(len(beats), size=per_class, replace=False))]
-            measured[label] = delineate(beats, fs_hz, pre_r_samples)
+            measured[label] = delineate(
+                beats, fs_hz, pre_r_samples, description=f"class={name} set={label} "
+            )
         # Statistics of fewer real beats than the minimum stay out of the report, so a median
         # or quartile cannot be the value of one or a few real beats.
         real_count = len(measured["real"][MEASURES[0]])
