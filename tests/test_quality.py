@@ -210,6 +210,18 @@ def test_morphology_skip_names_class_and_set(small_fit, caplog: pytest.LogCaptur
     assert report["N"]["qrs_width_ms"]["synthetic"]["median"] is None
 
 
+def test_protocol_warns_on_partial_database(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.WARNING, logger="appliance.quality.protocol"):
+        load_protocol(DEFAULT_DATA_DIR)
+    warnings = [r.getMessage() for r in caplog.records if "de Chazal records" in r.getMessage()]
+    assert len(warnings) == 1
+    bundled = {path.stem for path in DEFAULT_DATA_DIR.glob("*.hea")}
+    # The bundled folder holds 7 of the 44 records.
+    assert f"lacks {44 - len(bundled)} of the 44 de Chazal records" in warnings[0]
+    assert "101," in warnings[0]
+    assert "106," not in warnings[0]
+
+
 def test_beats_figure_withholds_few_real_beats(protocol):
     # The bundled DS1 records contain 2 Q beats.
     few = {class_index("Q"): 2, V: 1}

@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.classes import AAMI_CLASSES
 from appliance.config import DataConfig
-from appliance.dataset import BeatSet, ingest
+from appliance.dataset import DE_CHAZAL_DS1, DE_CHAZAL_DS2, BeatSet, ingest
 from appliance.holdout import split_holdout
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,21 @@ def load_protocol(data_dir: Path, config: DataConfig | None = None) -> ProtocolD
     base = config or DataConfig()
     settings = DataConfig(**{**base.__dict__, "split": "de-chazal"})
     dataset = ingest(Path(data_dir), settings)
+    missing = [
+        record
+        for record in (*DE_CHAZAL_DS1, *DE_CHAZAL_DS2)
+        if record not in dataset.report.split_of_record
+    ]
+    if missing:
+        logger.warning(
+            "protocol data=%s lacks %d of the %d de Chazal records (%s), so the figures are not "
+            "comparable with a report on the full MIT-BIH database; pass a folder with all 48 "
+            "MIT-BIH records",
+            data_dir,
+            len(missing),
+            len(DE_CHAZAL_DS1) + len(DE_CHAZAL_DS2),
+            ",".join(missing),
+        )
     fit, holdout = split_holdout(dataset.splits["train"])
     data = ProtocolData(
         fit=LabelledBeats.from_beat_set(fit),
