@@ -122,6 +122,13 @@ def run_main_job(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "model-store"
+    if (out_dir / "summary.json").exists():
+        logger.warning(
+            "out=%s holds an earlier run: its outputs and training checkpoints are replaced, "
+            "and the new model becomes the store's current version; pass another --out to "
+            "keep them",
+            out_dir,
+        )
     job = train_and_export(data_dir, store, config, out_dir / "training", progress=progress)
     if job.version is None:
         raise ApplianceError("the main job runs in one process; start it without torchrun")
