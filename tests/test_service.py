@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,3 +575,74 @@ def test_reflection_lists_and_calls_service(server_address: str):
         reply = call(request_class(), timeout=CALL_TIMEOUT_S)
         assert reply.window_samples == 256
         assert reply.fs_hz == pytest.approx(360.0)
+
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+
+
+def _grpcurl(*arguments: str, data: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run grpcurl in plaintext mode; ``data`` is the request as JSON."""
+    command = [str(GRPCURL), "-plaintext", "-max-time", "60"]
+    if data is not None:
+        command += ["-d", data]
+    return subprocess.run(
+        [*command, *arguments], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_grpcurl_lists_describes_and_calls(
+    server_address: str, info: pb.GetModelInfoResponse, real_beats: np.ndarray
+):
+    listed = _grpcurl(server_address, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "appliance.v1.ApplianceService" in listed.stdout.split()
+    assert "grpc.health.v1.Health" in listed.stdout.split()
+
+    described = _grpcurl(server_address, "describe", "appliance.v1.ApplianceService")
+    assert described.returncode == 0, described.stderr
+    assert "rpc Validate ( .appliance.v1.ValidateRequest )" in described.stdout
+    assert "returns ( stream .appliance.v1.GenerateResponse )" in described.stdout
+
+    health = _grpcurl(
+        server_address,
+        "grpc.health.v1.Health/Check",
+        data=json.dumps({"service": "appliance.v1.ApplianceService"}),
+    )
+    assert health.returncode == 0, health.stderr
+    assert json.loads(health.stdout) == {"status": "SERVING"}
+
+    # grpcurl prints the proto's field names and reads either those or their JSON names.
+    model = _grpcurl(server_address, "appliance.v1.ApplianceService/GetModelInfo", data="{}")
+    assert model.returncode == 0, model.stderr
+    assert json.loads(model.stdout)["window_samples"] == info.window_samples
+
+
+def test_grpcurl_validates_json_request(server_address: str, real_beats: np.ndarray):
+    beats = real_beats[:3]
+    request = {
+        "samples": {
+            "count": 3,
+            "leads": 1,
+            "windowSamples": beats.shape[2],
+            # bytes fields travel as base64 in protobuf's JSON mapping.
+            "valuesF32": base64.b64encode(beats.astype("<f4").tobytes()).decode(),
+        },
+        "beatClasses": ["BEAT_CLASS_N"] * 3,
+    }
+    scored = _grpcurl(
+        server_address, "appliance.v1.ApplianceService/Validate", data=json.dumps(request)
+    )
+    assert scored.returncode == 0, scored.stderr
+    reply = json.loads(scored.stdout)
+    assert len(reply["scores"]) == 3
+    assert reply["beat_classes"] == ["BEAT_CLASS_N"] * 3
+    assert "warnings" not in reply
+
+    rejected = _grpcurl(
+        server_address,
+        "appliance.v1.ApplianceService/Validate",
+        data=json.dumps({**request, "margin": 3}),
+    )
+    assert rejected.returncode != 0
+    assert "Code: InvalidArgument" in rejected.stderr
+    assert "Message: margin=3.0 is out of range; use 0 to 0.99" in rejected.stderr
