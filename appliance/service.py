@@ -51,6 +51,9 @@ SCORE_PIECE_BEATS = 256
 # Bytes of a Generate response besides the samples, scores and classes: the sample header,
 # fs_hz, field tags and length prefixes, with room to spare.
 RESPONSE_OVERHEAD_BYTES = 1024
+# Bytes of a ValidateStream reply per beat (score 4, accepted 1, class 1) and for the rest of it.
+REPLY_BYTES_PER_BEAT = 6
+REPLY_FIXED_BYTES = 4096
 # Tolerance when comparing a request's fs_hz with the model's, in Hz.
 FS_TOLERANCE_HZ = 1e-3
 # How often a call waiting for an engine slot checks whether its client is still there, in s.
@@ -325,7 +328,17 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         for i, value in enumerate(beat_classes):
             classes[i] = self._known_class(engine, value, f"beat_classes[{i + offset}]")
         if millivolt:
-            x = x / engine.scale_mv
+            millivolts = x
+            x = millivolts / engine.scale_mv
+            # A finite value near the float32 maximum overflows when it is scaled.
+            scaled_finite = np.isfinite(x).all(axis=(1, 2))
+            if not scaled_finite.all():
+                first = int(np.flatnonzero(~scaled_finite)[0])
+                largest = float(np.abs(millivolts[first]).max())
+                raise RequestError(
+                    f"samples.values_f32 in beat {first + offset} has a value of "
+                    f"{_float32_text(largest)} mV, too large to score; send ECG values in mV"
+                )
         return x.astype(np.float32), classes
 
     # RPCs ----------------------------------------------------------------------------------
@@ -397,6 +410,12 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             final = self._chunk(engine, empty, np.zeros(0, dtype=np.int64), np.zeros(0), millivolt)
             final.stats.CopyFrom(stats)
             yield final
+
+    def _stream_reply_fit(self) -> int:
+        """Return the most beats whose ValidateStream reply fits the server's message limit."""
+        # A packed float32 score, a packed bool and a packed class enum of 1 byte per beat,
+        # plus room for the field headers, the margin and one input warning.
+        return max(1, (self.max_message_bytes - REPLY_FIXED_BYTES) // REPLY_BYTES_PER_BEAT)
 
     def _chunk_fit(self, engine: Engine) -> int:
         """Return the most beats whose Generate response fits the server's message limit."""
@@ -488,6 +507,13 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                         f"the stream carries {total} beats, over the "
                         f"limit of {self.max_beats_per_request}; split "
                         "it into several calls"
+                    )
+                reply_limit = self._stream_reply_fit()
+                if total > reply_limit:
+                    raise RequestTooLargeError(
+                        f"the stream carries {total} beats, but the reply for more than "
+                        f"{reply_limit} beats would exceed the server's message limit of "
+                        f"{self.max_message_bytes} bytes; split it into several calls"
                     )
                 levels_list.append(measure_beat_levels(x * engine.scale_mv))
                 message_scores, message_classes = self._score(engine, x, classes, context)

@@ -215,6 +215,44 @@ def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_validate_stream_reply_fits_message_limit(model_store: Path):
+    # (20000 - 4096) // 6 = 2650 beats fit one reply; the request limit is far higher.
+    running = create_server(
+        model_store,
+        ServeConfig(
+            port=0,
+            workers=2,
+            intra_op_threads=1,
+            max_message_bytes=20000,
+            max_beats_per_request=100_000,
+            grace_s=1.0,
+            drain_s=0.0,
+        ),
+    )
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+            parts = [
+                pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 18)))
+                for _ in range(150)
+            ]
+            with pytest.raises(grpc.RpcError) as raised:
+                client.stub.ValidateStream(iter(parts), timeout=CALL_TIMEOUT_S)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "the reply for more than 2650 beats" in raised.value.details()
+            assert "message limit of 20000 bytes" in raised.value.details()
+            # The largest stream that fits gets its reply.
+            fitting = [
+                pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 10)))
+                for _ in range(265)
+            ]
+            reply = client.stub.ValidateStream(iter(fitting), timeout=CALL_TIMEOUT_S)
+            assert len(reply.scores) == 2650
+            assert reply.ByteSize() <= 20000
+    finally:
+        running.stop()
+
+
 def test_concurrent_call_limit_logs_rejection(model_store: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO)
     running = create_server(

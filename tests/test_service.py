@@ -203,6 +203,12 @@ BAD_CASES = {
         INVALID,
         ("samples.values_f32", "beat 3"),
     ),
+    # Finite in float32, but over the float32 maximum once divided by scale_mv (below 1).
+    "sample overflows when scaled": BadCase(
+        _validate(lambda info: _with_nan(info, 3e38)),
+        INVALID,
+        ("samples.values_f32 in beat 3", "3e+38 mV", "too large to score"),
+    ),
     "byte length wrong": BadCase(
         _validate(lambda info: _samples(info, count=5)),
         INVALID,
