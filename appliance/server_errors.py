@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import threading
 import time
@@ -176,23 +177,61 @@ def rpc_call(method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]
         context.abort(*abort)
 
 
+# Lines about calls that gRPC rejected that are logged per window, and the window, in s.
+REJECTION_LOG_LINES = 20
+REJECTION_LOG_WINDOW_S = 10.0
+
+
+class _RejectionLogLimit:
+    """Let at most ``REJECTION_LOG_LINES`` lines through per ``REJECTION_LOG_WINDOW_S`` window.
+
+    A flood of rejected calls would otherwise write one WARNING line each. The first line let
+    through after a suppression gives the number of lines suppressed before it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._window_started = -math.inf
+        self._lines = 0
+        self._suppressed = 0
+
+    def admit(self) -> tuple[bool, int]:
+        """Return whether a line may be logged now, and how many were suppressed before it."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window_started >= REJECTION_LOG_WINDOW_S:
+                self._window_started, self._lines = now, 0
+            if self._lines >= REJECTION_LOG_LINES:
+                self._suppressed += 1
+                return False, 0
+            self._lines += 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed
+
+
 @dataclass
 class _CallWatch:
     """State that the unserved-call logger keeps for one call while gRPC handles it."""
 
     method: str
     request_id: str
+    replaced_id_chars: int | None
     started: float
     interceptor_thread: int
     max_message_bytes: int
     max_concurrent_rpcs: int | None
+    limit: _RejectionLogLimit
     received: bool = False
+    parse_failed: bool = False
 
     def report_if_unserved(self) -> None:
         if self.received:
             return
         duration_ms = (time.monotonic() - self.started) * 1000
-        if threading.get_ident() == self.interceptor_thread:
+        if self.parse_failed:
+            status = "INTERNAL"
+            reason = "the request message could not be parsed as the method's request type"
+        elif threading.get_ident() == self.interceptor_thread:
             # gRPC rejects a call over its concurrent-call limit in the thread that ran the
             # interceptor, before any worker takes it.
             # NOTE: that is how grpcio 1.85's server works, not a documented contract; the
@@ -205,12 +244,21 @@ class _CallWatch:
                 "the request message never reached the service: it was over the message size "
                 f"limit of {self.max_message_bytes} bytes, or the client cancelled first"
             )
+        admitted, suppressed = self.limit.admit()
+        if not admitted:
+            return
+        fields = ""
+        if self.replaced_id_chars is not None:
+            fields += f" invalid_client_request_id_chars={self.replaced_id_chars}"
+        if suppressed:
+            fields += f" suppressed_before={suppressed}"
         logger.warning(
-            "rpc=%s request_id=%s status=%s duration_ms=%.1f reason=%r",
+            "rpc=%s request_id=%s status=%s duration_ms=%.1f%s reason=%r",
             self.method,
             self.request_id,
             status,
             duration_ms,
+            fields,
             reason,
         )
 
@@ -227,6 +275,7 @@ class UnservedCallLogger(grpc.ServerInterceptor):
     def __init__(self, max_message_bytes: int, max_concurrent_rpcs: int | None) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.limit = _RejectionLogLimit()
 
     def intercept_service(
         self,
@@ -237,14 +286,16 @@ class UnservedCallLogger(grpc.ServerInterceptor):
         if handler is None:
             return None  # gRPC returns UNIMPLEMENTED for an unknown method
         method = str(handler_call_details.method)
-        request_id, _ = _request_id_from(handler_call_details.invocation_metadata)
+        request_id, replaced_id_chars = _request_id_from(handler_call_details.invocation_metadata)
         watch = _CallWatch(
             method=method.rsplit("/", 1)[-1] if method.startswith(_SERVICE_PREFIX) else method,
             request_id=request_id,
+            replaced_id_chars=replaced_id_chars,
             started=time.monotonic(),
             interceptor_thread=threading.get_ident(),
             max_message_bytes=self.max_message_bytes,
             max_concurrent_rpcs=self.max_concurrent_rpcs,
+            limit=self.limit,
         )
         return _watched_handler(handler, watch)
 
@@ -275,7 +326,25 @@ def _watched_handler(handler: grpc.RpcMethodHandler, watch: _CallWatch) -> grpc.
         weakref.finalize(behavior, watch.report_if_unserved).atexit = False
         return factory(
             behavior,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_watched_deserializer(handler.request_deserializer, watch),
             response_serializer=handler.response_serializer,
         )
     return handler
+
+
+def _watched_deserializer(
+    deserializer: Callable[[bytes], Any] | None, watch: _CallWatch
+) -> Callable[[bytes], Any] | None:
+    """Return ``deserializer`` wrapped so that ``watch`` records a request that fails to parse."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            # gRPC logs the exception and ends the call with INTERNAL.
+            watch.parse_failed = True
+            raise
+
+    return deserialize

@@ -29,7 +29,13 @@ from appliance.server import (
     plan_threads,
     start_server,
 )
-from appliance.server_errors import _ended_status, call_ended
+from appliance.server_errors import (
+    REJECTION_LOG_LINES,
+    REJECTION_LOG_WINDOW_S,
+    _ended_status,
+    _RejectionLogLimit,
+    call_ended,
+)
 from appliance.v1 import appliance_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -253,6 +259,45 @@ def test_validate_stream_reply_fits_message_limit(model_store: Path):
         running.stop()
 
 
+def _rejected_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("rpc=") and " reason=" in r.getMessage()
+    ]
+
+
+def test_malformed_request_logged_as_parse_failure(
+    small_server: ApplianceServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
+        raw = channel.unary_unary("/appliance.v1.ApplianceService/Validate")
+        with pytest.raises(grpc.RpcError) as raised:
+            raw(
+                b"\xff\xff\xff\xff garbage",
+                timeout=CALL_TIMEOUT_S,
+                metadata=(("x-request-id", "garbled"),),
+            )
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    _wait_for(lambda: _rpc_lines(caplog, "garbled"), "the malformed call's log line")
+    lines = _rpc_lines(caplog, "garbled")
+    assert len(lines) == 1
+    assert lines[0].startswith("rpc=Validate request_id=garbled status=INTERNAL ")
+    assert "could not be parsed" in lines[0]
+
+
+def test_rejection_log_limit_counts_suppressed():
+    limit = _RejectionLogLimit()
+    admitted = [limit.admit() for _ in range(REJECTION_LOG_LINES + 5)]
+    assert admitted[:REJECTION_LOG_LINES] == [(True, 0)] * REJECTION_LOG_LINES
+    assert admitted[REJECTION_LOG_LINES:] == [(False, 0)] * 5
+    # The next window lets a line through again and reports the 5 lines left out.
+    limit._window_started -= REJECTION_LOG_WINDOW_S
+    assert limit.admit() == (True, 5)
+    assert limit.admit() == (True, 0)
+
+
 def test_concurrent_call_limit_logs_rejection(model_store: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO)
     running = create_server(
@@ -279,6 +324,14 @@ def test_concurrent_call_limit_logs_rejection(model_store: Path, caplog: pytest.
                     )
                 assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 _wait_for(lambda: _rpc_lines(caplog, "over-limit"), "the rejected call's log")
+                with pytest.raises(grpc.RpcError) as raised:
+                    client.stub.GetModelInfo(
+                        pb.GetModelInfoRequest(),
+                        timeout=CALL_TIMEOUT_S,
+                        metadata=(("x-request-id", "bad id=forge"),),
+                    )
+                assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                _wait_for(lambda: len(_rejected_lines(caplog)) == 2, "the second rejection's log")
             finally:
                 for holder in holders:
                     holder.cancel()
@@ -288,6 +341,11 @@ def test_concurrent_call_limit_logs_rejection(model_store: Path, caplog: pytest.
                 "rpc=GetModelInfo request_id=over-limit status=RESOURCE_EXHAUSTED "
             )
             assert "limit of 2 calls at once" in lines[0]
+            replaced = [
+                m for m in _rejected_lines(caplog) if "invalid_client_request_id_chars=12 " in m
+            ]
+            assert len(replaced) == 1
+            assert "bad id=forge" not in replaced[0]
             # Once the holders have ended, calls are served and logged by the servicer only.
             _wait_for(
                 lambda: all(_rpc_lines(caplog, f"hold-limit-{i}") for i in range(2)),
