@@ -330,14 +330,35 @@ def _command_export(args: argparse.Namespace) -> int:
             "that `train` wrote"
         )
     state = load_checkpoint(args.checkpoint)
-    config = ApplianceConfig.from_dict(state["config"])
-    dataset = ingest(args.data, config.data)
-    fit, holdout = split_holdout(dataset.splits["train"])
-    _check_export_data(args, state.get("train_records"), fit.beats_per_record())
+    advice = "pass the best.pt that `train` wrote"
+    try:
+        config = ApplianceConfig.from_dict(state["config"])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise UsageError(
+            f"checkpoint {args.checkpoint} has invalid settings under 'config' ({exc}); {advice}"
+        ) from exc
     model = ConditionalFlow(
         config.model, config.data.n_leads, config.data.window_samples, len(AAMI_CLASSES)
     )
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"checkpoint {args.checkpoint} has weights that do not fit its own model settings "
+            f"({first_line}); {advice}"
+        ) from exc
+    trained_records = state.get("train_records")
+    if trained_records is not None and not (
+        isinstance(trained_records, dict)
+        and all(isinstance(v, int) for v in trained_records.values())
+    ):
+        raise UsageError(
+            f"checkpoint {args.checkpoint} has an invalid 'train_records' entry; {advice}"
+        )
+    dataset = ingest(args.data, config.data)
+    fit, holdout = split_holdout(dataset.splits["train"])
+    _check_export_data(args, trained_records, fit.beats_per_record())
     result = TrainResult(
         model=model,
         scale_mv=float(state["scale_mv"]),

@@ -37,6 +37,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 # Entries that every checkpoint has; ``train_records`` is absent from older ones.
 CHECKPOINT_KEYS = ("config", "model", "step", "scale_mv", "classes_known")
+# Characters of torch's error kept in the message about a file that is not a checkpoint.
+DETAIL_CHARS = 120
 # A class needs this many training beats before the model offers it for generation.
 MIN_BEATS_PER_KNOWN_CLASS = 20
 # Gradients are rescaled to at most this global L2 norm before each optimiser step.
@@ -311,10 +313,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "no details"
+        if len(detail) > DETAIL_CHARS:
+            detail = detail[: DETAIL_CHARS - 3] + "..."
         raise TrainingError(
-            f"{path} is not a checkpoint written by `train` ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); pass the best.pt or "
-            "checkpoint.pt of a training work folder"
+            f"{path} is not a checkpoint written by `train` ({type(exc).__name__}: {detail}); "
+            "pass the best.pt or checkpoint.pt of a training work folder"
         ) from exc
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:

@@ -136,6 +136,30 @@ def test_mistyped_option_shows_command_usage(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("model", {}, "has weights that do not fit its own model settings"),
+        ("config", 1, "has invalid settings under 'config'"),
+        ("train_records", "106", "has an invalid 'train_records' entry"),
+    ],
+)
+def test_export_rejects_damaged_checkpoint(
+    trained_result, trained_work_dir: Path, tmp_path: Path, entry: str, value: object, message: str
+) -> None:
+    import torch
+
+    state = torch.load(trained_work_dir / "best.pt", weights_only=True)
+    state[entry] = value
+    damaged = tmp_path / "damaged.pt"
+    torch.save(state, damaged)
+    result = run_cli("export", "--checkpoint", str(damaged), "--store", str(tmp_path / "s"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"checkpoint {damaged} {message}" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_unknown_log_level_exits_2() -> None:
     result = run_cli("--log-level", "foo", "health", "--address", "127.0.0.1:1")
     assert result.returncode == 2
