@@ -66,6 +66,10 @@ class BaselineOffset:
         median_peak_to_peak_mv: Median over the beats of each beat's largest peak-to-peak
             amplitude over its leads, in the unit the beats came in (mV when they are right).
             NaN when no beat is finite.
+        low_amplitude_beats: Beats whose peak-to-peak amplitude is below ``UNIT_LOW_MV``,
+            flat beats included.
+        high_amplitude_beats: Beats whose peak-to-peak amplitude is above ``UNIT_HIGH_MV``.
+        flat_beats: Beats whose every lead is constant (peak-to-peak 0).
     """
 
     beats: int
@@ -73,6 +77,9 @@ class BaselineOffset:
     median_offset_mv: float
     largest_offset_mv: float
     median_peak_to_peak_mv: float = 0.0
+    low_amplitude_beats: int = 0
+    high_amplitude_beats: int = 0
+    flat_beats: int = 0
 
     @property
     def suspect(self) -> bool:
@@ -80,11 +87,23 @@ class BaselineOffset:
         return self.offset_beats > OFFSET_SHARE_LIMIT * self.beats
 
     @property
+    def flat_suspect(self) -> bool:
+        """Whether more than ``OFFSET_SHARE_LIMIT`` of the beats are flat."""
+        return self.flat_beats > OFFSET_SHARE_LIMIT * self.beats
+
+    @property
     def unit_suspect(self) -> bool:
-        """Whether the median amplitude lies outside ``UNIT_LOW_MV`` to ``UNIT_HIGH_MV``."""
+        """Whether the beats are probably not in mV.
+
+        True when the median amplitude, or the amplitude of more than ``OFFSET_SHARE_LIMIT`` of
+        the beats that are not flat, lies outside ``UNIT_LOW_MV`` to ``UNIT_HIGH_MV``.
+        """
         if self.beats == 0 or not np.isfinite(self.median_peak_to_peak_mv):
             return False
-        return not UNIT_LOW_MV <= self.median_peak_to_peak_mv <= UNIT_HIGH_MV
+        if not UNIT_LOW_MV <= self.median_peak_to_peak_mv <= UNIT_HIGH_MV:
+            return True
+        wrong = self.high_amplitude_beats + self.low_amplitude_beats - self.flat_beats
+        return wrong > OFFSET_SHARE_LIMIT * self.beats
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,9 @@ def summarise_beat_levels(levels: BeatLevels) -> BaselineOffset:
         largest_offset_mv=largest,
         # NaN when no beat is finite, so that beats the server rejects get no unit warning.
         median_peak_to_peak_mv=float(np.median(finite_ptp)) if finite_ptp.size else math.nan,
+        low_amplitude_beats=int((finite_ptp < UNIT_LOW_MV).sum()),
+        high_amplitude_beats=int((finite_ptp > UNIT_HIGH_MV).sum()),
+        flat_beats=int((finite_ptp == 0).sum()),
     )
 
 
@@ -181,8 +203,8 @@ class InputProblem:
     """A property of a batch of beats that makes their scores unreliable.
 
     Attributes:
-        kind: ``unit`` when the beats are probably not in mV, ``baseline`` when they probably
-            carry baseline wander or a DC offset.
+        kind: ``flat`` when many beats are constant, ``unit`` when the beats are probably not
+            in mV, ``baseline`` when they probably carry baseline wander or a DC offset.
         message: Sentences with the measured figures and how to fix the beats.
     """
 
@@ -191,13 +213,23 @@ class InputProblem:
 
 
 def find_input_problem(result: BaselineOffset) -> InputProblem | None:
-    """Return the unit or baseline problem that ``result`` shows, or None.
+    """Return the flat, unit or baseline problem that ``result`` shows, or None.
 
-    A wrong unit takes precedence, because an offset measured in the wrong unit says nothing
-    about the baseline.
+    Flat beats come first, because they have no amplitude to judge a unit by. A wrong unit
+    comes before the baseline, because an offset measured in the wrong unit means nothing about
+    the baseline.
     """
+    if result.flat_suspect:
+        return InputProblem(
+            "flat",
+            f"input beats are flat: flat_beats={result.flat_beats} beats={result.beats} have "
+            "the same value at every sample of every lead, so they carry no ECG signal and "
+            "score low. Check how the beats were cut from the recording and that the right "
+            f"lead was read; see {API_DOC_SECTION}",
+        )
     if result.unit_suspect:
-        if result.median_peak_to_peak_mv < UNIT_LOW_MV:
+        too_low = result.low_amplitude_beats - result.flat_beats
+        if result.median_peak_to_peak_mv < UNIT_LOW_MV or too_low > result.high_amplitude_beats:
             advice = "They are probably in V: multiply them by 1000 to convert them to mV"
         else:
             # Raw ADC counts also land here, for example int16 MIT-BIH samples, whose median
@@ -210,10 +242,11 @@ def find_input_problem(result: BaselineOffset) -> InputProblem | None:
         return InputProblem(
             "unit",
             f"input beats are probably not in mV: their median peak-to-peak amplitude is "
-            f"{result.median_peak_to_peak_mv:.4g} in the unit they came in (beats="
-            f"{result.beats}). In mV, one ECG beat spans about 0.4 to 5.5, and this check "
-            f"warns outside {UNIT_LOW_MV:g} to {UNIT_HIGH_MV:g}. Validate expects mV, so "
-            f"these beats score low. {advice}. See {API_DOC_SECTION}",
+            f"{result.median_peak_to_peak_mv:.4g} in the unit they came in, and "
+            f"{result.low_amplitude_beats - result.flat_beats + result.high_amplitude_beats} of "
+            f"{result.beats} beats lie outside {UNIT_LOW_MV:g} to {UNIT_HIGH_MV:g}. In mV, one "
+            "ECG beat spans about 0.4 to 5.5. Validate expects mV, so these beats score low. "
+            f"{advice}. See {API_DOC_SECTION}",
         )
     if result.suspect:
         return InputProblem(

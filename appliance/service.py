@@ -711,6 +711,7 @@ def _set_optional(message: Any, field_name: str, value: Any) -> None:
 _INPUT_WARNING_KINDS = {
     "unit": pb.INPUT_WARNING_KIND_UNIT,
     "baseline": pb.INPUT_WARNING_KIND_BASELINE,
+    "flat": pb.INPUT_WARNING_KIND_FLAT,
 }
 
 

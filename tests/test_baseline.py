@@ -18,6 +18,7 @@ from appliance.baseline import (
     UNIT_LOW_MV,
     BaselineOffset,
     check_baseline,
+    find_input_problem,
     measure_baseline_offset,
 )
 from appliance.config import DataConfig
@@ -203,6 +204,39 @@ def test_non_finite_beats_log_no_unit_warning(caplog: pytest.LogCaptureFixture) 
     assert math.isnan(result.median_peak_to_peak_mv)
     assert not result.unit_suspect
     assert _baseline_warnings(caplog) == []
+
+
+def test_flat_beats_get_flat_warning(caplog: pytest.LogCaptureFixture) -> None:
+    for level in (0.0, 1e30):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="appliance.baseline"):
+            result = check_baseline(np.full((5, 1, 256), level))
+        assert result.flat_beats == 5
+        problem = find_input_problem(result)
+        assert problem is not None
+        assert problem.kind == "flat"
+        messages = _baseline_warnings(caplog)
+        assert len(messages) == 1
+        assert "flat_beats=5 beats=5" in messages[0]
+        assert "multiply them by 1000" not in messages[0]
+
+
+def test_unit_warning_counts_beats_in_other_unit(
+    record_100: tuple[np.ndarray, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    windows, _ = record_100
+    # A quarter of the beats in uV leaves the median in the mV range.
+    mixed = windows[:400].copy()
+    mixed[:100] *= 1000
+    with caplog.at_level(logging.WARNING, logger="appliance.baseline"):
+        result = check_baseline(mixed)
+    assert UNIT_LOW_MV <= result.median_peak_to_peak_mv <= UNIT_HIGH_MV
+    assert result.high_amplitude_beats == 100
+    assert result.unit_suspect
+    messages = _baseline_warnings(caplog)
+    assert len(messages) == 1
+    assert "100 of 400 beats lie outside 0.05 to 50" in messages[0]
+    assert "For uV, divide them by 1000" in messages[0]
 
 
 def test_adc_counts_log_conversion_advice(

@@ -459,10 +459,13 @@ def test_validate_warns_on_unit_and_baseline(
     assert _warning_kinds(microvolt) == ["INPUT_WARNING_KIND_UNIT"]
     assert "probably not in mV" in microvolt.warnings[0].message
     assert "divide them by 1000" in microvolt.warnings[0].message
-    assert "beats=300" in microvolt.warnings[0].message
+    assert "300 of 300 beats lie outside" in microvolt.warnings[0].message
     # The beats are scored as sent, and the wrong unit lowers their scores.
     assert len(microvolt.scores) == 300
     assert np.median(microvolt.scores) < np.median(clean.scores)
+
+    flat = validate(np.zeros_like(real_beats))
+    assert _warning_kinds(flat) == ["INPUT_WARNING_KIND_FLAT"]
 
     volt = validate(real_beats / 1000)
     assert _warning_kinds(volt) == ["INPUT_WARNING_KIND_UNIT"]
