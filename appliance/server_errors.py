@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import re
@@ -130,6 +131,12 @@ def rpc_call(method: str, context: grpc.ServicerContext) -> Iterator[CallRecord]
         record.status = _ended_status(context)
     except CallCancelledError:
         record.status = _ended_status(context)
+        watch = _CURRENT_WATCH.get()
+        if record.status == "CANCELLED" and watch is not None and watch.parse_failed:
+            # gRPC ended the request stream because a message could not be parsed, and sent
+            # the client INTERNAL.
+            record.status = "INTERNAL"
+            error = "a request message could not be parsed as the method's request type"
     except ApplianceError as exc:
         code = status_code_for(exc)
         record.status = code.name
@@ -301,6 +308,10 @@ class UnservedCallLogger(grpc.ServerInterceptor):
 
 
 _SERVICE_PREFIX = "/appliance.v1.ApplianceService/"
+# Watch of the call whose behaviour runs in the current thread, if any.
+_CURRENT_WATCH: contextvars.ContextVar[_CallWatch | None] = contextvars.ContextVar(
+    "current_watch", default=None
+)
 
 _HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -319,7 +330,12 @@ def _watched_handler(handler: grpc.RpcMethodHandler, watch: _CallWatch) -> grpc.
 
         def behavior(request: Any, context: grpc.ServicerContext, inner: Any = inner) -> Any:
             watch.received = True
-            return inner(request, context)
+            # rpc_call reads the watch while a streamed request is consumed in this thread.
+            token = _CURRENT_WATCH.set(watch)
+            try:
+                return inner(request, context)
+            finally:
+                _CURRENT_WATCH.reset(token)
 
         # gRPC drops its last reference to the behaviour when the call ends; the finalizer
         # then runs in that thread. No finalizer runs at interpreter exit.

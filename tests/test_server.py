@@ -287,6 +287,27 @@ def test_malformed_request_logged_as_parse_failure(
     assert "could not be parsed" in lines[0]
 
 
+def test_malformed_stream_message_logged_as_parse_failure(
+    small_client: ApplianceClient, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    info = small_client.model_info()
+    valid = pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 2))).SerializeToString()
+    raw = small_client.channel.stream_unary("/appliance.v1.ApplianceService/ValidateStream")
+    with pytest.raises(grpc.RpcError) as raised:
+        raw(
+            iter([valid, b"\xff\xff\xff"]),
+            timeout=CALL_TIMEOUT_S,
+            metadata=(("x-request-id", "garbled-stream"),),
+        )
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    _wait_for(lambda: _rpc_lines(caplog, "garbled-stream"), "the malformed stream's log line")
+    lines = _rpc_lines(caplog, "garbled-stream")
+    assert len(lines) == 1
+    assert lines[0].startswith("rpc=ValidateStream request_id=garbled-stream status=INTERNAL ")
+    assert "could not be parsed" in lines[0]
+
+
 def test_rejection_log_limit_counts_suppressed():
     limit = _RejectionLogLimit()
     admitted = [limit.admit() for _ in range(REJECTION_LOG_LINES + 5)]
