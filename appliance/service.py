@@ -157,7 +157,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
     def _engine_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
         """Hold one engine slot; give up if the client cancels while waiting."""
         while not self._slots.acquire(timeout=SLOT_POLL_S):
-            if call_ended(context):
+            if not context.is_active():
                 raise CallCancelledError
         try:
             yield
@@ -377,7 +377,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             stats = pb.GenerateStats(margin=margin, privacy_threshold=engine.privacy_threshold)
             call.counts["accepted"] = 0
             for part, portion in enumerate(_portions(counts, chunk_beats)):
-                if call_ended(context):
+                if not context.is_active():
                     raise CallCancelledError
                 with self._engine_slot(context):
                     result = engine.generate(
@@ -386,7 +386,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                         margin,
                         seed=_portion_seed(seed, part),
                         max_draws_per_beat=draws_per_beat,
-                        should_stop=lambda: call_ended(context),
+                        should_stop=lambda: not context.is_active(),
                     )
                 stats.draws += result.draws
                 stats.accepted += result.beats.shape[0]
@@ -399,7 +399,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     yield self._chunk(
                         engine, result.beats, result.classes, result.scores, millivolt
                     )
-            if call_ended(context):
+            if not context.is_active():
                 raise CallCancelledError
             call.counts.update(
                 pertinence_rejections=stats.pertinence_rejections,
@@ -520,8 +520,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 scores_list.append(message_scores)
                 classes_list.append(message_classes)
             if call_ended(context):
-                # gRPC ends the request stream when the client goes away or a message is over
-                # the size limit; the client already has its status.
+                # gRPC ends the request stream when the client goes away, its deadline passes or
+                # a message is over the size limit; the client already has its status.
                 raise CallCancelledError
             if not scores_list or margin is None:
                 raise RequestError(
@@ -553,7 +553,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         """
         scores, scored_classes = [], []
         for start in range(0, x.shape[0], SCORE_PIECE_BEATS):
-            if call_ended(context):
+            if not context.is_active():
                 raise CallCancelledError
             piece = slice(start, start + SCORE_PIECE_BEATS)
             with self._engine_slot(context):
