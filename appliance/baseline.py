@@ -102,8 +102,12 @@ class BaselineOffset:
             return False
         if not UNIT_LOW_MV <= self.median_peak_to_peak_mv <= UNIT_HIGH_MV:
             return True
-        wrong = self.high_amplitude_beats + self.low_amplitude_beats - self.flat_beats
-        return wrong > OFFSET_SHARE_LIMIT * self.beats
+        return self.out_of_range_beats > OFFSET_SHARE_LIMIT * self.beats
+
+    @property
+    def out_of_range_beats(self) -> int:
+        """Beats that are not flat and whose amplitude lies outside the mV range."""
+        return self.high_amplitude_beats + self.low_amplitude_beats - self.flat_beats
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,7 @@ def find_input_problem(result: BaselineOffset) -> InputProblem | None:
             "unit",
             f"input beats are probably not in mV: their median peak-to-peak amplitude is "
             f"{result.median_peak_to_peak_mv:.4g} in the unit they came in, and "
-            f"{result.low_amplitude_beats - result.flat_beats + result.high_amplitude_beats} of "
+            f"{result.out_of_range_beats} of "
             f"{result.beats} beats lie outside {UNIT_LOW_MV:g} to {UNIT_HIGH_MV:g}. In mV, one "
             "ECG beat spans about 0.4 to 5.5. Validate expects mV, so these beats score low. "
             f"{advice}. See {API_DOC_SECTION}",

@@ -124,7 +124,7 @@ def run_main_job(
     store = out_dir / "model-store"
     if (out_dir / "summary.json").exists():
         logger.warning(
-            "out=%s holds an earlier run: its outputs and training checkpoints are replaced, "
+            "out=%s contains an earlier run: its outputs and training checkpoints are replaced, "
             "and the new model becomes the store's current version; pass another --out to "
             "keep them",
             out_dir,

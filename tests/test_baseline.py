@@ -184,7 +184,7 @@ def test_wrong_unit_logs_unit_warning(
         result = check_baseline(windows * factor)
     assert result.unit_suspect
     messages = _baseline_warnings(caplog)
-    # Only the unit is reported, because an offset in uV tells nothing about the baseline.
+    # Only the unit is reported, because an offset in uV means nothing about the baseline.
     assert len(messages) == 1
     assert "probably not in mV" in messages[0]
     assert (

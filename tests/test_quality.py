@@ -216,7 +216,7 @@ def test_protocol_warns_on_partial_database(caplog: pytest.LogCaptureFixture):
     warnings = [r.getMessage() for r in caplog.records if "de Chazal records" in r.getMessage()]
     assert len(warnings) == 1
     bundled = {path.stem for path in DEFAULT_DATA_DIR.glob("*.hea")}
-    # The bundled folder holds 7 of the 44 records.
+    # The bundled folder contains 7 of the 44 records.
     assert f"lacks {44 - len(bundled)} of the 44 de Chazal records" in warnings[0]
     assert "101," in warnings[0]
     assert "106," not in warnings[0]

@@ -182,11 +182,9 @@ def test_size_limits_reject_large_requests(
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "65536" in raised.value.details()
     # gRPC rejects the message before the servicer runs, and the call is logged all the same.
-    _wait_for(lambda: _rpc_lines(caplog, "too-big"), "the oversized call's log line")
-    lines = _rpc_lines(caplog, "too-big")
-    assert len(lines) == 1
-    assert lines[0].startswith("rpc=Validate request_id=too-big status=NOT_RECEIVED ")
-    assert "message size limit of 65536 bytes" in lines[0]
+    line = _single_rpc_line(caplog, "too-big", "the oversized call's log line")
+    assert line.startswith("rpc=Validate request_id=too-big status=NOT_RECEIVED ")
+    assert "message size limit of 65536 bytes" in line
     assert small_client.health() == "SERVING"
     assert len(small_client.validate(_beats(info, 3)).scores) == 3
 
@@ -215,6 +213,20 @@ def _rpc_lines(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
     return [
         r.getMessage() for r in caplog.records if f"request_id={request_id} " in r.getMessage()
     ]
+
+
+def _single_rpc_line(caplog: pytest.LogCaptureFixture, request_id: str, description: str) -> str:
+    """Wait for the log line of ``request_id`` and return it, checking that it is the only one.
+
+    Arguments:
+        caplog: The test's log capture.
+        request_id: The call's ``x-request-id``.
+        description: The awaited line in words, for the failure message.
+    """
+    _wait_for(lambda: _rpc_lines(caplog, request_id), description)
+    lines = _rpc_lines(caplog, request_id)
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -280,11 +292,9 @@ def test_malformed_request_logged_as_parse_failure(
                 metadata=(("x-request-id", "garbled"),),
             )
     assert raised.value.code() == grpc.StatusCode.INTERNAL
-    _wait_for(lambda: _rpc_lines(caplog, "garbled"), "the malformed call's log line")
-    lines = _rpc_lines(caplog, "garbled")
-    assert len(lines) == 1
-    assert lines[0].startswith("rpc=Validate request_id=garbled status=INTERNAL ")
-    assert "could not be parsed" in lines[0]
+    line = _single_rpc_line(caplog, "garbled", "the malformed call's log line")
+    assert line.startswith("rpc=Validate request_id=garbled status=INTERNAL ")
+    assert "could not be parsed" in line
 
 
 def test_malformed_stream_message_logged_as_parse_failure(
@@ -301,11 +311,9 @@ def test_malformed_stream_message_logged_as_parse_failure(
             metadata=(("x-request-id", "garbled-stream"),),
         )
     assert raised.value.code() == grpc.StatusCode.INTERNAL
-    _wait_for(lambda: _rpc_lines(caplog, "garbled-stream"), "the malformed stream's log line")
-    lines = _rpc_lines(caplog, "garbled-stream")
-    assert len(lines) == 1
-    assert lines[0].startswith("rpc=ValidateStream request_id=garbled-stream status=INTERNAL ")
-    assert "could not be parsed" in lines[0]
+    line = _single_rpc_line(caplog, "garbled-stream", "the malformed stream's log line")
+    assert line.startswith("rpc=ValidateStream request_id=garbled-stream status=INTERNAL ")
+    assert "could not be parsed" in line
 
 
 def test_rejection_log_limit_counts_suppressed():
@@ -429,10 +437,8 @@ def test_validate_stream_deadline_logs_status(
             one_then_silence(), timeout=1.0, metadata=(("x-request-id", "silent-stream"),)
         )
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_for(lambda: _rpc_lines(caplog, "silent-stream"), "the silent stream's log line")
-    lines = _rpc_lines(caplog, "silent-stream")
-    assert len(lines) == 1
-    assert re.search(r"status=(DEADLINE_EXCEEDED|CANCELLED) ", lines[0])
+    line = _single_rpc_line(caplog, "silent-stream", "the silent stream's log line")
+    assert re.search(r"status=(DEADLINE_EXCEEDED|CANCELLED) ", line)
     assert _errors(caplog) == []
 
 
