@@ -91,12 +91,23 @@ def _deadline_passed(context: grpc.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def call_ended(context: grpc.ServicerContext) -> bool:
-    """Tell whether the client has gone away or the call's deadline has passed.
+# grpcio hands the servicer the end of a request stream and the client's cancel as two events
+# on one completion queue. The servicer can see the stream end before the cancel is processed,
+# so a stream that looks finished is checked again after this pause.
+STREAM_END_SETTLE_S = 0.05
 
-    gRPC may end a request stream at the deadline a moment before ``is_active`` turns false,
-    so the deadline is checked as well.
+
+def request_stream_cancelled(context: grpc.ServicerContext) -> bool:
+    """Tell, once a request stream has ended, whether the client cancelled it.
+
+    A client that half-closes keeps the call active; one whose deadline passed or that
+    cancelled makes gRPC end the stream and then mark the call inactive. The second event can
+    lag the first, and the server's deadline can lag the client's, so an active call is
+    checked again after ``STREAM_END_SETTLE_S``.
     """
+    if not context.is_active() or _deadline_passed(context):
+        return True
+    time.sleep(STREAM_END_SETTLE_S)
     return not context.is_active() or _deadline_passed(context)
 
 

@@ -30,7 +30,12 @@ from appliance.errors import (
     RequestTooLargeError,
 )
 from appliance.report_store import REPORT_COMMAND, StoredReport, load_report, metric_rows
-from appliance.server_errors import CallCancelledError, CallRecord, call_ended, rpc_call
+from appliance.server_errors import (
+    CallCancelledError,
+    CallRecord,
+    request_stream_cancelled,
+    rpc_call,
+)
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -519,7 +524,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 message_scores, message_classes = self._score(engine, x, classes, context)
                 scores_list.append(message_scores)
                 classes_list.append(message_classes)
-            if call_ended(context):
+            if request_stream_cancelled(context):
                 # gRPC ends the request stream when the client goes away, its deadline passes or
                 # a message is over the size limit; the client already has its status.
                 raise CallCancelledError

@@ -34,7 +34,7 @@ from appliance.server_errors import (
     REJECTION_LOG_WINDOW_S,
     _ended_status,
     _RejectionLogLimit,
-    call_ended,
+    request_stream_cancelled,
 )
 from appliance.v1 import appliance_pb2 as pb
 
@@ -443,35 +443,43 @@ def test_validate_stream_deadline_logs_status(
 
 
 class _StubContext:
-    """The two ServicerContext methods that decide how a call ended."""
+    """The two ServicerContext methods that decide how a call ended.
 
-    def __init__(self, active: bool, remaining_s: float | None) -> None:
+    ``active`` lists what successive ``is_active`` calls return; the last value repeats.
+    """
+
+    def __init__(self, active: list[bool], remaining_s: float | None) -> None:
         self.active = active
         self.remaining_s = remaining_s
+        self.activity_checks = 0
 
     def is_active(self) -> bool:
-        return self.active
+        index = min(self.activity_checks, len(self.active) - 1)
+        self.activity_checks += 1
+        return self.active[index]
 
     def time_remaining(self) -> float | None:
         return self.remaining_s
 
 
 @pytest.mark.parametrize(
-    ("active", "remaining_s", "ended", "status"),
+    ("active", "remaining_s", "cancelled", "status"),
     [
-        (True, 5.0, False, "OK"),
-        (True, None, False, "OK"),
+        ([True], 5.0, False, "OK"),
+        ([True], None, False, "OK"),
         # gRPC can end a request stream at the deadline while is_active still returns True.
-        (True, -0.002, True, "DEADLINE_EXCEEDED"),
-        (False, -0.002, True, "DEADLINE_EXCEEDED"),
-        (False, 5.0, True, "CANCELLED"),
+        ([True], -0.002, True, "DEADLINE_EXCEEDED"),
+        ([False], -0.002, True, "DEADLINE_EXCEEDED"),
+        ([False], 5.0, True, "CANCELLED"),
+        # The cancel is processed a moment after the stream end reached the servicer.
+        ([True, False], 0.004, True, "CANCELLED"),
     ],
 )
-def test_call_end_follows_deadline_before_activity(
-    active: bool, remaining_s: float | None, ended: bool, status: str
+def test_stream_end_follows_deadline_and_late_cancel(
+    active: list[bool], remaining_s: float | None, cancelled: bool, status: str
 ):
     context = cast(grpc.ServicerContext, _StubContext(active, remaining_s))
-    assert call_ended(context) is ended
+    assert request_stream_cancelled(context) is cancelled
     assert _ended_status(context) == status
 
 
