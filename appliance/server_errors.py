@@ -98,12 +98,11 @@ STREAM_END_SETTLE_S = 0.05
 
 
 def request_stream_cancelled(context: grpc.ServicerContext) -> bool:
-    """Tell, once a request stream has ended, whether the client cancelled it.
+    """Return whether the client cancelled a request stream that has just ended.
 
-    A client that half-closes keeps the call active; one whose deadline passed or that
-    cancelled makes gRPC end the stream and then mark the call inactive. The second event can
-    lag the first, and the server's deadline can lag the client's, so an active call is
-    checked again after ``STREAM_END_SETTLE_S``.
+    A client that half-closes leaves the call active. A cancel or a passed deadline also ends
+    the stream, but gRPC can mark the call inactive a moment later, and the server's deadline
+    can lag the client's. So an active call is checked again after ``STREAM_END_SETTLE_S``.
     """
     if not context.is_active() or _deadline_passed(context):
         return True
