@@ -207,7 +207,9 @@ class _RejectionLogLimit:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # A weakref finalizer calls ``admit``, and the garbage collector can run it in a thread
+        # that is already inside ``admit``. A plain Lock would deadlock that thread.
+        self._lock = threading.RLock()
         self._window_started = -math.inf
         self._lines = 0
         self._suppressed = 0

@@ -327,6 +327,29 @@ def test_rejection_log_limit_counts_suppressed():
     assert limit.admit() == (True, 0)
 
 
+def test_rejection_log_limit_admits_nested_call(monkeypatch: pytest.MonkeyPatch):
+    # A finalizer run by the garbage collector can call admit while the same thread is in it.
+    limit = _RejectionLogLimit()
+    nested: list[tuple[bool, int]] = []
+    real_monotonic = time.monotonic
+
+    def monotonic_with_nested_admit() -> float:
+        if not nested:
+            nested.append((False, -1))
+            nested[0] = limit.admit()
+        return real_monotonic()
+
+    outer: list[tuple[bool, int]] = []
+    monkeypatch.setattr(time, "monotonic", monotonic_with_nested_admit)
+    worker = threading.Thread(target=lambda: outer.append(limit.admit()), daemon=True)
+    worker.start()
+    worker.join(timeout=10.0)
+    monkeypatch.undo()
+    assert not worker.is_alive(), "admit deadlocked when called again in the same thread"
+    assert nested == [(True, 0)]
+    assert outer == [(True, 0)]
+
+
 def test_concurrent_call_limit_logs_rejection(model_store: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO)
     running = create_server(
