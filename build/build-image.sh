@@ -2,9 +2,10 @@
 # Build the appliance image with no network inside the build.
 #
 # Usage: build/build-image.sh [cpu|gpu]
-#   Starts the private engine, makes the base image, downloads the Debian packages and wheels
-#   when their folders are missing, then builds APPLIANCE_IMAGE (default ecg-appliance:cpu, or
-#   ecg-appliance:gpu for the gpu variant). The engine keeps running; stop it with
+#   Starts the private engine, makes the base image, downloads the Debian packages when their
+#   folder is missing and the wheels when their list differs from pyproject.toml's, then
+#   builds APPLIANCE_IMAGE (default ecg-appliance:cpu, or ecg-appliance:gpu for the gpu
+#   variant). The engine keeps running; stop it with
 #   build/engine.sh stop.
 set -euo pipefail
 variant="${1:-cpu}"
@@ -25,7 +26,10 @@ esac
 if ! ls "$build_dir"/debs/*.deb >/dev/null 2>&1; then
   "$build_dir/download-debs.sh"
 fi
-if [[ ! -f "$build_dir/$wheels/requirements.txt" ]]; then
+# A folder downloaded for an older pyproject.toml lacks the wheels of new dependencies, and the
+# offline build would fail on them, so a changed list downloads again.
+if ! cmp --silent <("$build_dir/download-wheels.sh" --print-requirements "$variant") \
+  "$build_dir/$wheels/requirements.txt"; then
   "$build_dir/download-wheels.sh" "$variant"
 fi
 

@@ -5,11 +5,15 @@
 #                  graphs and manifest as a new version in $APPLIANCE_STORE_DIR
 #   serve  [ARGS]  serve the current version of the store over gRPC on $APPLIANCE_PORT
 #   run    [ARGS]  train if the store has no current version, then serve (ARGS go to serve)
+#   report [ARGS]  compute the quality report of the store's current model from the MIT-BIH
+#                  records in $APPLIANCE_DATA_DIR and attach it to the store, where
+#                  GetQualityReport returns it
 #   health         exit 0 when the local gRPC health service reports SERVING
 #   anything else  run as a command, e.g. `python -m appliance generate ...`
 #
-# Extra ARGS are passed to `python -m appliance train|serve` unchanged. APPLIANCE_TRAIN_MAX_MINUTES
-# and APPLIANCE_TRAIN_EPOCHS, when set, become --max-minutes and --epochs of training.
+# Extra ARGS are passed to `python -m appliance train|serve|report` unchanged.
+# APPLIANCE_TRAIN_MAX_MINUTES and APPLIANCE_TRAIN_EPOCHS, when set, become --max-minutes and
+# --epochs of training.
 #
 # TLS: mount a folder at $APPLIANCE_TLS_DIR (default /tls) with server.crt and server.key;
 # client-ca.crt there turns on mutual TLS. The health check reads ca.crt (and, for mutual TLS,
@@ -60,6 +64,10 @@ serve() {
   exec python -m appliance serve --store "$store_dir" --host "$host" --port "$port" "$@"
 }
 
+report() {
+  exec python -m appliance report --store "$store_dir" --data "$data_dir" --out /tmp/report "$@"
+}
+
 health() {
   if [ -f "$tls_dir/ca.crt" ]; then
     set -- --tls-ca "$tls_dir/ca.crt"
@@ -88,6 +96,9 @@ case "$command" in
       train
     fi
     serve "$@"
+    ;;
+  report)
+    report "$@"
     ;;
   health)
     health

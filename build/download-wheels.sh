@@ -3,15 +3,22 @@
 # installs with `pip install --no-index` and needs no network (the same step works on an
 # air-gapped site that receives the folder).
 #
-# Usage: build/download-wheels.sh [cpu|gpu]
+# Usage: build/download-wheels.sh [--print-requirements] [cpu|gpu]
 #   cpu (default): CPU build of torch and onnxruntime.
 #   gpu: CUDA build of torch (its CUDA libraries come as nvidia-* wheels) and onnxruntime-gpu,
 #        into build/wheels-gpu/.
+#   --print-requirements: print the requirements.txt this variant needs and download nothing;
+#        build/build-image.sh compares it with the folder's to find stale wheels.
 #
 # The wheels target CPython 3.11 on x86-64 glibc, the Python of Debian bookworm, whatever
 # Python runs this script. PYTHON selects the interpreter that runs pip (default python3).
 set -euo pipefail
 
+print_only=0
+if [[ "${1:-}" == --print-requirements ]]; then
+  print_only=1
+  shift
+fi
 variant="${1:-cpu}"
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
@@ -22,10 +29,10 @@ case "$variant" in
   gpu) dest="$repo_root/build/wheels-gpu" ;;
   *) echo "unknown variant '$variant': expected cpu or gpu" >&2; exit 2 ;;
 esac
-mkdir -p "$dest"
 
 # Runtime dependencies come from pyproject.toml so that the image and the development
-# environment list the same packages. torch and onnxruntime are replaced per variant.
+# environment list the same packages. torch and onnxruntime are replaced per variant. The
+# `quality` extra is included, so that the quality report runs inside the sealed container.
 mapfile -t runtime_deps < <(
   "$python" - "$repo_root/pyproject.toml" <<'PY'
 import sys
@@ -33,7 +40,8 @@ import tomllib
 
 with open(sys.argv[1], "rb") as handle:
     project = tomllib.load(handle)["project"]
-for requirement in project["dependencies"]:
+requirements = project["dependencies"] + project["optional-dependencies"]["quality"]
+for requirement in requirements:
     name = requirement.split(";")[0].strip()
     if not name.lower().startswith(("torch", "onnxruntime")):
         print(name)
@@ -51,6 +59,12 @@ else
   # against, instead of relying on the ones that torch happens to require.
   variant_deps=("torch==${torch_version}" "onnxruntime-gpu[cuda,cudnn]>=1.20")
 fi
+
+if (( print_only )); then
+  printf '%s\n' "${runtime_deps[@]}" "${variant_deps[@]}"
+  exit 0
+fi
+mkdir -p "$dest"
 
 target=(
   --only-binary=:all:
