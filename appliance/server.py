@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -410,11 +411,51 @@ def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
             f"cannot read TLS file {exc.filename}: {exc.strerror}; check "
             "--tls-cert, --tls-key and --tls-client-ca"
         ) from exc
+    _check_tls_files(tls)
     if client_ca is None:
         return grpc.ssl_server_credentials([pair])
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=True
     )
+
+
+def _no_key_password() -> bytes:
+    """Answer OpenSSL's password request for an encrypted key, so that it never prompts."""
+    return b""
+
+
+def _check_tls_files(tls: TlsFiles) -> None:
+    """Check that the TLS files are PEM and that the key belongs to the certificate.
+
+    gRPC reports a bad file only in its own log and then fails to bind the port, which reads
+    as a busy port, so the files are loaded with Python's ``ssl`` module first.
+
+    Raises:
+        ValueError: Naming the file that is not valid and what it must contain.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key, password=_no_key_password)
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"TLS certificate {tls.certificate} and key {tls.private_key} are invalid or do not "
+            f"match{_ssl_reason(exc)}: --tls-cert must be a PEM certificate chain and --tls-key "
+            "the PEM private key of its first certificate, not encrypted"
+        ) from exc
+    if tls.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"client CA file {tls.client_ca} contains no valid PEM certificate"
+                f"{_ssl_reason(exc)}; --tls-client-ca must be the PEM certificates of the CAs "
+                "that sign client certificates"
+            ) from exc
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """Return OpenSSL's reason code as `` (REASON)``, or an empty string when it gave none."""
+    return f" ({exc.reason})" if exc.reason else ""
 
 
 def install_signal_handlers(running: ApplianceServer) -> None:

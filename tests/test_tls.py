@@ -127,3 +127,25 @@ def test_missing_certificate_file_named(model_store: Path, pki: Pki, tmp_path: P
     missing = tmp_path / "absent.pem"
     with pytest.raises(ValueError, match="absent.pem"):
         create_server(model_store, ServeConfig(port=0, tls=TlsFiles(missing, pki.server.key)))
+
+
+def test_invalid_certificate_file_named(model_store: Path, pki: Pki, tmp_path: Path):
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="garbled.pem.*PEM certificate chain"):
+        create_server(model_store, ServeConfig(port=0, tls=TlsFiles(garbled, pki.server.key)))
+
+
+def test_key_of_other_certificate_rejected(model_store: Path, pki: Pki):
+    # The client's key does not belong to the server certificate.
+    tls = TlsFiles(pki.server.certificate, pki.client.key)
+    with pytest.raises(ValueError, match="invalid or do not match"):
+        create_server(model_store, ServeConfig(port=0, tls=tls))
+
+
+def test_invalid_client_ca_file_named(model_store: Path, pki: Pki, tmp_path: Path):
+    garbled = tmp_path / "garbled-ca.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    tls = TlsFiles(pki.server.certificate, pki.server.key, client_ca=garbled)
+    with pytest.raises(ValueError, match="garbled-ca.pem contains no valid PEM certificate"):
+        create_server(model_store, ServeConfig(port=0, tls=tls))
