@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("appliance")
 
+# Files that generate writes into --out, per --format.
+GENERATE_FILES = {
+    "npy": ("synthetic.npy", "synthetic_classes.json"),
+    "csv": ("synthetic.csv",),
+    "wfdb": ("synthetic.hea", "synthetic.dat", "synthetic.atr"),
+}
 # Beats that generate fetches when neither --count nor --classes is given.
 DEFAULT_GENERATE_COUNT = 100
 
@@ -545,12 +551,16 @@ def _command_info(args: argparse.Namespace) -> int:
     with client:
         info = client.model_info()
     if args.json:
-        text = json_format.MessageToJson(
+        fields = json_format.MessageToDict(
             info,
             preserving_proto_field_name=True,
             always_print_fields_with_no_presence=True,
-            sort_keys=True,
         )
+        # The proto3 JSON mapping writes 64-bit integers as strings; beat counts are numbers.
+        fields["train_class_counts"] = {
+            name: int(count) for name, count in fields["train_class_counts"].items()
+        }
+        text = json.dumps(fields, indent=2, sort_keys=True)
     else:
         text = describe_model_info(info)
     sys.stdout.write(text + "\n")
@@ -612,17 +622,47 @@ def _command_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_draws_per_beat=args.max_draws_per_beat,
         )
-    written_names = {
-        "npy": ["synthetic.npy", "synthetic_classes.json"],
-        "csv": ["synthetic.csv"],
-        "wfdb": ["synthetic.hea", "synthetic.dat", "synthetic.atr"],
-    }[args.format]
+    stats = result.stats
+    requested = sum(class_counts.values()) if class_counts else args.count
+    # Draws run in batches, so beats accepted after a class has its count are dropped.
+    surplus = (
+        stats.draws
+        - stats.accepted
+        - stats.pertinence_rejections
+        - stats.privacy_rejections
+        - stats.invalid_rejections
+    )
+    counts_text = (
+        f"{stats.draws} draws (pertinence rejections {stats.pertinence_rejections}, privacy "
+        f"rejections {stats.privacy_rejections}, invalid {stats.invalid_rejections}, accepted "
+        f"beyond the request and dropped {surplus})"
+    )
+    if stats.accepted == 0:
+        raise ApplianceError(
+            f"no beat of the {requested} requested was accepted, from {counts_text}; lower "
+            f"--margin (the call used {stats.margin:.3f}) or raise --max-draws-per-beat. "
+            f"Nothing was written to {args.out}"
+        )
+    written_names = GENERATE_FILES[args.format]
     replaced = [name for name in written_names if (args.out / name).exists()]
     if replaced:
         logger.warning(
             "replacing files of an earlier generate in out=%s files=%s",
             args.out,
             ",".join(replaced),
+        )
+    other_format = [
+        name
+        for names in GENERATE_FILES.values()
+        for name in names
+        if name not in written_names and (args.out / name).exists()
+    ]
+    if other_format:
+        logger.warning(
+            "files of an earlier generate in another format stay in out=%s files=%s; they "
+            "are not from this run, so remove them or pass another --out",
+            args.out,
+            ",".join(other_format),
         )
     try:
         paths = write_beats(
@@ -642,21 +682,9 @@ def _command_generate(args: argparse.Namespace) -> int:
             f"--out {args.out}: writing the {len(result.classes)} generated beats failed "
             f"({exc}); free space or pass another folder, then generate again"
         ) from exc
-    stats = result.stats
-    requested = sum(class_counts.values()) if class_counts else args.count
-    # Draws run in batches, so beats accepted after a class has its count are dropped.
-    surplus = (
-        stats.draws
-        - stats.accepted
-        - stats.pertinence_rejections
-        - stats.privacy_rejections
-        - stats.invalid_rejections
-    )
     sys.stdout.write(
-        f"accepted {stats.accepted} of {requested} requested beats from {stats.draws} draws "
-        f"(pertinence rejections {stats.pertinence_rejections}, privacy rejections "
-        f"{stats.privacy_rejections}, invalid {stats.invalid_rejections}, accepted beyond the "
-        f"request and dropped {surplus}); wrote {', '.join(str(p) for p in paths)}\n"
+        f"accepted {stats.accepted} of {requested} requested beats from {counts_text}; wrote "
+        f"{', '.join(str(p) for p in paths)}\n"
     )
     if stats.budget_exhausted:
         sys.stdout.write(
@@ -1027,9 +1055,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--json",
                 action="store_true",
-                help="print the GetModelInfo reply as JSON with the proto's field names, in "
-                "protobuf's JSON mapping, which writes 64-bit integers such as the class counts "
-                "as strings (default: aligned text)",
+                help="print the GetModelInfo reply as JSON with the proto's field names and "
+                "every field, the class counts as numbers (default: aligned text)",
             )
         if name == "generate":
             sub.add_argument(
@@ -1167,6 +1194,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Each command's parser reports its own unknown options, with its own usage line.
     for command_parser in commands.choices.values():
         command_parser.set_defaults(command_parser=command_parser)
+        # --log-level is accepted after the command too; given there, it wins.
+        command_parser.add_argument(
+            "--log-level",
+            type=str.upper,
+            choices=LOG_LEVELS,
+            default=argparse.SUPPRESS,
+            help=f"logging level, in any case: {', '.join(LOG_LEVELS)} (default: INFO)",
+        )
     return parser
 
 

@@ -317,10 +317,10 @@ class ApplianceClient:
         scores: list[float] = []
         stats, fs_hz = pb.GenerateStats(), 0.0
         for chunk in self.generate_stream(request):
-            if chunk.samples.count:
-                beats.append(decode_samples(chunk.samples))
-                classes.extend(class_name(v) for v in chunk.beat_classes)
-                scores.extend(chunk.scores)
+            # The last response has no beats but the shape, so an empty result keeps it.
+            beats.append(decode_samples(chunk.samples))
+            classes.extend(class_name(v) for v in chunk.beat_classes)
+            scores.extend(chunk.scores)
             fs_hz = chunk.fs_hz or fs_hz
             if chunk.HasField("stats"):
                 stats = chunk.stats

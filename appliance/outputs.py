@@ -188,7 +188,11 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     lines = path.read_text().splitlines()
     header = lines[0].split(",") if lines else []
     if header[:2] != ["class", "score"]:
-        raise ValueError(f"{path} has no 'class,score,...' header; it was not written by generate")
+        raise ValueError(
+            f"{path} has no 'class,score,...' header, so it was not written by generate; save "
+            "other beats with numpy.save as an array of shape (beats, leads, window_samples) in "
+            "mV and pass the .npy file"
+        )
     leads = list(dict.fromkeys(column.rsplit("_", 1)[0] for column in header[2:]))
     rows = [line.split(",") for line in lines[1:] if line]
     values = np.array([[float(v) for v in row[2:]] for row in rows], dtype=np.float32)
@@ -208,7 +212,10 @@ def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
     if count == 0 or signal.shape[0] % count:
         raise ValueError(
             f"WFDB record {record} has {signal.shape[0]} samples and {count} beat annotations; "
-            "validate reads records of consecutive beat windows, one annotation per window"
+            "validate reads records of consecutive beat windows, one annotation per window. "
+            "To score a continuous recording, cut one window per beat as `python -m appliance "
+            "info` describes (window_samples, with pre_r_samples before the R peak), save them "
+            "with numpy.save as (beats, leads, window_samples) in mV and pass the .npy file"
         )
     window = signal.shape[0] // count
     beats = signal.reshape(count, window, signal.shape[1]).transpose(0, 2, 1)

@@ -99,13 +99,14 @@ def load_current(store: Path) -> ModelVersion:
     """
     pointer = store / CURRENT_FILE
     if not pointer.exists():
-        # `python -m appliance run --out DIR` keeps its store in DIR/model-store.
-        inner = store / "model-store"
-        if (inner / CURRENT_FILE).exists():
-            raise ModelStoreError(
-                f"model store {store} has no trained model ({pointer} is missing), but "
-                f"{inner} has one; pass --store {inner}"
-            )
+        # `python -m appliance run --out DIR` keeps its store in DIR/model-store, and a path
+        # inside a store (its versions folder or one version) has the store above it.
+        for nearby in (store / "model-store", store.parent, store.parent.parent):
+            if nearby != store and (nearby / CURRENT_FILE).exists():
+                raise ModelStoreError(
+                    f"model store {store} has no trained model ({pointer} is missing), but "
+                    f"{nearby} has one; pass --store {nearby}"
+                )
         raise ModelStoreError(
             f"model store {store} has no trained model ({pointer} is missing); run "
             "`python -m appliance train --store {store}` first".replace("{store}", str(store))

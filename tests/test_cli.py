@@ -175,6 +175,23 @@ def test_log_level_ignores_case() -> None:
     assert result.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
 
 
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [
+        (["health"], "INFO"),
+        (["--log-level", "debug", "health"], "DEBUG"),
+        (["health", "--log-level", "error"], "ERROR"),
+        (["--log-level", "debug", "health", "--log-level", "warning"], "WARNING"),
+    ],
+)
+def test_log_level_before_or_after_command(argv: list[str], level: str) -> None:
+    from appliance.__main__ import build_parser
+
+    args, unknown = build_parser().parse_known_args(argv)
+    assert unknown == []
+    assert args.log_level == level
+
+
 def test_missing_data_folder_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     result = run_cli("train", "--data", str(missing), "--store", str(tmp_path / "store"))
@@ -448,6 +465,52 @@ def test_generate_again_warns_on_replaced_files(server_address: str, tmp_path: P
     assert np.load(out / "synthetic.npy").shape[0] == 2
 
 
+@pytest.mark.parametrize("out_format", ["npy", "csv", "wfdb"])
+def test_generate_none_accepted_writes_nothing(
+    server_address: str, tmp_path: Path, out_format: str
+) -> None:
+    # Draws at temperature 5 are far from the training beats, so none passes margin 0.99.
+    out = tmp_path / "out"
+    result = run_cli(
+        "generate", "--address", server_address, "--classes", "N=4", "--margin", "0.99",
+        "--temperature", "5", "--max-draws-per-beat", "1", "--seed", "3",
+        "--out", str(out), "--format", out_format,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "no beat of the 4 requested was accepted" in result.stderr
+    assert "lower --margin (the call used 0.990)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_client_generate_none_accepted_keeps_shape(server_address: str) -> None:
+    from appliance.client import ApplianceClient
+
+    with ApplianceClient(server_address) as client:
+        info = client.model_info()
+        result = client.generate(
+            class_counts={"N": 4}, margin=0.99, temperature=5.0, max_draws_per_beat=1, seed=3
+        )
+    assert result.beats.shape == (0, len(info.leads), info.window_samples)
+    assert result.classes == []
+    assert result.stats.accepted == 0
+
+
+def test_generate_other_format_warns_on_stale_files(server_address: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = run_cli("generate", "--address", server_address, "--count", "2", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    second = run_cli(
+        "generate", "--address", server_address, "--count", "2", "--out", str(out),
+        "--format", "csv",
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    warnings = [line for line in second.stderr.splitlines() if "another format" in line]
+    assert len(warnings) == 1
+    assert "files=synthetic.npy,synthetic_classes.json" in warnings[0]
+    assert (out / "synthetic.csv").exists()
+
+
 def test_generate_out_is_file_exit_2(tmp_path: Path) -> None:
     existing = tmp_path / "beats.npy"
     existing.write_bytes(b"")
@@ -684,6 +747,8 @@ def test_info_json_parses_as_reply(server_address: str) -> None:
     # Fields at their default value are printed too, so a min_margin of 0 is not missing.
     assert "min_margin" in fields
     assert "forward_graph_sha256" in fields
+    counts = fields["train_class_counts"]
+    assert counts and all(type(count) is int for count in counts.values())
 
 
 def test_info_closed_port_matches_generate(tmp_path: Path) -> None:
@@ -761,3 +826,32 @@ def test_validate_warns_on_baseline_offset(
     clean_scores = [float(row.split("\t")[1]) for row in clean_rows]
     shifted_scores = [float(row.split("\t")[1]) for row in shifted_rows]
     assert np.median(shifted_scores) < np.median(clean_scores)
+
+
+def test_read_beats_continuous_record_says_how_to_cut(shared_data: Path) -> None:
+    from appliance.outputs import read_beats
+
+    with pytest.raises(ValueError, match="cut one window per beat") as raised:
+        read_beats(shared_data / "mitdb" / "100.hea")
+    assert "650000 samples and 2274 beat annotations" in str(raised.value)
+
+
+def test_read_beats_headerless_csv_says_numpy_save(tmp_path: Path) -> None:
+    from appliance.outputs import read_beats
+
+    plain = tmp_path / "beats.csv"
+    plain.write_text("0.1,0.2,0.3\n0.2,0.3,0.4\n")
+    with pytest.raises(ValueError, match="save other beats with numpy.save"):
+        read_beats(plain)
+
+
+@pytest.mark.parametrize("inside", ["versions", "version"])
+def test_store_path_inside_store_names_store(model_store: Path, inside: str) -> None:
+    from appliance.errors import ModelStoreError
+    from appliance.store import load_current
+
+    path = model_store / "versions"
+    if inside == "version":
+        path = next(path.iterdir())
+    with pytest.raises(ModelStoreError, match=f"pass --store {model_store}$"):
+        load_current(path)
