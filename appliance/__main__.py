@@ -624,18 +624,10 @@ def _command_generate(args: argparse.Namespace) -> int:
         )
     stats = result.stats
     requested = sum(class_counts.values()) if class_counts else args.count
-    # Draws run in batches, so beats accepted after a class has its count are dropped.
-    surplus = (
-        stats.draws
-        - stats.accepted
-        - stats.pertinence_rejections
-        - stats.privacy_rejections
-        - stats.invalid_rejections
-    )
     counts_text = (
         f"{stats.draws} draws (pertinence rejections {stats.pertinence_rejections}, privacy "
         f"rejections {stats.privacy_rejections}, invalid {stats.invalid_rejections}, accepted "
-        f"beyond the request and dropped {surplus})"
+        f"beyond the request and dropped {stats.surplus_dropped})"
     )
     if stats.accepted == 0:
         raise ApplianceError(

@@ -65,6 +65,8 @@ class GenerateResult:
         amplitude_rejections: Draws whose beat exceeded ``max_abs_mv``.
         unstable_rejections: Draws whose z -> x -> z relative error exceeded
             ``ROUNDTRIP_REJECT_REL_ERROR``.
+        surplus_dropped: Draws that passed every check after their class had its count, dropped
+            because a batch draws several candidates at once.
         budget_exhausted: True if some class did not reach its count within the draw budget.
         per_class_draws: Draws per class name.
         privacy_threshold: Distance below which a draw was a near-copy, in the privacy space.
@@ -81,6 +83,7 @@ class GenerateResult:
     non_finite_rejections: int = 0
     amplitude_rejections: int = 0
     unstable_rejections: int = 0
+    surplus_dropped: int = 0
     budget_exhausted: bool = False
     per_class_draws: dict[str, int] = field(default_factory=dict)
     privacy_threshold: float = 0.0
@@ -363,7 +366,9 @@ class Engine:
                 x = self.inverse(z, labels)
                 drawn += batch
                 accepted_mask, batch_scores = self.gate(x, z, labels, margin, result)
-                take_index = np.flatnonzero(accepted_mask)[: wanted - accepted]
+                passed_index = np.flatnonzero(accepted_mask)
+                take_index = passed_index[: wanted - accepted]
+                result.surplus_dropped += passed_index.size - take_index.size
                 beats.append(x[take_index])
                 scores.append(batch_scores[take_index])
                 latents.append(z[take_index])

@@ -398,6 +398,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 stats.pertinence_rejections += result.pertinence_rejections
                 stats.privacy_rejections += result.privacy_rejections
                 stats.invalid_rejections += result.invalid_rejections
+                stats.surplus_dropped += result.surplus_dropped
                 stats.budget_exhausted |= result.budget_exhausted
                 call.counts.update(accepted=stats.accepted, draws=stats.draws)
                 if result.beats.shape[0]:
@@ -410,6 +411,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 pertinence_rejections=stats.pertinence_rejections,
                 privacy_rejections=stats.privacy_rejections,
                 invalid_rejections=stats.invalid_rejections,
+                surplus_dropped=stats.surplus_dropped,
             )
             empty = np.zeros((0, len(engine.leads), engine.window_samples), dtype=np.float32)
             final = self._chunk(engine, empty, np.zeros(0, dtype=np.int64), np.zeros(0), millivolt)
