@@ -451,6 +451,7 @@ def _serve_config(args: argparse.Namespace) -> object:
 def _command_serve(args: argparse.Namespace) -> int:
     from appliance.errors import ModelStoreError
     from appliance.server import ServeConfig, install_signal_handlers, start_server
+    from appliance.store import current_version_id
 
     config = _serve_config(args)
     assert isinstance(config, ServeConfig)
@@ -459,6 +460,8 @@ def _command_serve(args: argparse.Namespace) -> int:
             f"--port-file {args.port_file}: folder {args.port_file.parent} does not exist; "
             "create it or pass a file in an existing folder"
         )
+    # A store with no published model fails before the port opens.
+    current_version_id(args.store)
     try:
         # The port opens first and reports NOT_SERVING until the model is loaded and checked.
         running = start_server(config)

@@ -34,7 +34,7 @@ from appliance.service import (
     ApplianceServicer,
     ThreadPlan,
 )
-from appliance.store import load_current
+from appliance.store import current_version_id, load_current
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -393,6 +393,8 @@ def create_server(store: Path, config: ServeConfig) -> ApplianceServer:
         ValueError: If the bind policy rejects the address or the port cannot be bound.
         RuntimeError: If ``require_gpu`` is set and no GPU provider is available.
     """
+    # A store with no published model fails before the port is bound and logged as listening.
+    current_version_id(store)
     running = start_server(config)
     try:
         running.load(store)

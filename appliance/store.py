@@ -91,11 +91,11 @@ def discard_partial(partial: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
 
 
-def load_current(store: Path) -> ModelVersion:
-    """Load the current version and verify every file against the manifest's SHA-256.
+def current_version_id(store: Path) -> str:
+    """Return the id of the store's current version, as its CURRENT file names it.
 
     Raises:
-        ModelStoreError: If the store, the manifest or a file is missing, or a hash differs.
+        ModelStoreError: If the store has no CURRENT file, naming a nearby folder that has one.
     """
     pointer = store / CURRENT_FILE
     if not pointer.exists():
@@ -111,7 +111,21 @@ def load_current(store: Path) -> ModelVersion:
             f"model store {store} has no trained model ({pointer} is missing); run "
             "`python -m appliance train --store {store}` first".replace("{store}", str(store))
         )
-    version = pointer.read_text().strip()
+    try:
+        return pointer.read_text().strip()
+    except OSError as exc:
+        raise ModelStoreError(
+            f"{pointer} cannot be read ({exc.strerror or exc}); check the store's permissions"
+        ) from exc
+
+
+def load_current(store: Path) -> ModelVersion:
+    """Load the current version and verify every file against the manifest's SHA-256.
+
+    Raises:
+        ModelStoreError: If the store, the manifest or a file is missing, or a hash differs.
+    """
+    version = current_version_id(store)
     path = store / VERSIONS_DIR / version
     manifest_path = path / MANIFEST_FILE
     try:

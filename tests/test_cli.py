@@ -245,6 +245,8 @@ def test_serve_without_model_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "no trained model" in result.stderr
+    # The store is checked before the port opens, so no listening line is logged.
+    assert "server listening" not in result.stderr
 
 
 @pytest.mark.parametrize("port", ["99999", "70000", "65536", "-1", "http"])
