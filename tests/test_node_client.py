@@ -154,6 +154,17 @@ def test_node_beat_shape_matches_model(
     assert len(generated["classes"]) == beats.shape[0]
     assert len(generated["scores"]) == beats.shape[0]
     assert generated["stats"]["accepted"] == beats.shape[0]
+    stats = generated["stats"]
+    rejected = sum(
+        stats[name]
+        for name in (
+            "pertinence_rejections",
+            "privacy_rejections",
+            "invalid_rejections",
+            "surplus_dropped",
+        )
+    )
+    assert stats["accepted"] + rejected == stats["draws"]
 
 
 def test_node_beats_equal_python_bits(

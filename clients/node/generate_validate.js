@@ -282,6 +282,7 @@ async function generate(client, request, info, timeoutS) {
         pertinence_rejections: Number(chunk.stats.pertinence_rejections),
         privacy_rejections: Number(chunk.stats.privacy_rejections),
         invalid_rejections: Number(chunk.stats.invalid_rejections),
+        surplus_dropped: Number(chunk.stats.surplus_dropped),
         privacy_threshold: chunk.stats.privacy_threshold,
         margin: chunk.stats.margin,
         budget_exhausted: chunk.stats.budget_exhausted,
