@@ -36,6 +36,8 @@ from appliance.store import (
 from appliance.train import TrainResult, finite_or_none, one_hot
 
 logger = logging.getLogger(__name__)
+# Model id of the engine that calibrates and checks a version before it is published.
+UNPUBLISHED_MODEL_ID = "unpublished-calibration"
 
 # Opset 20 has a Gelu operator, which ONNX Runtime runs as one kernel. At opset 18 the exporter
 # spells GELU out as Div, Erf, Add and Mul, and the forward graph ran about 1.26 times slower
@@ -209,7 +211,10 @@ def export_model(
         # The draft engine loads the privacy index too: the morphology statistic compares beats
         # with centroids of the training beats.
         manifest["files"]["privacy_index"] = {"name": "privacy_index.npy"}
-        draft = Engine(ModelVersion(path=partial, manifest={**manifest, "model_id": "draft"}))
+        # The id is set at publication, so the log line of this engine names the step instead.
+        draft = Engine(
+            ModelVersion(path=partial, manifest={**manifest, "model_id": UNPUBLISHED_MODEL_ID})
+        )
         known = np.isin(
             calibration_beats.labels, [AAMI_CLASSES.index(c) for c in result.classes_known]
         )
