@@ -14,7 +14,7 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -159,13 +159,43 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def _check_resumable(state: dict[str, Any], config: ApplianceConfig, path: Path) -> None:
-    """Raise ``TrainingError`` if a checkpoint was written with incompatible settings."""
+def record_differences(trained: dict[str, int], found: dict[str, int]) -> list[str]:
+    """Return how two maps of beats per training record differ, one phrase per kind of change.
+
+    Returns:
+        Phrases that name the missing records, the extra records and the changed counts; an
+        empty list when the maps are equal.
+    """
+    missing = sorted(set(trained) - set(found))
+    extra = sorted(set(found) - set(trained))
+    changed = sorted(name for name in set(trained) & set(found) if trained[name] != found[name])
+    differences = []
+    if missing:
+        differences.append(f"training records missing: {', '.join(missing)}")
+    if extra:
+        differences.append(f"records not trained on: {', '.join(extra)}")
+    if changed:
+        differences.append(
+            "beat counts differ for "
+            + ", ".join(f"{name} ({trained[name]} trained, {found[name]} now)" for name in changed)
+        )
+    return differences
+
+
+def _check_resumable(
+    state: dict[str, Any], config: ApplianceConfig, path: Path, train_records: dict[str, int]
+) -> None:
+    """Raise ``TrainingError`` if a checkpoint was written with other settings or other beats.
+
+    The ingest cache folder is left out of the comparison, because it does not change the
+    beats. The beats per training record are compared instead, so that a run resumed on other
+    records cannot leave the first records' beats out of the privacy guard.
+    """
     saved = ApplianceConfig.from_dict(state["config"])
     differences = []
     if saved.model != config.model:
         differences.append(f"model: checkpoint {saved.model}, now {config.model}")
-    if saved.data != config.data:
+    if replace(saved.data, cache_dir="") != replace(config.data, cache_dir=""):
         differences.append(f"data: checkpoint {saved.data}, now {config.data}")
     for name in RESUME_MUST_MATCH:
         before, now = getattr(saved.train, name), getattr(config.train, name)
@@ -174,7 +204,23 @@ def _check_resumable(state: dict[str, Any], config: ApplianceConfig, path: Path)
     if differences:
         raise TrainingError(
             f"cannot resume from {path}: settings differ ({'; '.join(differences)}); "
-            "use the checkpoint's settings, another work folder, or resume=False"
+            "use the checkpoint's settings, or another work folder to start afresh"
+        )
+    trained = state.get("train_records")
+    if trained is None:
+        logger.warning(
+            "checkpoint=%s has no list of its training records (written by an older version), "
+            "so the resumed run cannot check that it trains on the same records",
+            path,
+        )
+        return
+    record_changes = record_differences(dict(trained), train_records)
+    if record_changes:
+        raise TrainingError(
+            f"cannot resume from {path}: the data gives other training beats "
+            f"({'; '.join(record_changes)}). The privacy guard must see every beat the weights "
+            "were trained on, so pass the data folder the checkpoint was trained on, or another "
+            "work folder to start afresh"
         )
 
 
@@ -387,7 +433,7 @@ def _train(
     checkpoint_path = work_dir / CHECKPOINT_FILE
     state = _load_resume_state(checkpoint_path, resume, context)
     if state is not None:
-        _check_resumable(state, config, checkpoint_path)
+        _check_resumable(state, config, checkpoint_path, train_beats.beats_per_record())
 
     # Data: drop classes too rare to learn, cap the common ones, scale to unit deviation.
     counts = np.bincount(train_beats.labels, minlength=len(AAMI_CLASSES))

@@ -179,6 +179,33 @@ def test_resume_rejects_changed_settings(tiny_run, tiny_data, tmp_path) -> None:
         train(changed, *tiny_data, tmp_path, resume=True, progress=False)
 
 
+def test_resume_rejects_other_training_records(tiny_run, tiny_data, tmp_path) -> None:
+    _, work_dir = tiny_run
+    state = torch.load(work_dir / CHECKPOINT_FILE, weights_only=False)
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    train_beats, validation_beats = tiny_data
+    first_record = sorted(set(train_beats.records.tolist()))[0]
+    keep = train_beats.records != first_record
+    fewer = BeatSet(train_beats.windows[keep], train_beats.labels[keep], train_beats.records[keep])
+    with pytest.raises(TrainingError, match=f"training records missing: {first_record}"):
+        train(TINY, fewer, validation_beats, tmp_path, resume=True, progress=False)
+
+
+def test_resume_ignores_cache_folder(tiny_run, tiny_data, tmp_path, caplog) -> None:
+    # The ingest cache does not change the beats, so moving it must not block a resume.
+    _, work_dir = tiny_run
+    state = torch.load(work_dir / CHECKPOINT_FILE, weights_only=False)
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    moved = ApplianceConfig(
+        data=DataConfig(**{**TINY.data.__dict__, "cache_dir": str(tmp_path / "cache")}),
+        model=TINY.model,
+        train=TINY.train,
+    )
+    caplog.set_level(logging.INFO, logger="appliance.train")
+    train(moved, *tiny_data, tmp_path, resume=True, progress=False)
+    assert any("resume checkpoint=" in record.message for record in caplog.records)
+
+
 def _fail_at(monkeypatch: pytest.MonkeyPatch, failing_call: int, mode: str) -> None:
     """Make the training loss (mode "loss") or its gradient (mode "gradient") non-finite."""
     real = train_module.compute_loss
