@@ -33,6 +33,10 @@ RESAMPLE_MAX_DENOMINATOR = 1000
 # Relative difference below which two sampling rates count as equal.
 SAME_RATE_TOLERANCE = 1e-9
 DETECTOR = "detector:xqrs"
+# Lowest sampling rate of a lead that is read as an ECG waveform. A QRS complex lasts about
+# 100 ms, so slower signals (for example numerics written once per second or minute) are not
+# waveforms.
+MIN_LEAD_FS_HZ = 50.0
 
 
 @dataclass
@@ -284,6 +288,9 @@ def _detected_beats(lead: np.ndarray, fs_hz: float, config: DataConfig) -> np.nd
 def read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
     """Read one record and cut beat windows around its R peaks.
 
+    Any failure becomes a ``RecordError``, so that one bad record is reported and skipped while
+    the other records are read.
+
     Beat positions come from the annotation file with ``config.annotation_extension`` when it
     exists and from wfdb's XQRS detector otherwise (labelled Q, unclassifiable). The XQRS pass
     took 7.6 s for 30 minutes at 360 Hz on one core (MIT-BIH record 100), and longer on noise.
@@ -299,11 +306,29 @@ def read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
     Raises:
         RecordError: If the record cannot be used; the reason says why.
     """
+    try:
+        return _read_record(path, record, config)
+    except RecordError:
+        raise
+    except Exception as exc:  # any failure of one record skips that record
+        logger.debug("record=%s read failed", record, exc_info=True)
+        raise RecordError(record, f"cannot be processed ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
+    """Read one record as ``read_record`` does, letting unexpected errors through."""
     header_path = path.with_name(f"{path.name}.hea")
     if not header_path.exists():
         raise RecordError(record, f"header file {header_path} not found")
+    if not header_path.is_file():
+        raise RecordError(record, f"header {header_path} is not a file")
     warnings: list[str] = []
-    lines = header_lines(header_path)
+    try:
+        lines = header_lines(header_path)
+    except OSError as exc:
+        raise RecordError(
+            record, f"header {header_path} cannot be read ({exc.strerror or exc})"
+        ) from exc
     if not lines:
         raise RecordError(record, "header file is empty")
     try:
@@ -316,7 +341,20 @@ def read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
         raise RecordError(record, "signal has no samples")
 
     model_leads, invalid_masks, invalid_total = [], [], 0
-    for lead, fs_hz in zip(leads, rates, strict=True):
+    for lead, fs_hz, name in zip(leads, rates, names, strict=True):
+        if not (np.isfinite(fs_hz) and fs_hz >= MIN_LEAD_FS_HZ):
+            raise RecordError(
+                record,
+                f"lead {name} is sampled at {fs_hz:g} Hz, below the {MIN_LEAD_FS_HZ:g} Hz of an "
+                "ECG waveform; check the header's sampling rate or choose another lead",
+            )
+        window_at_lead_rate = config.window_samples * fs_hz / config.fs_hz
+        if lead.size < window_at_lead_rate:
+            raise RecordError(
+                record,
+                f"lead {name} has {lead.size} samples, fewer than one beat window "
+                f"({window_at_lead_rate:.0f} samples at {fs_hz:g} Hz)",
+            )
         bad = ~np.isfinite(lead)
         if bad.all():
             raise RecordError(record, "every sample of a chosen lead is invalid (NaN)")

@@ -74,6 +74,25 @@ def write_short_signal(folder: Path) -> Path:
     return path
 
 
+def write_tiny_signal(folder: Path) -> Path:
+    path = write_record(folder, "tiny")
+    data = path.with_suffix(".dat")
+    # 8 frames of 2 signals of 2 bytes: too short for one beat window or the filter.
+    data.write_bytes(data.read_bytes()[: 8 * 4])
+    return path
+
+
+def write_slow_rate(folder: Path) -> Path:
+    path = write_record(folder, "slow")
+    edit_header(path, f"slow 2 {FS_HZ} ", "slow 2 1 ")
+    return path
+
+
+def write_header_folder(folder: Path) -> Path:
+    (folder / "dirhead.hea").mkdir()
+    return folder / "dirhead"
+
+
 def write_missing_segment(folder: Path) -> Path:
     write_record(folder, "seg_a")
     write_record(folder, "seg_b", source="101")
@@ -146,6 +165,21 @@ def test_short_signal_reads_frames_present(tmp_path):
     assert len(beats.labels) > 50
 
 
+def test_signal_shorter_than_window_is_skipped(tmp_path):
+    with pytest.raises(RecordError, match="lead MLII has 8 samples, fewer than one beat window"):
+        read_record(write_tiny_signal(tmp_path), "tiny", CONFIG)
+
+
+def test_slow_sampling_rate_is_skipped(tmp_path):
+    with pytest.raises(RecordError, match="lead MLII is sampled at 1 Hz, below the 50 Hz"):
+        read_record(write_slow_rate(tmp_path), "slow", CONFIG)
+
+
+def test_header_folder_is_skipped(tmp_path):
+    with pytest.raises(RecordError, match="is not a file"):
+        read_record(write_header_folder(tmp_path), "dirhead", CONFIG)
+
+
 def test_missing_segment_is_skipped(tmp_path):
     path = write_missing_segment(tmp_path)
     with pytest.raises(RecordError, match="declares 3 segments but lists 2"):
@@ -182,6 +216,9 @@ def test_mixed_folder_reads_good_records(tmp_path, caplog):
     write_missing_segment(tmp_path)
     write_nan_run(tmp_path)
     write_unknown_symbols(tmp_path)
+    write_tiny_signal(tmp_path)
+    write_slow_rate(tmp_path)
+    write_header_folder(tmp_path)
     dataset = ingest(tmp_path, CONFIG)
     report = dataset.report
 
@@ -197,7 +234,7 @@ def test_mixed_folder_reads_good_records(tmp_path, caplog):
         "oddsymbols",
     }
     assert set(report.records_read) == read
-    assert set(report.records_skipped) == {"gain0", "multi"}
+    assert set(report.records_skipped) == {"gain0", "multi", "tiny", "slow", "dirhead"}
     assert "ADC gain 0" in report.records_skipped["gain0"]
     assert "declares 3 segments" in report.records_skipped["multi"]
     # The segments of "multi" are not records of their own.
@@ -205,7 +242,7 @@ def test_mixed_folder_reads_good_records(tmp_path, caplog):
     assert report.beats_skipped["unknown_symbol"] == 20
     assert sum(len(dataset.splits[s]) for s in dataset.splits) > 1000
 
-    for record in ("gain0", "multi"):
+    for record in ("gain0", "multi", "tiny", "slow", "dirhead"):
         lines = [
             r.getMessage()
             for r in caplog.records
@@ -213,7 +250,7 @@ def test_mixed_folder_reads_good_records(tmp_path, caplog):
         ]
         assert len(lines) == 1, record
     table = report.table()
-    assert "records read: 9  skipped: 2" in table
+    assert "records read: 9  skipped: 5" in table
     assert "skipped gain0: lead MLII has ADC gain 0" in table
     assert "read with warnings short" in table
     assert table.splitlines()[-4].split() == ["split", "N", "S", "V", "F", "Q", "total"]
