@@ -13,11 +13,13 @@ import wfdb
 from scipy import signal
 from wfdb import processing
 
+from appliance.baseline import UNIT_HIGH_MV
 from appliance.classes import AAMI_CLASSES, BEAT_SYMBOL_TO_AAMI, NON_BEAT_SYMBOLS
 from appliance.config import DataConfig
 from appliance.errors import RecordError
 from appliance.ingest_checks import (
     check_adc_gains,
+    check_sampling_rate,
     check_segment_count,
     header_lines,
     header_without_base_time,
@@ -37,6 +39,10 @@ DETECTOR = "detector:xqrs"
 # 100 ms, so slower signals (for example numerics written once per second or minute) are not
 # waveforms.
 MIN_LEAD_FS_HZ = 50.0
+# Percentile of a lead's absolute values, after baseline removal, that must stay under
+# UNIT_HIGH_MV. Above it the header's gain or units are wrong, and the beats would swamp the
+# training scale. The percentile lets a few saturated spikes through.
+LEAD_AMPLITUDE_PERCENTILE = 99.0
 
 
 @dataclass
@@ -146,6 +152,7 @@ def _read_leads(
         rate of each lead; the lead names; the frame rate of the record.
     """
     multi_segment = "/" in lines[0].split()[0]
+    check_sampling_rate(record, lines)
     sample_to: int | None = None
     with contextlib.ExitStack() as stack:
         read_path = path
@@ -163,7 +170,7 @@ def _read_leads(
         channels = choose_leads(record, names, config)
         chosen = [names[c] for c in channels]
         for segment_lines in segments:
-            check_adc_gains(record, segment_lines, chosen)
+            check_adc_gains(record, segment_lines, chosen, config.leads)
         if not multi_segment:
             frames = readable_frames(record, path.with_name(f"{path.name}.hea"), lines)
             declared = int(header.sig_len or 0)
@@ -360,6 +367,14 @@ def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
             raise RecordError(record, "every sample of a chosen lead is invalid (NaN)")
         invalid_total += int(bad.sum())
         model = preprocess(_fill_nan(lead), fs_hz, config)
+        amplitude_mv = float(np.percentile(np.abs(model), LEAD_AMPLITUDE_PERCENTILE))
+        if not amplitude_mv <= UNIT_HIGH_MV:
+            raise RecordError(
+                record,
+                f"lead {name} reaches {amplitude_mv:.3g} mV ({LEAD_AMPLITUDE_PERCENTILE:g}th "
+                f"percentile after baseline removal), beyond the {UNIT_HIGH_MV:g} mV of an ECG; "
+                "check the header's ADC gain and units",
+            )
         model_leads.append(model)
         invalid_masks.append(_invalid_at_model_rate(bad, fs_hz, config, model.size))
     size = min(lead.size for lead in model_leads)

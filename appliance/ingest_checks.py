@@ -1,9 +1,10 @@
 """Checks on the raw text of WFDB headers and on signal file sizes, made before wfdb reads them.
 
-wfdb 4.3.1 hides some header defects: it replaces an ADC gain of 0 with 200 (so an uncalibrated
-signal reads as if it were in mV), rejects a whole record for a malformed base time, and fails
-with a NumPy broadcast error when a signal file is shorter than the header declares. The functions
-here find those defects in the header text itself, so that ingest can name them.
+wfdb 4.3.1 hides some header defects: it replaces an ADC gain of 0, NaN or infinity with 200 (so
+an uncalibrated signal reads as if it were in mV), reads a sampling rate it cannot parse (such as
+-360) as 250 Hz and one written as 1e6 as 1 Hz, rejects a whole record for a malformed base time,
+and fails with a NumPy broadcast error when a signal file is shorter than the header declares.
+The functions here find those defects in the header text itself, so that ingest can name them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ BYTES_PER_SAMPLE: dict[int, float] = {
     32: 4.0,
 }
 _FORMAT_FIELD = re.compile(r"^(?P<format>\d+)(?:x(?P<spf>\d+))?(?::\d+)?(?:\+(?P<offset>\d+))?$")
-_GAIN_FIELD = re.compile(r"^(?P<gain>[-+0-9.eE]+)")
+# The gain field is "gain[(baseline)][/units]"; the gain is the text before "(" or "/".
+_GAIN_FIELD = re.compile(r"^(?P<gain>[^(/]*)")
+# A sampling rate as the WFDB header format writes it: a plain decimal number.
+_RATE_TEXT = re.compile(r"^(\d+\.?\d*|\.\d+)$")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ class SignalLine:
         format_code: WFDB storage format (16, 212, ...).
         samples_per_frame: Samples of this signal in each frame.
         byte_offset: Bytes skipped at the start of the signal file.
-        adc_gain: ADC units per physical unit as written, or None when the field is absent.
+        adc_gain: ADC units per physical unit as written, None when the field is absent, and
+            NaN when the field is present but not a number.
         name: Signal (lead) name, or an empty string when the line has none.
     """
 
@@ -78,7 +83,12 @@ def parse_signal_lines(lines: list[str]) -> list[SignalLine]:
         gain = None
         if len(fields) > 2:
             gain_match = _GAIN_FIELD.match(fields[2])
-            gain = float(gain_match["gain"]) if gain_match else None
+            gain_text = gain_match["gain"] if gain_match else ""
+            if gain_text:
+                try:
+                    gain = float(gain_text)
+                except ValueError:
+                    gain = math.nan
         signals.append(
             SignalLine(
                 file_name=fields[0],
@@ -92,19 +102,53 @@ def parse_signal_lines(lines: list[str]) -> list[SignalLine]:
     return signals
 
 
-def check_adc_gains(record: str, lines: list[str], lead_names: list[str]) -> None:
-    """Raise if a chosen lead has an ADC gain of 0, which WFDB defines as uncalibrated.
+def check_adc_gains(
+    record: str, lines: list[str], lead_names: list[str], preferred: tuple[str, ...] = ()
+) -> None:
+    """Raise if a chosen lead's ADC gain is 0 (uncalibrated in WFDB) or not a finite number.
+
+    A gain that is not a number can make wfdb misread the lead's name, so that another lead is
+    chosen in its place. Such a gain is therefore also checked on the ``preferred`` leads.
+    Lead names are compared with runs of white space folded to one space, as lead choice does.
 
     Raises:
         RecordError: Naming the lead, because its amplitudes cannot be converted to mV.
     """
+    chosen = {" ".join(name.split()) for name in lead_names}
+    checked = chosen | {" ".join(name.split()) for name in preferred}
     for signal in parse_signal_lines(lines):
-        if signal.name in lead_names and signal.adc_gain == 0:
+        if signal.name not in checked or signal.adc_gain is None:
+            continue
+        if signal.adc_gain == 0 and signal.name in chosen:
             raise RecordError(
                 record,
                 f"lead {signal.name} has ADC gain 0 in its header (uncalibrated, so its "
                 "amplitude in mV is unknown); write the gain in ADC units per mV",
             )
+        if not math.isfinite(signal.adc_gain):
+            raise RecordError(
+                record,
+                f"lead {signal.name} has an ADC gain in its header that is not a finite number "
+                "(wfdb would read it as 200); write the gain in ADC units per mV",
+            )
+
+
+def check_sampling_rate(record: str, lines: list[str]) -> None:
+    """Raise if the record line's sampling rate is not a positive plain decimal number.
+
+    Raises:
+        RecordError: With the text as written, because wfdb would read another rate.
+    """
+    fields = lines[0].split()
+    if len(fields) < 3:
+        return  # no rate field: WFDB's default of 250 Hz is part of the format
+    rate_text = fields[2].split("/")[0]
+    if not _RATE_TEXT.match(rate_text) or float(rate_text) <= 0:
+        raise RecordError(
+            record,
+            f"sampling rate {rate_text!r} on the header's record line is not a positive "
+            "decimal number such as 360 or 62.5, so wfdb would read another rate; correct it",
+        )
 
 
 def readable_frames(record: str, header_path: Path, lines: list[str]) -> int | None:

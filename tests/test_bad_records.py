@@ -180,6 +180,37 @@ def test_header_folder_is_skipped(tmp_path):
         read_record(write_header_folder(tmp_path), "dirhead", CONFIG)
 
 
+@pytest.mark.parametrize("gain", ["nan", "inf", "abc"])
+def test_non_numeric_gain_is_skipped(tmp_path, gain: str):
+    path = write_record(tmp_path, "oddgain")
+    edit_header(path, "200.0(1024)/mV", f"{gain}(1024)/mV")
+    with pytest.raises(RecordError, match="lead MLII has an ADC gain .* not a finite number"):
+        read_record(path, "oddgain", CONFIG)
+
+
+def test_gain_zero_found_despite_spaced_name(tmp_path):
+    path = write_record(tmp_path, "spaced")
+    edit_header(path, "spaced.dat 16 200", "spaced.dat 16 0")
+    edit_header(path, " MLII", "  MLII")
+    with pytest.raises(RecordError, match="ADC gain 0"):
+        read_record(path, "spaced", CONFIG)
+
+
+def test_absurd_gain_amplitude_is_skipped(tmp_path):
+    path = write_record(tmp_path, "tinygain")
+    edit_header(path, "200.0(1024)/mV", "1e-30(1024)/mV")
+    with pytest.raises(RecordError, match="lead MLII reaches .* mV .* check the header's ADC"):
+        read_record(path, "tinygain", CONFIG)
+
+
+@pytest.mark.parametrize("rate", ["-360", "1e6", "0"])
+def test_unparsable_sampling_rate_is_skipped(tmp_path, rate: str):
+    path = write_record(tmp_path, "oddrate")
+    edit_header(path, f"oddrate 2 {FS_HZ} ", f"oddrate 2 {rate} ")
+    with pytest.raises(RecordError, match=f"sampling rate '{rate}' on the header's record line"):
+        read_record(path, "oddrate", CONFIG)
+
+
 def test_missing_segment_is_skipped(tmp_path):
     path = write_missing_segment(tmp_path)
     with pytest.raises(RecordError, match="declares 3 segments but lists 2"):
