@@ -5,6 +5,10 @@ in nanoseconds of the header, signal, segment and annotation files), of the sett
 the windows, and of ``CACHE_FORMAT``. Editing, replacing or touching any of those files, or
 changing a setting, gives a new key, so the stale entry is never read. It is deleted when the
 new entry is written. Records that failed are cached too, with their reason.
+
+An entry that cannot be read or decoded (a truncated or empty file, metadata with missing or
+unknown fields, arrays of inconsistent shapes, or non-finite windows) is logged at WARNING and
+treated as a miss, so the record is read from its WFDB files again and the entry is rewritten.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,24 @@ SETTINGS_OUTSIDE_KEY = frozenset(
 # Hex digits of the key in an entry's file name (128 bits).
 KEY_CHARS = 32
 _ARRAYS = ("windows", "labels", "r_samples")
+# RecordBeats fields stored in an entry's JSON metadata, with the JSON types they must have.
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "fs_hz": (int, float),
+    "leads": list,
+    "beat_source": str,
+    "skipped": dict,
+    "lead_fs_hz": list,
+    "beats_found": int,
+    "invalid_samples": int,
+    "warnings": list,
+}
+# Errors that reading a damaged .npz file raises: a truncated file gives BadZipFile, an empty
+# one EOFError, a missing array KeyError and unparsable metadata ValueError.
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
+class DamagedEntryError(ValueError):
+    """A cache entry whose content cannot be turned back into a record's result."""
 
 
 def record_files(path: Path, config: DataConfig) -> list[Path]:
@@ -96,23 +119,33 @@ class IngestCache:
         return self.folder / f"{_safe_name(record)}-{key[:KEY_CHARS]}.npz"
 
     def load(self, record: str, key: str) -> RecordBeats | RecordError | None:
-        """Return the cached beats or cached failure of a record, or None on a miss."""
+        """Return the cached beats or cached failure of a record, or None on a miss.
+
+        A damaged entry counts as a miss and is logged once at WARNING with its path and the
+        reason. The next ``store`` of the record replaces it.
+        """
         entry = self._entry(record, key)
         try:
-            with np.load(entry, allow_pickle=False) as stored:
+            # The file is opened here because np.load leaves a path it opened unclosed when the
+            # zip directory is damaged (numpy 2.4).
+            with entry.open("rb") as file, np.load(file, allow_pickle=False) as stored:
                 meta = json.loads(str(stored["meta"]))
                 arrays = {name: stored[name] for name in _ARRAYS if name in stored}
+            result = _decode(record, meta, arrays)
         except FileNotFoundError:
             self.misses += 1
             return None
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("cache_entry=%s action=ignore reason=%s", entry, exc)
+        except (*_READ_ERRORS, DamagedEntryError) as exc:
+            logger.warning(
+                "damaged ingest cache entry ignored cache_entry=%s record=%s reason=%r",
+                entry,
+                record,
+                str(exc) or type(exc).__name__,
+            )
             self.misses += 1
             return None
         self.hits += 1
-        if "error" in meta:
-            return RecordError(record, meta["error"])
-        return RecordBeats(record=record, **arrays, **meta)
+        return result
 
     def store(self, record: str, key: str, result: RecordBeats | RecordError) -> None:
         """Write a record's beats or failure, replacing older entries of the same record."""
@@ -122,19 +155,7 @@ class IngestCache:
             meta: dict[str, Any] = {"error": result.reason}
         else:
             arrays = {name: getattr(result, name) for name in _ARRAYS}
-            meta = {
-                name: getattr(result, name)
-                for name in (
-                    "fs_hz",
-                    "leads",
-                    "beat_source",
-                    "skipped",
-                    "lead_fs_hz",
-                    "beats_found",
-                    "invalid_samples",
-                    "warnings",
-                )
-            }
+            meta = {name: getattr(result, name) for name in _META_TYPES}
         entry = self._entry(record, key)
         for old in self.folder.glob(f"{_safe_name(record)}-*.npz"):
             if old != entry and old.stem[: -len("-") - KEY_CHARS] == _safe_name(record):
@@ -144,6 +165,44 @@ class IngestCache:
         with os.fdopen(handle, "wb") as file:
             np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(temporary, entry)
+
+
+def _decode(record: str, meta: object, arrays: dict[str, np.ndarray]) -> RecordBeats | RecordError:
+    """Rebuild a record's result from an entry's metadata and arrays.
+
+    Raises:
+        DamagedEntryError: If a field is missing, unknown or of the wrong type, the arrays
+            disagree in shape, or a window contains NaN or infinity.
+    """
+    if not isinstance(meta, dict):
+        raise DamagedEntryError(f"metadata is a JSON {type(meta).__name__}, not an object")
+    if "error" in meta:
+        if set(meta) != {"error"} or not isinstance(meta["error"], str) or arrays:
+            raise DamagedEntryError("failure entry has fields or arrays besides its reason")
+        return RecordError(record, meta["error"])
+    missing = sorted(set(_META_TYPES) - set(meta))
+    unknown = sorted(set(meta) - set(_META_TYPES))
+    if missing or unknown:
+        raise DamagedEntryError(f"metadata fields missing={missing} unknown={unknown}")
+    for name, expected in _META_TYPES.items():
+        # bool is a subclass of int in Python but never a valid count or rate here.
+        if isinstance(meta[name], bool) or not isinstance(meta[name], expected):
+            raise DamagedEntryError(f"metadata field {name} is a JSON {type(meta[name]).__name__}")
+    absent = [name for name in _ARRAYS if name not in arrays]
+    if absent:
+        raise DamagedEntryError(f"arrays missing: {', '.join(absent)}")
+    windows, labels, r_samples = (arrays[name] for name in _ARRAYS)
+    if windows.ndim != 3 or labels.shape != (len(windows),) or r_samples.shape != labels.shape:
+        raise DamagedEntryError(
+            f"array shapes disagree: windows {windows.shape}, labels {labels.shape}, "
+            f"r_samples {r_samples.shape}"
+        )
+    if not np.issubdtype(windows.dtype, np.floating):
+        raise DamagedEntryError(f"windows have dtype {windows.dtype}, not floating point")
+    if not np.isfinite(windows).all():
+        bad = int(np.count_nonzero(~np.isfinite(windows).all(axis=(1, 2))))
+        raise DamagedEntryError(f"{bad} of {len(windows)} windows contain NaN or infinity")
+    return RecordBeats(record=record, windows=windows, labels=labels, r_samples=r_samples, **meta)
 
 
 def _safe_name(record: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -147,3 +149,67 @@ def test_cache_invalidated_by_settings(small_folder, tmp_path):
     # The split does not change a record's windows, so it stays out of the key.
     resplit = ingest(small_folder, dataclasses.replace(changed_config, split_seed=7))
     assert resplit.report.cache_hits == 3
+
+
+def _rewrite_entry(entry: Path, change: str) -> None:
+    """Damage a cache entry in place the way ``change`` names."""
+    if change == "truncated":
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+        return
+    if change == "empty":
+        entry.write_bytes(b"")
+        return
+    with np.load(entry, allow_pickle=False) as stored:
+        meta = json.loads(str(stored["meta"]))
+        arrays = {name: stored[name] for name in stored.files if name != "meta"}
+    if change == "extra_key":
+        meta["future_field"] = 1
+    elif change == "missing_key":
+        del meta["beat_source"]
+    elif change in ("nan_window", "inf_window"):
+        arrays["windows"] = arrays["windows"].copy()
+        arrays["windows"][3, 0, 10] = np.nan if change == "nan_window" else np.inf
+    with entry.open("wb") as file:
+        np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("truncated", ""),
+        ("empty", ""),
+        ("extra_key", "unknown=['future_field']"),
+        ("missing_key", "missing=['beat_source']"),
+        ("nan_window", "1 of"),
+        ("inf_window", "NaN or infinity"),
+    ],
+)
+def test_cache_damaged_entry_reread(
+    small_folder: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+    reason: str,
+) -> None:
+    cache = tmp_path / "cache"
+    config = DataConfig(split="random", cache_dir=str(cache))
+    cold = ingest(small_folder, config)
+    (entry,) = cache.glob("101-*.npz")
+    _rewrite_entry(entry, change)
+
+    with caplog.at_level(logging.WARNING, logger="appliance.ingest_cache"):
+        again = ingest(small_folder, config)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    damaged = [message for message in warnings if "damaged ingest cache entry" in message]
+    assert len(damaged) == 1, warnings
+    assert f"cache_entry={entry}" in damaged[0]
+    assert "record=101" in damaged[0]
+    assert reason in damaged[0]
+    assert again.report.cache_hits == 2
+    for name in cold.splits:
+        np.testing.assert_array_equal(cold.splits[name].windows, again.splits[name].windows)
+        np.testing.assert_array_equal(cold.splits[name].labels, again.splits[name].labels)
+
+    # The re-read record replaced the damaged entry.
+    assert [path.name for path in cache.glob("101-*.npz")] == [entry.name]
+    assert ingest(small_folder, config).report.cache_hits == 3
