@@ -303,6 +303,13 @@ def _command_train(args: argparse.Namespace) -> int:
 
     config = _config(args)
     work_dir = args.work_dir or (args.store / "training")
+    # Checked before ingest and training, which take minutes. The created folders are kept,
+    # because under torchrun every rank runs this check at once and one rank's cleanup could
+    # remove the folder another rank is probing.
+    _check_output_folder("--store", args.store, keep_created=True)
+    work_dir_option = "--work-dir" if args.work_dir is not None else "--work-dir (STORE/training)"
+    _check_output_folder(work_dir_option, work_dir, keep_created=True)
+    _check_cache_dir(args)
     try:
         job = train_and_export(
             args.data,
@@ -689,12 +696,37 @@ def _command_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable_folder(folder: Path) -> None:
+def _check_output_folder(option: str, folder: Path, keep_created: bool = False) -> None:
+    """Raise ``UsageError`` unless ``folder``, the value of ``option``, can be written to.
+
+    Arguments:
+        option: Option name that error messages start with, e.g. ``--store``.
+        folder: Folder that the command writes into; it may be missing.
+        keep_created: Keep the folders that the check creates, for commands that write into
+            them anyway.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(
+            f"{option} {folder} is a file; pass a folder, which is created if missing"
+        )
+    _check_writable_folder(folder, option, keep_created)
+
+
+def _check_cache_dir(args: argparse.Namespace) -> None:
+    """Check ``--cache-dir`` before ingest, which would fail on its first cache entry."""
+    if args.cache_dir is not None:
+        # The cache folder is created on the first entry anyway, so it is kept.
+        _check_output_folder("--cache-dir", args.cache_dir, keep_created=True)
+
+
+def _check_writable_folder(
+    folder: Path, option: str = "--out", keep_created: bool = False
+) -> None:
     """Create ``folder`` and a file in it, then remove both, or raise ``UsageError``.
 
-    The check leaves no folder or file behind. It tries the write instead of asking
-    ``os.access``, because ``os.access`` reports success to root on folders such as ``/proc``
-    where creating a folder fails.
+    Unless ``keep_created`` is set, the check leaves no folder or file behind. It tries the
+    write instead of asking ``os.access``, because ``os.access`` reports success to root on
+    folders such as ``/proc`` where creating a folder fails.
     """
     created = []
     missing = folder
@@ -709,12 +741,12 @@ def _check_writable_folder(folder: Path) -> None:
             pass
     except OSError as exc:
         raise UsageError(
-            f"--out {folder}: {step} failed ({exc.strerror or exc}); pass a folder that this "
-            "user can create and write to, e.g. under the home or current folder"
+            f"{option} {folder}: {step} failed ({exc.strerror or exc}); pass a folder that "
+            "this user can create and write to, e.g. under the home or current folder"
         ) from exc
     finally:
         # Deepest first, so each folder is empty when it is removed.
-        for path in created:
+        for path in [] if keep_created else created:
             try:
                 path.rmdir()
             except FileNotFoundError:
@@ -821,6 +853,11 @@ def _command_report(args: argparse.Namespace) -> int:
     from appliance.quality.report import build_report, embedded_html
     from appliance.report_store import attach_report
 
+    # Checked before the evaluation, which takes minutes.
+    _check_report_temperature(args.temperature)
+    _check_output_folder("--out", args.out)
+    _check_cache_dir(args)
+    _check_report_margin(args.store, args.margin)
     figures = build_report(
         args.store,
         args.data,
@@ -843,14 +880,62 @@ def _command_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_quality_report(args: argparse.Namespace) -> int:
-    from appliance.client import ApplianceClient, write_quality_report
+def _check_report_temperature(temperature: float) -> None:
+    """Raise ``UsageError`` unless the server would accept ``temperature`` in a request."""
+    from appliance.service import MAX_TEMPERATURE
 
+    if not (math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE):
+        raise UsageError(
+            f"--temperature={temperature:g} is out of range; use a value above 0 and at most "
+            f"{MAX_TEMPERATURE:g}, as the server requires"
+        )
+
+
+def _check_report_margin(store: Path, margin: float | None) -> None:
+    """Raise ``UsageError`` unless ``margin`` is within the current model's gate range.
+
+    Raises:
+        ModelStoreError: If the store has no valid current version.
+    """
+    from appliance.errors import ModelStoreError
+    from appliance.store import load_current
+
+    version = load_current(store)
+    if margin is None:
+        return
+    gate = version.manifest.get("gate", {})
+    try:
+        low, high = float(gate["min_margin"]), float(gate["max_margin"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelStoreError(
+            f"manifest of model version {version.path} has no valid gate min_margin and "
+            f"max_margin ({exc!r}); retrain with this version of the appliance"
+        ) from exc
+    if not (math.isfinite(margin) and low <= margin <= high):
+        raise UsageError(
+            f"--margin={margin:g} is out of range for model {version.manifest.get('model_id')}; "
+            f"use {low:g} to {high:g}, the model's min_margin to max_margin"
+        )
+
+
+def _command_quality_report(args: argparse.Namespace) -> int:
+    from appliance.client import QUALITY_HTML, ApplianceClient, write_quality_report
+
+    # Checked before the call, so that an unusable folder does not waste the transfer.
+    _check_output_folder("--out", args.out)
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
         reply = client.quality_report(include_html=not args.no_html)
     paths = write_quality_report(reply, args.out)
+    stale_page = args.out / QUALITY_HTML
+    if stale_page not in paths and stale_page.exists():
+        logger.warning(
+            "page of an earlier quality report kept path=%s; it may not match the new %s, so "
+            "remove it or pass another --out",
+            stale_page,
+            paths[0].name,
+        )
     sys.stdout.write(
         f"quality report of model {reply.model_id}, computed {reply.created_at}: wrote "
         f"{', '.join(str(p) for p in paths)}\n"
@@ -861,6 +946,7 @@ def _command_quality_report(args: argparse.Namespace) -> int:
 def _command_run(args: argparse.Namespace) -> int:
     from appliance.pipeline import run_main_job
 
+    _check_cache_dir(args)
     summary = run_main_job(args.data, args.out, _config(args), progress=not args.no_progress)
     sys.stdout.write(summary.table + "\n")
     return 0

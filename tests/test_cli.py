@@ -857,3 +857,192 @@ def test_store_path_inside_store_names_store(model_store: Path, inside: str) -> 
         path = next(path.iterdir())
     with pytest.raises(ModelStoreError, match=f"pass --store {model_store}$"):
         load_current(path)
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """Return the ``error:`` lines of a command's standard error."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    ("option", "placement"),
+    [
+        ("--store", "file"),
+        ("--store", "under_file"),
+        ("--work-dir", "file"),
+        ("--work-dir", "under_file"),
+        ("--cache-dir", "file"),
+    ],
+)
+def test_train_folder_is_file_exits_2(tmp_path: Path, option: str, placement: str) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a folder\n")
+    folder = existing if placement == "file" else existing / "sub"
+    store = folder if option == "--store" else tmp_path / "store"
+    extra = [] if option == "--store" else [option, str(folder)]
+    # A missing --data folder shows that the check runs before ingest reads any record.
+    missing_data = tmp_path / "no-records"
+    result = run_cli(
+        "train", "--data", str(missing_data), "--store", str(store), *extra, timeout_s=120.0
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {option} {folder}")
+    assert "pass a folder" in lines[0]
+    if placement == "file":
+        assert f"{option} {folder} is a file" in lines[0]
+    else:
+        assert "creating the folder failed (Not a directory)" in lines[0]
+    assert str(missing_data) not in result.stderr
+    assert existing.read_text() == "not a folder\n"
+
+
+def test_run_cache_dir_is_file_exits_2(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.npz"
+    cache.write_bytes(b"")
+    result = run_cli(
+        "run", "--data", str(tmp_path / "no-records"), "--out", str(tmp_path / "out"),
+        "--cache-dir", str(cache), timeout_s=120.0,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert error_lines(result) == [
+        f"error: --cache-dir {cache} is a file; pass a folder, which is created if missing"
+    ]
+
+
+@pytest.mark.parametrize("placement", ["file", "under_file"])
+def test_report_out_is_file_exits_2(tmp_path: Path, placement: str) -> None:
+    existing = tmp_path / "quality.html"
+    existing.write_text("<html></html>\n")
+    out = existing if placement == "file" else existing / "report"
+    # The store is missing, so a check after loading the model would name the store instead.
+    result = run_cli(
+        "report", "--store", str(tmp_path / "no-store"), "--data", str(DEFAULT_DATA_DIR),
+        "--out", str(out), timeout_s=120.0,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --out {out}")
+    assert "pass a folder" in lines[0]
+    assert "no-store" not in result.stderr
+
+
+def test_report_cache_dir_is_file_exits_2(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.write_text("")
+    result = run_cli(
+        "report", "--store", str(tmp_path / "no-store"), "--data", str(DEFAULT_DATA_DIR),
+        "--out", str(tmp_path / "out"), "--cache-dir", str(cache), timeout_s=120.0,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert error_lines(result) == [
+        f"error: --cache-dir {cache} is a file; pass a folder, which is created if missing"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "0", "-1", "5.5"])
+def test_report_temperature_out_of_range_exits_2(tmp_path: Path, temperature: str) -> None:
+    from appliance.service import MAX_TEMPERATURE
+
+    result = run_cli(
+        "report", "--store", str(tmp_path / "no-store"), "--data", str(DEFAULT_DATA_DIR),
+        "--out", str(tmp_path / "out"), "--temperature", temperature, "--margin", "-1",
+        timeout_s=120.0,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --temperature={float(temperature):g} is out of range")
+    assert f"above 0 and at most {MAX_TEMPERATURE:g}" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("margin", ["-1", "nan", "1.5", "inf"])
+def test_report_margin_out_of_range_exits_2(
+    model_store: Path, tmp_path: Path, margin: str
+) -> None:
+    from appliance.store import load_current
+
+    gate = load_current(model_store).manifest["gate"]
+    # A missing --data folder shows that the check runs before the evaluation reads records.
+    result = run_cli(
+        "report", "--store", str(model_store), "--data", str(tmp_path / "no-records"),
+        "--out", str(tmp_path / "out"), "--margin", margin, "--no-attach", timeout_s=300.0,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --margin={float(margin):g} is out of range for model")
+    assert f"use {gate['min_margin']:g} to {gate['max_margin']:g}" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_margin_in_range_passes(model_store: Path) -> None:
+    from appliance.__main__ import _check_report_margin
+    from appliance.store import load_current
+
+    gate = load_current(model_store).manifest["gate"]
+    for margin in (None, gate["min_margin"], gate["default_margin"], gate["max_margin"]):
+        _check_report_margin(model_store, margin)
+
+
+def test_quality_report_out_is_file_exits_2(tmp_path: Path) -> None:
+    existing = tmp_path / "quality.json"
+    existing.write_text("{}\n")
+    # Port 1 on loopback has no listener, so a check after the call would report UNAVAILABLE.
+    result = run_cli("quality-report", "--address", "127.0.0.1:1", "--out", str(existing))
+    assert result.returncode == 2
+    assert "UNAVAILABLE" not in result.stderr
+    assert error_lines(result) == [
+        f"error: --out {existing} is a file; pass a folder, which is created if missing"
+    ]
+
+
+def test_quality_report_no_html_warns_on_stale_page(model_store: Path, tmp_path: Path) -> None:
+    from appliance.quality.classifier import ClassifierConfig
+    from appliance.quality.evaluate import QualityConfig
+    from appliance.quality.report import build_report, embedded_html
+    from appliance.report_store import attach_report
+    from appliance.server import ServeConfig, create_server
+
+    # A copy, so that the attached report stays out of the shared fixture store.
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    small = QualityConfig(
+        train_per_class=40,
+        rebalance_target=40,
+        eval_per_class=40,
+        mmd_per_class=30,
+        permutations=20,
+        morphology_per_class=5,
+        classifier=ClassifierConfig(steps=40, batch_size=32),
+    )
+    built = tmp_path / "built"
+    summary = build_report(store, DEFAULT_DATA_DIR, built, small, baselines=False)
+    attach_report(store, summary, embedded_html(summary, built))
+    server = create_server(store, ServeConfig(port=0, grace_s=1.0, drain_s=0.0))
+    try:
+        address = f"127.0.0.1:{server.port}"
+        out = tmp_path / "out"
+        full = run_cli("quality-report", "--address", address, "--out", str(out))
+        assert full.returncode == 0, full.stderr
+        assert "earlier quality report" not in full.stderr
+        page = (out / "quality.html").read_bytes()
+        json_only = run_cli("quality-report", "--address", address, "--out", str(out), "--no-html")
+    finally:
+        server.stop()
+    assert json_only.returncode == 0, json_only.stderr
+    warnings = [line for line in json_only.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, json_only.stderr
+    assert f"page of an earlier quality report kept path={out / 'quality.html'}" in warnings[0]
+    assert "remove it or pass another --out" in warnings[0]
+    assert (out / "quality.html").read_bytes() == page
+    assert (out / "quality.json").exists()
