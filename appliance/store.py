@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +31,14 @@ CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+# Prefix of a version folder that is still being written, and the file in it that names the
+# host and process writing it.
+PARTIAL_PREFIX = ".partial-"
+OWNER_FILE = ".owner"
+# A partial folder without an owner file is removed once it is this old.
+UNOWNED_PARTIAL_AGE_S = 24 * 3600.0
+
+logger = logging.getLogger(__name__)
 
 
 def sha256_of(path: Path) -> str:
@@ -52,11 +63,58 @@ class ModelVersion:
 
 
 def new_version_dir(store: Path) -> Path:
-    """Create and return an empty folder for a version that is being written."""
+    """Create and return an empty folder for a version that is being written.
+
+    Partial folders left by an export that was killed are removed first, because they can
+    hold a privacy index of training beats that no version uses.
+    """
+    remove_abandoned_partials(store)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    path = store / VERSIONS_DIR / f".partial-{stamp}"
+    path = store / VERSIONS_DIR / f"{PARTIAL_PREFIX}{stamp}"
     path.mkdir(parents=True, exist_ok=False)
+    (path / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # the process exists under another user
+    return True
+
+
+def _abandoned(partial: Path) -> bool:
+    """Return whether the export that was writing ``partial`` ended without publishing it."""
+    try:
+        host, pid_text = (partial / OWNER_FILE).read_text().split()
+        pid = int(pid_text)
+    except FileNotFoundError:
+        return time.time() - partial.stat().st_mtime > UNOWNED_PARTIAL_AGE_S
+    except (OSError, ValueError):
+        return False
+    # A process on another host (another container on a shared volume) cannot be checked.
+    return host == socket.gethostname() and not _process_alive(pid)
+
+
+def remove_abandoned_partials(store: Path) -> list[Path]:
+    """Remove the partial version folders of exports that ended without publishing.
+
+    Returns:
+        The folders removed.
+    """
+    versions = store / VERSIONS_DIR
+    if not versions.is_dir():
+        return []
+    removed = []
+    for partial in sorted(versions.glob(f"{PARTIAL_PREFIX}*")):
+        if partial.is_dir() and _abandoned(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+            logger.warning("removed abandoned partial version path=%s", partial)
+            removed.append(partial)
+    return removed
 
 
 def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> ModelVersion:
@@ -70,7 +128,7 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
     for entry in manifest["files"].values():
         entry["sha256"] = sha256_of(partial / entry["name"])
     forward_hash = manifest["files"]["forward_graph"]["sha256"]
-    version_id = f"{partial.name.removeprefix('.partial-')}-{forward_hash[:12]}"
+    version_id = f"{partial.name.removeprefix(PARTIAL_PREFIX)}-{forward_hash[:12]}"
     manifest = {
         "format": MANIFEST_FORMAT,
         "model_id": forward_hash[:16],
@@ -78,6 +136,7 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
         **manifest,
     }
     (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    (partial / OWNER_FILE).unlink(missing_ok=True)
     final = store / VERSIONS_DIR / version_id
     os.replace(partial, final)
     pointer = store / f".{CURRENT_FILE}.tmp"

@@ -1,0 +1,71 @@
+"""The model store's partial version folders: an export killed mid-way leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.store import (
+    OWNER_FILE,
+    PARTIAL_PREFIX,
+    UNOWNED_PARTIAL_AGE_S,
+    VERSIONS_DIR,
+    new_version_dir,
+)
+
+
+def _ended_pid() -> int:
+    """Return the id of a process that has already exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _partial(store: Path, name: str, owner: str | None) -> Path:
+    folder = store / VERSIONS_DIR / f"{PARTIAL_PREFIX}{name}"
+    folder.mkdir(parents=True)
+    (folder / "privacy_index.npy").write_bytes(b"training beats")
+    if owner is not None:
+        (folder / OWNER_FILE).write_text(owner)
+    return folder
+
+
+def test_new_version_removes_killed_exports_only(tmp_path: Path) -> None:
+    host = socket.gethostname()
+    killed = _partial(tmp_path, "killed", f"{host} {_ended_pid()}\n")
+    running = _partial(tmp_path, "running", f"{host} {os.getpid()}\n")
+    elsewhere = _partial(tmp_path, "elsewhere", f"other-host-{host} {_ended_pid()}\n")
+    fresh_unowned = _partial(tmp_path, "fresh", None)
+    old_unowned = _partial(tmp_path, "old", None)
+    old_time = time.time() - UNOWNED_PARTIAL_AGE_S - 60
+    os.utime(old_unowned, (old_time, old_time))
+
+    created = new_version_dir(tmp_path)
+
+    assert not killed.exists()
+    assert not old_unowned.exists()
+    assert running.exists()
+    assert elsewhere.exists()
+    assert fresh_unowned.exists()
+    assert (created / OWNER_FILE).read_text().split() == [host, str(os.getpid())]
+
+
+def test_published_version_has_no_owner_file(model_store: Path) -> None:
+    versions = [p for p in (model_store / VERSIONS_DIR).iterdir() if p.is_dir()]
+    assert versions
+    for version in versions:
+        assert not (version / OWNER_FILE).exists(), version
+        assert not version.name.startswith(PARTIAL_PREFIX), version
+
+
+@pytest.mark.parametrize("owner", ["", "one-field", "host not-a-pid"])
+def test_unreadable_owner_keeps_partial(tmp_path: Path, owner: str) -> None:
+    damaged = _partial(tmp_path, "damaged", owner)
+    new_version_dir(tmp_path)
+    assert damaged.exists()
