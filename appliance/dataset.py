@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -160,6 +160,33 @@ class Dataset:
     preprocessing: Preprocessing | None = None
 
 
+def _records_file_names(records_file: Path) -> list[str]:
+    """Return the record names a RECORDS file lists, each once and inside its folder.
+
+    A name that leaves the folder (absolute, or with a ``..`` part) could read another folder's
+    records into a split, so it is skipped with a warning, as is a repeated name.
+    """
+    names: list[str] = []
+    for line in records_file.read_text(errors="replace").splitlines():
+        name = line.strip()
+        if not name:
+            continue
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or ".." in parts:
+            logger.warning(
+                "records_file=%s line=%r action=skip reason=outside_data_folder",
+                records_file,
+                name,
+            )
+        elif name in names:
+            logger.warning(
+                "records_file=%s line=%r action=skip reason=listed_twice", records_file, name
+            )
+        else:
+            names.append(name)
+    return names
+
+
 def find_records(data_dir: Path) -> list[str]:
     """List record names in a folder, from its RECORDS file or its headers.
 
@@ -174,7 +201,7 @@ def find_records(data_dir: Path) -> list[str]:
         raise DataError(f"data path {data_dir} is not a folder; pass --data with a WFDB folder")
     records_file = data_dir / "RECORDS"
     if records_file.exists():
-        names = [line.strip() for line in records_file.read_text().splitlines() if line.strip()]
+        names = _records_file_names(records_file)
     else:
         names = sorted(
             str(p.relative_to(data_dir).with_suffix("")) for p in data_dir.rglob("*.hea")

@@ -11,7 +11,7 @@ import pytest
 import wfdb
 
 from appliance.config import DataConfig
-from appliance.dataset import ingest
+from appliance.dataset import find_records, ingest
 from appliance.ecg import read_record
 from appliance.errors import RecordError
 
@@ -285,3 +285,19 @@ def test_mixed_folder_reads_good_records(tmp_path, caplog):
     assert "skipped gain0: lead MLII has ADC gain 0" in table
     assert "read with warnings short" in table
     assert table.splitlines()[-4].split() == ["split", "N", "S", "V", "F", "Q", "total"]
+
+
+def test_records_file_stays_inside_folder(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="appliance")
+    data = tmp_path / "data"
+    data.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_record(data, "inside")
+    write_record(outside, "stray", source="101")
+    (data / "RECORDS").write_text(f"inside\n../outside/stray\n{outside / 'stray'}\ninside\n")
+    assert find_records(data) == ["inside"]
+    reasons = [r.getMessage() for r in caplog.records if "action=skip" in r.getMessage()]
+    assert len(reasons) == 3
+    assert sum("reason=outside_data_folder" in line for line in reasons) == 2
+    assert sum("reason=listed_twice" in line for line in reasons) == 1
