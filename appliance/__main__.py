@@ -272,6 +272,22 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
             raise UsageError(f"{name}={value} must be greater than 0")
     if not 0.0 <= args.tail_scale <= 2.0:
         raise UsageError(f"--tail-scale={args.tail_scale} must be between 0 and 2")
+    if not math.isfinite(args.learning_rate):
+        raise UsageError(
+            f"--learning-rate={args.learning_rate} must be a finite number, such as 1e-3"
+        )
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed={args.seed} is out of range; use 0 to 2^32 - 1")
+    if args.threads < 0:
+        raise UsageError(
+            f"--threads={args.threads} must be 0 (PyTorch's own choice) or a positive count"
+        )
+    extension = args.annotation_extension
+    if not extension or not all(c.isalnum() or c in "_-" for c in extension):
+        raise UsageError(
+            f"--annotation-extension={extension!r} must be letters, digits, '_' or '-', such "
+            "as atr; it is the suffix of the annotation files next to each record"
+        )
     return ApplianceConfig(
         data=dataclasses.replace(
             DataConfig(),

@@ -192,6 +192,29 @@ def test_log_level_before_or_after_command(argv: list[str], level: str) -> None:
     assert args.log_level == level
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--seed", "-1", "--seed=-1 is out of range; use 0 to 2^32 - 1"),
+        ("--threads", "-3", "--threads=-3 must be 0 (PyTorch's own choice) or a positive count"),
+        ("--learning-rate", "inf", "--learning-rate=inf must be a finite number"),
+        ("--annotation-extension", "../x", "--annotation-extension='../x' must be letters"),
+    ],
+)
+def test_train_bad_option_exits_2_before_ingest(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    store = tmp_path / "store"
+    result = run_cli(
+        "train", "--data", str(DEFAULT_DATA_DIR), "--store", str(store), option, value
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    # The check runs before ingest, so no record was read.
+    assert "records read" not in result.stdout + result.stderr
+
+
 def test_missing_data_folder_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     result = run_cli("train", "--data", str(missing), "--store", str(tmp_path / "store"))
