@@ -347,6 +347,7 @@ def _command_export(args: argparse.Namespace) -> int:
 
     from appliance.classes import AAMI_CLASSES
     from appliance.dataset import ingest
+    from appliance.errors import TrainingError
     from appliance.export import export_model
     from appliance.flow import ConditionalFlow
     from appliance.holdout import concatenate, split_holdout
@@ -358,7 +359,10 @@ def _command_export(args: argparse.Namespace) -> int:
             f"checkpoint {args.checkpoint} does not exist or is not a file; pass the best.pt "
             "that `train` wrote"
         )
-    state = load_checkpoint(args.checkpoint)
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except TrainingError as exc:
+        raise UsageError(str(exc)) from exc
     advice = "pass the best.pt that `train` wrote"
     try:
         config = ApplianceConfig.from_dict(state["config"])

@@ -372,7 +372,35 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} is not a checkpoint written by `train`: it lacks {', '.join(missing)}; pass "
             "the best.pt or checkpoint.pt of a training work folder"
         )
+    problem = _checkpoint_value_problem(state)
+    if problem:
+        raise TrainingError(
+            f"checkpoint {path} has {problem}, which `train` never writes, so the file was "
+            "edited or damaged; pass the best.pt or checkpoint.pt of a training work folder"
+        )
     return cast(dict[str, Any], state)
+
+
+def _checkpoint_value_problem(state: dict[str, Any]) -> str:
+    """Return a phrase naming a checkpoint value that training never writes, or ''."""
+    scale_mv = state["scale_mv"]
+    if not (isinstance(scale_mv, int | float) and math.isfinite(scale_mv) and scale_mv > 0):
+        return f"scale_mv={scale_mv!r} (a positive number of mV)"
+    classes = state["classes_known"]
+    if not (
+        isinstance(classes, list)
+        and classes
+        and all(name in AAMI_CLASSES for name in classes)
+        and len(set(classes)) == len(classes)
+    ):
+        return f"classes_known={classes!r} (distinct names from {', '.join(AAMI_CLASSES)})"
+    try:
+        data = ApplianceConfig.from_dict(state["config"]).data
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return f"invalid settings under 'config' ({exc})"
+    if not (math.isfinite(data.fs_hz) and data.fs_hz > 0):
+        return f"config data fs_hz={data.fs_hz!r} (a positive rate in Hz)"
+    return ""
 
 
 def _load_resume_state(

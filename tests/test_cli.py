@@ -142,6 +142,9 @@ def test_mistyped_option_shows_command_usage(tmp_path: Path) -> None:
         ("model", {}, "has weights that do not fit its own model settings"),
         ("config", 1, "has invalid settings under 'config'"),
         ("train_records", "106", "has an invalid 'train_records' entry"),
+        ("scale_mv", -0.4, "has scale_mv=-0.4 (a positive number of mV)"),
+        ("classes_known", ["N", "Z"], "has classes_known=['N', 'Z'] (distinct names"),
+        ("classes_known", [], "has classes_known=[] (distinct names"),
     ],
 )
 def test_export_rejects_damaged_checkpoint(
