@@ -427,21 +427,11 @@ def _check_export_data(
             args.data,
         )
         return
-    if dict(trained) == found:
+    from appliance.train import record_differences
+
+    differences = record_differences(dict(trained), found)
+    if not differences:
         return
-    missing = sorted(set(trained) - set(found))
-    extra = sorted(set(found) - set(trained))
-    changed = sorted(name for name in set(trained) & set(found) if trained[name] != found[name])
-    differences = []
-    if missing:
-        differences.append(f"training records missing: {', '.join(missing)}")
-    if extra:
-        differences.append(f"records not trained on: {', '.join(extra)}")
-    if changed:
-        differences.append(
-            "beat counts differ for "
-            + ", ".join(f"{name} ({trained[name]} trained, {found[name]} now)" for name in changed)
-        )
     raise UsageError(
         f"--data {args.data} does not give the training beats of checkpoint {args.checkpoint} "
         f"({'; '.join(differences)}). The privacy guard must see every training beat, so pass "
