@@ -64,9 +64,9 @@ def record_files(path: Path, config: DataConfig) -> list[Path]:
     """List the files a record is read from: headers, signal files and the annotation file."""
     header = path.with_name(f"{path.name}.hea")
     files = [header, path.with_name(f"{path.name}.{config.annotation_extension}")]
-    if not header.exists():
-        return files
-    lines = header_lines(header)
+    # A header that is not a readable file leaves the key to the file names, so that
+    # read_record reports the record's problem.
+    lines = _readable_header_lines(header)
     if lines and "/" in lines[0].split()[0]:
         for line in lines[1:]:
             segment = line.split()[0]
@@ -78,10 +78,19 @@ def record_files(path: Path, config: DataConfig) -> list[Path]:
     return files
 
 
-def _signal_files(header: Path) -> list[Path]:
-    if not header.exists():
+def _readable_header_lines(header: Path) -> list[str]:
+    """Return the header's lines, or none when it is missing, not a file or unreadable."""
+    if not header.is_file():
         return []
-    names = {line.split()[0] for line in header_lines(header)[1:] if line.split()[0] != "~"}
+    try:
+        return header_lines(header)
+    except OSError:
+        return []
+
+
+def _signal_files(header: Path) -> list[Path]:
+    lines = _readable_header_lines(header)
+    names = {line.split()[0] for line in lines[1:] if line.split()[0] != "~"}
     return [header.with_name(name) for name in sorted(names)]
 
 

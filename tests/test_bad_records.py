@@ -211,6 +211,17 @@ def test_unparsable_sampling_rate_is_skipped(tmp_path, rate: str):
         read_record(path, "oddrate", CONFIG)
 
 
+def test_header_folder_is_skipped_with_cache(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_record(data, "good")
+    write_header_folder(data)
+    cached = DataConfig(split="random", split_seed=0, cache_dir=str(tmp_path / "cache"))
+    report = ingest(data, cached).report
+    assert set(report.records_read) == {"good"}
+    assert "is not a file" in report.records_skipped["dirhead"]
+
+
 def test_missing_segment_is_skipped(tmp_path):
     path = write_missing_segment(tmp_path)
     with pytest.raises(RecordError, match="declares 3 segments but lists 2"):

@@ -1033,8 +1033,8 @@ def test_quality_report_out_is_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_quality_report_no_html_warns_on_stale_page(model_store: Path, tmp_path: Path) -> None:
-    from appliance.quality.classifier import ClassifierConfig
-    from appliance.quality.evaluate import QualityConfig
+    from test_quality_report_rpc import SMALL_QUALITY
+
     from appliance.quality.report import build_report, embedded_html
     from appliance.report_store import attach_report
     from appliance.server import ServeConfig, create_server
@@ -1042,17 +1042,8 @@ def test_quality_report_no_html_warns_on_stale_page(model_store: Path, tmp_path:
     # A copy, so that the attached report stays out of the shared fixture store.
     store = tmp_path / "store"
     shutil.copytree(model_store, store)
-    small = QualityConfig(
-        train_per_class=40,
-        rebalance_target=40,
-        eval_per_class=40,
-        mmd_per_class=30,
-        permutations=20,
-        morphology_per_class=5,
-        classifier=ClassifierConfig(steps=40, batch_size=32),
-    )
     built = tmp_path / "built"
-    summary = build_report(store, DEFAULT_DATA_DIR, built, small, baselines=False)
+    summary = build_report(store, DEFAULT_DATA_DIR, built, SMALL_QUALITY, baselines=False)
     attach_report(store, summary, embedded_html(summary, built))
     server = create_server(store, ServeConfig(port=0, grace_s=1.0, drain_s=0.0))
     try:
