@@ -38,7 +38,7 @@ BYTES_PER_SAMPLE: dict[int, float] = {
     32: 4.0,
 }
 _FORMAT_FIELD = re.compile(r"^(?P<format>\d+)(?:x(?P<spf>\d+))?(?::\d+)?(?:\+(?P<offset>\d+))?$")
-# The gain field is "gain[(baseline)][/units]"; the gain is the text before "(" or "/".
+# The gain field is "gain[(baseline)][/units]", so the gain is the text before "(" or "/".
 _GAIN_FIELD = re.compile(r"^(?P<gain>[^(/]*)")
 # A sampling rate as the WFDB header format writes it: a plain decimal number.
 _RATE_TEXT = re.compile(r"^(\d+\.?\d*|\.\d+)$")

@@ -422,7 +422,7 @@ def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
 
 
 def _no_key_password() -> bytes:
-    """Answer OpenSSL's password request for an encrypted key, so that it never prompts."""
+    """Return an empty password for an encrypted key, so that OpenSSL never prompts for one."""
     return b""
 
 

@@ -204,9 +204,7 @@ def test_log_level_before_or_after_command(argv: list[str], level: str) -> None:
         ("--annotation-extension", "../x", "--annotation-extension='../x' must be letters"),
     ],
 )
-def test_train_bad_option_exits_2_before_ingest(
-    tmp_path: Path, option: str, value: str, message: str
-) -> None:
+def test_train_bad_option_exits_2(tmp_path: Path, option: str, value: str, message: str) -> None:
     store = tmp_path / "store"
     result = run_cli(
         "train", "--data", str(DEFAULT_DATA_DIR), "--store", str(store), option, value
@@ -511,7 +509,7 @@ def test_generate_none_accepted_writes_nothing(
     assert not out.exists()
 
 
-def test_client_generate_none_accepted_keeps_shape(server_address: str) -> None:
+def test_client_empty_generate_keeps_shape(server_address: str) -> None:
     from appliance.client import ApplianceClient
 
     with ApplianceClient(server_address) as client:
@@ -524,7 +522,7 @@ def test_client_generate_none_accepted_keeps_shape(server_address: str) -> None:
     assert result.stats.accepted == 0
 
 
-def test_generate_other_format_warns_on_stale_files(server_address: str, tmp_path: Path) -> None:
+def test_generate_warns_on_stale_format(server_address: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = run_cli("generate", "--address", server_address, "--count", "2", "--out", str(out))
     assert first.returncode == 0, first.stderr
@@ -856,7 +854,7 @@ def test_validate_warns_on_baseline_offset(
     assert np.median(shifted_scores) < np.median(clean_scores)
 
 
-def test_read_beats_continuous_record_says_how_to_cut(shared_data: Path) -> None:
+def test_read_beats_continuous_record_hint(shared_data: Path) -> None:
     from appliance.outputs import read_beats
 
     with pytest.raises(ValueError, match="cut one window per beat") as raised:
@@ -864,7 +862,7 @@ def test_read_beats_continuous_record_says_how_to_cut(shared_data: Path) -> None
     assert "650000 samples and 2274 beat annotations" in str(raised.value)
 
 
-def test_read_beats_headerless_csv_says_numpy_save(tmp_path: Path) -> None:
+def test_read_beats_headerless_csv_hint(tmp_path: Path) -> None:
     from appliance.outputs import read_beats
 
     plain = tmp_path / "beats.csv"
@@ -874,7 +872,7 @@ def test_read_beats_headerless_csv_says_numpy_save(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("inside", ["versions", "version"])
-def test_store_path_inside_store_names_store(model_store: Path, inside: str) -> None:
+def test_store_subfolder_names_store(model_store: Path, inside: str) -> None:
     from appliance.errors import ModelStoreError
     from appliance.store import load_current
 
@@ -1032,7 +1030,7 @@ def test_quality_report_out_is_file_exits_2(tmp_path: Path) -> None:
     ]
 
 
-def test_quality_report_no_html_warns_on_stale_page(model_store: Path, tmp_path: Path) -> None:
+def test_quality_report_warns_stale_page(model_store: Path, tmp_path: Path) -> None:
     from test_quality_report_rpc import SMALL_QUALITY
 
     from appliance.quality.report import build_report, embedded_html

@@ -370,7 +370,7 @@ def test_client_library_round_trip(container: str) -> None:
     assert result["accepted"] == GENERATE_COUNT
 
 
-def test_report_computed_inside_sealed_container(
+def test_report_inside_sealed_container(
     container: str, store_dir: Path, shared_data: Path
 ) -> None:
     # The report runs in a second sealed container on the same store. The serving container

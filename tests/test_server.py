@@ -327,7 +327,7 @@ def test_rejection_log_limit_counts_suppressed():
     assert limit.admit() == (True, 0)
 
 
-def test_rejection_log_limit_admits_nested_call(monkeypatch: pytest.MonkeyPatch):
+def test_rejection_limit_admits_nested_call(monkeypatch: pytest.MonkeyPatch):
     # A finalizer run by the garbage collector can call admit while the same thread is in it.
     limit = _RejectionLogLimit()
     nested: list[tuple[bool, int]] = []
@@ -498,7 +498,7 @@ class _StubContext:
         ([True, False], 0.004, True, "CANCELLED"),
     ],
 )
-def test_stream_end_follows_deadline_and_late_cancel(
+def test_stream_end_late_cancel(
     active: list[bool], remaining_s: float | None, cancelled: bool, status: str
 ):
     context = cast(grpc.ServicerContext, _StubContext(active, remaining_s))

@@ -36,7 +36,7 @@ def _partial(store: Path, name: str, owner: str | None) -> Path:
     return folder
 
 
-def test_new_version_removes_killed_exports_only(tmp_path: Path) -> None:
+def test_new_version_removes_killed_exports(tmp_path: Path) -> None:
     host = socket.gethostname()
     killed = _partial(tmp_path, "killed", f"{host} {_ended_pid()}\n")
     running = _partial(tmp_path, "running", f"{host} {os.getpid()}\n")
