@@ -37,6 +37,11 @@ PARTIAL_PREFIX = ".partial-"
 OWNER_FILE = ".owner"
 # A partial folder without an owner file is removed once it is this old.
 UNOWNED_PARTIAL_AGE_S = 24 * 3600.0
+# Manifest sections that shape what the served model returns, besides the files' bytes. The
+# model id is a hash of these and of every file's SHA-256; the export time and the training
+# history are left out, so two exports of the same weights with the same calibration, prior and
+# settings share an id.
+MODEL_ID_SECTIONS = ("data", "classes", "classes_known", "model", "gate", "privacy")
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +122,20 @@ def remove_abandoned_partials(store: Path) -> list[Path]:
     return removed
 
 
+def model_id_of(manifest: dict[str, Any]) -> str:
+    """Return the id of the model a manifest describes: 16 hex digits of a SHA-256.
+
+    Arguments:
+        manifest: Manifest whose ``files`` entries carry their ``sha256``.
+    """
+    identity = {
+        "files": {key: entry["sha256"] for key, entry in manifest["files"].items()},
+        **{key: manifest.get(key) for key in MODEL_ID_SECTIONS},
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> ModelVersion:
     """Hash the files, write the manifest and make the version current atomically.
 
@@ -131,7 +150,7 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
     version_id = f"{partial.name.removeprefix(PARTIAL_PREFIX)}-{forward_hash[:12]}"
     manifest = {
         "format": MANIFEST_FORMAT,
-        "model_id": forward_hash[:16],
+        "model_id": model_id_of(manifest),
         "version": version_id,
         **manifest,
     }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,10 @@ from appliance.store import (
     PARTIAL_PREFIX,
     UNOWNED_PARTIAL_AGE_S,
     VERSIONS_DIR,
+    load_current,
+    model_id_of,
     new_version_dir,
+    publish_version,
 )
 
 
@@ -69,3 +73,29 @@ def test_unreadable_owner_keeps_partial(tmp_path: Path, owner: str) -> None:
     damaged = _partial(tmp_path, "damaged", owner)
     new_version_dir(tmp_path)
     assert damaged.exists()
+
+
+def _publish(store: Path, calibration: bytes, trained_at: str, margin: float) -> str:
+    partial = new_version_dir(store)
+    manifest: dict[str, Any] = {
+        "trained_at": trained_at,
+        "data": {"fs_hz": 360.0},
+        "gate": {"default_margin": margin},
+        "files": {},
+    }
+    for key, content in (("forward_graph", b"graph"), ("calibration", calibration)):
+        (partial / f"{key}.bin").write_bytes(content)
+        manifest["files"][key] = {"name": f"{key}.bin"}
+    return str(publish_version(store, partial, manifest).manifest["model_id"])
+
+
+def test_model_id_covers_calibration_and_gate(tmp_path: Path) -> None:
+    first = _publish(tmp_path / "a", b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    same = _publish(tmp_path / "b", b"calibration", "2026-06-01T00:00:00+00:00", 0.05)
+    other_calibration = _publish(tmp_path / "c", b"other", "2026-01-01T00:00:00+00:00", 0.05)
+    other_margin = _publish(tmp_path / "d", b"calibration", "2026-01-01T00:00:00+00:00", 0.1)
+    assert len(first) == 16
+    assert same == first
+    assert other_calibration != first
+    assert other_margin != first
+    assert model_id_of(load_current(tmp_path / "a").manifest) == first
