@@ -25,6 +25,7 @@ from appliance.engine import Engine
 from appliance.errors import (
     ApplianceError,
     ModelNotReadyError,
+    ModelStoreError,
     ReportNotFoundError,
     RequestError,
     RequestTooLargeError,
@@ -598,7 +599,14 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     f"a model store; run `{REPORT_COMMAND}` and serve that store"
                 )
             stored = load_report(self._store, str(engine.manifest["version"]), model_id)
-            reply = quality_report_reply(stored, request.include_html)
+            try:
+                reply = quality_report_reply(stored, request.include_html)
+            except (TypeError, ValueError, AttributeError) as exc:
+                # load_report checks that the figures exist, not that they are numbers.
+                raise ModelStoreError(
+                    f"the quality report of model {model_id} has a field of the wrong type "
+                    f"({exc}); rebuild it with `{REPORT_COMMAND}`"
+                ) from exc
             size_bytes = reply.ByteSize()
             call.counts.update(html_bytes=len(stored.report_html), reply_bytes=size_bytes)
             if size_bytes > self.max_message_bytes:

@@ -202,6 +202,71 @@ def test_report_of_other_model_not_returned(
     assert "has no quality report" in error.details()
 
 
+def _figures(value: Any) -> dict[str, Any]:
+    """Headline figures of one generator, every one set to ``value``."""
+    return {
+        "tstr_f1": {"macro": value},
+        "tstr_trtr": value,
+        "rebalancing_gain": {"S": value, "F": value},
+        "discriminative": {"overall": value},
+        "mean_mmd2_waveform": value,
+        "mean_mmd2_spectrum": value,
+        "frechet": value,
+        "privacy": {
+            "dcr_synthetic_median": value,
+            "fraction_below_holdout_p05": value,
+            "mia_auroc": value,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"generators": {"appliance": _figures("high")}},
+        {"generators": {"appliance": _figures({"value": 0.5})}},
+        {"settings": {"temperature": "warm"}},
+        {"settings": [1.0]},
+        {"trtr_f1": [0.5]},
+        {"protocol": "de Chazal"},
+    ],
+    ids=[
+        "string figure",
+        "object figure",
+        "string setting",
+        "settings list",
+        "f1 list",
+        "protocol text",
+    ],
+)
+def test_wrongly_typed_report_fails_precondition(
+    store: Path, version_id: str, client: ApplianceClient, damage: dict[str, Any]
+) -> None:
+    model_id = client.model_info().model_id
+    summary: dict[str, Any] = {
+        "model_id": model_id,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "settings": {"temperature": 1.0, "margin": 0.1},
+        "trtr_f1": {"N": 0.9, "macro": 0.5},
+        "protocol": {"matches_training_records": False},
+        "generators": {"appliance": _figures(0.5)},
+        **damage,
+    }
+    folder = store / REPORTS_DIR / version_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "quality.json").write_text(json.dumps(summary))
+    (folder / "quality.html").write_text("<html></html>")
+    try:
+        error = _rpc_error(client.quality_report)
+    finally:
+        _detach(store)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    assert model_id in error.details()
+    assert "python -m appliance report" in error.details()
+    assert str(store) not in error.details()
+    assert client.model_info().model_id == model_id
+
+
 def test_attach_rejects_other_model_id(store: Path, built: tuple[dict[str, Any], Path]) -> None:
     summary, out = built
     wrong = {**summary, "model_id": "0123456789abcdef"}
