@@ -18,6 +18,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -397,7 +398,13 @@ def _command_export(args: argparse.Namespace) -> int:
         scale_mv=float(state["scale_mv"]),
         classes_known=list(state["classes_known"]),
         # The checkpoint does not store the final validation figure, so it is unknown (null).
-        summary={"validation_bpd": None, "steps": state["step"]},
+        summary={
+            "validation_bpd": None,
+            "steps": state["step"],
+            "finished_at": datetime.fromtimestamp(args.checkpoint.stat().st_mtime, UTC).isoformat(
+                timespec="seconds"
+            ),
+        },
     )
     version = export_model(
         config,
@@ -1223,7 +1230,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--margin",
                 type=float,
                 default=None,
-                help="lowest accepted pertinence score (default: the model's)",
+                help="lowest accepted pertinence score, within the model's min_margin to "
+                "max_margin (0 to 0.99 by default; default: the model's default margin)",
             )
 
     report = commands.add_parser(

@@ -315,8 +315,11 @@ def _manifest(
 ) -> dict[str, Any]:
     model = result.model
     summary = {k: v for k, v in result.summary.items() if k != "history"}
+    exported_at = datetime.now(UTC).isoformat(timespec="seconds")
     return {
-        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        # A checkpoint exported again carries the time its weights were saved instead.
+        "trained_at": str(result.summary.get("finished_at") or exported_at),
+        "exported_at": exported_at,
         "data": {
             "fs_hz": config.data.fs_hz,
             "window_samples": config.data.window_samples,

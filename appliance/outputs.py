@@ -233,14 +233,16 @@ def plot_real_vs_synthetic(
     synthetic_mv: np.ndarray,
     synthetic_classes: list[str],
     fs_hz: float,
+    real_source: str = "",
 ) -> Path:
     """Draw, per class, the real beats' mean and 5-95 % band against synthetic beats.
 
     Only aggregate bands of real beats are drawn, never a single real beat. A class with fewer
     than ``MIN_REAL_BEATS_PER_CLASS`` real beats shows its synthetic beats only, with a note.
+    ``real_source`` says where the real beats come from, as a line above the panels.
     """
     figure = real_vs_synthetic_figure(
-        real_mv, real_classes, synthetic_mv, synthetic_classes, fs_hz
+        real_mv, real_classes, synthetic_mv, synthetic_classes, fs_hz, real_source
     )
     figure.savefig(path, dpi=110)
     return path
@@ -252,6 +254,7 @@ def real_vs_synthetic_figure(
     synthetic_mv: np.ndarray,
     synthetic_classes: list[str],
     fs_hz: float,
+    real_source: str = "",
 ) -> Figure:
     """Build the figure of ``plot_real_vs_synthetic``, one panel per synthetic class."""
     from matplotlib.figure import Figure
@@ -277,5 +280,7 @@ def real_vs_synthetic_figure(
         axis.set_xlabel("time (ms)")
         axis.set_ylabel("amplitude (mV)")
     axes[0][0].legend(loc="upper right", fontsize=7)
+    if real_source:
+        figure.suptitle(f"real beats: {real_source}", fontsize=9)
     figure.tight_layout()
     return figure

@@ -140,8 +140,13 @@ def run_main_job(
             generated = client.generate(count=GENERATE_COUNT, seed=config.train.seed)
             rng = np.random.default_rng(config.train.seed)
             test = job.dataset.splits["test"]
+            real_source = (
+                f"test records {', '.join(sorted(set(map(str, test.records))))}, "
+                "patients the model never saw"
+            )
             if len(test) == 0:
                 test = job.holdout_beats
+                real_source = "the held-out end of the training records"
                 logger.warning("no test records; using the same-patient hold-out as real beats")
             pick = rng.choice(len(test), size=min(REAL_TEST_BEATS, len(test)), replace=False)
             real = test.windows[pick]
@@ -190,6 +195,7 @@ def run_main_job(
         generated.beats,
         generated.classes,
         generated.fs_hz,
+        real_source,
     )
     stats = generated.stats
     figures: dict[str, Any] = {
@@ -201,6 +207,8 @@ def run_main_job(
         "pertinence_rejections": int(stats.pertinence_rejections),
         "privacy_rejections": int(stats.privacy_rejections),
         "invalid_rejections": int(stats.invalid_rejections),
+        "surplus_dropped": int(stats.surplus_dropped),
+        "real_source": real_source,
         "privacy_threshold": float(stats.privacy_threshold),
         "margin": float(stats.margin),
         "synthetic_per_class": {
@@ -235,12 +243,14 @@ def _table(figures: dict[str, Any]) -> str:
         f"model {figures['model_id']}: generated {figures['generated']}/{figures['requested']} "
         f"beats from {figures['draws']} draws (accept rate {figures['accept_rate']:.2f}; "
         f"rejected: pertinence {figures['pertinence_rejections']}, privacy "
-        f"{figures['privacy_rejections']}, invalid {figures['invalid_rejections']})",
+        f"{figures['privacy_rejections']}, invalid {figures['invalid_rejections']}; passed but "
+        f"dropped beyond the request {figures['surplus_dropped']})",
         f"per class: {figures['synthetic_per_class']}   margin {figures['margin']:.2f}   "
         f"privacy threshold {figures['privacy_threshold']:.4f}",
         "",
         "pertinence score quantiles: 0 to 1, higher is more like the held-out real beats the "
         "score is calibrated on;",
+        f"real_test: {figures['real_source']}",
         "AUROC: probability that a real test beat scores above its corrupted copy "
         "(1 separates them, 0.5 does not)",
         f"{'pertinence score':<30}{'q05':>8}{'q25':>8}{'q50':>8}{'q75':>8}{'q95':>8}{'AUROC':>8}",

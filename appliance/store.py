@@ -176,6 +176,12 @@ def current_version_id(store: Path) -> str:
         ModelStoreError: If the store has no CURRENT file, naming a nearby folder that has one.
     """
     pointer = store / CURRENT_FILE
+    if not store.is_dir():
+        what = "is not a folder" if store.exists() else "does not exist"
+        raise ModelStoreError(
+            f"model store {store} {what}; check --store, or run `python -m appliance train "
+            f"--store {store}` to create one"
+        )
     if not pointer.exists():
         # `python -m appliance run --out DIR` keeps its store in DIR/model-store, and a path
         # inside a store (its versions folder or one version) has the store above it.
@@ -206,6 +212,17 @@ def load_current(store: Path) -> ModelVersion:
     version = current_version_id(store)
     path = store / VERSIONS_DIR / version
     manifest_path = path / MANIFEST_FILE
+    if not version or "/" in version or version in (".", "..") or not path.is_dir():
+        present = sorted(
+            p.name
+            for p in (store / VERSIONS_DIR).glob("*")
+            if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX)
+        )
+        raise ModelStoreError(
+            f"{store / CURRENT_FILE} names version {version!r}, which is not in "
+            f"{store / VERSIONS_DIR}; versions present: {', '.join(present) or 'none'}. Write "
+            "one of them into CURRENT, or retrain"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -15,6 +15,7 @@ import pickle
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -498,8 +499,9 @@ def _train(
         best_state, history = state["best_model"], list(state["history"])
         logger.info("resume checkpoint=%s step=%d rank=%d", checkpoint_path, step, context.rank)
     elif resume and context.is_rank_zero:
-        logger.info(
-            "no checkpoint to resume from checkpoint=%s; training starts at step 0",
+        logger.warning(
+            "no checkpoint to resume from checkpoint=%s; training starts at step 0. To resume "
+            "another run, pass the work folder that holds its checkpoint.pt (--work-dir)",
             checkpoint_path,
         )
 
@@ -656,6 +658,7 @@ def _train(
         "epochs": len(history),
         "steps": step,
         "duration_s": round(time.monotonic() - started, 1),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "stopped_by": stopped_by,
         "validation_bpd": finite_or_none(validation_bpd),
         "validation_reconstruction_mse": finite_or_none(validation_mse),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,10 @@ def test_export_checks_training_records(
     manifest = load_current(tmp_path / "same").manifest
     # The manifest records the ingested data as a training run's manifest does.
     assert set(manifest["data"]["records"]) == {p.stem for p in DEFAULT_DATA_DIR.glob("*.hea")}
+    # The weights were trained when the checkpoint was saved, not at this export.
+    saved = datetime.fromtimestamp((trained_work_dir / "best.pt").stat().st_mtime, UTC)
+    assert manifest["trained_at"] == saved.isoformat(timespec="seconds")
+    assert manifest["trained_at"] <= manifest["exported_at"]
 
 
 def test_mistyped_option_shows_command_usage(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from appliance.client import ApplianceClient
 from appliance.corrupt import corrupt
 from appliance.dataset import Dataset
 from appliance.engine import Engine
-from appliance.pipeline import PIPELINE_CORRUPTIONS, auroc
+from appliance.pipeline import PIPELINE_CORRUPTIONS, _table, auroc
 from appliance.privacy import privacy_space
 from appliance.store import load_current
 
@@ -52,6 +53,9 @@ def test_store_manifest_lists_contract(model_store: Path) -> None:
         assert len(entry["sha256"]) == 64
     assert manifest["training"]["steps"] > 0
     assert set(manifest["classes_known"]) >= {"N", "S", "V", "F"}
+    # trained_at is when training ended, not when the graphs were exported.
+    assert manifest["trained_at"] == manifest["training"]["finished_at"]
+    assert manifest["trained_at"] <= manifest["exported_at"]
 
 
 def test_store_rejects_modified_graph(model_store: Path, tmp_path: Path) -> None:
@@ -141,3 +145,30 @@ def test_model_info_carries_contract_only(server_address: str, model_store: Path
     text = str(info)
     assert str(model_store) not in text
     assert json.dumps(manifest["files"]["privacy_index"]["name"]) not in text
+
+
+def test_summary_table_accounts_for_every_draw() -> None:
+    figures = {
+        "model_id": "0123456789abcdef",
+        "generated": 1000,
+        "requested": 1000,
+        "draws": 1296,
+        "accept_rate": 1000 / 1296,
+        "pertinence_rejections": 188,
+        "privacy_rejections": 17,
+        "invalid_rejections": 15,
+        "surplus_dropped": 76,
+        "real_source": "test records 213, patients the model never saw",
+        "synthetic_per_class": {"N": 1000},
+        "margin": 0.05,
+        "privacy_threshold": 0.06,
+        "score_quantiles": {"synthetic": {"q50": 0.5}},
+        "auroc_real_vs_corrupted": {},
+        "synthetic_nearest_train_distance": {},
+        "files": [],
+    }
+    lines = _table(figures).splitlines()
+    counted = lines[0].split("draws", 1)[1]
+    parts = [int(n) for n in re.findall(r"(?<![.\d])\d+(?![.\d])", counted)]
+    assert sum(parts) + figures["generated"] == figures["draws"], lines[0]
+    assert any("test records 213" in line for line in lines)

@@ -12,11 +12,14 @@ from typing import Any
 
 import pytest
 
+from appliance.errors import ModelStoreError
 from appliance.store import (
+    CURRENT_FILE,
     OWNER_FILE,
     PARTIAL_PREFIX,
     UNOWNED_PARTIAL_AGE_S,
     VERSIONS_DIR,
+    current_version_id,
     load_current,
     model_id_of,
     new_version_dir,
@@ -99,3 +102,23 @@ def test_model_id_covers_calibration_and_gate(tmp_path: Path) -> None:
     assert other_calibration != first
     assert other_margin != first
     assert model_id_of(load_current(tmp_path / "a").manifest) == first
+
+
+def test_missing_store_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelStoreError, match="does not exist; check --store"):
+        load_current(tmp_path / "mistyped")
+    (tmp_path / "file").write_text("not a store")
+    with pytest.raises(ModelStoreError, match="is not a folder; check --store"):
+        load_current(tmp_path / "file")
+
+
+@pytest.mark.parametrize("named", ["nonsense-version", "", "..", "../elsewhere"])
+def test_current_naming_absent_version_lists_present(tmp_path: Path, named: str) -> None:
+    _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    present = current_version_id(tmp_path)
+    (tmp_path / CURRENT_FILE).write_text(named + "\n")
+    with pytest.raises(ModelStoreError) as raised:
+        load_current(tmp_path)
+    message = str(raised.value)
+    assert f"names version {named!r}" in message
+    assert f"versions present: {present}" in message

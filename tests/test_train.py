@@ -351,6 +351,8 @@ def test_resume_without_checkpoint_logs_fresh_start(
 ) -> None:
     caplog.set_level(logging.INFO, logger="appliance.train")
     train(TINY, *tiny_data, tmp_path / "work", resume=True, progress=False)
-    fresh = [r.getMessage() for r in caplog.records if "no checkpoint to resume" in r.getMessage()]
+    fresh = [r for r in caplog.records if "no checkpoint to resume" in r.getMessage()]
     assert len(fresh) == 1
-    assert str(tmp_path / "work" / CHECKPOINT_FILE) in fresh[0]
+    assert fresh[0].levelno == logging.WARNING
+    assert str(tmp_path / "work" / CHECKPOINT_FILE) in fresh[0].getMessage()
+    assert "--work-dir" in fresh[0].getMessage()
