@@ -34,7 +34,7 @@ _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 def status_code_for(error: BaseException) -> grpc.StatusCode:
     """Return the gRPC status code for an exception raised while serving a call."""
-    if isinstance(error, RequestTooLargeError):
+    if isinstance(error, RequestTooLargeError | ServerBusyError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
@@ -47,6 +47,10 @@ def status_code_for(error: BaseException) -> grpc.StatusCode:
 
 class CallCancelledError(Exception):
     """The client cancelled the call or its deadline expired; the servicer stops its work."""
+
+
+class ServerBusyError(ApplianceError):
+    """A call over the server's limit of open calls of its kind; the client may retry later."""
 
 
 def request_id_of(context: grpc.ServicerContext) -> tuple[str, int | None]:

@@ -465,6 +465,50 @@ def test_validate_stream_deadline_logs_status(
     assert _errors(caplog) == []
 
 
+def test_silent_streams_leave_workers_free(
+    small_server: ApplianceServer, small_client: ApplianceClient, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    info = small_client.model_info()
+    workers = small_server.plan.workers
+    stream_limit = max(1, workers // 2)
+    release = threading.Event()
+
+    def silent() -> Iterator[pb.ValidateStreamRequest]:
+        release.wait()
+        yield from ()
+
+    # As many silent streams as workers: each one keeps a worker while it waits for a message.
+    calls = [
+        small_client.stub.ValidateStream.future(
+            silent(), timeout=CALL_TIMEOUT_S, metadata=(("x-request-id", f"silent-{i}"),)
+        )
+        for i in range(workers)
+    ]
+    try:
+        _wait_for(
+            lambda: sum(call.done() for call in calls) == workers - stream_limit,
+            "rejection of the streams over the limit",
+        )
+        rejected = next(call for call in calls if call.done())
+        error = cast(grpc.RpcError, rejected.exception())
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{stream_limit} ValidateStream calls" in error.details()
+        assert f"{workers} worker threads" in error.details()
+        # The workers that streams may not take still serve health checks and other calls.
+        assert small_client.health() == "SERVING"
+        assert len(small_client.validate(_beats(info, 2)).scores) == 2
+    finally:
+        release.set()
+    for call in calls:
+        with pytest.raises(grpc.RpcError):
+            call.result()
+    # Once the silent streams have ended, a new stream is served.
+    parts = [pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 3)))]
+    assert len(small_client.stub.ValidateStream(iter(parts), timeout=CALL_TIMEOUT_S).scores) == 3
+    assert _errors(caplog) == []
+
+
 class _StubContext:
     """The two ServicerContext methods that decide how a call ended.
 
