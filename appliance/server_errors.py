@@ -264,8 +264,10 @@ class _CallWatch:
         else:
             status = "NOT_RECEIVED"
             reason = (
-                "the request message never reached the service: it was over the message size "
-                f"limit of {self.max_message_bytes} bytes, or the client cancelled first"
+                "the request never reached the service: its message was over the message size "
+                f"limit of {self.max_message_bytes} bytes, its metadata was over gRPC's metadata "
+                "size limit, or the client cancelled or its deadline passed before a worker "
+                "thread took the call"
             )
         admitted, suppressed = self.limit.admit()
         if not admitted:

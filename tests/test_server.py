@@ -316,6 +316,33 @@ def test_malformed_stream_message_logged_as_parse_failure(
     assert "could not be parsed" in line
 
 
+@pytest.fixture
+def unloaded_server() -> Iterator[ApplianceServer]:
+    """A server with no model, whose interceptor logs the calls that gRPC ends itself."""
+    running = start_server(ServeConfig(port=0, grace_s=1.0, drain_s=0.0))
+    yield running
+    running.stop()
+
+
+def test_long_metadata_logged_as_not_received(
+    unloaded_server: ApplianceServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(f"127.0.0.1:{unloaded_server.port}") as channel:
+        info = channel.unary_unary("/appliance.v1.ApplianceService/GetModelInfo")
+        # gRPC drops a header over its 16 KiB hard metadata limit and ends the call.
+        with pytest.raises(grpc.RpcError) as raised:
+            info(
+                b"",
+                timeout=CALL_TIMEOUT_S,
+                metadata=(("x-request-id", "long-metadata"), ("x-padding", "a" * 20000)),
+            )
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    line = _single_rpc_line(caplog, "long-metadata", "the long metadata call's line")
+    assert line.startswith("rpc=GetModelInfo request_id=long-metadata status=NOT_RECEIVED ")
+    assert "metadata" in line.split(" reason=", 1)[1]
+
+
 def test_rejection_log_limit_counts_suppressed():
     limit = _RejectionLogLimit()
     admitted = [limit.admit() for _ in range(REJECTION_LOG_LINES + 5)]
