@@ -246,11 +246,11 @@ class _CallWatch:
     limit: _RejectionLogLimit
     received: bool = False
     parse_failed: bool = False
+    invalid_method_chars: int | None = None
 
     def report_if_unserved(self) -> None:
         if self.received:
             return
-        duration_ms = (time.monotonic() - self.started) * 1000
         if self.parse_failed:
             status = "INTERNAL"
             reason = "the request message could not be parsed as the method's request type"
@@ -269,10 +269,17 @@ class _CallWatch:
                 "size limit, or the client cancelled or its deadline passed before a worker "
                 "thread took the call"
             )
+        self.log(status, reason)
+
+    def log(self, status: str, reason: str) -> None:
+        """Log the call's line at WARNING, unless the rejection log limit suppresses it."""
+        duration_ms = (time.monotonic() - self.started) * 1000
         admitted, suppressed = self.limit.admit()
         if not admitted:
             return
         fields = ""
+        if self.invalid_method_chars is not None:
+            fields += f" invalid_method_chars={self.invalid_method_chars}"
         if self.replaced_id_chars is not None:
             fields += f" invalid_client_request_id_chars={self.replaced_id_chars}"
         if suppressed:
@@ -294,7 +301,8 @@ class UnservedCallLogger(grpc.ServerInterceptor):
     gRPC itself rejects a call over the concurrent-call limit, and a unary request over the
     message size limit, so ``rpc_call`` never runs for them. This interceptor wraps the method's
     behaviour and logs one line, with the request id, when gRPC drops a call whose behaviour
-    never ran. Calls that reach the servicer are logged by ``rpc_call`` only.
+    never ran. It also logs a call of a method that no servicer has. Calls that reach the
+    servicer are logged by ``rpc_call`` only.
     """
 
     def __init__(self, max_message_bytes: int, max_concurrent_rpcs: int | None) -> None:
@@ -308,8 +316,6 @@ class UnservedCallLogger(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None  # gRPC returns UNIMPLEMENTED for an unknown method
         method = str(handler_call_details.method)
         request_id, replaced_id_chars = _request_id_from(handler_call_details.invocation_metadata)
         watch = _CallWatch(
@@ -322,10 +328,21 @@ class UnservedCallLogger(grpc.ServerInterceptor):
             max_concurrent_rpcs=self.max_concurrent_rpcs,
             limit=self.limit,
         )
+        if handler is None:
+            # gRPC returns UNIMPLEMENTED. The client chose the name, so only a log-safe one
+            # is logged, in full.
+            if _METHOD_PATTERN.fullmatch(method):
+                watch.method = method
+            else:
+                watch.method, watch.invalid_method_chars = "invalid", len(method)
+            watch.log("UNIMPLEMENTED", "the server has no such method")
+            return None
         return _watched_handler(handler, watch)
 
 
 _SERVICE_PREFIX = "/appliance.v1.ApplianceService/"
+# Unknown method names that are logged as sent: /package.Service/Method.
+_METHOD_PATTERN = re.compile(r"/[A-Za-z0-9_.]{1,100}/[A-Za-z0-9_]{1,100}")
 # Watch of the call whose behaviour runs in the current thread, if any.
 _CURRENT_WATCH: contextvars.ContextVar[_CallWatch | None] = contextvars.ContextVar(
     "current_watch", default=None

@@ -343,6 +343,27 @@ def test_long_metadata_logged_as_not_received(
     assert "metadata" in line.split(" reason=", 1)[1]
 
 
+def test_unknown_method_logged(unloaded_server: ApplianceServer, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(f"127.0.0.1:{unloaded_server.port}") as channel:
+        for method, request_id in [
+            ("/appliance.v1.ApplianceService/Nope", "no-such-method"),
+            ("/other.Service/Call request_id=forged status=OK", "forging-method"),
+        ]:
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary(method)(
+                    b"", timeout=CALL_TIMEOUT_S, metadata=(("x-request-id", request_id),)
+                )
+            assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            line = _single_rpc_line(caplog, request_id, f"the line of unknown {method}")
+            assert f"request_id={request_id} status=UNIMPLEMENTED " in line
+            assert "request_id=forged" not in line
+    assert _rpc_lines(caplog, "no-such-method")[0].startswith(
+        "rpc=/appliance.v1.ApplianceService/Nope "
+    )
+    assert _rpc_lines(caplog, "forging-method")[0].startswith("rpc=invalid ")
+
+
 def test_rejection_log_limit_counts_suppressed():
     limit = _RejectionLogLimit()
     admitted = [limit.admit() for _ in range(REJECTION_LOG_LINES + 5)]
