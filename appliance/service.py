@@ -513,7 +513,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             margin: float | None = None
             total = 0
             for message in request_iterator:
-                message_margin = self._margin(engine, message)
+                with _naming_message(len(scores_list)):
+                    message_margin = self._margin(engine, message)
                 # Margins travel as float32, so they are compared at that precision: a client
                 # that repeats the default margin must not differ from it by rounding.
                 if (
@@ -528,7 +529,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                         "per stream"
                     )
                 margin = message_margin if margin is None else margin
-                x, classes = self._decode(engine, message, offset=total)
+                with _naming_message(len(scores_list)):
+                    x, classes = self._decode(engine, message, offset=total)
                 total += x.shape[0]
                 if total > self.max_beats_per_request:
                     raise RequestTooLargeError(
@@ -761,6 +763,15 @@ def _input_warnings(levels: BeatLevels, call: CallRecord) -> list[pb.InputWarnin
         return []
     call.counts["input_warning"] = problem.kind
     return [pb.InputWarning(kind=_INPUT_WARNING_KINDS[problem.kind], message=problem.message)]
+
+
+@contextlib.contextmanager
+def _naming_message(index: int) -> Iterator[None]:
+    """Add the index of a ValidateStream message to a RequestError raised while checking it."""
+    try:
+        yield
+    except RequestError as exc:
+        raise type(exc)(f"{exc} (message {index} of the stream)") from exc
 
 
 def _float32_text(value: float) -> str:

@@ -329,6 +329,31 @@ def test_validate_stream_errors(client: ApplianceClient, info: pb.GetModelInfoRe
     assert client.health() == "SERVING"
 
 
+def test_validate_stream_error_names_message(
+    client: ApplianceClient, info: pb.GetModelInfoResponse
+):
+    good = pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 2)))
+    miscounted = pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 2)))
+    miscounted.beat_classes.append(pb.BEAT_CLASS_N)
+    bad_messages = {
+        "samples.count=0": pb.ValidateStreamRequest(),
+        "samples.leads=2": pb.ValidateStreamRequest(
+            samples=encode_samples(_beats(info, 2, leads=2))
+        ),
+        "fs_hz=250": pb.ValidateStreamRequest(
+            samples=encode_samples(_beats(info, 2)), fs_hz=250.0
+        ),
+        "beat_classes has 1 entries": miscounted,
+        "margin=2": pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 2)), margin=2.0),
+    }
+    for words, bad in bad_messages.items():
+        with pytest.raises(grpc.RpcError) as raised:
+            client.stub.ValidateStream(iter((good, good, bad)), timeout=CALL_TIMEOUT_S)
+        assert raised.value.code() == INVALID, raised.value.details()
+        assert words in raised.value.details()
+        assert "message 2 of the stream" in raised.value.details()
+
+
 def test_same_seed_same_beats(client: ApplianceClient, generated):
     again = client.generate(count=40, seed=11, margin=0.0)
     other = client.generate(count=40, seed=12, margin=0.0)
