@@ -363,14 +363,22 @@ def _watched_handler(handler: grpc.RpcMethodHandler, watch: _CallWatch) -> grpc.
         if inner is None:
             continue
 
-        def behavior(request: Any, context: grpc.ServicerContext, inner: Any = inner) -> Any:
+        def behavior(
+            request: Any, context: grpc.ServicerContext, *callbacks: Any, inner: Any = inner
+        ) -> Any:
             watch.received = True
             # rpc_call reads the watch while a streamed request is consumed in this thread.
             token = _CURRENT_WATCH.set(watch)
             try:
-                return inner(request, context)
+                return inner(request, context, *callbacks)
             finally:
                 _CURRENT_WATCH.reset(token)
+
+        # grpcio passes a non-blocking behaviour, such as the health service's Watch, a
+        # response callback as third argument and frees the worker thread when it returns.
+        # Without the flag on the wrapper, every open Watch would keep a worker thread.
+        if getattr(inner, "experimental_non_blocking", False):
+            behavior.experimental_non_blocking = True  # type: ignore[attr-defined]
 
         # gRPC drops its last reference to the behaviour when the call ends; the finalizer
         # then runs in that thread. No finalizer runs at interpreter exit.

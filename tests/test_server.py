@@ -15,6 +15,7 @@ from typing import cast
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
 from appliance.client import ApplianceClient, encode_samples
 from appliance.errors import ModelStoreError
@@ -362,6 +363,23 @@ def test_unknown_method_logged(unloaded_server: ApplianceServer, caplog: pytest.
         "rpc=/appliance.v1.ApplianceService/Nope "
     )
     assert _rpc_lines(caplog, "forging-method")[0].startswith("rpc=invalid ")
+
+
+def test_health_watches_hold_no_worker(unloaded_server: ApplianceServer):
+    # grpcio serves the health service's Watch without a worker thread; each watch stays open.
+    watches = unloaded_server.plan.workers + 2
+    with ApplianceClient(f"127.0.0.1:{unloaded_server.port}", timeout_s=CALL_TIMEOUT_S) as client:
+        calls = [
+            client.health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+            for _ in range(watches)
+        ]
+        try:
+            for call in calls:
+                assert next(call).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert client.health() == "NOT_SERVING"
+        finally:
+            for call in calls:
+                call.cancel()
 
 
 def test_rejection_log_limit_counts_suppressed():
