@@ -340,7 +340,9 @@ def start_server(config: ServeConfig) -> ApplianceServer:
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        interceptors=[UnservedCallLogger(config.max_message_bytes, config.max_concurrent_rpcs)],
+        interceptors=[
+            UnservedCallLogger(config.max_message_bytes, config.max_concurrent_rpcs, plan.workers)
+        ],
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -34,7 +34,7 @@ _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 def status_code_for(error: BaseException) -> grpc.StatusCode:
     """Return the gRPC status code for an exception raised while serving a call."""
-    if isinstance(error, RequestTooLargeError | ServerBusyError):
+    if isinstance(error, RequestTooLargeError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
@@ -47,10 +47,6 @@ def status_code_for(error: BaseException) -> grpc.StatusCode:
 
 class CallCancelledError(Exception):
     """The client cancelled the call or its deadline expired; the servicer stops its work."""
-
-
-class ServerBusyError(ApplianceError):
-    """A call over the server's limit of open calls of its kind; the client may retry later."""
 
 
 def request_id_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
@@ -303,12 +299,26 @@ class UnservedCallLogger(grpc.ServerInterceptor):
     behaviour and logs one line, with the request id, when gRPC drops a call whose behaviour
     never ran. It also logs a call of a method that no servicer has. Calls that reach the
     servicer are logged by ``rpc_call`` only.
+
+    A call that streams requests (ValidateStream, reflection) keeps its worker thread while it
+    waits for the client's next message. So this interceptor lets at most half of the workers
+    serve such calls, and rejects further ones with RESOURCE_EXHAUSTED and a logged line. The
+    other half stay free for health checks and other calls, however many streams clients
+    open and leave silent.
+
+    Arguments:
+        max_message_bytes: The server's message size limit, for the log lines.
+        max_concurrent_rpcs: The server's concurrent-call limit, for the log lines.
+        workers: Number of the server's worker threads.
     """
 
-    def __init__(self, max_message_bytes: int, max_concurrent_rpcs: int | None) -> None:
+    def __init__(
+        self, max_message_bytes: int, max_concurrent_rpcs: int | None, workers: int
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.limit = _RejectionLogLimit()
+        self.streams = _RequestStreamLimit(max(1, workers // 2), workers)
 
     def intercept_service(
         self,
@@ -337,7 +347,39 @@ class UnservedCallLogger(grpc.ServerInterceptor):
                 watch.method, watch.invalid_method_chars = "invalid", len(method)
             watch.log("UNIMPLEMENTED", "the server has no such method")
             return None
-        return _watched_handler(handler, watch)
+        return _watched_handler(handler, watch, self.streams)
+
+
+class _RequestStreamLimit:
+    """Places for the calls that stream requests, one per call while it runs."""
+
+    def __init__(self, places: int, workers: int) -> None:
+        self.places = places
+        self.workers = workers
+        self._free = threading.BoundedSemaphore(places)
+
+    def enter(self, watch: _CallWatch, context: grpc.ServicerContext) -> None:
+        """Take a place, or log the call and abort it with RESOURCE_EXHAUSTED."""
+        if self._free.acquire(blocking=False):
+            return
+        message = (
+            f"{self.places} calls that stream requests (ValidateStream, reflection) are already "
+            f"open, the server's limit (half of its {self.workers} worker threads); retry when "
+            "one has ended"
+        )
+        watch.log("RESOURCE_EXHAUSTED", message)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def leave(self) -> None:
+        self._free.release()
+
+
+def _leaving_at_end(responses: Iterator[Any], streams: _RequestStreamLimit) -> Iterator[Any]:
+    """Yield the responses of a call that streams both ways, and free its place at the end."""
+    try:
+        yield from responses
+    finally:
+        streams.leave()
 
 
 _SERVICE_PREFIX = "/appliance.v1.ApplianceService/"
@@ -356,8 +398,15 @@ _HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
-def _watched_handler(handler: grpc.RpcMethodHandler, watch: _CallWatch) -> grpc.RpcMethodHandler:
-    """Return ``handler`` with its behaviour wrapped so that ``watch`` records whether it ran."""
+def _watched_handler(
+    handler: grpc.RpcMethodHandler, watch: _CallWatch, streams: _RequestStreamLimit | None = None
+) -> grpc.RpcMethodHandler:
+    """Return ``handler`` with its behaviour wrapped so that ``watch`` records whether it ran.
+
+    With ``streams``, a call that streams requests also takes a place of ``streams`` while it
+    runs, or is rejected when none is free.
+    """
+    limit = streams if handler.request_streaming else None
     for kind, factory in _HANDLER_FACTORIES.items():
         inner = getattr(handler, kind, None)
         if inner is None:
@@ -367,12 +416,25 @@ def _watched_handler(handler: grpc.RpcMethodHandler, watch: _CallWatch) -> grpc.
             request: Any, context: grpc.ServicerContext, *callbacks: Any, inner: Any = inner
         ) -> Any:
             watch.received = True
+            if limit is not None:
+                limit.enter(watch, context)
             # rpc_call reads the watch while a streamed request is consumed in this thread.
             token = _CURRENT_WATCH.set(watch)
             try:
-                return inner(request, context, *callbacks)
+                result = inner(request, context, *callbacks)
+            except BaseException:
+                if limit is not None:
+                    limit.leave()
+                raise
             finally:
                 _CURRENT_WATCH.reset(token)
+            if limit is None:
+                return result
+            if handler.response_streaming:
+                # The responses are produced after the behaviour returns.
+                return _leaving_at_end(result, limit)
+            limit.leave()
+            return result
 
         # grpcio passes a non-blocking behaviour, such as the health service's Watch, a
         # response callback as third argument and frees the worker thread when it returns.

@@ -34,7 +34,6 @@ from appliance.report_store import REPORT_COMMAND, StoredReport, load_report, me
 from appliance.server_errors import (
     CallCancelledError,
     CallRecord,
-    ServerBusyError,
     request_stream_cancelled,
     rpc_call,
 )
@@ -133,11 +132,6 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         self._engine: Engine | None = None
         self._store: Path | None = None
         self._slots = threading.BoundedSemaphore(plan.engine_slots)
-        # An open ValidateStream keeps its worker thread while it waits for the client's next
-        # message, so streams may take at most half of the workers. The rest stay free for
-        # health checks and other calls, however many silent streams clients open.
-        self.stream_limit = max(1, plan.workers // 2)
-        self._open_streams = threading.BoundedSemaphore(self.stream_limit)
         self._shutting_down = threading.Event()
 
     def set_engine(self, engine: Engine, store: Path | None = None) -> None:
@@ -175,20 +169,6 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             yield
         finally:
             self._slots.release()
-
-    @contextlib.contextmanager
-    def _admit_stream(self) -> Iterator[None]:
-        """Count one more open ValidateStream call while it runs, or raise ServerBusyError."""
-        if not self._open_streams.acquire(blocking=False):
-            raise ServerBusyError(
-                f"{self.stream_limit} ValidateStream calls are already open, the server's limit "
-                f"(half of its {self.plan.workers} worker threads); retry when one has ended, "
-                "or send beats that fit one message with Validate"
-            )
-        try:
-            yield
-        finally:
-            self._open_streams.release()
 
     # Request checks ------------------------------------------------------------------------
 
@@ -503,7 +483,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         context: grpc.ServicerContext,
     ) -> pb.ValidateStreamResponse:
         """Score beats sent as several messages; one reply covers all of them in order."""
-        with rpc_call("ValidateStream", context) as call, self._admit_stream():
+        with rpc_call("ValidateStream", context) as call:
             engine = self._ready_engine()
             # Each message is scored as it arrives, so a stream keeps one message's beats in
             # memory at a time however long the client keeps it open.

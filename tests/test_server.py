@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from appliance.client import ApplianceClient, encode_samples
 from appliance.errors import ModelStoreError
@@ -559,7 +560,7 @@ def test_silent_streams_leave_workers_free(
         rejected = next(call for call in calls if call.done())
         error = cast(grpc.RpcError, rejected.exception())
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"{stream_limit} ValidateStream calls" in error.details()
+        assert f"{stream_limit} calls that stream requests" in error.details()
         assert f"{workers} worker threads" in error.details()
         # The workers that streams may not take still serve health checks and other calls.
         assert small_client.health() == "SERVING"
@@ -573,6 +574,51 @@ def test_silent_streams_leave_workers_free(
     parts = [pb.ValidateStreamRequest(samples=encode_samples(_beats(info, 3)))]
     assert len(small_client.stub.ValidateStream(iter(parts), timeout=CALL_TIMEOUT_S).scores) == 3
     assert _errors(caplog) == []
+
+
+def test_silent_reflection_streams_leave_workers_free(
+    unloaded_server: ApplianceServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    workers = unloaded_server.plan.workers
+    stream_limit = max(1, workers // 2)
+    release = threading.Event()
+
+    def silent() -> Iterator[object]:
+        release.wait()
+        yield from ()
+
+    with ApplianceClient(f"127.0.0.1:{unloaded_server.port}", timeout_s=CALL_TIMEOUT_S) as client:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+        calls = [
+            reflection.ServerReflectionInfo(
+                silent(),
+                timeout=CALL_TIMEOUT_S,
+                metadata=(("x-request-id", f"silent-reflection-{i}"),),
+            )
+            for i in range(workers)
+        ]
+        try:
+            _wait_for(
+                lambda: sum(call.done() for call in calls) == workers - stream_limit,
+                "rejection of the reflection streams over the limit",
+            )
+            rejected = next(call for call in calls if call.done())
+            assert rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"{stream_limit} calls that stream requests" in rejected.details()
+            assert client.health() == "NOT_SERVING"
+        finally:
+            release.set()
+            for call in calls:
+                call.cancel()
+    lines = [
+        line
+        for i in range(workers)
+        for line in _rpc_lines(caplog, f"silent-reflection-{i}")
+        if "status=RESOURCE_EXHAUSTED" in line
+    ]
+    assert len(lines) == workers - stream_limit
+    assert lines[0].startswith("rpc=/grpc.reflection.v1alpha.ServerReflection/")
 
 
 class _StubContext:
