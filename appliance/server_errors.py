@@ -368,6 +368,7 @@ class _RequestStreamLimit:
             "one has ended"
         )
         watch.log("RESOURCE_EXHAUSTED", message)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, watch.request_id),))
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def leave(self) -> None:

@@ -603,9 +603,11 @@ def test_silent_reflection_streams_leave_workers_free(
                 lambda: sum(call.done() for call in calls) == workers - stream_limit,
                 "rejection of the reflection streams over the limit",
             )
-            rejected = next(call for call in calls if call.done())
+            index, rejected = next((i, call) for i, call in enumerate(calls) if call.done())
             assert rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert f"{stream_limit} calls that stream requests" in rejected.details()
+            request_id = ("x-request-id", f"silent-reflection-{index}")
+            assert request_id in rejected.trailing_metadata()
             assert client.health() == "NOT_SERVING"
         finally:
             release.set()
