@@ -50,10 +50,13 @@ RUN find torch/bin -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -r
         torch/lib/libbackend_with_compiler.so torch/lib/libaoti_custom_ops.so
 
 FROM python-base AS runtime
+# The setuid and setgid bits come off every file (su, passwd, mount and others from the base
+# image), so a container started without no-new-privileges still gives uid 10001 no way to root.
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin appliance \
     && mkdir -p /data /store \
-    && chown 10001:10001 /store
+    && chown 10001:10001 /store \
+    && find / -xdev -type f -perm /6000 -exec chmod ug-s {} +
 COPY --from=build /opt/venv /opt/venv
 COPY build/docker-entrypoint.sh /usr/local/bin/appliance-entrypoint
 # The root filesystem is read-only at run time: caches and scratch files go to the /tmp tmpfs.

@@ -42,24 +42,36 @@ train() {
   python -m appliance train --data "$data_dir" --store "$store_dir" --no-progress "$@"
 }
 
+tls_files_present() {
+  [ -f "$tls_dir/server.crt" ] && [ -f "$tls_dir/server.key" ]
+}
+
+# Exit with status 2 when serving would expose plain-text gRPC on a non-loopback host.
+# `run` calls it before training too, so a wrong setting fails at once, not after training.
+reject_plaintext_remote() {
+  if tls_files_present || [ "$allow_insecure_remote" = 1 ]; then
+    return 0
+  fi
+  case "$host" in
+    127.* | ::1 | localhost) ;;
+    *)
+      echo "entrypoint: no $tls_dir/server.crt and server.key, so host=$host would serve" \
+        "plain-text gRPC; mount TLS files at $tls_dir, set APPLIANCE_ALLOW_INSECURE_REMOTE=1," \
+        "or set APPLIANCE_HOST=127.0.0.1" >&2
+      exit 2
+      ;;
+  esac
+}
+
 serve() {
-  if [ -f "$tls_dir/server.crt" ] && [ -f "$tls_dir/server.key" ]; then
+  reject_plaintext_remote
+  if tls_files_present; then
     set -- --tls-cert "$tls_dir/server.crt" --tls-key "$tls_dir/server.key" "$@"
     if [ -f "$tls_dir/client-ca.crt" ]; then
       set -- --tls-client-ca "$tls_dir/client-ca.crt" "$@"
     fi
   elif [ "$allow_insecure_remote" = 1 ]; then
     set -- --allow-insecure-remote "$@"
-  else
-    case "$host" in
-      127.* | ::1 | localhost) ;;
-      *)
-        echo "entrypoint: no $tls_dir/server.crt and server.key, so host=$host would serve" \
-          "plain-text gRPC; mount TLS files at $tls_dir, set APPLIANCE_ALLOW_INSECURE_REMOTE=1," \
-          "or set APPLIANCE_HOST=127.0.0.1" >&2
-        exit 2
-        ;;
-    esac
   fi
   exec python -m appliance serve --store "$store_dir" --host "$host" --port "$port" "$@"
 }
@@ -91,6 +103,7 @@ case "$command" in
     serve "$@"
     ;;
   run)
+    reject_plaintext_remote
     if [ ! -f "$store_dir/CURRENT" ]; then
       echo "entrypoint: store=$store_dir has no current version; training on data=$data_dir" >&2
       train

@@ -247,6 +247,38 @@ def test_image_holds_no_records_or_weights() -> None:
     assert result.stdout.split() == []
 
 
+def test_image_has_no_setuid_files() -> None:
+    # As root, so that find also reads the folders uid 10001 cannot list.
+    script = "find / -xdev -type f -perm /6000 -print"
+    result = docker(
+        "run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "sh", IMAGE,
+        "-c", script,
+    )  # fmt: skip
+    assert result.stdout.split() == []
+
+
+def test_run_rejects_plaintext_before_training(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The entrypoint rejects the default host 0.0.0.0 when /tls has no server certificate and
+    # key. `run` must reject it before training, not after a training run whose model it then
+    # cannot serve. The records folder is empty, so a training attempt would leave a message
+    # and a training folder in the store.
+    empty_data = tmp_path_factory.mktemp("no-records")
+    empty_data.chmod(0o755)
+    store = tmp_path_factory.mktemp("plaintext-store")
+    os.chown(store, APPLIANCE_UID, APPLIANCE_UID)
+    result = docker(
+        "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges", "--tmpfs", "/tmp",
+        "--volume", f"{empty_data}:/data:ro", "--volume", f"{store}:/store",
+        IMAGE, "run",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "would serve plain-text gRPC" in result.stderr
+    assert "training on" not in result.stderr
+    assert list(store.iterdir()) == []
+
+
 def test_image_runs_as_non_root() -> None:
     config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", IMAGE).stdout)
     assert config["User"] == f"{APPLIANCE_UID}:{APPLIANCE_UID}"
