@@ -31,6 +31,7 @@ from appliance.config import (
     TrainConfig,
 )
 from appliance.errors import ApplianceError
+from appliance.v1 import GeneratedCodeMissingError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -447,7 +448,7 @@ def _check_export_data(
 
 
 def _serve_config(args: argparse.Namespace) -> object:
-    from appliance.server import ServeConfig, TlsFiles
+    from appliance.serve_config import ServeConfig, TlsFiles
 
     tls = None
     if args.tls_cert or args.tls_key:
@@ -971,7 +972,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every subcommand."""
-    from appliance.server import ServeConfig as ServeDefaults
+    from appliance.serve_config import ServeConfig as ServeDefaults
 
     parser = argparse.ArgumentParser(prog="python -m appliance", description=PARSER_DESCRIPTION)
     parser.add_argument(
@@ -1369,6 +1370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("command failed", exc_info=True)
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_USAGE
+    except GeneratedCodeMissingError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -16,7 +16,6 @@ import ssl
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -27,13 +26,9 @@ from grpc_reflection.v1alpha import reflection
 
 from appliance.engine import Engine
 from appliance.errors import ModelStoreError
+from appliance.serve_config import ServeConfig, TlsFiles
 from appliance.server_errors import UnservedCallLogger
-from appliance.service import (
-    DEFAULT_MAX_BEATS_PER_REQUEST,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ApplianceServicer,
-    ThreadPlan,
-)
+from appliance.service import ApplianceServicer, ThreadPlan
 from appliance.store import current_version_id, load_current
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
@@ -42,12 +37,6 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ApplianceService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-DEFAULT_GRACE_S = 10.0
-# After SIGTERM, health reports NOT_SERVING and new calls are rejected for this long before the
-# listening port closes, so that load balancers polling health can move traffic away.
-DEFAULT_DRAIN_S = 1.0
-# Calls accepted at once (running plus queued for a worker); more get RESOURCE_EXHAUSTED.
-DEFAULT_MAX_CONCURRENT_RPCS = 256
 # Worker threads per engine slot. The extra threads serve health, GetModelInfo and calls
 # waiting for a slot while the slots compute.
 WORKERS_PER_SLOT = 4
@@ -59,57 +48,6 @@ SELF_CHECK_MAX_ERROR = 1e-2
 CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files for TLS; with ``client_ca`` set, clients must present a certificate it signed.
-
-    Attributes:
-        certificate: Server certificate chain.
-        private_key: Private key of the server certificate.
-        client_ca: CA certificates that sign client certificates (mutual TLS), or None.
-    """
-
-    certificate: Path
-    private_key: Path
-    client_ca: Path | None = None
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Server settings.
-
-    Attributes:
-        host: Address to bind; loopback unless ``allow_insecure_remote`` or TLS is set.
-        port: TCP port; 0 lets the operating system choose.
-        workers: gRPC worker threads (0: ``WORKERS_PER_SLOT`` per engine slot, at least
-            ``MIN_WORKERS``).
-        intra_op_threads: ONNX Runtime threads per graph call (0: half the CPU limit, at
-            least 1).
-        tls: TLS files, or None for an insecure port.
-        allow_insecure_remote: Allow an insecure port on a non-loopback address.
-        require_gpu: Refuse to start without the CUDA execution provider.
-        max_beats_per_request: Most beats one request may ask for or carry.
-        max_message_bytes: Largest request or reply message in bytes.
-        max_concurrent_rpcs: Calls accepted at once; more get RESOURCE_EXHAUSTED.
-        grace_s: Seconds from SIGTERM until calls still in flight are cancelled.
-        drain_s: Seconds, within ``grace_s``, during which health reports NOT_SERVING and new
-            calls are rejected before the port closes.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    workers: int = 0
-    intra_op_threads: int = 0
-    tls: TlsFiles | None = None
-    allow_insecure_remote: bool = False
-    require_gpu: bool = False
-    max_beats_per_request: int = DEFAULT_MAX_BEATS_PER_REQUEST
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
-    grace_s: float = DEFAULT_GRACE_S
-    drain_s: float = DEFAULT_DRAIN_S
 
 
 def is_loopback(host: str) -> bool:
@@ -365,9 +303,14 @@ def start_server(config: ServeConfig) -> ApplianceServer:
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        raise ValueError(f"cannot bind {address}: {exc}; choose a free port") from exc
+        # gRPC's own text only points at its debug log, so it goes to the debug log here.
+        logger.debug("bind failed address=%s error=%s", address, exc)
+        port = 0
     if port == 0:
-        raise ValueError(f"cannot bind {address}; the port may be in use, choose a free one")
+        raise ValueError(
+            f"cannot bind {address}: the port is in use or {config.host} is not an address of "
+            "this host; choose another --port (--port 0 takes a free one) or --host"
+        )
     server.start()
     logger.info(
         "server listening host=%s port=%d status=NOT_SERVING tls=%s mutual_tls=%s "

@@ -31,6 +31,7 @@ from appliance.errors import (
     RequestTooLargeError,
 )
 from appliance.report_store import REPORT_COMMAND, StoredReport, load_report, metric_rows
+from appliance.serve_config import DEFAULT_MAX_BEATS_PER_REQUEST, DEFAULT_MAX_MESSAGE_BYTES
 from appliance.server_errors import (
     CallCancelledError,
     CallRecord,
@@ -46,9 +47,6 @@ DEFAULT_CHUNK_BEATS = 256
 MAX_CHUNK_BEATS = 4096
 DEFAULT_DRAWS_PER_BEAT = 20
 MAX_DRAWS_PER_BEAT = 1000
-DEFAULT_MAX_BEATS_PER_REQUEST = 100_000
-# gRPC's default message limit, stated so that the limit is explicit and documented.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Validate scores this many beats per engine call, so that a cancelled call stops within one
 # piece and other calls get the engine in between. On 2 cores 1,024 beats kept an engine slot
 # for about 2 s after the client had gone. Scoring time grows with the beats, so 256 beats

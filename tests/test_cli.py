@@ -1066,3 +1066,47 @@ def test_quality_report_warns_stale_page(model_store: Path, tmp_path: Path) -> N
     assert "remove it or pass another --out" in warnings[0]
     assert (out / "quality.html").read_bytes() == page
     assert (out / "quality.json").exists()
+
+
+# Runs the command line with the modules generated from the proto file made unimportable, as in
+# a fresh clone before `make proto`.
+_WITHOUT_GENERATED_CODE = """
+import importlib.abc, runpy, sys
+
+class HideGenerated(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.startswith("appliance.v1.appliance_pb2"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, HideGenerated())
+sys.argv = ["appliance", *sys.argv[1:]]
+runpy.run_module("appliance", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_without_generated_code(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_GENERATED_CODE, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "export", "serve", "run", "report", "generate", "validate", "info"]
+)
+def test_help_without_generated_code(command: str) -> None:
+    result = _run_without_generated_code(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_client_without_generated_code_names_fix() -> None:
+    result = _run_without_generated_code("health", "--address", "127.0.0.1:9")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "appliance_pb2.py, generated from proto/appliance/v1/appliance.proto" in result.stderr
+    assert "run `make proto`" in result.stderr

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -843,3 +844,16 @@ def test_stop_lets_inflight_call_finish(model_store: Path):
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop()
+
+
+def test_busy_port_names_the_fix() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError) as raised:
+            start_server(ServeConfig(port=port, grace_s=1.0, drain_s=0.0))
+    message = str(raised.value)
+    assert f"cannot bind 127.0.0.1:{port}: the port is in use" in message
+    assert "--port 0 takes a free one" in message
+    assert "GRPC_VERBOSITY" not in message
