@@ -35,7 +35,8 @@ MANIFEST_FORMAT = 1
 # host and process writing it.
 PARTIAL_PREFIX = ".partial-"
 OWNER_FILE = ".owner"
-# A partial folder without an owner file is removed once it is this old.
+# A partial folder whose writer cannot be checked, because it has no owner file or was written
+# on another host (an earlier container, say), is removed once it is this old.
 UNOWNED_PARTIAL_AGE_S = 24 * 3600.0
 # Manifest sections that shape what the served model returns, besides the files' bytes. The
 # model id is a hash of these and of every file's SHA-256; the export time and the training
@@ -100,8 +101,11 @@ def _abandoned(partial: Path) -> bool:
         return time.time() - partial.stat().st_mtime > UNOWNED_PARTIAL_AGE_S
     except (OSError, ValueError):
         return False
-    # A process on another host (another container on a shared volume) cannot be checked.
-    return host == socket.gethostname() and not _process_alive(pid)
+    if host != socket.gethostname():
+        # Each container gets a new host name, so a folder left by a killed export in an
+        # earlier container would otherwise stay, privacy index of training beats included.
+        return time.time() - partial.stat().st_mtime > UNOWNED_PARTIAL_AGE_S
+    return not _process_alive(pid)
 
 
 def remove_abandoned_partials(store: Path) -> list[Path]:
@@ -177,9 +181,9 @@ def current_version_id(store: Path) -> str:
     """
     pointer = store / CURRENT_FILE
     if not store.is_dir():
-        what = "is not a folder" if store.exists() else "does not exist"
+        problem = "is not a folder" if store.exists() else "does not exist"
         raise ModelStoreError(
-            f"model store {store} {what}; check --store, or run `python -m appliance train "
+            f"model store {store} {problem}; check --store, or run `python -m appliance train "
             f"--store {store}` to create one"
         )
     if not pointer.exists():
@@ -214,9 +218,9 @@ def load_current(store: Path) -> ModelVersion:
     manifest_path = path / MANIFEST_FILE
     if not version or "/" in version or version in (".", "..") or not path.is_dir():
         present = sorted(
-            p.name
-            for p in (store / VERSIONS_DIR).glob("*")
-            if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX)
+            entry.name
+            for entry in (store / VERSIONS_DIR).glob("*")
+            if entry.is_dir() and not entry.name.startswith(PARTIAL_PREFIX)
         )
         raise ModelStoreError(
             f"{store / CURRENT_FILE} names version {version!r}, which is not in "

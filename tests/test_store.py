@@ -48,15 +48,18 @@ def test_new_version_removes_killed_exports(tmp_path: Path) -> None:
     killed = _partial(tmp_path, "killed", f"{host} {_ended_pid()}\n")
     running = _partial(tmp_path, "running", f"{host} {os.getpid()}\n")
     elsewhere = _partial(tmp_path, "elsewhere", f"other-host-{host} {_ended_pid()}\n")
+    old_elsewhere = _partial(tmp_path, "old-elsewhere", f"other-host-{host} {_ended_pid()}\n")
     fresh_unowned = _partial(tmp_path, "fresh", None)
     old_unowned = _partial(tmp_path, "old", None)
     old_time = time.time() - UNOWNED_PARTIAL_AGE_S - 60
     os.utime(old_unowned, (old_time, old_time))
+    os.utime(old_elsewhere, (old_time, old_time))
 
     created = new_version_dir(tmp_path)
 
     assert not killed.exists()
     assert not old_unowned.exists()
+    assert not old_elsewhere.exists()
     assert running.exists()
     assert elsewhere.exists()
     assert fresh_unowned.exists()
