@@ -186,7 +186,9 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         return min(max(margin, low), high) + 0.0
 
     def _known_class(self, engine: Engine, value: int, field_name: str) -> int:
-        known = ", ".join(f"BEAT_CLASS_{AAMI_CLASSES[i]}" for i in engine.classes_known)
+        short_names = [AAMI_CLASSES[i] for i in engine.classes_known]
+        known = ", ".join(f"BEAT_CLASS_{name}" for name in short_names)
+        known += f" (short names {', '.join(short_names)})"
         if value not in pb.BeatClass.values():
             raise RequestError(
                 f"{field_name}={value} is not a BeatClass value; use one of "
@@ -195,8 +197,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         index = class_from_proto(value)
         if index >= 0 and index not in engine.classes_known:
             raise RequestError(
-                f"{field_name}={pb.BeatClass.Name(value)} is not known by the "
-                f"model; use one of: {known}"
+                f"{field_name}={pb.BeatClass.Name(value)} (class {AAMI_CLASSES[index]}) is not "
+                f"known by the model; use one of: {known}"
             )
         return index
 

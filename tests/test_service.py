@@ -146,6 +146,11 @@ BAD_CASES = {
         INVALID,
         ("class_counts[0].beat_class=42", "BEAT_CLASS_N"),
     ),
+    "class not learned": BadCase(
+        _generate(class_counts=[pb.ClassCount(beat_class=pb.BEAT_CLASS_Q, count=3)]),
+        INVALID,
+        ("beat_class=BEAT_CLASS_Q (class Q) is not known by the model", "(short names N, "),
+    ),
     "class unspecified": BadCase(
         _generate(class_counts=[pb.ClassCount(count=3)]),
         INVALID,
