@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from appliance.engine import Engine
 from appliance.errors import ModelStoreError
 from appliance.serve_config import ServeConfig, TlsFiles
-from appliance.server_errors import UnservedCallLogger
+from appliance.server_errors import UnservedCallLogger, limit_grpc_library_logs
 from appliance.service import ApplianceServicer, ThreadPlan
 from appliance.store import current_version_id, load_current
 from appliance.v1 import appliance_pb2 as pb
@@ -267,6 +267,7 @@ def start_server(config: ServeConfig) -> ApplianceServer:
             port cannot be bound.
     """
     check_bind_policy(config)
+    limit_grpc_library_logs()
     credentials = None if config.tls is None else _credentials(config.tls)
     cpus, source = cpu_limit()
     plan = plan_threads(config, cpus, source)

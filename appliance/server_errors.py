@@ -228,6 +228,37 @@ class _RejectionLogLimit:
             return True, suppressed
 
 
+# Loggers of grpcio that write an ERROR line with a traceback for every request it cannot parse
+# and every header it cannot decode. The call is logged once by this module in any case.
+GRPC_LIBRARY_LOGGERS = ("grpc._common", "grpc._cython.cygrpc", "grpc._server")
+
+
+class GrpcLibraryLogLimit(logging.Filter):
+    """Rate limit of grpcio's own log lines, with the same window as the rejection lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limit = _RejectionLogLimit()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        admitted, suppressed = self._limit.admit()
+        if admitted and suppressed:
+            record.msg = f"{record.msg} (suppressed_before={suppressed})"
+        return admitted
+
+
+def limit_grpc_library_logs() -> GrpcLibraryLogLimit:
+    """Attach one shared ``GrpcLibraryLogLimit`` to grpcio's loggers, once per process."""
+    for name in GRPC_LIBRARY_LOGGERS:
+        for existing in logging.getLogger(name).filters:
+            if isinstance(existing, GrpcLibraryLogLimit):
+                return existing
+    shared = GrpcLibraryLogLimit()
+    for name in GRPC_LIBRARY_LOGGERS:
+        logging.getLogger(name).addFilter(shared)
+    return shared
+
+
 @dataclass
 class _CallWatch:
     """State that the unserved-call logger keeps for one call while gRPC handles it."""

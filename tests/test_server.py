@@ -33,10 +33,13 @@ from appliance.server import (
     start_server,
 )
 from appliance.server_errors import (
+    GRPC_LIBRARY_LOGGERS,
     REJECTION_LOG_LINES,
     REJECTION_LOG_WINDOW_S,
+    GrpcLibraryLogLimit,
     _ended_status,
     _RejectionLogLimit,
+    limit_grpc_library_logs,
     request_stream_cancelled,
 )
 from appliance.v1 import appliance_pb2 as pb
@@ -857,3 +860,21 @@ def test_busy_port_names_the_fix() -> None:
     assert f"cannot bind 127.0.0.1:{port}: the port is in use" in message
     assert "--port 0 takes a free one" in message
     assert "GRPC_VERBOSITY" not in message
+
+
+def test_grpc_library_lines_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    library = logging.getLogger("tests.grpc_library")
+    library.addFilter(GrpcLibraryLogLimit())
+    caplog.set_level(logging.ERROR, logger=library.name)
+    for index in range(3 * REJECTION_LOG_LINES):
+        library.error("failed to parse message %d", index)
+    lines = [r for r in caplog.records if r.name == library.name]
+    assert len(lines) == REJECTION_LOG_LINES
+
+
+def test_grpc_library_limit_attached_once() -> None:
+    shared = limit_grpc_library_logs()
+    assert limit_grpc_library_logs() is shared
+    for name in GRPC_LIBRARY_LOGGERS:
+        limits = [f for f in logging.getLogger(name).filters if isinstance(f, GrpcLibraryLogLimit)]
+        assert limits == [shared]
