@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -318,6 +319,7 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
 def _command_train(args: argparse.Namespace) -> int:
     from appliance import distributed
     from appliance.jobs import train_and_export
+    from appliance.train import stop_on_signals
 
     config = _config(args)
     work_dir = args.work_dir or (args.store / "training")
@@ -328,15 +330,17 @@ def _command_train(args: argparse.Namespace) -> int:
     work_dir_option = "--work-dir" if args.work_dir is not None else "--work-dir (STORE/training)"
     _check_output_folder(work_dir_option, work_dir, keep_created=True)
     _check_cache_dir(args)
+    single_process = os.environ.get("WORLD_SIZE", "1") in ("", "1")
     try:
-        job = train_and_export(
-            args.data,
-            args.store,
-            config,
-            work_dir,
-            progress=not args.no_progress and distributed.is_rank_zero(),
-            resume=args.resume,
-        )
+        with stop_on_signals(enabled=single_process):
+            job = train_and_export(
+                args.data,
+                args.store,
+                config,
+                work_dir,
+                progress=not args.no_progress and distributed.is_rank_zero(),
+                resume=args.resume,
+            )
     finally:
         distributed.shutdown()
     if job.version is not None:
@@ -1359,8 +1363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _rpc_error_type() as exc:
         return _report_rpc_error(exc, args)
     except ApplianceError as exc:
-        from appliance.errors import DataError, ModelStoreError
+        from appliance.errors import DataError, ModelStoreError, TrainingStoppedError
 
+        if isinstance(exc, TrainingStoppedError):
+            sys.stderr.write(f"error: {exc}\n")
+            return 128 + exc.signum
         if isinstance(exc, DataError | ModelStoreError | UsageError):
             sys.stderr.write(f"error: {exc}\n")
             return EXIT_USAGE

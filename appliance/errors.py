@@ -71,6 +71,18 @@ class TrainingError(ApplianceError):
     """Training cannot continue."""
 
 
+class TrainingStoppedError(TrainingError):
+    """Training stopped on a signal (SIGTERM or SIGINT) after saving a checkpoint.
+
+    Attributes:
+        signum: The signal's number; the command line exits with ``128 + signum``.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class NonFiniteLossError(TrainingError):
     """The training loss became NaN or infinite.
 

@@ -23,6 +23,7 @@ from appliance.errors import ApplianceError
 from appliance.jobs import train_and_export
 from appliance.outputs import plot_real_vs_synthetic, write_beats
 from appliance.privacy import NearestNeighbourIndex, privacy_space
+from appliance.train import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def run_main_job(
             "keep them",
             out_dir,
         )
-    job = train_and_export(data_dir, store, config, out_dir / "training", progress=progress)
+    with stop_on_signals():
+        job = train_and_export(data_dir, store, config, out_dir / "training", progress=progress)
     if job.version is None:
         raise ApplianceError("the main job runs in one process; start it without torchrun")
     manifest = job.version.manifest

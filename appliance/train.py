@@ -8,15 +8,20 @@ float32 rounding. Only rank 0 writes checkpoints and ``best.pt``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, cast
 
 import numpy as np
@@ -29,10 +34,50 @@ from appliance.classes import AAMI_CLASSES
 from appliance.config import ApplianceConfig, TrainConfig
 from appliance.dataset import BeatSet
 from appliance.distributed import DistributedContext, any_rank, barrier, init_from_env
-from appliance.errors import NonFiniteLossError, TrainingError
+from appliance.errors import NonFiniteLossError, TrainingError, TrainingStoppedError
 from appliance.flow import ConditionalFlow, bits_per_dim, standard_normal_log_prob
 
 logger = logging.getLogger(__name__)
+
+# Set by ``stop_on_signals``; training saves a checkpoint and stops after the step in progress.
+_stop_requested = threading.Event()
+# Number of the signal that set ``_stop_requested``.
+_stop_signum = [0]
+
+
+@contextlib.contextmanager
+def stop_on_signals(enabled: bool = True) -> Iterator[None]:
+    """Make SIGTERM and SIGINT stop training cleanly while the block runs (main thread only).
+
+    Training then saves a checkpoint after the step in progress and raises
+    ``TrainingStoppedError``, so ``train --resume`` continues from there. The previous
+    handlers are restored on exit.
+
+    Arguments:
+        enabled: False leaves the handlers alone. Ranks of a distributed run pass False,
+            because one rank cannot stop alone without the others waiting for it.
+    """
+    if not enabled:
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        logger.warning(
+            "signal=%s received; training stops after the current step", signal.strsignal(signum)
+        )
+        _stop_signum[0] = signum
+        _stop_requested.set()
+
+    previous = {number: signal.signal(number, request_stop) for number in signals}
+    _stop_requested.clear()
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _stop_requested.clear()
+
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
@@ -603,6 +648,10 @@ def _train(
             last_batch = batch_index == steps_per_epoch - 1
             if step % settings.checkpoint_every_steps == 0 and not last_batch:
                 save_checkpoint()
+            if _stop_requested.is_set() and not last_batch and not context.is_distributed:
+                bar.close()
+                save_checkpoint()
+                raise _stopped(step, checkpoint_path)
 
         # NOTE: every rank evaluates the whole validation set; the ranks hold the same weights,
         # so they reach the same loss and the same best model without a collective.
@@ -638,6 +687,9 @@ def _train(
                 1000.0 * (time.monotonic() - started) / max(1, step - first_step),
             )
         save_checkpoint()
+        if _stop_requested.is_set() and not context.is_distributed:
+            bar.close()
+            raise _stopped(step, checkpoint_path)
         # Rank 0's clock decides for all, so no rank leaves the loop while others train on.
         over_budget = context.is_rank_zero and time.monotonic() - started > budget_s
         if any_rank(over_budget, context):
@@ -684,4 +736,15 @@ def _train(
     )
     return TrainResult(
         model=model, scale_mv=scale_mv, classes_known=classes_known, summary=summary
+    )
+
+
+def _stopped(step: int, checkpoint_path: Path) -> TrainingStoppedError:
+    """Build the error that ends a training run stopped by a signal."""
+    signum = _stop_signum[0]
+    return TrainingStoppedError(
+        f"training stopped by {signal.strsignal(signum)} at step {step}; the checkpoint "
+        f"{checkpoint_path} is saved and nothing was exported. Run the same train command with "
+        "--resume (and the same --work-dir) to continue",
+        signum,
     )

@@ -356,3 +356,32 @@ def test_resume_without_checkpoint_logs_fresh_start(
     assert fresh[0].levelno == logging.WARNING
     assert str(tmp_path / "work" / CHECKPOINT_FILE) in fresh[0].getMessage()
     assert "--work-dir" in fresh[0].getMessage()
+
+
+def test_sigterm_stops_training_with_checkpoint(tmp_path: Path) -> None:
+    work_dir = tmp_path / "work"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "appliance", "train", "--store", str(tmp_path / "store"),
+            "--work-dir", str(work_dir), "--max-beats-per-class", "100", "--epochs", "1000",
+            "--max-minutes", "10", "--threads", "1", "--no-progress",
+        ],
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    checkpoint_path = work_dir / CHECKPOINT_FILE
+    deadline = time.monotonic() + 300
+    while not checkpoint_path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr_bytes = process.communicate(timeout=120)
+    stderr = stderr_bytes.decode()
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "training stops after the current step" in stderr
+    stopped_at = torch.load(checkpoint_path, weights_only=False)["step"]
+    assert f"training stopped by Terminated at step {stopped_at};" in stderr
+    assert "--resume" in stderr
+    assert not (tmp_path / "store" / "CURRENT").exists()
