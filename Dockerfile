@@ -78,5 +78,5 @@ EXPOSE 50051
 # so the container reports unhealthy until training ends.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["appliance-entrypoint", "health"]
-ENTRYPOINT ["tini", "-s", "--", "appliance-entrypoint"]
+ENTRYPOINT ["tini", "-g", "-s", "--", "appliance-entrypoint"]
 CMD ["run"]

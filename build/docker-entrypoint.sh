@@ -39,7 +39,13 @@ train() {
   if [ -n "$train_epochs" ]; then
     set -- --epochs "$train_epochs" "$@"
   fi
+  # On SIGTERM or SIGINT, training saves a checkpoint and exits with 128 plus the signal
+  # number; tini -g sends the signal to training as well as to this shell. The shell ignores
+  # both meanwhile, so that it ends with training's status instead of before training.
+  trap '' TERM INT
   python -m appliance train --data "$data_dir" --store "$store_dir" --no-progress "$@"
+  # `serve` runs next in `run`, and exec keeps ignored signals ignored.
+  trap - TERM INT
 }
 
 tls_files_present() {

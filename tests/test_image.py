@@ -279,6 +279,38 @@ def test_run_rejects_plaintext_before_training(tmp_path_factory: pytest.TempPath
     assert list(store.iterdir()) == []
 
 
+def test_stop_during_training_keeps_checkpoint(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # docker stop sends SIGTERM to tini, which passes it to the entrypoint's process group.
+    # Training must save a checkpoint and exit with 143 well before the grace period ends.
+    store = tmp_path_factory.mktemp("stopped-store")
+    os.chown(store, APPLIANCE_UID, APPLIANCE_UID)
+    name = f"appliance-train-stop-{os.getpid()}"
+    docker(
+        "run", "--detach", "--name", name, "--network", "none", "--read-only",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--init",
+        "--tmpfs", "/tmp", "--volume", f"{data_dir}:/data:ro", "--volume", f"{store}:/store",
+        "--env", "APPLIANCE_TRAIN_EPOCHS=1000", "--env", "APPLIANCE_TRAIN_MAX_MINUTES=10",
+        IMAGE, "train", "--max-beats-per-class", "100",
+    )  # fmt: skip
+    try:
+        checkpoint = store / "training" / "checkpoint.pt"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert checkpoint.exists(), docker("logs", name, check=False).stderr
+        docker("stop", "--time", "60", name, timeout_s=120.0)
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", name).stdout)
+        logs = docker("logs", name).stderr
+        assert state["ExitCode"] == 143, logs
+        assert "training stopped by Terminated at step" in logs
+        assert "Traceback" not in logs
+        assert not (store / "CURRENT").exists()
+    finally:
+        docker("rm", "--force", name, check=False)
+
+
 def test_image_runs_as_non_root() -> None:
     config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", IMAGE).stdout)
     assert config["User"] == f"{APPLIANCE_UID}:{APPLIANCE_UID}"
