@@ -270,12 +270,18 @@ def test_corrupt_header_is_reported_and_skipped(tmp_path: Path) -> None:
 
 
 def test_serve_without_model_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     result = run_cli("serve", "--store", str(tmp_path / "empty"), "--port", "0")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "no trained model" in result.stderr
     # The store is checked before the port opens, so no listening line is logged.
     assert "server listening" not in result.stderr
+
+    missing = run_cli("serve", "--store", str(tmp_path / "mistyped"), "--port", "0")
+    assert missing.returncode == 2
+    assert "mistyped does not exist; check --store" in missing.stderr
+    assert "server listening" not in missing.stderr
 
 
 @pytest.mark.parametrize("port", ["99999", "70000", "65536", "-1", "http"])
