@@ -69,8 +69,9 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
         _stop_signum[0] = signum
         _stop_requested.set()
 
-    previous = {number: signal.signal(number, request_stop) for number in signals}
+    # Cleared before the handlers go in, so that a signal that arrives at once is kept.
     _stop_requested.clear()
+    previous = {number: signal.signal(number, request_stop) for number in signals}
     try:
         yield
     finally:

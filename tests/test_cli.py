@@ -899,6 +899,15 @@ def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
+def usage_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Check that a command failed with exit status 2 and one error line; return that line."""
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     ("option", "placement"),
     [
@@ -920,16 +929,13 @@ def test_train_folder_is_file_exits_2(tmp_path: Path, option: str, placement: st
     result = run_cli(
         "train", "--data", str(missing_data), "--store", str(store), *extra, timeout_s=120.0
     )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {option} {folder}")
-    assert "pass a folder" in lines[0]
+    line = usage_error_line(result)
+    assert line.startswith(f"error: {option} {folder}")
+    assert "pass a folder" in line
     if placement == "file":
-        assert f"{option} {folder} is a file" in lines[0]
+        assert f"{option} {folder} is a file" in line
     else:
-        assert "creating the folder failed (Not a directory)" in lines[0]
+        assert "creating the folder failed (Not a directory)" in line
     assert str(missing_data) not in result.stderr
     assert existing.read_text() == "not a folder\n"
 
@@ -958,12 +964,9 @@ def test_report_out_is_file_exits_2(tmp_path: Path, placement: str) -> None:
         "report", "--store", str(tmp_path / "no-store"), "--data", str(DEFAULT_DATA_DIR),
         "--out", str(out), timeout_s=120.0,
     )  # fmt: skip
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: --out {out}")
-    assert "pass a folder" in lines[0]
+    line = usage_error_line(result)
+    assert line.startswith(f"error: --out {out}")
+    assert "pass a folder" in line
     assert "no-store" not in result.stderr
 
 
@@ -990,12 +993,9 @@ def test_report_temperature_out_of_range_exits_2(tmp_path: Path, temperature: st
         "--out", str(tmp_path / "out"), "--temperature", temperature, "--margin", "-1",
         timeout_s=120.0,
     )  # fmt: skip
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: --temperature={float(temperature):g} is out of range")
-    assert f"above 0 and at most {MAX_TEMPERATURE:g}" in lines[0]
+    line = usage_error_line(result)
+    assert line.startswith(f"error: --temperature={float(temperature):g} is out of range")
+    assert f"above 0 and at most {MAX_TEMPERATURE:g}" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -1011,12 +1011,9 @@ def test_report_margin_out_of_range_exits_2(
         "report", "--store", str(model_store), "--data", str(tmp_path / "no-records"),
         "--out", str(tmp_path / "out"), "--margin", margin, "--no-attach", timeout_s=300.0,
     )  # fmt: skip
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: --margin={float(margin):g} is out of range for model")
-    assert f"use {gate['min_margin']:g} to {gate['max_margin']:g}" in lines[0]
+    line = usage_error_line(result)
+    assert line.startswith(f"error: --margin={float(margin):g} is out of range for model")
+    assert f"use {gate['min_margin']:g} to {gate['max_margin']:g}" in line
     assert not (tmp_path / "out").exists()
 
 
