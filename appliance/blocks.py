@@ -167,7 +167,7 @@ class AffineCoupling(InvertibleBlock):
         self.channels_a = channels // 2 if not swap else channels - channels // 2
         self.channels_b = channels - self.channels_a
         padding = kernel_size // 2
-        self.net = nn.Sequential(
+        net = nn.Sequential(
             nn.Conv1d(
                 self.channels_a + classes + POSITION_CHANNELS,
                 hidden_channels,
@@ -179,11 +179,13 @@ class AffineCoupling(InvertibleBlock):
             nn.GELU(),
             nn.Conv1d(hidden_channels, 2 * self.channels_b, kernel_size, padding=padding),
         )
-        last = self.net[-1]
+        last = net[-1]
         assert isinstance(last, nn.Conv1d)
         nn.init.zeros_(last.weight)
         assert last.bias is not None
         nn.init.zeros_(last.bias)
+        # Typed as any module: the export's graph form puts an equal planar network here.
+        self.net: nn.Module = net
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.swap:

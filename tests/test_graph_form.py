@@ -14,7 +14,13 @@ from torch import nn
 from appliance.config import ModelConfig
 from appliance.export import export_graphs
 from appliance.flow import ConditionalFlow
-from appliance.graph_form import MAX_TAP_SUM_OUT_CHANNELS, TapSumConv1d, graph_form
+from appliance.graph_form import (
+    MAX_TAP_SUM_OUT_CHANNELS,
+    PlanarNet,
+    TapSumConv,
+    graph_form,
+    planar_conv,
+)
 
 
 @pytest.mark.parametrize(
@@ -35,9 +41,11 @@ def test_tap_sum_equals_convolution(
     x = torch.randn(3, in_channels, samples, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         expected = conv(x)
-        actual = TapSumConv1d(conv).double()(x)
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+        tap_sum = TapSumConv(conv)(x[:, :, None, :])
+        planar = planar_conv(conv)(x[:, :, None, :])
+    assert tap_sum.shape == planar.shape == (*expected.shape[:2], 1, expected.shape[2])
+    torch.testing.assert_close(tap_sum[:, :, 0], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(planar[:, :, 0], expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -51,9 +59,11 @@ def test_tap_sum_equals_convolution(
     ],
     ids=["stride", "dilation", "groups", "circular", "same"],
 )
-def test_tap_sum_rejects_other_convolutions(conv: nn.Conv1d) -> None:
+def test_graph_form_rejects_other_convolutions(conv: nn.Conv1d) -> None:
     with pytest.raises(ValueError, match="supports only stride-1"):
-        TapSumConv1d(conv)
+        TapSumConv(conv)
+    with pytest.raises(ValueError, match="supports only stride-1"):
+        planar_conv(conv)
 
 
 def _trained_like_flow() -> ConditionalFlow:
@@ -86,22 +96,29 @@ def test_graph_form_keeps_flow_function() -> None:
     torch.testing.assert_close(z_rewritten, z, rtol=0, atol=1e-10)
     torch.testing.assert_close(log_det_rewritten, log_det, rtol=0, atol=1e-10)
     torch.testing.assert_close(x_back_rewritten, x_back, rtol=0, atol=1e-10)
-    rewritten_layers = [m for m in rewritten.modules() if isinstance(m, TapSumConv1d)]
-    # One per coupling: the last convolution, to 2 * channels_b <= 8 channels.
-    assert len(rewritten_layers) == 4
-    assert all(m.out_channels <= MAX_TAP_SUM_OUT_CHANNELS for m in rewritten_layers)
+    # One subnetwork per coupling, each ending in a tap sum to 2 * channels_b <= 8 channels,
+    # with no 1-D convolution left.
+    planar_nets = [m for m in rewritten.modules() if isinstance(m, PlanarNet)]
+    assert len(planar_nets) == 4
+    tap_sums = [m for m in rewritten.modules() if isinstance(m, TapSumConv)]
+    assert len(tap_sums) == 4
+    assert all(m.out_channels <= MAX_TAP_SUM_OUT_CHANNELS for m in tap_sums)
+    assert not any(isinstance(m, nn.Conv1d) for m in rewritten.modules())
     # The trained model keeps its own layers.
-    assert not any(isinstance(m, TapSumConv1d) for m in model.modules())
+    assert not any(isinstance(m, (PlanarNet, TapSumConv)) for m in model.modules())
 
 
-def test_exported_graph_has_no_narrow_convolution(tmp_path: Path) -> None:
+def test_exported_graph_has_only_planar_wide_convolutions(tmp_path: Path) -> None:
     model = _trained_like_flow().float()
     forward_path, _ = export_graphs(model, tmp_path)
     graph = onnx.load(str(forward_path)).graph
     weights = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
     conv_weights = [weights[node.input[1]] for node in graph.node if node.op_type == "Conv"]
     assert conv_weights
-    narrow = [s for s in conv_weights if s[2] > 1 and s[0] <= MAX_TAP_SUM_OUT_CHANNELS]
+    # Every convolution is 2-D with kernel height 1, and none with a kernel wider than 1 is
+    # narrow.
+    assert all(len(s) == 4 and s[2] == 1 for s in conv_weights)
+    narrow = [s for s in conv_weights if s[3] > 1 and s[0] <= MAX_TAP_SUM_OUT_CHANNELS]
     assert not narrow
 
     x = torch.randn(5, 2, 32, generator=torch.Generator().manual_seed(5))
