@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.config import (
+    ACTIVATIONS,
     DEFAULT_DATA_DIR,
     ApplianceConfig,
     DataConfig,
@@ -230,6 +231,13 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         f"generation prior (default: {model.bottleneck_dims})",
     )
     parser.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        default=model.activation,
+        help="nonlinearity of the coupling subnetworks; gelu resumes checkpoints of models "
+        f"trained before relu became the default (default: {model.activation})",
+    )
+    parser.add_argument(
         "--tail-scale",
         type=float,
         default=GateConfig.tail_scale,
@@ -299,7 +307,9 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
             annotation_extension=args.annotation_extension,
             cache_dir=str(args.cache_dir or ""),
         ),
-        model=dataclasses.replace(ModelConfig(), bottleneck_dims=args.bottleneck_dims),
+        model=dataclasses.replace(
+            ModelConfig(), bottleneck_dims=args.bottleneck_dims, activation=args.activation
+        ),
         train=dataclasses.replace(
             TrainConfig(),
             max_minutes=args.max_minutes,

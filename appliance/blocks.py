@@ -158,7 +158,13 @@ class AffineCoupling(InvertibleBlock):
     """
 
     def __init__(
-        self, channels: int, classes: int, hidden_channels: int, kernel_size: int, swap: bool
+        self,
+        channels: int,
+        classes: int,
+        hidden_channels: int,
+        kernel_size: int,
+        swap: bool,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if channels < 2:
@@ -174,9 +180,9 @@ class AffineCoupling(InvertibleBlock):
                 kernel_size,
                 padding=padding,
             ),
-            nn.GELU(),
+            activation_layer(activation),
             nn.Conv1d(hidden_channels, hidden_channels, 1),
-            nn.GELU(),
+            activation_layer(activation),
             nn.Conv1d(hidden_channels, 2 * self.channels_b, kernel_size, padding=padding),
         )
         last = net[-1]
@@ -225,6 +231,15 @@ class AffineCoupling(InvertibleBlock):
         return self._join(y_a, x_b), -s.sum(dim=(1, 2))
 
 
+def activation_layer(name: str) -> nn.Module:
+    """Return the nonlinearity named ``name``: ``"relu"`` or ``"gelu"`` (exact, erf-based)."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"activation {name!r} is not supported; use relu or gelu")
+
+
 def position_encoding(x: torch.Tensor) -> torch.Tensor:
     """Return a ramp and one sine-cosine period over the window, shape (batch, 3, samples)."""
     samples = x.shape[2]
@@ -259,14 +274,20 @@ class FlowStep(InvertibleBlock):
     """One step of the flow: ActNorm, then the 1x1 convolution, then an affine coupling."""
 
     def __init__(
-        self, channels: int, classes: int, hidden_channels: int, kernel_size: int, swap: bool
+        self,
+        channels: int,
+        classes: int,
+        hidden_channels: int,
+        kernel_size: int,
+        swap: bool,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             [
                 ActNorm(channels),
                 InvertibleConv1x1(channels),
-                AffineCoupling(channels, classes, hidden_channels, kernel_size, swap),
+                AffineCoupling(channels, classes, hidden_channels, kernel_size, swap, activation),
             ]
         )
 

@@ -44,6 +44,13 @@ class DataConfig:
     cache_dir: str = ""
 
 
+# Nonlinearities of the coupling subnetworks. ReLU is the default: ONNX Runtime's CPU provider
+# folds it into the convolution before it, while GELU runs as a kernel of its own.
+ACTIVATIONS = ("relu", "gelu")
+# Activation of models whose saved settings predate ``ModelConfig.activation``.
+LEGACY_ACTIVATION = "gelu"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the conditional invertible network.
@@ -57,6 +64,8 @@ class ModelConfig:
         bottleneck_dims: Leading latent dimensions that carry the beat's shape (the
             reconstruction term) and get a full-covariance generation prior. The other
             dimensions get an independent prior, scaled by ``GateConfig.tail_scale``.
+        activation: Nonlinearity between the coupling subnetwork convolutions, one of
+            ``ACTIVATIONS``. Models saved before this setting existed used ``"gelu"``.
     """
 
     n_levels: int = 4
@@ -64,6 +73,14 @@ class ModelConfig:
     hidden_channels: int = 64
     kernel_size: int = 5
     bottleneck_dims: int = 32
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"model activation {self.activation!r} is not supported; use one of "
+                f"{', '.join(ACTIVATIONS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -155,9 +172,11 @@ class ApplianceConfig:
         data = dict(values.get("data", {}))
         if "leads" in data:
             data["leads"] = tuple(data["leads"])
+        model = dict(values.get("model", {}))
+        model.setdefault("activation", LEGACY_ACTIVATION)
         return cls(
             data=DataConfig(**data),
-            model=ModelConfig(**values.get("model", {})),
+            model=ModelConfig(**model),
             train=TrainConfig(**values.get("train", {})),
             gate=GateConfig(**values.get("gate", {})),
         )

@@ -51,7 +51,14 @@ class ConditionalFlow(nn.Module):
         for level in range(config.n_levels):
             channels, samples = channels * 2, samples // 2
             steps = nn.ModuleList(
-                FlowStep(channels, classes, config.hidden_channels, config.kernel_size, i % 2 == 1)
+                FlowStep(
+                    channels,
+                    classes,
+                    config.hidden_channels,
+                    config.kernel_size,
+                    i % 2 == 1,
+                    config.activation,
+                )
                 for i in range(config.steps_per_level)
             )
             self.levels.append(steps)

@@ -45,6 +45,7 @@ def _blocks() -> dict[str, tuple[InvertibleBlock, bool]]:
         "coupling_swap": (AffineCoupling(CHANNELS, CLASSES, 8, 3, swap=True), True),
         "coupling_no_condition": (AffineCoupling(CHANNELS, 0, 8, 3, swap=False), False),
         "coupling_odd_channels_swap": (AffineCoupling(3, CLASSES, 8, 3, swap=True), True),
+        "coupling_gelu": (AffineCoupling(CHANNELS, CLASSES, 8, 3, False, "gelu"), True),
         "squeeze": (Squeeze(), False),
         "flow_step": (FlowStep(CHANNELS, CLASSES, 8, 3, swap=False), True),
         "flow_step_swap": (FlowStep(CHANNELS, CLASSES, 8, 3, swap=True), True),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from appliance.blocks import ActNorm
-from appliance.config import GateConfig, ModelConfig
+from appliance.config import ApplianceConfig, GateConfig, ModelConfig
 from appliance.flow import ConditionalFlow
 from appliance.train import one_hot
 
@@ -216,3 +218,39 @@ def test_trained_class_changes_beat(trained) -> None:
     with torch.no_grad():
         x, _ = model.inverse(z, one_hot(torch.arange(CLASSES)))
     assert not torch.allclose(x[0], x[2], atol=1e-3)
+
+
+def test_activation_default_and_legacy() -> None:
+    assert ModelConfig().activation == "relu"
+    assert ApplianceConfig.from_dict(ApplianceConfig().to_dict()).model.activation == "relu"
+    # Settings saved before the activation setting existed describe GELU models.
+    legacy = ApplianceConfig().to_dict()
+    del legacy["model"]["activation"]
+    assert ApplianceConfig.from_dict(legacy).model.activation == "gelu"
+
+
+def test_unknown_activation_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'tanh' is not supported; use one of relu, gelu"):
+        ModelConfig(activation="tanh")
+
+
+def test_activation_setting_changes_flow() -> None:
+    torch.manual_seed(0)
+    relu = ConditionalFlow(SMALL, 1, 16, CLASSES).double()
+    gelu = ConditionalFlow(replace(SMALL, activation="gelu"), 1, 16, CLASSES).double()
+    with torch.no_grad():
+        for parameter in relu.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape).double())
+    gelu.load_state_dict(relu.state_dict())
+    for flow in (relu, gelu):
+        for module in flow.modules():
+            if isinstance(module, ActNorm):
+                module.initialized.fill_(True)
+        flow.eval()
+    x = torch.randn(4, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        z_relu, _ = relu(x, _condition(4))
+        z_gelu, _ = gelu(x, _condition(4))
+        x_back, _ = gelu.inverse(z_gelu, _condition(4))
+    assert not torch.allclose(z_relu, z_gelu)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-10)

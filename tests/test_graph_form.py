@@ -66,10 +66,13 @@ def test_graph_form_rejects_other_convolutions(conv: nn.Conv1d) -> None:
         planar_conv(conv)
 
 
-def _trained_like_flow() -> ConditionalFlow:
+def _trained_like_flow(activation: str = "relu") -> ConditionalFlow:
     """A small flow with every weight away from its identity start, in float64."""
+    config = ModelConfig(
+        n_levels=2, steps_per_level=2, hidden_channels=16, bottleneck_dims=8, activation=activation
+    )
     model = ConditionalFlow(
-        ModelConfig(n_levels=2, steps_per_level=2, hidden_channels=16, bottleneck_dims=8),
+        config,
         leads=2,
         window_samples=32,
         classes=5,
@@ -81,8 +84,9 @@ def _trained_like_flow() -> ConditionalFlow:
     return model.eval()
 
 
-def test_graph_form_keeps_flow_function() -> None:
-    model = _trained_like_flow()
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_graph_form_keeps_flow_function(activation: str) -> None:
+    model = _trained_like_flow(activation)
     model.freeze_inverse()
     rewritten = graph_form(model)
     generator = torch.Generator().manual_seed(4)
@@ -108,8 +112,9 @@ def test_graph_form_keeps_flow_function() -> None:
     assert not any(isinstance(m, (PlanarNet, TapSumConv)) for m in model.modules())
 
 
-def test_exported_graph_has_only_planar_wide_convolutions(tmp_path: Path) -> None:
-    model = _trained_like_flow().float()
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_exported_graph_has_only_planar_wide_convolutions(tmp_path: Path, activation: str) -> None:
+    model = _trained_like_flow(activation).float()
     forward_path, _ = export_graphs(model, tmp_path)
     graph = onnx.load(str(forward_path)).graph
     weights = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -176,6 +177,16 @@ def test_resume_rejects_changed_settings(tiny_run, tiny_data, tmp_path) -> None:
         train=TrainConfig(**{**TINY.train.__dict__, "learning_rate": 5e-4}),
     )
     with pytest.raises(TrainingError, match="train.learning_rate"):
+        train(changed, *tiny_data, tmp_path, resume=True, progress=False)
+
+
+def test_resume_rejects_other_activation(tiny_run, tiny_data, tmp_path) -> None:
+    _, work_dir = tiny_run
+    state = torch.load(work_dir / CHECKPOINT_FILE, weights_only=False)
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    other = "gelu" if TINY.model.activation == "relu" else "relu"
+    changed = replace(TINY, model=replace(TINY.model, activation=other))
+    with pytest.raises(TrainingError, match=f"activation='{other}'"):
         train(changed, *tiny_data, tmp_path, resume=True, progress=False)
 
 
