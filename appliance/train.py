@@ -386,13 +386,21 @@ def train(
         context.world_size,
         context.backend or "none",
     )
+    # As the flow trains, some activations of the backward pass fall below float32's smallest
+    # normal value, and x86 CPUs compute on such denormal numbers many times slower. Flushing
+    # them to zero took a forward and backward pass of 128 beats through trained DS1 weights
+    # from 1.2 s to 0.2 s (one thread). The mode is per thread, and threads copy it from the
+    # thread that starts them, so in a fresh process it reaches PyTorch's worker threads.
+    flush_denormal = torch.set_flush_denormal(True)
     threads_before = torch.get_num_threads()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    logger.info("training threads=%d flush_denormal=%s", torch.get_num_threads(), flush_denormal)
     try:
         return _train(config, train_beats, validation_beats, work_dir, resume, progress, context)
     finally:
         torch.set_num_threads(threads_before)
+        torch.set_flush_denormal(False)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

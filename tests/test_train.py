@@ -180,6 +180,23 @@ def test_resume_rejects_changed_settings(tiny_run, tiny_data, tmp_path) -> None:
         train(changed, *tiny_data, tmp_path, resume=True, progress=False)
 
 
+def test_training_flushes_denormal_numbers(monkeypatch, tiny_data, tmp_path) -> None:
+    smallest_normal = torch.finfo(torch.float32).tiny
+    products: list[float] = []
+
+    def record_mode(*args: object) -> NoReturn:
+        # A denormal product is flushed to zero only while the mode is on.
+        products.append((torch.tensor([smallest_normal]) * 0.25).item())
+        raise TrainingError("stopped by the test")
+
+    monkeypatch.setattr(train_module, "_train", record_mode)
+    with pytest.raises(TrainingError, match="stopped by the test"):
+        train(TINY, *tiny_data, tmp_path, resume=False, progress=False)
+    assert products == [0.0]
+    # The mode is restored for the calling thread afterwards.
+    assert (torch.tensor([smallest_normal]) * 0.25).item() > 0.0
+
+
 def test_resume_rejects_other_activation(tiny_run, tiny_data, tmp_path) -> None:
     _, work_dir = tiny_run
     state = torch.load(work_dir / CHECKPOINT_FILE, weights_only=False)
