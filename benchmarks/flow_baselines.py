@@ -167,6 +167,9 @@ def main() -> None:
         "--skip-ablation", action="store_true", help="skip the reconstruction_weight=0 run"
     )
     args = parser.parse_args()
+    # The appliance's training flushes denormal numbers to zero; the baselines get the same mode,
+    # set before the first parallel operation so that every worker thread inherits it.
+    torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
 
     started = time.monotonic()
@@ -228,6 +231,7 @@ def main() -> None:
     rows.append(("Gaussian per class in PCA space", 0, 0, math.nan, gaussian, math.nan))
 
     width = zuko_hidden_for(parameters, train_set.windows[0].size, len(AAMI_CLASSES))
+    torch.set_flush_denormal(True)  # train() turns the mode off on return
     flow, stats = train_zuko(train_set, validation_set, scale_mv, settings, width)
     rows.append(
         (
