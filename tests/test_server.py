@@ -198,10 +198,12 @@ def test_size_limits_reject_large_requests(
 def _hold_engine(client: ApplianceClient, request_id: str) -> grpc.Future:
     """Start a Generate that keeps one engine slot busy until it is cancelled.
 
-    One chunk of 50 beats at margin 0.99 with a budget of 1000 draws per beat runs inside one
-    engine call, which keeps its slot for far longer than the tests wait.
+    One chunk of 2000 beats at margin 0.99 with a budget of 1000 draws per beat needs about
+    200,000 draws, which keeps the slot for far longer than the tests wait, even on fast graphs.
     """
-    request = pb.GenerateRequest(count=50, chunk_beats=50, max_draws_per_beat=1000, margin=0.99)
+    request = pb.GenerateRequest(
+        count=2000, chunk_beats=2000, max_draws_per_beat=1000, margin=0.99
+    )
     call = client.stub.Generate(
         request, timeout=CALL_TIMEOUT_S, metadata=(("x-request-id", request_id),)
     )
