@@ -167,8 +167,8 @@ def main() -> None:
         "--skip-ablation", action="store_true", help="skip the reconstruction_weight=0 run"
     )
     args = parser.parse_args()
-    # The appliance's training flushes denormal numbers to zero; the baselines get the same mode,
-    # set before the first parallel operation so that every worker thread inherits it.
+    # The appliance's training flushes denormal numbers to zero, so the baselines get the same
+    # mode. It is set before the first parallel operation, because worker threads inherit it.
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
 
