@@ -2,8 +2,9 @@
 # /store volume and serves them over gRPC on port 50051 with ONNX Runtime.
 #
 # The build needs no network: Debian packages come from build/debs/ (build/download-debs.sh)
-# and Python wheels from build/wheels/ (build/download-wheels.sh), both bind-mounted into the
-# steps that install them, so no package file stays in a layer. Build with BuildKit:
+# and Python wheels from build/wheels/ (build/download-wheels.sh, pinned with their digests in
+# build/locks/), both bind-mounted into the steps that install them, so no package file stays
+# in a layer. Build with BuildKit:
 #   DOCKER_BUILDKIT=1 docker build --network none -t ecg-appliance:cpu .
 # GPU variant (CUDA torch and onnxruntime-gpu from build/wheels-gpu/):
 #   DOCKER_BUILDKIT=1 docker build --network none --build-arg WHEELS=wheels-gpu -t ecg-appliance:gpu .
@@ -24,11 +25,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+# The lock file pins every wheel to one version and its SHA-256 digest; pip refuses a wheel
+# whose digest differs and installs no dependency the lock does not name.
 RUN --mount=type=bind,source=build,target=/tmp/build \
     python3 -m venv /opt/venv \
-    && pip install --find-links "/tmp/build/$WHEELS" \
-        -r "/tmp/build/$WHEELS/requirements.txt" \
-        -r "/tmp/build/$WHEELS/build-requirements.txt"
+    && pip install --find-links "/tmp/build/$WHEELS" --require-hashes --no-deps \
+        -r "/tmp/build/locks/$WHEELS.txt"
 COPY pyproject.toml ./
 COPY proto ./proto
 COPY appliance ./appliance

@@ -2,11 +2,10 @@
 # Build the appliance image with no network inside the build.
 #
 # Usage: build/build-image.sh [cpu|gpu]
-#   Starts the private engine, makes the base image, downloads the Debian packages when their
-#   folder is missing and the wheels when their list differs from pyproject.toml's, then
-#   builds APPLIANCE_IMAGE (default ecg-appliance:cpu, or ecg-appliance:gpu for the gpu
-#   variant). The engine keeps running; stop it with
-#   build/engine.sh stop.
+#   Starts the private engine, makes the base image, brings the Debian packages up to date with
+#   this machine's package lists, fetches the wheels of the lock file in build/locks/ and checks
+#   their digests, then builds APPLIANCE_IMAGE (default ecg-appliance:cpu, or ecg-appliance:gpu
+#   for the gpu variant). The engine keeps running; stop it with build/engine.sh stop.
 set -euo pipefail
 variant="${1:-cpu}"
 if [[ "$variant" == gpu && -z "${APPLIANCE_IMAGE:-}" ]]; then
@@ -23,15 +22,12 @@ esac
 
 "$build_dir/engine.sh" start
 "$build_dir/base-image.sh"
-if ! ls "$build_dir"/debs/*.deb >/dev/null 2>&1; then
-  "$build_dir/download-debs.sh"
-fi
-# A folder downloaded for an older pyproject.toml lacks the wheels of new dependencies, and the
-# offline build would fail on them, so a changed list downloads again.
-if ! cmp --silent <("$build_dir/download-wheels.sh" --print-requirements "$variant") \
-  "$build_dir/$wheels/requirements.txt"; then
-  "$build_dir/download-wheels.sh" "$variant"
-fi
+# The Debian packages follow this machine's package lists, so that a rebuild picks up new
+# security updates; files that are still current are kept.
+"$build_dir/download-debs.sh"
+# The wheels follow the lock file: those already in the folder are checked against their
+# digests, and missing or differing ones are downloaded.
+"$build_dir/download-wheels.sh" "$variant"
 
 start_s=$(date +%s)
 DOCKER_BUILDKIT=1 "$docker_cli" build --network none --progress plain \

@@ -17,8 +17,9 @@
 #
 # TLS: mount a folder at $APPLIANCE_TLS_DIR (default /tls) with server.crt and server.key;
 # client-ca.crt there turns on mutual TLS. The health check reads ca.crt (and, for mutual TLS,
-# health-client.crt and health-client.key) from the same folder, and connects to 127.0.0.1,
-# so the server certificate must list 127.0.0.1 as a subject alternative name.
+# health-client.crt and health-client.key) from the same folder. It connects to
+# APPLIANCE_HEALTH_HOST when set, else to APPLIANCE_HOST, or to 127.0.0.1 when the server listens
+# on every interface (0.0.0.0 or ::); the server certificate must name that host.
 # Without TLS files the server binds a non-loopback host only when
 # APPLIANCE_ALLOW_INSECURE_REMOTE=1 is set.
 set -eu
@@ -86,6 +87,19 @@ report() {
   exec python -m appliance report --store "$store_dir" --data "$data_dir" --out /tmp/report "$@"
 }
 
+# HOST:PORT of the health check, with an IPv6 literal in brackets.
+health_address() {
+  target="${APPLIANCE_HEALTH_HOST:-$host}"
+  case "$target" in
+    0.0.0.0 | :: | "[::]") target=127.0.0.1 ;;
+  esac
+  case "$target" in
+    \[*) ;;
+    *:*) target="[$target]" ;;
+  esac
+  printf '%s:%s\n' "$target" "$port"
+}
+
 health() {
   if [ -f "$tls_dir/ca.crt" ]; then
     set -- --tls-ca "$tls_dir/ca.crt"
@@ -93,7 +107,7 @@ health() {
       set -- "$@" --tls-cert "$tls_dir/health-client.crt" --tls-key "$tls_dir/health-client.key"
     fi
   fi
-  exec python -m appliance health --address "127.0.0.1:$port" "$@"
+  exec python -m appliance health --address "$(health_address)" "$@"
 }
 
 command="${1:-run}"

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -104,6 +105,11 @@ def docker(
 def exec_in(container: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command inside the running container as its own (non-root) user."""
     return docker("exec", container, *command, check=check)
+
+
+def canonical_name(name: str) -> str:
+    """Return a distribution name in the normalised form of PEP 503 (lower case, dashes)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -255,6 +261,70 @@ def test_image_has_no_setuid_files() -> None:
         "-c", script,
     )  # fmt: skip
     assert result.stdout.split() == []
+
+
+def test_image_holds_exactly_the_locked_wheels() -> None:
+    # The build stage installs every line of build/locks/wheels.txt and then removes the tools
+    # it needed only for building. The appliance itself is the one distribution not locked.
+    locked = {}
+    for line in (REPO_ROOT / "build" / "locks" / "wheels.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split(" ")[0].split("==")
+            locked[canonical_name(name)] = version
+    for build_only in ("grpcio-tools", "setuptools", "wheel"):
+        locked.pop(build_only)
+    script = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
+    result = docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", IMAGE, "-c", script
+    )
+    installed = {
+        canonical_name(name): version for name, version in json.loads(result.stdout).items()
+    }
+    installed.pop("ecg-appliance")
+    assert installed == locked
+
+
+def test_image_packages_are_up_to_date(tmp_path: Path) -> None:
+    # apt on the host simulates an upgrade of the image's package database against the host's
+    # package lists, which build/download-debs.sh downloaded from. Each "Inst" line names a
+    # Debian package that the image has in an older version, security updates included.
+    if shutil.which("apt-get") is None:
+        pytest.skip("the host has no apt-get to compare the image's packages with")
+    status = tmp_path / "status"
+    status.write_text(
+        docker(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "cat",
+            IMAGE,
+            "/var/lib/dpkg/status",
+        ).stdout  # fmt: skip
+    )
+    simulated = subprocess.run(
+        [
+            "apt-get",
+            "dist-upgrade",
+            "--simulate",
+            "-o",
+            f"Dir::State::status={status}",
+            "-o",
+            "Debug::NoLocking=1",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    outdated = [line for line in simulated.stdout.splitlines() if line.startswith("Inst ")]
+    assert outdated == [], "packages with newer versions in the host's package lists:\n" + (
+        "\n".join(outdated)
+    )
 
 
 def test_run_rejects_plaintext_before_training(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -601,3 +671,25 @@ def test_tls_container_rejects_plaintext(tls_container: str) -> None:
     result = generate_in(tls_container, "/tmp/plaintext")
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr
+
+
+def test_health_check_follows_bound_host(container: str, store_dir: Path) -> None:
+    # A server bound to 127.0.0.2 does not listen on 127.0.0.1, so a health check that always
+    # dialled 127.0.0.1 would leave the container unhealthy and sealed_container would fail.
+    bound = "127.0.0.2"
+    with sealed_container(
+        f"appliance-host-test-{os.getpid()}",
+        "--volume",
+        f"{store_dir}:/store:ro",
+        "--env",
+        f"APPLIANCE_HOST={bound}",
+        IMAGE,
+        "serve",
+    ) as name:
+        elsewhere = exec_in(
+            name, "python", "-m", "appliance", "health", "--address", ADDRESS,
+            "--timeout-s", "5", check=False,
+        )  # fmt: skip
+        assert elsewhere.returncode != 0, elsewhere.stdout
+        reached = exec_in(name, "appliance-entrypoint", "health")
+        assert "SERVING" in reached.stdout.split()
