@@ -72,6 +72,7 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                     "dcr_synthetic_median": m["privacy"]["dcr_synthetic_median"],
                     "fraction_below_holdout_p05": m["privacy"]["fraction_below_holdout_p05"],
                     "mia_auroc": m["privacy"]["mia_auroc"],
+                    "mia_auroc_unseen": m["privacy"].get("mia_auroc_unseen"),
                 },
             )
         )

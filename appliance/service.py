@@ -716,6 +716,7 @@ _GENERATOR_FIELDS = {
     "dcr_synthetic_median": "dcr_synthetic_median",
     "fraction_below_holdout_p05": "fraction_below_holdout_p05",
     "mia_auroc": "mia_auroc",
+    "mia_auroc_unseen": "mia_auroc_unseen",
 }
 
 

@@ -187,6 +187,32 @@ def _epoch_order(labels: np.ndarray, class_balance: float, seed: int, epoch: int
     return rng.choice(labels.size, size=labels.size, replace=True, p=weights)
 
 
+def select_training_beats(
+    labels: np.ndarray, max_beats_per_class: int, seed: int
+) -> tuple[list[str], np.ndarray]:
+    """Return the known classes and the beats that training learns from.
+
+    A class is known when it has at least ``MIN_BEATS_PER_KNOWN_CLASS`` beats. Each known class
+    keeps at most ``max_beats_per_class`` beats, drawn with ``seed``. The quality report and the
+    gate benchmark call this too, so that their members are the beats the model learnt from.
+
+    Arguments:
+        labels: AAMI class index of each training beat, shape (beats,).
+        max_beats_per_class: Cap on beats per class (``TrainConfig.max_beats_per_class``).
+        seed: Seed of the draw (``TrainConfig.seed``).
+
+    Returns:
+        The names of the known classes, in AAMI order, and the sorted indices of the selected
+        beats into ``labels``.
+    """
+    counts = np.bincount(labels, minlength=len(AAMI_CLASSES))
+    classes_known = [
+        n for i, n in enumerate(AAMI_CLASSES) if counts[i] >= MIN_BEATS_PER_KNOWN_CLASS
+    ]
+    known = np.flatnonzero(np.isin(labels, [AAMI_CLASSES.index(n) for n in classes_known]))
+    return classes_known, known[_cap_per_class(labels[known], max_beats_per_class, seed)]
+
+
 def _cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
     """Return sorted indices that keep at most ``max_per_class`` beats of each class."""
     rng = np.random.default_rng(seed)
@@ -520,15 +546,9 @@ def _train(
 
     # Data: drop classes too rare to learn, cap the common ones, scale to unit deviation.
     counts = np.bincount(train_beats.labels, minlength=len(AAMI_CLASSES))
-    classes_known = [
-        n for i, n in enumerate(AAMI_CLASSES) if counts[i] >= MIN_BEATS_PER_KNOWN_CLASS
-    ]
-    known = np.flatnonzero(
-        np.isin(train_beats.labels, [AAMI_CLASSES.index(n) for n in classes_known])
+    classes_known, known = select_training_beats(
+        train_beats.labels, settings.max_beats_per_class, settings.seed
     )
-    known = known[
-        _cap_per_class(train_beats.labels[known], settings.max_beats_per_class, settings.seed)
-    ]
     scale_mv = float(train_beats.windows[known].std(dtype=np.float64))
     if state is not None:
         scale_mv, classes_known = float(state["scale_mv"]), list(state["classes_known"])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.classes import AAMI_CLASSES
 from appliance.config import ApplianceConfig, DataConfig, TrainConfig
 from appliance.corrupt import CORRUPTIONS, OTHER_LEAD, ood_suite, read_other_lead
 from appliance.dataset import DE_CHAZAL_DS2, BeatSet, ingest
@@ -30,8 +31,10 @@ from appliance.engine import Engine
 from appliance.errors import RecordError
 from appliance.holdout import concatenate, split_holdout
 from appliance.privacy import NearestNeighbourIndex, privacy_space
+from appliance.quality.privacy_metrics import matched_samples
 from appliance.scoring import Calibration, auroc
 from appliance.store import ModelVersion, load_current
+from appliance.train import select_training_beats
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
 INDEX_BEATS = 100_000
@@ -88,16 +91,33 @@ def measure_ood(
     return figures
 
 
-def measure_membership(
-    engine: Engine, fit: BeatSet, holdout: BeatSet, count: int, rng: np.random.Generator
-) -> dict[str, float]:
-    """Return AUROC of two attacks telling training beats from same-patient hold-out beats."""
-    members = _sample(fit, engine.classes_known, count, rng)
-    outsiders = _sample(holdout, engine.classes_known, count, rng)
-    score_auroc = auroc(
-        _scores(engine, members.windows, members.labels),
-        _scores(engine, outsiders.windows, outsiders.labels),
+def _subset(beats: BeatSet, index: np.ndarray) -> BeatSet:
+    return BeatSet(
+        windows=beats.windows[index], labels=beats.labels[index], records=beats.records[index]
     )
+
+
+def measure_membership(
+    engine: Engine,
+    fit: BeatSet,
+    holdout: BeatSet,
+    count: int,
+    rng: np.random.Generator,
+    training: TrainConfig,
+) -> dict[str, float | None]:
+    """Return AUROC of two attacks telling training beats from beats never trained on.
+
+    Members are the fit beats training learnt from (``select_training_beats`` with the
+    model's cap and seed). Non-members are the same-patient hold-out, and separately the fit
+    beats the cap left out, from the same period as the members. Each comparison draws the
+    members in the class counts of the non-member sample.
+    """
+    classes_known, trained = select_training_beats(
+        fit.labels, training.max_beats_per_class, training.seed
+    )
+    members = _subset(fit, trained)
+    left_out = np.isin(fit.labels, [AAMI_CLASSES.index(name) for name in classes_known])
+    left_out[trained] = False
     per_class = max(1, count // len(engine.classes_known))
     generated = engine.generate(
         dict.fromkeys(engine.classes_known, per_class),
@@ -107,13 +127,31 @@ def measure_membership(
         max_draws_per_beat=20,
     )
     released = NearestNeighbourIndex(privacy_space(generated.beats))
-    distance_auroc = auroc(
-        -released.nearest_distance(privacy_space(members.windows)),
-        -released.nearest_distance(privacy_space(outsiders.windows)),
-    )
+
+    def attacks(others: BeatSet) -> tuple[float | None, float | None]:
+        member_index, other_index = matched_samples(members.labels, others.labels, count, rng)
+        if member_index.size == 0:
+            return None, None
+        inside, outside = _subset(members, member_index), _subset(others, other_index)
+        score_auroc = auroc(
+            _scores(engine, inside.windows, inside.labels),
+            _scores(engine, outside.windows, outside.labels),
+        )
+        distance_auroc = auroc(
+            -released.nearest_distance(privacy_space(inside.windows)),
+            -released.nearest_distance(privacy_space(outside.windows)),
+        )
+        return max(score_auroc, 1 - score_auroc), max(distance_auroc, 1 - distance_auroc)
+
+    score_holdout, distance_holdout = attacks(holdout)
+    score_unseen, distance_unseen = attacks(_subset(fit, np.flatnonzero(left_out)))
     return {
-        "score_attack_auroc": max(score_auroc, 1 - score_auroc),
-        "synthetic_distance_attack_auroc": max(distance_auroc, 1 - distance_auroc),
+        "score_attack_auroc": score_holdout,
+        "synthetic_distance_attack_auroc": distance_holdout,
+        "score_attack_auroc_unseen": score_unseen,
+        "synthetic_distance_attack_auroc_unseen": distance_unseen,
+        "members": float(members.labels.size),
+        "unseen": float(left_out.sum()),
         "synthetic_beats": float(generated.beats.shape[0]),
         "synthetic_draws": float(generated.draws),
         "privacy_rejections": float(generated.privacy_rejections),
@@ -142,6 +180,15 @@ def measure_index(train: np.ndarray, rng: np.random.Generator) -> dict[str, floa
         "search_s": search_s,
         "queries_per_s": INDEX_QUERIES / search_s,
     }
+
+
+def _training_config(engine: Engine, default: TrainConfig) -> TrainConfig:
+    """Return the cap and seed the served model was trained with, from its manifest."""
+    recorded = engine.manifest.get("training", {}).get("config", {})
+    return TrainConfig(
+        max_beats_per_class=int(recorded.get("max_beats_per_class", default.max_beats_per_class)),
+        seed=int(recorded.get("seed", default.seed)),
+    )
 
 
 def main() -> None:
@@ -220,7 +267,9 @@ def main() -> None:
         "training": engine.manifest.get("training", {}).get("epochs_run"),
         "test_records": [r for r in DE_CHAZAL_DS2 if r in set(test.records.tolist())],
         "ood_auroc": measure_ood(engine, args.data, test, config.data, args.beats, rng),
-        "membership": measure_membership(engine, fit, holdout, args.beats, rng),
+        "membership": measure_membership(
+            engine, fit, holdout, args.beats, rng, _training_config(engine, config.train)
+        ),
         "privacy_index": measure_index(fit.windows, rng),
     }
     print(json.dumps(figures, indent=2))

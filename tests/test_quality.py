@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from appliance.classes import class_index
-from appliance.config import DEFAULT_DATA_DIR
+from appliance.config import DEFAULT_DATA_DIR, TrainConfig
 from appliance.outputs import MIN_REAL_BEATS_PER_CLASS, real_vs_synthetic_figure
 from appliance.quality.baselines import (
     CopyGenerator,
@@ -25,9 +25,16 @@ from appliance.quality.discriminative import discriminative_score
 from appliance.quality.evaluate import QualityConfig, evaluate_generators
 from appliance.quality.mmd import frechet_distance, mmd2_test, power_spectra
 from appliance.quality.morphology import morphology_report
-from appliance.quality.privacy_metrics import auroc, privacy_report
+from appliance.quality.privacy_metrics import (
+    auroc,
+    closest_distance,
+    matched_samples,
+    membership_auroc,
+    privacy_report,
+)
 from appliance.quality.protocol import LabelledBeats, load_protocol, subsample, znormalise
 from appliance.quality.report import beats_figure, build_report
+from appliance.train import select_training_beats
 
 N, S, V, F = (class_index(name) for name in "NSVF")
 FAST_CLASSIFIER = ClassifierConfig(steps=40, batch_size=32)
@@ -116,25 +123,108 @@ def test_f1_per_class_known_answer():
     assert f1["macro"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
 
 
+def split_members(fit: LabelledBeats, per_class: int) -> tuple[LabelledBeats, LabelledBeats]:
+    """Split ``fit`` into random members (at most ``per_class`` per class) and the rest."""
+    rng = np.random.default_rng(0)
+    members = np.zeros(len(fit), dtype=bool)
+    for class_index_ in np.unique(fit.labels):
+        of_class = np.flatnonzero(fit.labels == class_index_)
+        members[rng.choice(of_class, size=min(per_class, of_class.size), replace=False)] = True
+    return (
+        LabelledBeats(fit.beats[members], fit.labels[members]),
+        LabelledBeats(fit.beats[~members], fit.labels[~members]),
+    )
+
+
 def test_privacy_flags_copied_beats(protocol):
-    members = subsample(protocol.fit, 100, seed=0)
+    members, unseen = split_members(protocol.fit, 100)
     counts = {c: 20 * n for c, n in enumerate(np.bincount(members.labels)) if n}
     copies = CopyGenerator(members).sample(counts, seed=0)  # nearly every member copied
-    holdout = protocol.holdout.beats[:400]
-    report = privacy_report(copies.beats, members.beats, holdout, seed=0, max_members=150)
+    report = privacy_report(
+        copies.beats, members, protocol.holdout, seed=0, max_members=150, unseen=unseen
+    )
     assert report["dcr_synthetic_median"] == pytest.approx(0.0, abs=1e-3)
     assert report["fraction_below_holdout_p05"] > 0.99
     assert report["mia_auroc"] > 0.8
+    assert report["mia_auroc_unseen"] > 0.8
 
 
 def test_privacy_passes_noise(protocol):
-    members = subsample(protocol.fit, 100, seed=0)
+    members, unseen = split_members(protocol.fit, 100)
     noise = NoiseGenerator((1, 256)).sample({N: 300}, seed=0)
-    holdout = protocol.holdout.beats[:400]
-    report = privacy_report(noise.beats, members.beats, holdout, seed=0, max_members=300)
+    report = privacy_report(
+        noise.beats, members, protocol.holdout, seed=0, max_members=300, unseen=unseen
+    )
     assert report["fraction_below_holdout_p05"] == 0.0
     assert report["dcr_synthetic_median"] > report["dcr_holdout_median"]
     assert 0.35 < report["mia_auroc"] < 0.65
+    assert 0.35 < report["mia_auroc_unseen"] < 0.65
+
+
+def test_unseen_auroc_absent_without_unseen_beats(protocol):
+    members, _ = split_members(protocol.fit, 100)
+    noise = NoiseGenerator((1, 256)).sample({N: 50}, seed=0)
+    report = privacy_report(noise.beats, members, protocol.holdout, seed=0, max_members=100)
+    assert report["mia_auroc_unseen"] is None
+    assert report["mia_auroc"] is not None
+
+
+def toy_beats(rng: np.random.Generator, labels: np.ndarray) -> LabelledBeats:
+    """Beats of two kinds: class 0 near one smooth shape, class 1 spread far from it."""
+    t = np.linspace(0.0, 1.0, 64)
+    shape = np.exp(-(((t - 0.4) / 0.05) ** 2))
+    beats = np.empty((labels.size, 1, t.size))
+    for i, label in enumerate(labels):
+        noise = rng.standard_normal(t.size)
+        beats[i, 0] = shape + 0.05 * noise if label == 0 else noise
+    return LabelledBeats(beats, labels.astype(np.int64))
+
+
+def test_membership_auroc_matches_classes():
+    # Members and non-members come from the same two distributions, so membership leaks
+    # nothing. Members are mostly class 0, which lies near the synthetic beats, and non-members
+    # mostly class 1. Without matching the classes the attack would look strong.
+    rng = np.random.default_rng(0)
+    members = toy_beats(rng, np.repeat([0, 1], [900, 100]))
+    others = toy_beats(rng, np.repeat([0, 1], [100, 900]))
+    synthetic = toy_beats(rng, np.zeros(200, dtype=np.int64)).beats
+    unmatched = auroc(
+        -closest_distance(members.beats, synthetic), -closest_distance(others.beats, synthetic)
+    )
+    assert unmatched > 0.8
+    matched = membership_auroc(synthetic, members, others, np.random.default_rng(1), 1000)
+    assert matched is not None
+    assert 0.4 < matched < 0.6
+
+
+def test_matched_samples_have_equal_class_counts():
+    rng = np.random.default_rng(0)
+    first_labels = np.repeat([0, 1, 2], [50, 50, 3])
+    second_labels = np.repeat([0, 1, 2, 3], [10, 20, 5, 7])  # class 3 is not in the first set
+    first, second = matched_samples(first_labels, second_labels, 100, rng)
+    assert np.array_equal(np.bincount(first_labels[first]), [10, 20, 3])
+    assert np.array_equal(np.bincount(second_labels[second]), [10, 20, 3])
+    assert np.unique(first).size == first.size
+    smaller_first, smaller_second = matched_samples(first_labels, second_labels, 6, rng)
+    assert 0 < smaller_second.size <= 6
+    assert np.array_equal(
+        np.bincount(first_labels[smaller_first], minlength=3),
+        np.bincount(second_labels[smaller_second], minlength=3),
+    )
+
+
+def test_protocol_members_are_capped_beats():
+    cap = 200
+    data = load_protocol(DEFAULT_DATA_DIR, training=TrainConfig(max_beats_per_class=cap, seed=3))
+    _, selected = select_training_beats(data.fit.labels, cap, 3)
+    assert np.array_equal(data.members.labels, data.fit.labels[selected])
+    assert np.array_equal(data.members.beats, data.fit.beats[selected])
+    counts = np.bincount(data.members.labels)
+    assert counts.max() == cap
+    # Every fit beat of a known class is a member or unseen, never both.
+    known = np.isin(data.fit.labels, np.unique(data.members.labels))
+    assert len(data.members) + len(data.unseen) == int(known.sum())
+    assert np.all(np.bincount(data.unseen.labels, minlength=counts.size)[counts < cap] == 0)
 
 
 def test_discriminative_separates_noise(small_fit):

@@ -136,6 +136,7 @@ def test_reply_matches_stored_report(
         "dcr_synthetic_median": "dcr_synthetic_median",
         "fraction_below_holdout_p05": "fraction_below_holdout_p05",
         "mia_auroc": "mia_auroc",
+        "mia_auroc_unseen": "mia_auroc_unseen",
     }
     for generator, (name, figures) in zip(reply.generators, rows, strict=True):
         for field_name, key in fields.items():
@@ -216,6 +217,7 @@ def _figures(value: Any) -> dict[str, Any]:
             "dcr_synthetic_median": value,
             "fraction_below_holdout_p05": value,
             "mia_auroc": value,
+            "mia_auroc_unseen": value,
         },
     }
 

@@ -111,13 +111,13 @@ def evaluate_generators(
 
     Arguments:
         data: The protocol's fit, hold-out and test sets.
-        generators: Generators trained on ``data.fit``.
+        generators: Generators trained on ``data.members``.
         config: Sample sizes and budgets.
     """
     real_train = subsample(data.fit, config.train_per_class, config.seed)
     trtr_f1, real_model = evaluate_f1(real_train, data.test, config.classifier, config.seed)
     logger.info("trtr macro_f1=%s", trtr_f1["macro"])
-    dcr_holdout = closest_distance(data.holdout.beats, data.fit.beats)
+    dcr_holdout = closest_distance(data.holdout.beats, data.members.beats)
     evaluation = Evaluation(trtr_f1, real_train, {}, dcr_holdout)
     for generator in generators:
         evaluation.generators[generator.name] = _evaluate_one(
@@ -163,11 +163,12 @@ def _evaluate_one(
     )
     privacy = privacy_report(
         synthetic_eval.beats,
-        data.fit.beats,
-        data.holdout.beats,
+        data.members,
+        data.holdout,
         seed,
         max_members=config.eval_per_class * len(AAMI_CLASSES),
         dcr_holdout=dcr_holdout,
+        unseen=data.unseen,
     )
     dcr_synthetic = privacy.pop("dcr_synthetic")
     privacy.pop("dcr_holdout")

@@ -18,9 +18,10 @@ from typing import Protocol
 import numpy as np
 
 from appliance.classes import AAMI_CLASSES
-from appliance.config import DataConfig
+from appliance.config import DataConfig, TrainConfig
 from appliance.dataset import DE_CHAZAL_DS1, DE_CHAZAL_DS2, BeatSet, ingest
 from appliance.holdout import split_holdout
+from appliance.train import select_training_beats
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,13 @@ class ProtocolData:
     """The three sets of the protocol, z-normalised.
 
     Attributes:
-        fit: DS1 beats the generator trains on (members).
+        fit: DS1 beats before each record's hold-out, the generator's training set.
+        members: The beats of ``fit`` that the generator learnt from: training keeps the known
+            classes and caps each one (``appliance.train.select_training_beats``), so a beat of
+            ``fit`` left out by the cap was never seen. The membership-inference members, the
+            reference set of DCR, and the baselines' training set.
+        unseen: The beats of ``fit`` of the known classes that the cap left out: same records
+            and period as the members, never seen.
         holdout: Later DS1 beats of the same records, never trained on (non-members).
         test: DS2 beats, the classifiers' test set.
         fs_hz: Sampling rate of every beat.
@@ -90,6 +97,8 @@ class ProtocolData:
     """
 
     fit: LabelledBeats
+    members: LabelledBeats
+    unseen: LabelledBeats
     holdout: LabelledBeats
     test: LabelledBeats
     fs_hz: float
@@ -107,15 +116,21 @@ class BeatGenerator(Protocol):
         ...
 
 
-def load_protocol(data_dir: Path, config: DataConfig | None = None) -> ProtocolData:
+def load_protocol(
+    data_dir: Path,
+    config: DataConfig | None = None,
+    training: TrainConfig | None = None,
+) -> ProtocolData:
     """Ingest MIT-BIH with the de Chazal split and build the fit, hold-out and test sets.
 
     The fit and hold-out sets are the ones ``appliance.jobs.train_and_export`` uses for the same
-    folder and settings, so a model trained by it has seen exactly the fit beats.
+    folder and settings. Of the fit beats, a model trained by it has learnt from the members:
+    those ``appliance.train.select_training_beats`` keeps under ``training``'s cap and seed.
 
     Arguments:
         data_dir: Folder of the MIT-BIH records (all DS1 and DS2 records).
         config: Ingest settings; the split is forced to ``de-chazal``.
+        training: Training settings of the model under evaluation; the defaults when None.
     """
     base = config or DataConfig()
     settings = DataConfig(**{**base.__dict__, "split": "de-chazal"})
@@ -136,8 +151,17 @@ def load_protocol(data_dir: Path, config: DataConfig | None = None) -> ProtocolD
             ",".join(missing),
         )
     fit, holdout = split_holdout(dataset.splits["train"])
+    train_settings = training or TrainConfig()
+    classes_known, trained = select_training_beats(
+        fit.labels, train_settings.max_beats_per_class, train_settings.seed
+    )
+    left_out = np.isin(fit.labels, [AAMI_CLASSES.index(name) for name in classes_known])
+    left_out[trained] = False
+    fit_beats = LabelledBeats.from_beat_set(fit)
     data = ProtocolData(
-        fit=LabelledBeats.from_beat_set(fit),
+        fit=fit_beats,
+        members=LabelledBeats(fit_beats.beats[trained], fit_beats.labels[trained]),
+        unseen=LabelledBeats(fit_beats.beats[left_out], fit_beats.labels[left_out]),
         holdout=LabelledBeats.from_beat_set(holdout),
         test=LabelledBeats.from_beat_set(dataset.splits["test"]),
         fs_hz=settings.fs_hz,
@@ -145,7 +169,12 @@ def load_protocol(data_dir: Path, config: DataConfig | None = None) -> ProtocolD
         holdout_mv=holdout.windows,
     )
     logger.info(
-        "protocol fit=%d holdout=%d test=%d", len(data.fit), len(data.holdout), len(data.test)
+        "protocol fit=%d members=%d unseen=%d holdout=%d test=%d",
+        len(data.fit),
+        len(data.members),
+        len(data.unseen),
+        len(data.holdout),
+        len(data.test),
     )
     return data
 

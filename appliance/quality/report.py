@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from appliance.classes import AAMI_CLASSES
-from appliance.config import DataConfig
+from appliance.config import DataConfig, TrainConfig
 from appliance.corrupt import CORRUPTIONS, corrupt
 from appliance.dataset import assign_splits, find_records
 from appliance.engine import Engine
@@ -87,13 +87,15 @@ def build_report(
     version = load_current(Path(store))
     engine = Engine(version)
     data_config = _data_config(version.manifest, cache_dir)
-    data = load_protocol(Path(data_dir), data_config)
+    data = load_protocol(Path(data_dir), data_config, _train_config(version.manifest))
     matches = _protocol_matches_training(version.manifest, Path(data_dir), data_config)
     appliance = ApplianceGenerator(engine, temperature=temperature, margin=margin)
     generators: list[BeatGenerator] = [appliance]
     if baselines:
-        generators.append(PcaGaussian(data.fit))
-        generators.append(RealNvpBaseline(data.fit, realnvp, seed=settings.seed))
+        # The baselines learn from the same beats as the model, so that the membership figures
+        # of all three generators have the same members.
+        generators.append(PcaGaussian(data.members))
+        generators.append(RealNvpBaseline(data.members, realnvp, seed=settings.seed))
     evaluation = evaluate_generators(data, generators, settings)
     scores = _score_sets(engine, data, appliance, settings.seed)
     out_dir = Path(out_dir)
@@ -106,6 +108,8 @@ def build_report(
         "protocol": {
             "split": "de-chazal",
             "fit_counts": data.fit.counts(),
+            "member_counts": data.members.counts(),
+            "unseen_counts": data.unseen.counts(),
             "holdout_counts": data.holdout.counts(),
             "test_counts": data.test.counts(),
             "matches_training_records": matches,
@@ -125,6 +129,20 @@ def build_report(
     (out_dir / REPORT_HTML).write_text(render_html(summary))
     logger.info("quality report written out_dir=%s model_id=%s", out_dir, summary["model_id"])
     return summary
+
+
+def _train_config(manifest: dict[str, Any]) -> TrainConfig | None:
+    """Return the cap and seed that chose the model's training beats, None if not recorded."""
+    recorded = manifest.get("training", {}).get("config", {})
+    if "max_beats_per_class" not in recorded or "seed" not in recorded:
+        logger.warning(
+            "manifest records no max_beats_per_class and seed of training; the members of the "
+            "privacy figures assume the defaults, which may differ from the model's own"
+        )
+        return None
+    return TrainConfig(
+        max_beats_per_class=int(recorded["max_beats_per_class"]), seed=int(recorded["seed"])
+    )
 
 
 def _data_config(manifest: dict[str, Any], cache_dir: str) -> DataConfig:
