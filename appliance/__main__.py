@@ -87,7 +87,7 @@ def _tcp_port(text: str) -> int:
 
 
 def _positive_seconds(text: str) -> float:
-    """Parse a ``--timeout-s`` value: a finite number of seconds greater than 0."""
+    """Parse a value in seconds, such as ``--timeout-s``: a finite number greater than 0."""
     try:
         seconds = float(text)
     except ValueError:
@@ -482,6 +482,7 @@ def _serve_config(args: argparse.Namespace) -> object:
         max_beats_per_request=args.max_beats_per_request,
         grace_s=args.grace_s,
         drain_s=args.drain_s,
+        stalled_send_s=args.stalled_send_s,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_message_bytes=args.max_message_bytes,
     )
@@ -1102,6 +1103,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServeDefaults.drain_s,
         help="seconds, within the grace period, that health reports NOT_SERVING before the "
         f"port closes (default: {ServeDefaults.drain_s})",
+    )
+    serve.add_argument(
+        "--stalled-send-s",
+        type=_positive_seconds,
+        default=ServeDefaults.stalled_send_s,
+        help="seconds a Generate response may wait for the client to read it before the call "
+        f"is cancelled, greater than 0 (default: {ServeDefaults.stalled_send_s})",
     )
     serve.add_argument(
         "--max-concurrent-rpcs",

@@ -18,6 +18,9 @@ DEFAULT_GRACE_S = 10.0
 DEFAULT_DRAIN_S = 1.0
 # Calls accepted at once (running plus queued for a worker); more get RESOURCE_EXHAUSTED.
 DEFAULT_MAX_CONCURRENT_RPCS = 256
+# A Generate response that the client has not taken after this many seconds cancels the call:
+# gRPC's flow control blocks the worker thread while the client reads nothing.
+DEFAULT_STALLED_SEND_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class ServeConfig:
         grace_s: Seconds from SIGTERM until calls still in flight are cancelled.
         drain_s: Seconds, within ``grace_s``, during which health reports NOT_SERVING and new
             calls are rejected before the port closes.
+        stalled_send_s: Seconds a Generate response may wait for the client to read it before
+            the call is cancelled and its worker thread freed.
     """
 
     host: str = "127.0.0.1"
@@ -69,3 +74,4 @@ class ServeConfig:
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     grace_s: float = DEFAULT_GRACE_S
     drain_s: float = DEFAULT_DRAIN_S
+    stalled_send_s: float = DEFAULT_STALLED_SEND_S

@@ -287,7 +287,9 @@ def start_server(config: ServeConfig) -> ApplianceServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    servicer = ApplianceServicer(plan, config.max_beats_per_request, config.max_message_bytes)
+    servicer = ApplianceServicer(
+        plan, config.max_beats_per_request, config.max_message_bytes, config.stalled_send_s
+    )
     pb_grpc.add_ApplianceServiceServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

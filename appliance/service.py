@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -31,7 +32,11 @@ from appliance.errors import (
     RequestTooLargeError,
 )
 from appliance.report_store import REPORT_COMMAND, StoredReport, load_report, metric_rows
-from appliance.serve_config import DEFAULT_MAX_BEATS_PER_REQUEST, DEFAULT_MAX_MESSAGE_BYTES
+from appliance.serve_config import (
+    DEFAULT_MAX_BEATS_PER_REQUEST,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_STALLED_SEND_S,
+)
 from appliance.server_errors import (
     CallCancelledError,
     CallRecord,
@@ -40,6 +45,8 @@ from appliance.server_errors import (
 )
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
 
 MAX_TEMPERATURE = 5.0
 DEFAULT_TEMPERATURE = 1.0
@@ -104,6 +111,37 @@ class _SamplesRequest(Protocol):
     def HasField(self, name: str) -> bool: ...  # noqa: N802 - protobuf method name
 
 
+@contextlib.contextmanager
+def _stall_guard(
+    context: grpc.ServicerContext, stalled_send_s: float, call: CallRecord
+) -> Iterator[None]:
+    """Cancel the call if the response yielded inside this block is not sent in time.
+
+    gRPC sends a yielded response from the handler's own worker thread and blocks that thread
+    while the client's flow-control window is full, so a client that stops reading would keep
+    a worker until its deadline. A timer cancels the call after ``stalled_send_s`` seconds,
+    which ends the blocked send and frees the thread.
+    """
+
+    def cancel_stalled() -> None:
+        call.counts["stalled_send_s"] = stalled_send_s
+        logger.warning(
+            "rpc=Generate request_id=%s stalled_send_s=%.1f error=the client read no response "
+            "in time, so the call is cancelled",
+            call.request_id,
+            stalled_send_s,
+        )
+        context.cancel()
+
+    timer = threading.Timer(stalled_send_s, cancel_stalled)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
     """Serves Generate, Validate, ValidateStream, GetModelInfo and GetQualityReport.
 
@@ -123,10 +161,16 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         plan: ThreadPlan,
         max_beats_per_request: int = DEFAULT_MAX_BEATS_PER_REQUEST,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        stalled_send_s: float = DEFAULT_STALLED_SEND_S,
     ) -> None:
+        if not (math.isfinite(stalled_send_s) and stalled_send_s > 0):
+            raise ValueError(
+                f"stalled_send_s={stalled_send_s} must be a finite number of seconds above 0"
+            )
         self.plan = plan
         self.max_beats_per_request = max_beats_per_request
         self.max_message_bytes = max_message_bytes
+        self.stalled_send_s = stalled_send_s
         self._engine: Engine | None = None
         self._store: Path | None = None
         self._slots = threading.BoundedSemaphore(plan.engine_slots)
@@ -403,9 +447,11 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 stats.budget_exhausted |= result.budget_exhausted
                 call.counts.update(accepted=stats.accepted, draws=stats.draws)
                 if result.beats.shape[0]:
-                    yield self._chunk(
+                    chunk = self._chunk(
                         engine, result.beats, result.classes, result.scores, millivolt
                     )
+                    with _stall_guard(context, self.stalled_send_s, call):
+                        yield chunk
             if not context.is_active():
                 raise CallCancelledError
             call.counts.update(
@@ -417,7 +463,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             empty = np.zeros((0, len(engine.leads), engine.window_samples), dtype=np.float32)
             final = self._chunk(engine, empty, np.zeros(0, dtype=np.int64), np.zeros(0), millivolt)
             final.stats.CopyFrom(stats)
-            yield final
+            with _stall_guard(context, self.stalled_send_s, call):
+                yield final
 
     def _stream_reply_fit(self) -> int:
         """Return the most beats whose ValidateStream reply fits the server's message limit."""

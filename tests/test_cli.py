@@ -706,6 +706,18 @@ def test_timeout_not_positive_exits_2(tmp_path: Path, timeout: str) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_stalled_send_not_positive_exits_2(tmp_path: Path, seconds: str) -> None:
+    store = tmp_path / "store"
+    result = run_cli("serve", "--store", str(store), "--port", "0", "--stalled-send-s", seconds)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        f"argument --stalled-send-s: '{seconds}' must be a number of seconds greater than 0"
+        in (result.stderr)
+    )
+
+
 @pytest.mark.parametrize("command", sorted(CLIENT_COMMANDS))
 def test_deadline_names_timeout_option(tmp_path: Path, command: str) -> None:
     import socket

@@ -42,6 +42,7 @@ from appliance.server_errors import (
     limit_grpc_library_logs,
     request_stream_cancelled,
 )
+from appliance.service import ApplianceServicer
 from appliance.v1 import appliance_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -700,6 +701,61 @@ def test_generate_chunks_fit_message_limit(model_store: Path):
             assert chunks[-1].stats.accepted > 30
             assert max(sizes) <= 30
             assert all(chunk.ByteSize() <= 32 * 1024 for chunk in chunks)
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, float("nan")])
+def test_stalled_send_must_be_positive(seconds: float) -> None:
+    plan = plan_threads(ServeConfig(), 2.0, "test")
+    with pytest.raises(ValueError, match=f"stalled_send_s={seconds} must be a finite number"):
+        ApplianceServicer(plan, stalled_send_s=seconds)
+
+
+def test_unread_generate_frees_worker(model_store: Path, caplog: pytest.LogCaptureFixture):
+    # Each call requests far more beats than gRPC's flow-control window takes, in chunks near
+    # the message limit, and its client reads only the first chunk. The server's sends then
+    # block the worker threads until the stall guard cancels the calls.
+    caplog.set_level(logging.INFO, logger="appliance")
+    stalled_send_s = 2.0
+    running = create_server(
+        model_store,
+        ServeConfig(
+            port=0, workers=2, intra_op_threads=1, stalled_send_s=stalled_send_s, grace_s=1.0
+        ),
+    )
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+            request = pb.GenerateRequest(count=60_000, margin=0.0, seed=5, chunk_beats=4000)
+            calls = []
+            for i in range(running.plan.workers):
+                call = client.stub.Generate(
+                    request, timeout=300.0, metadata=(("x-request-id", f"unread-{i}"),)
+                )
+                assert next(call).samples.count > 0
+                calls.append(call)
+
+            def cancelled() -> list[str]:
+                return [
+                    r.getMessage()
+                    for r in caplog.records
+                    if "request_id=unread-" in r.getMessage()
+                    and "status=CANCELLED" in r.getMessage()
+                ]
+
+            _wait_for(lambda: len(cancelled()) == len(calls), "cancellation of unread calls", 240)
+            for line in cancelled():
+                assert f"stalled_send_s={stalled_send_s}" in line
+            # The workers are free again: a call with a short deadline succeeds at once.
+            reply = client.stub.Validate(
+                pb.ValidateRequest(samples=encode_samples(_beats(info, 2))), timeout=20.0
+            )
+            assert len(reply.scores) == 2
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as raised:
+                    list(call)
+                assert raised.value.code() == grpc.StatusCode.CANCELLED
     finally:
         running.stop()
 
