@@ -13,7 +13,9 @@ NODE_CLIENT := clients/node/node_modules/.installed
 
 venv: $(VENV)/.installed $(PROTO_OUT)
 
-# torch is pinned to the CPU build of 2.13.0; a range would pull a multi-GB CUDA build.
+# torch is pinned to release 2.13.0: a range would pull a multi-GB CUDA build. pip takes the
+# CPU build (2.13.0+cpu) where its configuration offers it, for example through a find-links
+# folder or an extra index that holds the +cpu wheels (PIP_FIND_LINKS, PIP_EXTRA_INDEX_URL).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import (
     ACTIVATIONS,
@@ -48,6 +48,9 @@ GENERATE_FILES = {
 }
 # Beats that generate fetches when neither --count nor --classes is given.
 DEFAULT_GENERATE_COUNT = 100
+# Default deadlines of the client commands, in seconds.
+CALL_TIMEOUT_S = 300.0
+HEALTH_TIMEOUT_S = 10.0
 
 EXIT_USAGE = 2
 
@@ -84,6 +87,16 @@ def _tcp_port(text: str) -> int:
             f"{text!r} is not a TCP port; pass a number from 0 to 65535 (0 lets the system choose)"
         )
     return port
+
+
+def _unknown_class_reason(name: str, info: Any) -> str:
+    """Say why the model does not know class ``name``, from its GetModelInfo reply."""
+    from appliance.classes import AAMI_CLASSES
+
+    if name not in AAMI_CLASSES:
+        return f"{name} is not an AAMI class: {', '.join(AAMI_CLASSES)}"
+    beats = int(info.train_class_counts.get(name, 0))
+    return f"{name} had {beats} training beats, too few to learn"
 
 
 def _positive_seconds(text: str) -> float:
@@ -654,7 +667,8 @@ def _command_generate(args: argparse.Namespace) -> int:
         unknown = [name for name in class_counts or {} if name not in known]
         if unknown:
             raise UsageError(
-                f"--classes names {', '.join(unknown)}, which the model does not know; "
+                f"--classes names {', '.join(unknown)}, which the model does not know "
+                f"({'; '.join(_unknown_class_reason(name, info) for name in unknown)}); "
                 f"use {', '.join(known)}"
             )
         result = client.generate(
@@ -1165,11 +1179,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--tls-key", type=Path, default=None, help="client private key (PEM) for mutual TLS"
         )
+        # A health probe should fail fast, while the other commands may wait for long calls.
+        timeout_s = HEALTH_TIMEOUT_S if name == "health" else CALL_TIMEOUT_S
         sub.add_argument(
             "--timeout-s",
             type=_positive_seconds,
-            default=300.0,
-            help="deadline of each call in seconds, greater than 0 (default: 300)",
+            default=timeout_s,
+            help=f"deadline of each call in seconds, greater than 0 (default: {timeout_s:g})",
         )
         sub.set_defaults(handler=handler)
         if name == "info":

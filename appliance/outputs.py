@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMATS = ("npy", "csv", "wfdb")
-# WFDB stores 16-bit integers; 1000 units per mV keep 1 uV resolution within +-32 mV.
-WFDB_ADC_GAIN = 1000.0
+# WFDB format 16 stores signed 16-bit integers, with -32768 marking a missing sample. Each
+# lead's gain maps its largest absolute value to this many units, so that a 3 mV peak is
+# stored in steps of about 0.1 uV. A fixed 1 uV step changed the pertinence score of smooth
+# synthetic beats by up to 0.03, through their share of energy above 40 Hz.
+WFDB_PEAK_UNITS = 32000
+# Upper bound of the gain (units per mV), for leads that are flat or nearly so.
+WFDB_MAX_ADC_GAIN = 100_000.0
 # AAMI class -> a representative MIT-BIH beat symbol for the annotation file.
 CLASS_SYMBOL = {"N": "N", "S": "S", "V": "V", "F": "F", "Q": "Q"}
 # Minimum number of real beats of one class for figures and reports to show their statistics
@@ -104,6 +109,23 @@ def write_beats(
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
+def wfdb_adc_gains(signal_mv: np.ndarray) -> np.ndarray:
+    """Return the WFDB gain of each lead, in whole units per mV.
+
+    Arguments:
+        signal_mv: Samples, shape (samples, leads), in mV.
+
+    Returns:
+        Gains, shape (leads,): ``WFDB_PEAK_UNITS`` divided by the lead's largest absolute
+        value, rounded down and at most ``WFDB_MAX_ADC_GAIN``.
+    """
+    peak = np.abs(signal_mv).max(axis=0)
+    gains = np.full(peak.shape, WFDB_MAX_ADC_GAIN)
+    nonzero = peak > 0
+    gains[nonzero] = np.minimum(np.floor(WFDB_PEAK_UNITS / peak[nonzero]), WFDB_MAX_ADC_GAIN)
+    return gains
+
+
 def _write_wfdb(
     out_dir: Path,
     beats_mv: np.ndarray,
@@ -118,8 +140,7 @@ def _write_wfdb(
 
     count, n_leads, window = beats_mv.shape
     signal = beats_mv.transpose(0, 2, 1).reshape(count * window, n_leads).astype(np.float64)
-    limit = 32.0
-    signal = np.clip(signal, -limit, limit)
+    gains = [float(g) for g in wfdb_adc_gains(signal)]
     wfdb.wrsamp(
         name,
         fs=fs_hz,
@@ -127,7 +148,7 @@ def _write_wfdb(
         sig_name=list(leads),
         p_signal=signal,
         fmt=["16"] * n_leads,
-        adc_gain=[WFDB_ADC_GAIN] * n_leads,
+        adc_gain=gains,
         baseline=[0] * n_leads,
         write_dir=str(out_dir),
         comments=["synthetic beats from the ECG appliance"],

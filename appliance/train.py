@@ -735,6 +735,7 @@ def _train(
     final = evaluate(model, validation_beats, scale_mv, device)
     validation_bpd, validation_mse = final.nll_bpd, final.reconstruction_mse
     model.cpu()
+    learnt = np.bincount(labels, minlength=len(AAMI_CLASSES))
     summary = {
         "epochs": len(history),
         "steps": step,
@@ -745,8 +746,11 @@ def _train(
         "validation_reconstruction_mse": finite_or_none(validation_mse),
         "best_validation_loss": finite_or_none(best_loss),
         "scale_mv": scale_mv,
+        # train_class_counts counts every training beat. train_beats and learnt_class_counts
+        # count the beats training learnt from, after the unknown classes and the cap.
         "train_beats": int(labels.size),
         "train_class_counts": {n: int(counts[i]) for i, n in enumerate(AAMI_CLASSES)},
+        "learnt_class_counts": {n: int(learnt[i]) for i, n in enumerate(AAMI_CLASSES)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": [
             {name: finite_or_none(value) for name, value in epoch.items()} for epoch in history

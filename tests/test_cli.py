@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -473,7 +474,28 @@ def test_generate_unknown_class_exit_2(server_address: str, tmp_path: Path) -> N
         "generate", "--address", server_address, "--classes", "N=2,X=3", "--out", str(out)
     )
     assert result.returncode == 2
-    assert "--classes names X, which the model does not know; use N" in result.stderr
+    assert (
+        "--classes names X, which the model does not know (X is not an AAMI class: "
+        "N, S, V, F, Q); use N"
+    ) in result.stderr
+    assert not out.exists()
+
+
+def test_generate_unlearnt_class_names_count(server_address: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    info = run_cli("info", "--address", server_address, "--json")
+    assert info.returncode == 0, info.stderr
+    figures = json.loads(info.stdout)
+    known = {name.removeprefix("BEAT_CLASS_") for name in figures["classes_known"]}
+    unlearnt = [name for name in "NSVFQ" if name not in known]
+    assert unlearnt, "the fixture model learnt every class"
+    name = unlearnt[0]
+    beats = int(figures["train_class_counts"].get(name, 0))
+    result = run_cli(
+        "generate", "--address", server_address, "--classes", f"{name}=3", "--out", str(out)
+    )
+    assert result.returncode == 2
+    assert f"({name} had {beats} training beats, too few to learn)" in result.stderr
     assert not out.exists()
 
 
@@ -706,6 +728,14 @@ def test_timeout_not_positive_exits_2(tmp_path: Path, timeout: str) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("command", "default_s"), [("health", "10"), ("generate", "300")])
+def test_timeout_default_per_command(command: str, default_s: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    assert f"deadline of each call in seconds, greater than 0 (default: {default_s})" in help_text
+
+
 @pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
 def test_stalled_send_not_positive_exits_2(tmp_path: Path, seconds: str) -> None:
     store = tmp_path / "store"
@@ -875,6 +905,26 @@ def test_validate_warns_on_baseline_offset(
     clean_scores = [float(row.split("\t")[1]) for row in clean_rows]
     shifted_scores = [float(row.split("\t")[1]) for row in shifted_rows]
     assert np.median(shifted_scores) < np.median(clean_scores)
+
+
+@pytest.mark.parametrize("peak_mv", [0.05, 3.0, 40.0])
+def test_wfdb_output_keeps_beats_within_a_step(tmp_path: Path, peak_mv: float) -> None:
+    import numpy as np
+
+    from appliance.outputs import WFDB_MAX_ADC_GAIN, WFDB_PEAK_UNITS, read_beats, write_beats
+
+    rng = np.random.default_rng(0)
+    beats = rng.uniform(-1.0, 1.0, size=(5, 2, 256))
+    beats *= peak_mv / np.abs(beats).max()
+    write_beats(tmp_path, beats, ["N"] * 5, np.ones(5), 360.0, 90, ["MLII", "V1"], "wfdb", "beats")
+    read, classes = read_beats(tmp_path / "beats.hea")
+    assert classes == ["N"] * 5
+    # One step of the stored integers; rounding to the nearest step errs by at most half.
+    step_mv = max(peak_mv / WFDB_PEAK_UNITS, 1.0 / WFDB_MAX_ADC_GAIN)
+    assert np.abs(read - beats).max() <= step_mv
+    # The step is much finer than the 1 uV of a fixed gain of 1000 units per mV.
+    if peak_mv <= 3.0:
+        assert step_mv < 1e-4
 
 
 def test_read_beats_continuous_record_hint(shared_data: Path) -> None:

@@ -112,6 +112,11 @@ def test_training_caps_beats_per_class(tiny_run, tiny_data) -> None:
     expected = sum(min(int(c), TINY.train.max_beats_per_class) for c in counts if c >= 20)
     assert result.summary["train_beats"] == expected
     assert result.summary["train_beats"] < len(tiny_data[0])
+    learnt = result.summary["learnt_class_counts"]
+    assert sum(learnt.values()) == expected
+    for name, count in result.summary["train_class_counts"].items():
+        capped = min(count, TINY.train.max_beats_per_class) if count >= 20 else 0
+        assert learnt[name] == capped, name
 
 
 def test_training_lowers_validation_loss(tiny_run) -> None:
