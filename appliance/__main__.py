@@ -345,6 +345,7 @@ def _command_train(args: argparse.Namespace) -> int:
     from appliance.train import stop_on_signals
 
     config = _config(args)
+    _check_data_folder(args.data)
     work_dir = args.work_dir or (args.store / "training")
     # Checked before ingest and training, which take minutes. The created folders are kept,
     # because under torchrun every rank runs this check at once and one rank's cleanup could
@@ -759,6 +760,14 @@ def _check_output_folder(option: str, folder: Path, keep_created: bool = False) 
     _check_writable_folder(folder, option, keep_created)
 
 
+def _check_data_folder(data_dir: Path) -> None:
+    """Raise ``UsageError`` unless ``--data`` names a folder, before any output folder exists."""
+    if not data_dir.exists():
+        raise UsageError(f"data folder {data_dir} does not exist; pass --data with a WFDB folder")
+    if not data_dir.is_dir():
+        raise UsageError(f"data path {data_dir} is not a folder; pass --data with a WFDB folder")
+
+
 def _check_cache_dir(args: argparse.Namespace) -> None:
     """Check ``--cache-dir`` before ingest, which would fail on its first cache entry."""
     if args.cache_dir is not None:
@@ -993,6 +1002,7 @@ def _command_quality_report(args: argparse.Namespace) -> int:
 def _command_run(args: argparse.Namespace) -> int:
     from appliance.pipeline import run_main_job
 
+    _check_data_folder(args.data)
     _check_cache_dir(args)
     summary = run_main_job(args.data, args.out, _config(args), progress=not args.no_progress)
     sys.stdout.write(summary.table + "\n")

@@ -90,6 +90,9 @@ DETAIL_CHARS = 120
 MIN_BEATS_PER_KNOWN_CLASS = 20
 # Gradients are rescaled to at most this global L2 norm before each optimiser step.
 MAX_GRADIENT_NORM = 5.0
+# Without a terminal for the progress bar, a progress line is logged at most this often, so
+# that a log shows training is alive within an epoch that takes minutes.
+PROGRESS_LOG_S = 60.0
 VALIDATION_BATCH = 512
 # Per-beat bottleneck reconstruction error (squared scaled units) at which checkpoint selection
 # caps a beat. The scaled training beats have unit variance, so 1 is the error of predicting
@@ -635,6 +638,8 @@ def _train(
     # A bar redrawn into a log file or pipe buries the epoch lines, so it needs a terminal.
     show_bar = progress and context.is_rank_zero and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=step, disable=not show_bar, unit="step")
+    log_progress = progress and context.is_rank_zero and not show_bar
+    last_progress_log = time.monotonic()
     stopped_by = "epochs"
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, settings.max_epochs):
@@ -672,6 +677,17 @@ def _train(
             bar.set_postfix_str(
                 f"epoch={epoch + 1}/{settings.max_epochs} loss_bpd={np.mean(running[-50:]):.3f}"
             )
+            if log_progress and time.monotonic() - last_progress_log >= PROGRESS_LOG_S:
+                last_progress_log = time.monotonic()
+                logger.info(
+                    "training progress epoch=%d/%d step=%d/%d loss_bpd=%.3f elapsed_s=%.0f",
+                    epoch + 1,
+                    settings.max_epochs,
+                    step,
+                    total_steps,
+                    float(np.mean(running[-50:])),
+                    last_progress_log - started,
+                )
             # The epoch-end checkpoint covers the last batch, after validation has updated the
             # best model; saving before validation would let a resumed run skip that validation.
             last_batch = batch_index == steps_per_epoch - 1

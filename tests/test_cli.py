@@ -222,15 +222,23 @@ def test_train_bad_option_exits_2(tmp_path: Path, option: str, value: str, messa
     assert "records read" not in result.stdout + result.stderr
 
 
-def test_missing_data_folder_exits_2(tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere"
-    result = run_cli("train", "--data", str(missing), "--store", str(tmp_path / "store"))
+@pytest.mark.parametrize("command", ["train", "run"])
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_missing_data_folder_exits_2(tmp_path: Path, command: str, kind: str) -> None:
+    data = tmp_path / "nowhere"
+    if kind == "file":
+        data.write_text("not a WFDB folder\n")
+    output = tmp_path / "output"
+    option = "--store" if command == "train" else "--out"
+    result = run_cli(command, "--data", str(data), option, str(output))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1
-    assert str(missing) in lines[0]
+    assert str(data) in lines[0]
     assert "--data" in lines[0]
+    # The check runs before any output folder is made.
+    assert not output.exists()
 
 
 def test_folder_without_records_exits_2(tmp_path: Path) -> None:

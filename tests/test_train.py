@@ -379,6 +379,29 @@ def test_load_checkpoint_names_missing_entries(tmp_path: Path):
         load_checkpoint(partial)
 
 
+def test_progress_logged_without_terminal(
+    tiny_data, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pytest captures stderr, so stderr is not a terminal and training logs instead of a bar.
+    monkeypatch.setattr(train_module, "PROGRESS_LOG_S", 0.0)
+    caplog.set_level(logging.INFO, logger="appliance.train")
+    result = train(TINY, *tiny_data, tmp_path / "work", resume=False, progress=True)
+    lines = [r.getMessage() for r in caplog.records if "training progress" in r.getMessage()]
+    assert len(lines) == result.summary["steps"]
+    total = TINY.train.max_epochs * (result.summary["steps"] // result.summary["epochs"])
+    assert f"step=1/{total} " in lines[0]
+    assert lines[-1].startswith(f"training progress epoch={TINY.train.max_epochs}/")
+
+
+def test_progress_off_logs_no_progress(
+    tiny_data, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_module, "PROGRESS_LOG_S", 0.0)
+    caplog.set_level(logging.INFO, logger="appliance.train")
+    train(TINY, *tiny_data, tmp_path / "work", resume=False, progress=False)
+    assert not [r for r in caplog.records if "training progress" in r.getMessage()]
+
+
 def test_resume_without_checkpoint_logs_fresh_start(
     tiny_data, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
