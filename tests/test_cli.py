@@ -994,8 +994,9 @@ def test_train_folder_is_file_exits_2(tmp_path: Path, option: str, placement: st
     folder = existing if placement == "file" else existing / "sub"
     store = folder if option == "--store" else tmp_path / "store"
     extra = [] if option == "--store" else [option, str(folder)]
-    # A missing --data folder shows that the check runs before ingest reads any record.
+    # A data folder without records shows that the check runs before ingest reads any record.
     missing_data = tmp_path / "no-records"
+    missing_data.mkdir()
     result = run_cli(
         "train", "--data", str(missing_data), "--store", str(store), *extra, timeout_s=120.0
     )
@@ -1013,6 +1014,7 @@ def test_train_folder_is_file_exits_2(tmp_path: Path, option: str, placement: st
 def test_run_cache_dir_is_file_exits_2(tmp_path: Path) -> None:
     cache = tmp_path / "cache.npz"
     cache.write_bytes(b"")
+    (tmp_path / "no-records").mkdir()
     result = run_cli(
         "run", "--data", str(tmp_path / "no-records"), "--out", str(tmp_path / "out"),
         "--cache-dir", str(cache), timeout_s=120.0,
