@@ -32,6 +32,7 @@ from appliance.errors import RecordError
 from appliance.holdout import concatenate, split_holdout
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.quality.privacy_metrics import matched_samples
+from appliance.quality.protocol import recorded_training
 from appliance.scoring import Calibration, auroc
 from appliance.store import ModelVersion, load_current
 from appliance.train import select_training_beats
@@ -182,15 +183,6 @@ def measure_index(train: np.ndarray, rng: np.random.Generator) -> dict[str, floa
     }
 
 
-def _training_config(engine: Engine, default: TrainConfig) -> TrainConfig:
-    """Return the cap and seed the served model was trained with, from its manifest."""
-    recorded = engine.manifest.get("training", {}).get("config", {})
-    return TrainConfig(
-        max_beats_per_class=int(recorded.get("max_beats_per_class", default.max_beats_per_class)),
-        seed=int(recorded.get("seed", default.seed)),
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MIT-BIH folder")
@@ -268,7 +260,12 @@ def main() -> None:
         "test_records": [r for r in DE_CHAZAL_DS2 if r in set(test.records.tolist())],
         "ood_auroc": measure_ood(engine, args.data, test, config.data, args.beats, rng),
         "membership": measure_membership(
-            engine, fit, holdout, args.beats, rng, _training_config(engine, config.train)
+            engine,
+            fit,
+            holdout,
+            args.beats,
+            rng,
+            recorded_training(engine.manifest) or config.train,
         ),
         "privacy_index": measure_index(fit.windows, rng),
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -114,6 +114,25 @@ class BeatGenerator(Protocol):
     def sample(self, counts: dict[int, int], seed: int) -> LabelledBeats:
         """Return up to ``counts[c]`` beats of each class index ``c``, z-normalised."""
         ...
+
+
+def recorded_training(manifest: dict[str, Any]) -> TrainConfig | None:
+    """Return the cap and seed that chose a model's training beats, from its manifest.
+
+    Returns:
+        A ``TrainConfig`` with the recorded ``max_beats_per_class`` and ``seed``, or None with a
+        warning when the manifest does not record them.
+    """
+    recorded = manifest.get("training", {}).get("config", {})
+    if "max_beats_per_class" not in recorded or "seed" not in recorded:
+        logger.warning(
+            "manifest records no max_beats_per_class and seed of training; the members of the "
+            "privacy figures assume the defaults, which may differ from the model's own"
+        )
+        return None
+    return TrainConfig(
+        max_beats_per_class=int(recorded["max_beats_per_class"]), seed=int(recorded["seed"])
+    )
 
 
 def load_protocol(

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from appliance.classes import AAMI_CLASSES
-from appliance.config import DataConfig, TrainConfig
+from appliance.config import DataConfig
 from appliance.corrupt import CORRUPTIONS, corrupt
 from appliance.dataset import assign_splits, find_records
 from appliance.engine import Engine
@@ -33,7 +33,13 @@ from appliance.quality.baselines import (
     RealNvpConfig,
 )
 from appliance.quality.evaluate import Evaluation, QualityConfig, evaluate_generators
-from appliance.quality.protocol import BeatGenerator, LabelledBeats, ProtocolData, load_protocol
+from appliance.quality.protocol import (
+    BeatGenerator,
+    LabelledBeats,
+    ProtocolData,
+    load_protocol,
+    recorded_training,
+)
 from appliance.report_store import REPORT_HTML, REPORT_JSON, metric_rows
 from appliance.store import load_current
 
@@ -87,7 +93,7 @@ def build_report(
     version = load_current(Path(store))
     engine = Engine(version)
     data_config = _data_config(version.manifest, cache_dir)
-    data = load_protocol(Path(data_dir), data_config, _train_config(version.manifest))
+    data = load_protocol(Path(data_dir), data_config, recorded_training(version.manifest))
     matches = _protocol_matches_training(version.manifest, Path(data_dir), data_config)
     appliance = ApplianceGenerator(engine, temperature=temperature, margin=margin)
     generators: list[BeatGenerator] = [appliance]
@@ -129,20 +135,6 @@ def build_report(
     (out_dir / REPORT_HTML).write_text(render_html(summary))
     logger.info("quality report written out_dir=%s model_id=%s", out_dir, summary["model_id"])
     return summary
-
-
-def _train_config(manifest: dict[str, Any]) -> TrainConfig | None:
-    """Return the cap and seed that chose the model's training beats, None if not recorded."""
-    recorded = manifest.get("training", {}).get("config", {})
-    if "max_beats_per_class" not in recorded or "seed" not in recorded:
-        logger.warning(
-            "manifest records no max_beats_per_class and seed of training; the members of the "
-            "privacy figures assume the defaults, which may differ from the model's own"
-        )
-        return None
-    return TrainConfig(
-        max_beats_per_class=int(recorded["max_beats_per_class"]), seed=int(recorded["seed"])
-    )
 
 
 def _data_config(manifest: dict[str, Any], cache_dir: str) -> DataConfig:
