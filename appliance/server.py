@@ -7,14 +7,19 @@ until both graphs are loaded and the self-check passes.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
 import os
 import signal
+import socket
 import ssl
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -257,6 +262,57 @@ class ApplianceServer:
             self._stop_finished.wait(timeout=self.config.grace_s + 5.0)
 
 
+def _port_bindable(host: str, port: int) -> bool:
+    """Return whether a TCP listener could bind ``port`` on any address ``host`` resolves to.
+
+    The trial socket sets ``SO_REUSEADDR`` as gRPC's listeners do, so a port held only by
+    connections in TIME_WAIT counts as bindable. Port 0 is always bindable.
+    """
+    if port == 0:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, protocol, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, protocol) as trial:
+                trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                trial.bind(sockaddr)
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@contextlib.contextmanager
+def _stderr_to_debug_log(context: str) -> Iterator[None]:
+    """Send what is written to file descriptor 2 meanwhile to the debug log, as one line.
+
+    Native code such as gRPC's C core writes to the descriptor directly, past Python's logging.
+    Lines that other threads log meanwhile go to the same debug line.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                logger.debug("%s stderr=%r", context, text)
+
+
+@contextlib.contextmanager
+def _unchanged(context: str) -> Iterator[None]:
+    yield
+
+
 def start_server(config: ServeConfig) -> ApplianceServer:
     """Bind the port and start serving health and reflection, with NOT_SERVING status.
 
@@ -300,11 +356,16 @@ def start_server(config: ServeConfig) -> ApplianceServer:
         else (config.host)
     )
     address = f"{host}:{config.port}"
+    # gRPC's C core writes its own line about a failed bind straight to standard error, ahead
+    # of the error below, which names the fix. When a trial bind predicts that failure, that
+    # line goes to the debug log instead.
+    quiet = _stderr_to_debug_log if not _port_bindable(config.host, config.port) else _unchanged
     try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+        with quiet(f"bind address={address}"):
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         # gRPC's own text only points at its debug log, so it goes to the debug log here.
         logger.debug("bind failed address=%s error=%s", address, exc)

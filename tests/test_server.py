@@ -907,17 +907,25 @@ def test_stop_lets_inflight_call_finish(model_store: Path):
         running.stop()
 
 
-def test_busy_port_names_the_fix() -> None:
+def test_busy_port_names_the_fix(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="appliance.server")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        capfd.readouterr()
         with pytest.raises(ValueError) as raised:
             start_server(ServeConfig(port=port, grace_s=1.0, drain_s=0.0))
     message = str(raised.value)
     assert f"cannot bind 127.0.0.1:{port}: the port is in use" in message
     assert "--port 0 takes a free one" in message
     assert "GRPC_VERBOSITY" not in message
+    # gRPC's C core reports the failed bind on file descriptor 2, which must reach the debug log.
+    assert "Failed to add port" not in capfd.readouterr().err
+    debug_lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("Failed to add port" in line for line in debug_lines), debug_lines
 
 
 def test_grpc_library_lines_rate_limited(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,7 +1,8 @@
 """The lock file of the image's wheels: every requirement pinned to one file and its digest.
 
-``build/download-wheels.sh`` writes ``build/locks/wheels.txt`` and the Dockerfile installs its
-lines with ``pip --require-hashes --no-deps``. These tests read the committed lock file and run
+``build/download-wheels.sh`` writes ``build/locks/wheels.txt`` (CPU image) and
+``build/locks/wheels-gpu.txt`` (GPU image), and the Dockerfile installs the lines of one of them
+with ``pip --require-hashes --no-deps``. These tests read the committed lock file and run
 the script's offline check on wheel files made in the test. None of them needs the network.
 """
 
@@ -20,7 +21,10 @@ from packaging.version import Version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "build" / "download-wheels.sh"
-LOCK = REPO_ROOT / "build" / "locks" / "wheels.txt"
+LOCKS = {
+    "cpu": REPO_ROOT / "build" / "locks" / "wheels.txt",
+    "gpu": REPO_ROOT / "build" / "locks" / "wheels-gpu.txt",
+}
 PIN = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)"
     r" --hash=sha256:(?P<digest>[0-9a-f]{64})$"
@@ -56,23 +60,27 @@ def locked_pins(lock: Path) -> dict[str, tuple[str, str, str]]:
     return pins
 
 
-def test_lock_records_the_current_requirements() -> None:
-    printed = run_script("--print-requirements", "cpu")
+@pytest.mark.parametrize("variant", sorted(LOCKS))
+def test_lock_records_the_current_requirements(variant: str) -> None:
+    lock = LOCKS[variant]
+    printed = run_script("--print-requirements", variant)
     assert printed.returncode == 0, printed.stderr
     recorded = [
         line.removeprefix("# requirement: ")
-        for line in LOCK.read_text().splitlines()
+        for line in lock.read_text().splitlines()
         if line.startswith("# requirement: ")
     ]
     assert recorded == printed.stdout.splitlines(), (
         "pyproject.toml changed since the lock was written: run "
-        "build/download-wheels.sh --lock cpu and commit build/locks/wheels.txt"
+        f"build/download-wheels.sh --lock {variant} and commit {lock.relative_to(REPO_ROOT)}"
     )
 
 
-def test_lock_pins_each_requirement_to_one_matching_file() -> None:
-    pins = locked_pins(LOCK)
-    for line in LOCK.read_text().splitlines():
+@pytest.mark.parametrize("variant", sorted(LOCKS))
+def test_lock_pins_each_requirement_to_one_matching_file(variant: str) -> None:
+    lock = LOCKS[variant]
+    pins = locked_pins(lock)
+    for line in lock.read_text().splitlines():
         if not line.startswith("# requirement: "):
             continue
         requirement = Requirement(line.removeprefix("# requirement: "))
@@ -87,7 +95,17 @@ def test_lock_pins_each_requirement_to_one_matching_file() -> None:
         file_distribution, file_version = file_name.split("-")[:2]
         assert canonicalize_name(file_distribution) == name, file_name
         assert Version(file_version) == Version(version), file_name
-    assert pins["torch"][0].endswith("+cpu"), "the CPU image must pin the +cpu torch build"
+    if variant == "cpu":
+        assert pins["torch"][0].endswith("+cpu"), "the CPU image must pin the +cpu torch build"
+        assert "onnxruntime" in pins
+        assert "onnxruntime-gpu" not in pins
+        assert not [name for name in pins if name.startswith("nvidia-")], "CUDA wheels in CPU lock"
+    else:
+        assert "+cpu" not in pins["torch"][0], "the GPU image must pin the CUDA torch build"
+        assert "onnxruntime-gpu" in pins
+        assert "onnxruntime" not in pins
+        # The CUDA provider of onnxruntime-gpu loads cuDNN and cuBLAS from these wheels.
+        assert {"nvidia-cudnn-cu13", "nvidia-cublas"} <= set(pins), sorted(pins)
 
 
 def make_wheel_folder(folder: Path) -> Path:
