@@ -198,7 +198,10 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--max-minutes",
         type=float,
         default=train.max_minutes,
-        help=f"training time budget in minutes (default: {train.max_minutes})",
+        help=(
+            "training time budget in minutes: training stops at the first step past it, then "
+            f"validates and saves (default: {train.max_minutes})"
+        ),
     )
     parser.add_argument(
         "--epochs",

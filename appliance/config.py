@@ -89,7 +89,8 @@ class TrainConfig:
 
     Attributes:
         max_epochs: Upper bound on epochs.
-        max_minutes: Wall-clock budget; training stops after the epoch that exceeds it.
+        max_minutes: Wall-clock budget. Training stops at the first step past it, then
+            validates and saves a checkpoint, which can end the last epoch early.
         batch_size: Beats per optimiser step.
         learning_rate: Adam learning rate.
         weight_decay: Adam weight decay.

@@ -280,7 +280,8 @@ def _check_resumable(
     if differences:
         raise TrainingError(
             f"cannot resume from {path}: settings differ ({'; '.join(differences)}); "
-            "use the checkpoint's settings, or another work folder to start afresh"
+            "use the checkpoint's settings, or start afresh: delete the checkpoint or pass "
+            "another --work-dir"
         )
     trained = state.get("train_records")
     if trained is None:
@@ -295,8 +296,8 @@ def _check_resumable(
         raise TrainingError(
             f"cannot resume from {path}: the data gives other training beats "
             f"({'; '.join(record_changes)}). The privacy guard must see every beat the weights "
-            "were trained on, so pass the data folder the checkpoint was trained on, or another "
-            "work folder to start afresh"
+            "were trained on, so pass the data folder the checkpoint was trained on, or start "
+            "afresh: delete the checkpoint or pass another --work-dir"
         )
 
 
@@ -697,6 +698,13 @@ def _train(
                 bar.close()
                 save_checkpoint()
                 raise _stopped(step, checkpoint_path)
+            # The budget ends the epoch early; validation and the checkpoint below still run,
+            # so the model selection covers the last steps. Rank 0's clock decides for all, so
+            # no rank leaves the loop while others train on.
+            over_budget = context.is_rank_zero and time.monotonic() - started > budget_s
+            if any_rank(over_budget, context):
+                stopped_by = "time budget"
+                break
 
         # NOTE: every rank evaluates the whole validation set; the ranks hold the same weights,
         # so they reach the same loss and the same best model without a collective.
@@ -721,8 +729,7 @@ def _train(
         if context.is_rank_zero:
             logger.info(
                 "epoch=%d step=%d train_bpd=%.4f validation_bpd=%.4f validation_mse=%.5f "
-                "validation_capped_mse=%.5f "
-                "step_ms=%.1f",
+                "validation_capped_mse=%.5f step_ms=%.1f elapsed_s=%.0f",
                 epoch + 1,
                 step,
                 history[-1]["train_bpd"],
@@ -730,15 +737,13 @@ def _train(
                 validation_mse,
                 figures.capped_mse,
                 1000.0 * (time.monotonic() - started) / max(1, step - first_step),
+                time.monotonic() - started,
             )
         save_checkpoint()
         if _stop_requested.is_set() and not context.is_distributed:
             bar.close()
             raise _stopped(step, checkpoint_path)
-        # Rank 0's clock decides for all, so no rank leaves the loop while others train on.
-        over_budget = context.is_rank_zero and time.monotonic() - started > budget_s
-        if any_rank(over_budget, context):
-            stopped_by = "time budget"
+        if stopped_by == "time budget":
             break
     bar.close()
 

@@ -379,6 +379,26 @@ def test_load_checkpoint_names_missing_entries(tmp_path: Path):
         load_checkpoint(partial)
 
 
+def test_time_budget_ends_epoch_early(tiny_run, tiny_data, tmp_path: Path) -> None:  # noqa: ANN001
+    full, _ = tiny_run
+    work_dir = tmp_path / "work"
+    # A budget shorter than one step stops training after its first step, mid-epoch.
+    short = replace(TINY, train=replace(TINY.train, max_minutes=1e-9))
+    result = train(short, *tiny_data, work_dir, resume=False, progress=False)
+    assert result.summary["stopped_by"] == "time budget"
+    assert result.summary["steps"] == 1
+    assert result.summary["steps"] < full.summary["steps"] // full.summary["epochs"]
+    assert len(result.summary["history"]) == 1
+    assert math.isfinite(result.summary["best_validation_loss"])
+    state = load_checkpoint(work_dir / CHECKPOINT_FILE)
+    assert state["step"] == 1
+    assert (work_dir / BEST_FILE).exists()
+    # Resumed with the longer budget, training finishes the epochs the short run left.
+    resumed = train(TINY, *tiny_data, work_dir, resume=True, progress=False)
+    assert resumed.summary["stopped_by"] == "epochs"
+    assert resumed.summary["steps"] == full.summary["steps"]
+
+
 def test_progress_logged_without_terminal(
     tiny_data, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
