@@ -19,6 +19,17 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SPLITS_FILE = "SPLITS"
+# Consequence of an empty split, named in the ingest warning.
+EMPTY_SPLIT_EFFECT = {
+    "validation": (
+        "Training needs validation beats to select its checkpoint and stops without them; add "
+        f"records, or name a validation record in a {SPLITS_FILE} file"
+    ),
+    "test": (
+        "No beat of a patient outside training is scored; add records, or name a test record "
+        f"in a {SPLITS_FILE} file"
+    ),
+}
 
 # Inter-patient split of de Chazal, O'Dwyer and Reilly (IEEE TBME 51(7), 2004). Record 201 is
 # moved from DS1 to DS2 because records 201 and 202 come from the same subject.
@@ -322,6 +333,7 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     per_split: dict[str, list[RecordBeats]] = {split: [] for split in SPLITS}
     fs_of_record: dict[str, float] = {}
     leads: list[str] = []
+    readable: dict[str, RecordBeats] = {}
     for record in records:
         if record not in split_of:
             report.records_skipped[record] = _unsplit_reason(record, records, data_dir, config)
@@ -331,7 +343,12 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
             logger.warning("record=%s action=skip reason=%s", record, result.reason)
             report.records_skipped[record] = result.reason
             continue
-        beats = result
+        readable[record] = result
+    if len(readable) < len(split_of) and _split_method(records, data_dir, config) == "random":
+        # A random split drawn over every record can leave validation or test with skipped
+        # records only, so it is drawn again over the records that gave beats.
+        split_of = assign_splits(list(readable), data_dir, config)
+    for record, beats in readable.items():
         report.records_read.append(record)
         report.beat_sources[record] = beats.beat_source
         report.split_of_record[record] = split_of[record]
@@ -362,6 +379,12 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     splits = {split: _concatenate(items, config) for split, items in per_split.items()}
     for split, beat_set in splits.items():
         report.class_counts[split] = beat_set.class_counts()
+        if len(beat_set) == 0 and split != "train":
+            logger.warning(
+                "split=%s has no beats: no readable record is assigned to it. %s",
+                split,
+                EMPTY_SPLIT_EFFECT[split],
+            )
     if len(splits["train"]) == 0:
         raise NoUsableDataError(f"no training beats in {data_dir}; check the split")
     logger.info("ingest summary\n%s", report.table())

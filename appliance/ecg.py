@@ -43,6 +43,10 @@ MIN_LEAD_FS_HZ = 50.0
 # UNIT_HIGH_MV. Above it the header's gain or units are wrong, and the beats would swamp the
 # training scale. The percentile lets a few saturated spikes through.
 LEAD_AMPLITUDE_PERCENTILE = 99.0
+# Annotations that stop this long before the signal ends, and at least this share of the
+# record before it, are reported: a truncated annotation file reads without an error.
+ANNOTATION_GAP_MIN_S = 60.0
+ANNOTATION_GAP_MIN_FRACTION = 0.1
 
 
 @dataclass
@@ -277,6 +281,25 @@ def _annotated_beats(
     return np.round(samples).astype(np.int64), symbols
 
 
+def _annotation_gap(positions: np.ndarray, samples: int, config: DataConfig) -> str | None:
+    """Return a warning when the annotations end well before the signal does, else None.
+
+    Arguments:
+        positions: Annotation positions at the model rate, shape (annotations,).
+        samples: Signal length at the model rate.
+        config: Data settings (``fs_hz``, ``annotation_extension``).
+    """
+    last = int(positions.max()) if positions.size else 0
+    gap = samples - last
+    if gap < ANNOTATION_GAP_MIN_S * config.fs_hz or gap < ANNOTATION_GAP_MIN_FRACTION * samples:
+        return None
+    return (
+        f"annotations (.{config.annotation_extension}) end at {last / config.fs_hz:.0f} s of the "
+        f"signal's {samples / config.fs_hz:.0f} s; beats after that are missing if the "
+        "annotation file is truncated"
+    )
+
+
 def _detected_beats(lead: np.ndarray, fs_hz: float, config: DataConfig) -> np.ndarray:
     """Return QRS positions at the model rate found by wfdb's XQRS detector.
 
@@ -387,6 +410,9 @@ def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
     if annotated is not None:
         positions, symbols = annotated
         source = f"annotations:{config.annotation_extension}"
+        gap = _annotation_gap(positions, signal_model.shape[1], config)
+        if gap is not None:
+            warnings.append(gap)
     else:
         if rates[0] < config.fs_hz:
             detection_input = remove_baseline(_fill_nan(leads[0]), rates[0], config)
@@ -396,7 +422,16 @@ def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
         symbols = ["Q"] * positions.size
         source = DETECTOR
 
-    beats = _cut_windows(record, signal_model, invalid_model, positions, symbols, config)
+    try:
+        beats = _cut_windows(record, signal_model, invalid_model, positions, symbols, config)
+    except RecordError as exc:
+        # A defect found while reading, such as a truncated signal file, often explains why no
+        # window is complete, so the skip reason carries it.
+        if not warnings:
+            raise
+        raise RecordError(
+            record, f"{exc.reason}; read with warnings: {'; '.join(warnings)}"
+        ) from exc
     for warning in warnings:
         logger.warning("record=%s action=read_with_warning reason=%s", record, warning)
     return RecordBeats(

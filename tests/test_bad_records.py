@@ -11,7 +11,7 @@ import pytest
 import wfdb
 
 from appliance.config import DataConfig
-from appliance.dataset import find_records, ingest
+from appliance.dataset import assign_splits, find_records, ingest
 from appliance.ecg import read_record
 from appliance.errors import RecordError
 
@@ -312,3 +312,68 @@ def test_records_file_stays_inside_folder(tmp_path, caplog):
     assert len(reasons) == 3
     assert sum("reason=outside_data_folder" in line for line in reasons) == 2
     assert sum("reason=listed_twice" in line for line in reasons) == 1
+
+
+def test_truncated_signal_skip_names_truncation(tmp_path):
+    path = write_record(tmp_path, "cut")
+    data = path.with_suffix(".dat")
+    # 300 frames of 2 signals of 2 bytes: longer than one window, but no beat fits whole.
+    data.write_bytes(data.read_bytes()[: 300 * 4])
+    with pytest.raises(RecordError) as raised:
+        read_record(path, "cut", CONFIG)
+    reason = raised.value.reason
+    assert reason.startswith("no complete beat windows")
+    assert f"signal file holds 300 of the {SECONDS * FS_HZ} frames" in reason
+
+
+def test_truncated_annotations_warn(tmp_path):
+    path = write_record(tmp_path, "fewnotes")
+    annotation = wfdb.rdann(str(path), "atr")
+    first_30_s = annotation.sample < 30 * FS_HZ
+    wfdb.wrann(
+        "fewnotes",
+        "atr",
+        annotation.sample[first_30_s],
+        symbol=list(np.asarray(annotation.symbol)[first_30_s]),
+        fs=FS_HZ,
+        write_dir=str(tmp_path),
+    )
+    beats = read_record(path, "fewnotes", CONFIG)
+    gaps = [w for w in beats.warnings if w.startswith("annotations (.atr) end at")]
+    assert len(gaps) == 1, beats.warnings
+    assert f"of the signal's {SECONDS} s" in gaps[0]
+    whole = read_record(write_record(tmp_path, "allnotes"), "allnotes", CONFIG)
+    assert not [w for w in whole.warnings if w.startswith("annotations")]
+
+
+def test_random_split_drawn_over_readable_records(tmp_path):
+    for source in ("100", "101", "103", "105"):
+        write_record(tmp_path, f"good{source}", source=source)
+    # Name the broken record so that a split over every record puts it in validation or test.
+    # The split depends on the position of the name among the sorted names.
+    for broken in ("a_bad", "good100_bad", "good101_bad", "good103_bad", "z_bad"):
+        names = [*(f"good{s}" for s in ("100", "101", "103", "105")), broken]
+        if assign_splits(sorted(names), tmp_path, CONFIG)[broken] != "train":
+            break
+    else:
+        pytest.fail("no name puts the broken record outside train")
+    path = write_record(tmp_path, broken)
+    edit_header(path, f"{broken}.dat 16 200", f"{broken}.dat 16 0")
+    dataset = ingest(tmp_path, CONFIG)
+    assert broken in dataset.report.records_skipped
+    assert broken not in dataset.report.split_of_record
+    for split in ("train", "validation", "test"):
+        assert len(dataset.splits[split]) > 0, split
+
+
+def test_empty_split_warns(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="appliance.dataset")
+    for source in ("100", "101"):
+        write_record(tmp_path, f"good{source}", source=source)
+    dataset = ingest(tmp_path, CONFIG)
+    assert len(dataset.splits["validation"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    for split in ("validation", "test"):
+        lines = [m for m in messages if m.startswith(f"split={split} has no beats")]
+        assert len(lines) == 1, messages
+    assert not [m for m in messages if m.startswith("split=train")]
