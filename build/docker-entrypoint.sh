@@ -4,7 +4,8 @@
 #   train  [ARGS]  ingest the WFDB records in $APPLIANCE_DATA_DIR, train, and publish the ONNX
 #                  graphs and manifest as a new version in $APPLIANCE_STORE_DIR
 #   serve  [ARGS]  serve the current version of the store over gRPC on $APPLIANCE_PORT
-#   run    [ARGS]  train if the store has no current version, then serve (ARGS go to serve)
+#   run    [ARGS]  train if the store has no current version, then serve (ARGS go to serve);
+#                  a training checkpoint left by a stopped run is resumed, not started over
 #   report [ARGS]  compute the quality report of the store's current model from the MIT-BIH
 #                  records in $APPLIANCE_DATA_DIR and attach it to the store, where
 #                  GetQualityReport returns it
@@ -44,7 +45,8 @@ train() {
   # number; tini -g sends the signal to training as well as to this shell. The shell ignores
   # both meanwhile, so that it ends with training's status instead of before training.
   trap '' TERM INT
-  python -m appliance train --data "$data_dir" --store "$store_dir" --no-progress "$@"
+  # Without a terminal, training logs a progress line once a minute instead of drawing a bar.
+  python -m appliance train --data "$data_dir" --store "$store_dir" "$@"
   # `serve` runs next in `run`, and exec keeps ignored signals ignored.
   trap - TERM INT
 }
@@ -63,8 +65,9 @@ reject_plaintext_remote() {
     127.* | ::1 | localhost) ;;
     *)
       echo "entrypoint: no $tls_dir/server.crt and server.key, so host=$host would serve" \
-        "plain-text gRPC; mount TLS files at $tls_dir, set APPLIANCE_ALLOW_INSECURE_REMOTE=1," \
-        "or set APPLIANCE_HOST=127.0.0.1" >&2
+        "plain-text gRPC; mount TLS files at $tls_dir, or set APPLIANCE_ALLOW_INSECURE_REMOTE=1" \
+        "and publish the port on the host's loopback only (-p 127.0.0.1:$port:$port)." \
+        "APPLIANCE_HOST=127.0.0.1 serves clients inside the container only." >&2
       exit 2
       ;;
   esac
@@ -125,8 +128,17 @@ case "$command" in
   run)
     reject_plaintext_remote
     if [ ! -f "$store_dir/CURRENT" ]; then
-      echo "entrypoint: store=$store_dir has no current version; training on data=$data_dir" >&2
-      train
+      checkpoint="$store_dir/training/checkpoint.pt"
+      if [ -f "$checkpoint" ]; then
+        # A run stopped during training (docker stop, a restart policy) left this checkpoint.
+        # Training checks that the records and settings match it and fails if they do not.
+        echo "entrypoint: store=$store_dir has no current version; resuming training from" \
+          "$checkpoint on data=$data_dir" >&2
+        train --resume
+      else
+        echo "entrypoint: store=$store_dir has no current version; training on data=$data_dir" >&2
+        train
+      fi
     fi
     serve "$@"
     ;;

@@ -381,6 +381,50 @@ def test_stop_during_training_keeps_checkpoint(
         docker("rm", "--force", name, check=False)
 
 
+def test_run_resumes_stopped_training(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A `run` stopped while it trains leaves a checkpoint and no current version. The next
+    # `run` on that store, as a restart policy starts it, must resume from the checkpoint.
+    store = tmp_path_factory.mktemp("resumed-store")
+    os.chown(store, APPLIANCE_UID, APPLIANCE_UID)
+    volumes = ("--volume", f"{data_dir}:/data:ro", "--volume", f"{store}:/store")
+    name = f"appliance-run-stop-{os.getpid()}"
+    docker(
+        "run", "--detach", "--name", name, *SEALED_OPTIONS, *volumes,
+        "--env", "APPLIANCE_TRAIN_EPOCHS=1000", "--env", "APPLIANCE_TRAIN_MAX_MINUTES=10",
+        IMAGE, "run",
+    )  # fmt: skip
+    try:
+        # Stop once training has started: it then saves a checkpoint after its current step.
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "training threads=" not in docker("logs", name).stderr:
+            assert time.monotonic() < deadline, docker("logs", name, check=False).stderr
+            time.sleep(0.5)
+        docker("stop", "--time", "60", name, timeout_s=120.0)
+
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", name).stdout)
+        logs = docker("logs", name).stderr
+        assert state["ExitCode"] == 143, logs
+        stopped = re.search(r"training stopped by Terminated at step (\d+)", logs)
+        assert stopped, logs
+        assert (store / "training" / "checkpoint.pt").exists()
+        assert not (store / "CURRENT").exists()
+    finally:
+        docker("rm", "--force", name, check=False)
+
+    with sealed_container(
+        f"appliance-run-resume-{os.getpid()}", *volumes,
+        "--env", "APPLIANCE_TRAIN_EPOCHS=1", "--env", "APPLIANCE_TRAIN_MAX_MINUTES=0.5",
+        IMAGE, "run",
+    ) as resumed:  # fmt: skip
+        logs = docker("logs", resumed).stderr
+    assert "resuming training from /store/training/checkpoint.pt" in logs
+    assert f"resume checkpoint=/store/training/checkpoint.pt step={stopped[1]} " in logs
+    assert "no checkpoint to resume" not in logs
+    assert (store / "CURRENT").exists()
+
+
 def test_image_runs_as_non_root() -> None:
     config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", IMAGE).stdout)
     assert config["User"] == f"{APPLIANCE_UID}:{APPLIANCE_UID}"
