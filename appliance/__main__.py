@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +54,8 @@ CALL_TIMEOUT_S = 300.0
 HEALTH_TIMEOUT_S = 10.0
 
 EXIT_USAGE = 2
+# Seconds a stopped server's process may take to exit before it ends without its call threads.
+STUCK_CALL_EXIT_S = 5.0
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -479,7 +482,7 @@ def _check_export_data(
 
 
 def _serve_config(args: argparse.Namespace) -> object:
-    from appliance.serve_config import ServeConfig, TlsFiles
+    from appliance.serve_config import TlsFiles
 
     tls = None
     if args.tls_cert or args.tls_key:
@@ -488,6 +491,16 @@ def _serve_config(args: argparse.Namespace) -> object:
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        return _serve_settings(args, tls)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _serve_settings(args: argparse.Namespace, tls: object) -> object:
+    from appliance.serve_config import ServeConfig, TlsFiles
+
+    assert tls is None or isinstance(tls, TlsFiles)
     return ServeConfig(
         host=args.host,
         port=args.port,
@@ -546,10 +559,32 @@ def _command_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     else:
         running.wait()
+        exit_if_threads_outlive(STUCK_CALL_EXIT_S)
     finally:
         if args.port_file:
             _remove_port_file(args.port_file, running.port)
     return 0
+
+
+def exit_if_threads_outlive(timeout_s: float) -> None:
+    """End the process ``timeout_s`` seconds from now if it has not exited by then.
+
+    At exit Python joins the call threads of the stopped server, so a call blocked in a read
+    that never returns would keep the process alive past its grace period. A daemon timer
+    logs that and ends the process with status 0.
+    """
+
+    def force_exit() -> None:
+        logger.warning(
+            "calls still running %.1f s after the server stopped; exiting without them",
+            timeout_s,
+        )
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(timeout_s, force_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def _remove_port_file(path: Path, port: int) -> None:
@@ -580,13 +615,20 @@ def _remove_port_file(path: Path, port: int) -> None:
 def _client(args: argparse.Namespace) -> object:
     from appliance.client import ApplianceClient
 
-    return ApplianceClient(
-        args.address,
-        root_certificate=args.tls_ca,
-        client_certificate=args.tls_cert,
-        client_key=args.tls_key,
-        timeout_s=args.timeout_s,
-    )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together; pass both")
+    if args.tls_cert is not None and args.tls_ca is None:
+        raise UsageError("--tls-cert needs --tls-ca, the CA certificate of the server")
+    try:
+        return ApplianceClient(
+            args.address,
+            root_certificate=args.tls_ca,
+            client_certificate=args.tls_cert,
+            client_key=args.tls_key,
+            timeout_s=args.timeout_s,
+        )
+    except ValueError as exc:
+        raise UsageError(f"{exc}; check --tls-ca, --tls-cert and --tls-key") from exc
 
 
 def _command_health(args: argparse.Namespace) -> int:
@@ -631,8 +673,22 @@ def _command_generate(args: argparse.Namespace) -> int:
     from appliance.client import ApplianceClient, class_name
     from appliance.outputs import write_beats
 
+    if args.out.is_symlink() and not args.out.exists():
+        raise UsageError(
+            f"--out {args.out} is a symbolic link to a missing path; pass a folder, which is "
+            "created if missing"
+        )
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a folder, which is created if missing")
+    # A link or folder in the place of an output file would redirect or block the write.
+    for name in GENERATE_FILES[args.format]:
+        path = args.out / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            kind = "a symbolic link" if path.is_symlink() else "not a regular file"
+            raise UsageError(
+                f"--out {args.out}: {path} is {kind}, which generate does not write through; "
+                "remove it or pass another folder"
+            )
     if args.classes is not None and not args.classes.strip():
         raise UsageError(
             "--classes is empty; pass beats per class as NAME=COUNT pairs, e.g. N=100,V=50, "
@@ -819,6 +875,7 @@ def _command_validate(args: argparse.Namespace) -> int:
 
     from appliance.baseline import check_baseline
     from appliance.client import ApplianceClient
+    from appliance.outputs import read_sampling_rate
 
     if args.input.is_dir():
         candidates = sorted(
@@ -837,6 +894,7 @@ def _command_validate(args: argparse.Namespace) -> int:
             "(beats, leads, window_samples) in mV, or a .csv or WFDB file written by generate"
         )
     beats, classes = _read_validate_input(args.input)
+    fs_hz = read_sampling_rate(args.input)
     if beats.ndim != 3:
         raise UsageError(
             f"--input {args.input} has shape {beats.shape}; expected (beats, leads, "
@@ -851,7 +909,9 @@ def _command_validate(args: argparse.Namespace) -> int:
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
-        reply = client.validate(beats.astype(np.float32), classes, margin=args.margin)
+        # With the input's sampling rate, the server rejects beats at another rate than the
+        # model's instead of scoring them as if they were at its rate.
+        reply = client.validate(beats.astype(np.float32), classes, margin=args.margin, fs_hz=fs_hz)
     sys.stdout.write("index\tscore\tresult\tclass\n")
     for i, (score, accepted, name) in enumerate(
         zip(reply.scores, reply.accepted, reply.classes, strict=True)
@@ -891,6 +951,11 @@ def _read_validate_input(path: Path) -> tuple[np.ndarray, list[str] | None]:
         ) from exc
     except ValueError as exc:
         raise UsageError(f"--input {exc}") from exc
+    except OSError as exc:
+        raise UsageError(
+            f"--input {path}: reading it failed ({exc.strerror or exc}); pass a readable .npy, "
+            ".csv or WFDB file"
+        ) from exc
 
 
 def _check_input_classes(path: Path, classes: Sequence[object]) -> None:
@@ -1086,7 +1151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=0,
-        help="gRPC worker threads (default: 0, four per engine slot and at least eight)",
+        help="gRPC worker threads (default: 0, one per call --max-concurrent-rpcs admits)",
     )
     serve.add_argument(
         "--intra-op-threads",
@@ -1384,6 +1449,17 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
     if name == "UNAVAILABLE":
         if not hint:
             hint = "; check --address and that `python -m appliance serve` is running there"
+            if not uses_tls:
+                # A TLS server closes a plain-text connection, which gRPC also reports as
+                # UNAVAILABLE.
+                hint += ", and pass --tls-ca if that server uses TLS"
+            elif getattr(args, "tls_cert", None) is not None:
+                # A server that requires mutual TLS closes the handshake of a client whose
+                # certificate its CA did not sign or that has expired, with the same status.
+                hint += (
+                    ", and that --tls-cert is signed by the CA the server trusts and has not "
+                    "expired"
+                )
         sys.stderr.write(f"error: cannot reach {address}: {name}: {details}{hint}\n")
     elif name == "DEADLINE_EXCEEDED" and hasattr(args, "timeout_s"):
         sys.stderr.write(

@@ -187,6 +187,14 @@ def class_name(value: int) -> str:
     return AAMI_CLASSES[value - 1] if value > 0 else ""
 
 
+def _read_pem(path: Path, what: str) -> bytes:
+    """Return the bytes of a PEM file, or raise ``ValueError`` naming it and the failure."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read ({exc.strerror or exc})") from exc
+
+
 class ApplianceClient:
     """Client of one appliance server.
 
@@ -210,13 +218,27 @@ class ApplianceClient:
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     ) -> None:
         options = [("grpc.max_receive_message_length", max_receive_message_bytes)]
+        # gRPC's C core aborts the process on a certificate without its key or the reverse.
+        if (client_certificate is None) != (client_key is None):
+            raise ValueError(
+                "a client certificate and its private key go together; pass both or neither"
+            )
+        if client_certificate is not None and root_certificate is None:
+            raise ValueError(
+                "a client certificate needs the CA certificate that signed the server's "
+                "certificate (TLS); pass it as well"
+            )
         if root_certificate is None:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=root_certificate.read_bytes(),
-                private_key=client_key.read_bytes() if client_key else None,
-                certificate_chain=client_certificate.read_bytes() if client_certificate else None,
+                root_certificates=_read_pem(root_certificate, "CA certificate"),
+                private_key=_read_pem(client_key, "client key") if client_key else None,
+                certificate_chain=(
+                    _read_pem(client_certificate, "client certificate")
+                    if client_certificate
+                    else None
+                ),
             )
             self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.ApplianceServiceStub(self.channel)
@@ -333,11 +355,13 @@ class ApplianceClient:
         classes: Sequence[str | None] | None = None,
         margin: float | None = None,
         normalised: bool = False,
+        fs_hz: float | None = None,
     ) -> Validated:
         """Score beats of shape (beats, leads, window_samples), in mV unless ``normalised``.
 
         Large sets are sent with ValidateStream in messages of ``VALIDATE_STREAM_BEATS``.
-        Nested lists are accepted and converted to a float32 array.
+        Nested lists are accepted and converted to a float32 array. ``fs_hz``, the beats'
+        sampling rate when known, lets the server reject beats at another rate than the model's.
         """
         beats = np.asarray(beats, dtype=np.float32)
         if beats.ndim != 3:
@@ -355,12 +379,14 @@ class ApplianceClient:
                 request.beat_classes.extend(class_value(c) for c in classes)
             if margin is not None:
                 request.margin = margin
+            if fs_hz is not None:
+                request.fs_hz = fs_hz
             reply: pb.ValidateResponse | pb.ValidateStreamResponse = self.stub.Validate(
                 request, timeout=self.timeout_s, metadata=self._metadata()
             )
         else:
             reply = self.stub.ValidateStream(
-                self._stream_requests(beats, classes, margin, normalised),
+                self._stream_requests(beats, classes, margin, normalised, fs_hz),
                 timeout=self.timeout_s,
                 metadata=self._metadata(),
             )
@@ -378,6 +404,7 @@ class ApplianceClient:
         classes: Sequence[str | None] | None,
         margin: float | None,
         normalised: bool,
+        fs_hz: float | None = None,
     ) -> Iterator[pb.ValidateStreamRequest]:
         for start in range(0, beats.shape[0], VALIDATE_STREAM_BEATS):
             part = beats[start : start + VALIDATE_STREAM_BEATS]
@@ -388,4 +415,6 @@ class ApplianceClient:
                 )
             if margin is not None and start == 0:
                 request.margin = margin
+            if fs_hz is not None:
+                request.fs_hz = fs_hz
             yield request

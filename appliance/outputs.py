@@ -187,15 +187,27 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
     if suffix == ".csv":
         return _read_csv(path)
     try:
-        beats = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+        # Mapped first, so that a header that claims more data than the file contains fails
+        # here instead of allocating that much memory.
+        beats = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (ValueError, OSError, EOFError) as exc:
         raise ValueError(
             f"{path} is not a NumPy .npy array file; pass a .npy, .csv or WFDB file written by "
             "`generate`, or save the beats with numpy.save"
         ) from exc
+    if beats.dtype.kind not in "fiu":
+        raise ValueError(
+            f"{path} contains values of type {beats.dtype}; save the beats as real numbers in mV "
+            "(float32 or float64) with numpy.save"
+        )
     labels = path.with_name(f"{path.stem}_classes.json")
     classes = None
     if labels.exists():
+        if not labels.is_file():
+            raise ValueError(
+                f"{path}: the classes file {labels} is not a file; move it away to score each "
+                "beat under its best-fitting class"
+            )
         classes = list(json.loads(labels.read_text())["classes"])
         if len(classes) != beats.shape[0]:
             raise ValueError(
@@ -205,8 +217,39 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
     return beats, classes
 
 
+def read_sampling_rate(path: Path) -> float | None:
+    """Return the sampling rate in Hz that a ``read_beats`` input states, or None.
+
+    A WFDB header states it, and so does the classes file that ``generate`` writes beside a
+    ``.npy`` file (``fs_hz``). A ``.csv`` file and a plain ``.npy`` array do not.
+    """
+    suffix = path.suffix.lower()
+    if suffix in (".hea", ".dat", ".atr", ""):
+        import wfdb
+
+        try:
+            fs = wfdb.rdheader(str(path.with_suffix(""))).fs
+        except (OSError, ValueError):
+            return None
+        return float(fs) if fs else None
+    labels = path.with_name(f"{path.stem}_classes.json")
+    if suffix != ".npy" or not labels.is_file():
+        return None
+    try:
+        stated = json.loads(labels.read_text()).get("fs_hz")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(stated) if isinstance(stated, int | float) else None
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text, so it was not written by generate; save other beats "
+            "with numpy.save and pass the .npy file"
+        ) from exc
     header = lines[0].split(",") if lines else []
     if header[:2] != ["class", "score"]:
         raise ValueError(
@@ -216,6 +259,20 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
         )
     leads = list(dict.fromkeys(column.rsplit("_", 1)[0] for column in header[2:]))
     rows = [line.split(",") for line in lines[1:] if line]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path} line {number} has {len(row)} values, but the header has "
+                f"{len(header)} columns; fix or regenerate the file"
+            )
+        for value in row[2:]:
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(
+                    f"{path} line {number} has {value!r}, which is not a number; fix or "
+                    "regenerate the file"
+                ) from None
     values = np.array([[float(v) for v in row[2:]] for row in rows], dtype=np.float32)
     beats = values.reshape(len(rows), len(leads), -1) if rows else values.reshape(0, 1, 0)
     return beats, [row[0] for row in rows]
@@ -227,7 +284,8 @@ def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
     try:
         signal = wfdb.rdrecord(str(record)).p_signal
         annotation = wfdb.rdann(str(record), "atr")
-    except (OSError, ValueError) as exc:
+    # wfdb raises IndexError, KeyError and TypeError on some malformed headers.
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         raise ValueError(f"WFDB record {record} cannot be read: {exc}") from exc
     count = len(annotation.sample)
     if count == 0 or signal.shape[0] % count:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,9 @@ def load_report(store: Path, version: str, model_id: str) -> StoredReport:
     try:
         report_json = raw_json.decode("utf-8")
         summary = json.loads(report_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers invalid JSON and integers beyond Python's digit limit,
+        # RecursionError nesting deeper than the parser's stack.
         raise ModelStoreError(
             f"{REPORT_JSON} of the quality report of model {model_id} is not valid JSON "
             f"({exc}); rebuild it with `{REPORT_COMMAND}`"
@@ -194,8 +197,12 @@ def load_report(store: Path, version: str, model_id: str) -> StoredReport:
             f"{model_id}; run `{REPORT_COMMAND}` on the server's model store"
         )
     try:
-        metric_rows(summary)
-    except (KeyError, TypeError, AttributeError) as exc:
+        # Every headline figure must convert to a float, as GetQualityReport sends them.
+        for _, figures in metric_rows(summary):
+            for value in figures.values():
+                if value is not None:
+                    float(value)
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         raise ModelStoreError(
             f"the quality report of model {model_id} lacks its headline figures ({exc!r}); "
             f"rebuild it with `{REPORT_COMMAND}`"
@@ -206,12 +213,25 @@ def load_report(store: Path, version: str, model_id: str) -> StoredReport:
 def _read_file(name: str, folder_fd: int, model_id: str, missing: str) -> bytes:
     """Read one file of a report folder opened as ``folder_fd``."""
     try:
-        file_fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
+        # With O_NONBLOCK, opening a FIFO planted in the store returns at once instead of
+        # blocking the call's thread until a writer appears. The file type is checked next.
+        file_fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=folder_fd)
     except FileNotFoundError as exc:
         raise ReportNotFoundError(missing) from exc
     except OSError as exc:
         raise ModelStoreError(
             f"{name} of the quality report of model {model_id} cannot be opened: {exc.strerror}"
         ) from exc
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise ModelStoreError(
+            f"{name} of the quality report of model {model_id} is not a regular file; "
+            f"rebuild the report with `{REPORT_COMMAND}`"
+        )
     with os.fdopen(file_fd, "rb") as handle:
-        return handle.read()
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise ModelStoreError(
+                f"{name} of the quality report of model {model_id} cannot be read: {exc.strerror}"
+            ) from exc

@@ -21,6 +21,9 @@ DEFAULT_MAX_CONCURRENT_RPCS = 256
 # A Generate response that the client has not taken after this many seconds cancels the call:
 # gRPC's flow control blocks the worker thread while the client reads nothing.
 DEFAULT_STALLED_SEND_S = 60.0
+# Smallest message limit accepted: every reply but Generate's and GetQualityReport's stays far
+# below it, and those two split or shrink their replies to fit.
+MIN_MESSAGE_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,8 @@ class ServeConfig:
     Attributes:
         host: Address to bind; loopback unless ``allow_insecure_remote`` or TLS is set.
         port: TCP port; 0 lets the operating system choose.
-        workers: gRPC worker threads (0: ``server.WORKERS_PER_SLOT`` per engine slot, at least
-            ``server.MIN_WORKERS``).
+        workers: gRPC worker threads (0: one per call that ``max_concurrent_rpcs`` admits, so
+            that no admitted call, a health check included, waits for a thread).
         intra_op_threads: ONNX Runtime threads per graph call (0: half the CPU limit, at
             least 1).
         tls: TLS files, or None for an insecure port.
@@ -75,3 +78,37 @@ class ServeConfig:
     grace_s: float = DEFAULT_GRACE_S
     drain_s: float = DEFAULT_DRAIN_S
     stalled_send_s: float = DEFAULT_STALLED_SEND_S
+
+    def __post_init__(self) -> None:
+        """Raise ``ValueError`` naming the first setting outside its valid range."""
+        message_bytes = self.max_message_bytes
+        counts = (
+            ("workers", "--workers", self.workers, 0),
+            ("intra_op_threads", "--intra-op-threads", self.intra_op_threads, 0),
+            ("max_beats_per_request", "--max-beats-per-request", self.max_beats_per_request, 1),
+            ("max_concurrent_rpcs", "--max-concurrent-rpcs", self.max_concurrent_rpcs, 1),
+            ("max_message_bytes", "--max-message-bytes", message_bytes, MIN_MESSAGE_BYTES),
+            ("port", "--port", self.port, 0),
+        )
+        for name, flag, value, lowest in counts:
+            if value < lowest:
+                raise ValueError(f"{flag} {value} is invalid: {name} must be {lowest} or more")
+        if self.port > 65535:
+            raise ValueError(f"--port {self.port} is invalid: port must be 65535 or less")
+        seconds = (
+            ("grace_s", "--grace-s", self.grace_s),
+            ("drain_s", "--drain-s", self.drain_s),
+            ("stalled_send_s", "--stalled-send-s", self.stalled_send_s),
+        )
+        for name, flag, duration_s in seconds:
+            # The comparisons are False for NaN, so NaN is rejected too.
+            if not 0.0 <= duration_s < float("inf"):
+                raise ValueError(
+                    f"{flag} {duration_s} is invalid: {name} must be a finite number of "
+                    "seconds, 0 or more"
+                )
+        if not self.stalled_send_s > 0.0:
+            raise ValueError(
+                f"--stalled-send-s {self.stalled_send_s} is invalid: stalled_send_s must be "
+                "greater than 0"
+            )

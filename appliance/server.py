@@ -42,9 +42,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ApplianceService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# Worker threads per engine slot. The extra threads serve health, GetModelInfo and calls
-# waiting for a slot while the slots compute.
-WORKERS_PER_SLOT = 4
+# Minimum worker threads of the default plan.
 MIN_WORKERS = 8
 # Seconds past the grace period that stop waits for gRPC to confirm the shutdown.
 STOP_WAIT_MARGIN_S = 5.0
@@ -131,7 +129,9 @@ def plan_threads(config: ServeConfig, cpus: float, source: str) -> ThreadPlan:
     whole = max(1, math.floor(cpus))
     intra_op_threads = config.intra_op_threads or max(1, whole // 2)
     engine_slots = max(1, whole // intra_op_threads)
-    workers = config.workers or max(MIN_WORKERS, WORKERS_PER_SLOT * engine_slots)
+    # A thread waiting for an engine slot costs little, so by default every call that gRPC
+    # admits gets its own thread, and a health check never queues behind long calls.
+    workers = config.workers or max(MIN_WORKERS, config.max_concurrent_rpcs)
     return ThreadPlan(
         cpu_limit=cpus,
         cpu_limit_source=source,
@@ -327,6 +327,14 @@ def start_server(config: ServeConfig) -> ApplianceServer:
     credentials = None if config.tls is None else _credentials(config.tls)
     cpus, source = cpu_limit()
     plan = plan_threads(config, cpus, source)
+    if plan.workers < config.max_concurrent_rpcs:
+        logger.warning(
+            "workers=%d is below max_concurrent_rpcs=%d, so calls past %d, health checks "
+            "included, wait for a worker thread while the others run",
+            plan.workers,
+            config.max_concurrent_rpcs,
+            plan.workers,
+        )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="rpc"),
         options=[

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,13 +15,16 @@ import pytest
 from appliance.config import DEFAULT_DATA_DIR
 
 
-def run_cli(*args: str, timeout_s: float = 900.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout_s: float = 900.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         check=False,
+        cwd=cwd,
     )
 
 
@@ -267,7 +271,7 @@ def test_corrupt_header_is_reported_and_skipped(tmp_path: Path) -> None:
         "--epochs",
         "1",
         "--max-minutes",
-        "0.2",
+        "5",
         "--max-beats-per-class",
         "100",
         "--no-progress",
@@ -335,6 +339,66 @@ def test_negative_budget_exits_2(tmp_path: Path) -> None:
     assert "--max-minutes=-1.0 must be greater than 0" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--grace-s", "-5"), ("--drain-s", "nan"), ("--max-message-bytes", "0")]
+)
+def test_serve_bad_setting_exits_2(tmp_path: Path, flag: str, value: str) -> None:
+    result = run_cli("serve", flag, value, "--store", str(tmp_path / "store"), "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {flag} ")
+    assert "is invalid" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (("--tls-ca", "ca.pem", "--tls-cert", "ca.pem"), "--tls-cert and --tls-key go together"),
+        (("--tls-ca", "ca.pem", "--tls-key", "ca.pem"), "--tls-cert and --tls-key go together"),
+        (("--tls-cert", "ca.pem", "--tls-key", "ca.pem"), "--tls-cert needs --tls-ca"),
+        (("--tls-ca", "missing.pem"), "CA certificate missing.pem cannot be read"),
+        (("--tls-ca", "."), "CA certificate . cannot be read (Is a directory)"),
+    ],
+)
+def test_client_tls_files_checked(tmp_path: Path, files: tuple[str, ...], message: str) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    result = run_cli("health", "--address", "127.0.0.1:1", *files, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Check failed" not in result.stderr
+
+
+@pytest.mark.parametrize("planted", ["link", "dangling link", "folder"])
+def test_generate_refuses_planted_output(tmp_path: Path, planted: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    target = out / "synthetic.npy"
+    if planted == "link":
+        target.symlink_to(victim)
+    elif planted == "dangling link":
+        target.symlink_to(tmp_path / "missing.npy")
+    else:
+        target.mkdir()
+    result = run_cli("generate", "--address", "127.0.0.1:1", "--count", "2", "--out", str(out))
+    assert result.returncode == 2
+    assert f"{target} is " in result.stderr
+    assert "remove it or pass another folder" in result.stderr
+    assert victim.read_text() == "keep me\n"
+
+
+def test_generate_refuses_dangling_out_link(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "missing")
+    result = run_cli("generate", "--address", "127.0.0.1:1", "--count", "2", "--out", str(out))
+    assert result.returncode == 2
+    assert "is a symbolic link to a missing path" in result.stderr
+    assert "probe folder" not in result.stderr
+
+
 def test_rejected_request_prints_one_line(server_address: str, tmp_path: Path) -> None:
     import numpy as np
 
@@ -373,6 +437,58 @@ def test_validate_broken_classes_json_exits_2(tmp_path: Path) -> None:
     assert f"the classes file {labels} has no list under the key 'classes'" in result.stderr
 
 
+def _write_bad_input(folder: Path, kind: str) -> Path:
+    """Write one damaged validate input of ``kind`` into ``folder`` and return its path."""
+    import numpy as np
+
+    if kind == "empty npy":
+        path = folder / "empty.npy"
+        path.write_bytes(b"")
+    elif kind == "npy header claims 100M beats":
+        path = folder / "huge.npy"
+        np.save(path, np.zeros((1, 1, 256), np.float32))
+        path.write_bytes(path.read_bytes().replace(b"(1, 1, 256)", b"(100000000, 1, 256)"))
+    elif kind == "complex npy":
+        path = folder / "complex.npy"
+        np.save(path, np.zeros((2, 1, 256), np.complex64))
+    elif kind == "classes file is a folder":
+        path = folder / "beats.npy"
+        np.save(path, np.zeros((2, 1, 256), np.float32))
+        (folder / "beats_classes.json").mkdir()
+    elif kind == "binary csv":
+        path = folder / "binary.csv"
+        path.write_bytes(b"class,score,MLII_0\n\x96\x97\n")
+    elif kind == "ragged csv":
+        path = folder / "ragged.csv"
+        path.write_text("class,score,MLII_0,MLII_1\nN,1,0.1\n")
+    else:
+        path = folder / "text.csv"
+        path.write_text("class,score,MLII_0\nN,1,abc\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("empty npy", "is not a NumPy .npy array file"),
+        ("npy header claims 100M beats", "is not a NumPy .npy array file"),
+        ("complex npy", "contains values of type complex64"),
+        ("classes file is a folder", "beats_classes.json is not a file"),
+        ("binary csv", "is not UTF-8 text"),
+        ("ragged csv", "line 2 has 3 values, but the header has 4 columns"),
+        ("text csv", "line 2 has 'abc', which is not a number"),
+    ],
+)
+def test_validate_damaged_input_exits_2(tmp_path: Path, kind: str, message: str) -> None:
+    path = _write_bad_input(tmp_path, kind)
+    result = run_cli("validate", "--address", "127.0.0.1:1", "--input", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: --input {path}")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Warning" not in result.stderr
+
+
 def test_validate_unknown_class_names_beat(tmp_path: Path) -> None:
     import json
 
@@ -407,6 +523,23 @@ def test_validate_text_file_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "is not a NumPy .npy array file" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["npy", "wfdb"])
+def test_validate_sends_input_rate(server_address: str, tmp_path: Path, fmt: str) -> None:
+    import numpy as np
+
+    from appliance.outputs import write_beats
+
+    # Beats that state 1000 Hz must be rejected, not scored as if sampled at the model's rate.
+    beats = np.random.default_rng(0).normal(0.0, 0.2, size=(3, 1, 256))
+    write_beats(tmp_path, beats, ["N"] * 3, np.ones(3), 1000.0, 90, ["MLII"], fmt, "beats")
+    source = {"npy": "beats.npy", "wfdb": "beats.hea"}[fmt]
+    result = run_cli("validate", "--address", server_address, "--input", str(tmp_path / source))
+    assert result.returncode == 2, result.stdout
+    assert "INVALID_ARGUMENT" in result.stderr
+    assert "fs_hz" in result.stderr
+    assert "1000" in result.stderr
 
 
 @pytest.mark.parametrize("fmt", ["npy", "csv", "wfdb"])
@@ -650,6 +783,7 @@ def test_health_closed_port_matches_generate(tmp_path: Path) -> None:
     assert health.returncode == 1
     assert health.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
     assert "check --address and that `python -m appliance serve` is running" in health.stderr
+    assert "pass --tls-ca if that server uses TLS" in health.stderr
     assert health.stderr == generate.stderr
     assert health.stdout == ""
 
@@ -918,6 +1052,7 @@ def test_validate_warns_on_baseline_offset(
 @pytest.mark.parametrize("peak_mv", [0.05, 3.0, 40.0])
 def test_wfdb_output_keeps_beats_within_a_step(tmp_path: Path, peak_mv: float) -> None:
     import numpy as np
+    import wfdb
 
     from appliance.outputs import WFDB_MAX_ADC_GAIN, WFDB_PEAK_UNITS, read_beats, write_beats
 
@@ -929,7 +1064,14 @@ def test_wfdb_output_keeps_beats_within_a_step(tmp_path: Path, peak_mv: float) -
     assert classes == ["N"] * 5
     # One step of the stored integers; rounding to the nearest step errs by at most half.
     step_mv = max(peak_mv / WFDB_PEAK_UNITS, 1.0 / WFDB_MAX_ADC_GAIN)
-    assert np.abs(read - beats).max() <= step_mv
+    gains = wfdb.rdheader(str(tmp_path / "beats")).adc_gain
+    # read_beats returns float32, which adds its own rounding of a few parts in 1e7.
+    float32_error = float(np.finfo(np.float32).eps) * peak_mv
+    for lead, gain in enumerate(gains):
+        assert np.abs(read[:, lead] - beats[:, lead]).max() <= 0.5005 / gain + float32_error
+    # One beat annotation at each window's R peak, pre_r_samples into the window.
+    annotation = wfdb.rdann(str(tmp_path / "beats"), "atr")
+    assert annotation.sample.tolist() == [256 * i + 90 for i in range(5)]
     # The step is much finer than the 1 uV of a fixed gain of 1000 units per mV.
     if peak_mv <= 3.0:
         assert step_mv < 1e-4
@@ -1185,3 +1327,21 @@ def test_client_without_generated_code_names_fix() -> None:
     assert "Traceback" not in result.stderr
     assert "appliance_pb2.py, generated from proto/appliance/v1/appliance.proto" in result.stderr
     assert "run `make proto`" in result.stderr
+
+
+def test_stuck_thread_does_not_block_exit() -> None:
+    # A non-daemon thread that never ends, as a call blocked in a read would be.
+    script = (
+        "import logging, threading\n"
+        "from appliance.__main__ import exit_if_threads_outlive\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "threading.Thread(target=threading.Event().wait).start()\n"
+        "exit_if_threads_outlive(1.0)\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30.0
+    assert "calls still running 1.0 s after the server stopped" in result.stderr

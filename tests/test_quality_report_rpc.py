@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -265,6 +266,43 @@ def test_wrongly_typed_report_fails_precondition(
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
     assert model_id in error.details()
     assert "python -m appliance report" in error.details()
+    assert str(store) not in error.details()
+    assert client.model_info().model_id == model_id
+
+
+@pytest.mark.parametrize("damage", ["fifo", "folder", "deep nesting", "huge integer"])
+def test_damaged_report_file_fails_precondition(
+    store: Path, version_id: str, client: ApplianceClient, damage: str
+) -> None:
+    model_id = client.model_info().model_id
+    folder = store / REPORTS_DIR / version_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "quality.html").write_text("<html></html>")
+    report = folder / "quality.json"
+    if damage == "fifo":
+        # Opening a FIFO for reading blocks until a writer appears, unless opened non-blocking.
+        os.mkfifo(report)
+    elif damage == "folder":
+        report.mkdir()
+    elif damage == "deep nesting":
+        report.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        # Within Python's digit limit, but beyond the range of a float.
+        summary = {
+            "model_id": model_id,
+            "created_at": "2026-01-01T00:00:00+00:00",
+            "settings": {"temperature": 1.0, "margin": 0.1},
+            "trtr_f1": {"N": 0.9, "macro": 0.5},
+            "protocol": {"matches_training_records": False},
+            "generators": {"appliance": _figures(10**400)},
+        }
+        report.write_text(json.dumps(summary))
+    try:
+        error = _rpc_error(client.quality_report)
+    finally:
+        _detach(store)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    assert model_id in error.details()
     assert str(store) not in error.details()
     assert client.model_info().model_id == model_id
 

@@ -328,7 +328,8 @@ def test_malformed_stream_message_logged_as_parse_failure(
 @pytest.fixture
 def unloaded_server() -> Iterator[ApplianceServer]:
     """A server with no model, whose interceptor logs the calls that gRPC ends itself."""
-    running = start_server(ServeConfig(port=0, grace_s=1.0, drain_s=0.0))
+    # Eight workers keep the tests that open one stream per worker small.
+    running = start_server(ServeConfig(port=0, workers=8, grace_s=1.0, drain_s=0.0))
     yield running
     running.stop()
 
@@ -701,6 +702,56 @@ def test_generate_chunks_fit_message_limit(model_store: Path):
             assert chunks[-1].stats.accepted > 30
             assert max(sizes) <= 30
             assert all(chunk.ByteSize() <= 32 * 1024 for chunk in chunks)
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "flag"),
+    [
+        ("grace_s", -5.0, "--grace-s"),
+        ("grace_s", float("nan"), "--grace-s"),
+        ("grace_s", float("inf"), "--grace-s"),
+        ("drain_s", -1.0, "--drain-s"),
+        ("drain_s", float("nan"), "--drain-s"),
+        ("stalled_send_s", 0.0, "--stalled-send-s"),
+        ("workers", -1, "--workers"),
+        ("intra_op_threads", -3, "--intra-op-threads"),
+        ("max_beats_per_request", 0, "--max-beats-per-request"),
+        ("max_concurrent_rpcs", 0, "--max-concurrent-rpcs"),
+        ("max_message_bytes", 0, "--max-message-bytes"),
+        ("port", 70000, "--port"),
+    ],
+)
+def test_serve_config_rejects_bad_setting(setting: str, value: float, flag: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        ServeConfig(**{setting: value})
+    message = str(raised.value)
+    assert message.startswith(f"{flag} {value} is invalid: {setting} must be")
+
+
+def test_health_answers_while_calls_hold_slots(model_store: Path) -> None:
+    # More long Validate calls than eight workers, on two engine slots. With a thread per
+    # admitted call, a health check is answered while they compute or wait for a slot.
+    running = create_server(
+        model_store,
+        ServeConfig(port=0, intra_op_threads=1, max_concurrent_rpcs=16, grace_s=1.0),
+    )
+    try:
+        assert running.plan.workers == 16
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+            # Without classes each beat takes six graph passes: seconds per call.
+            request = pb.ValidateRequest(samples=encode_samples(_beats(info, 2000)))
+            calls = [client.stub.Validate.future(request, timeout=300.0) for _ in range(12)]
+            time.sleep(1.0)
+            started = time.monotonic()
+            reply = client.health_stub.Check(health_pb2.HealthCheckRequest(), timeout=3.0)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - started < 3.0
+            assert not all(call.done() for call in calls)
+            for call in calls:
+                assert len(call.result().scores) == 2000
     finally:
         running.stop()
 

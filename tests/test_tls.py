@@ -149,3 +149,53 @@ def test_invalid_client_ca_file_named(model_store: Path, pki: Pki, tmp_path: Pat
     tls = TlsFiles(pki.server.certificate, pki.server.key, client_ca=garbled)
     with pytest.raises(ValueError, match="garbled-ca.pem contains no valid PEM certificate"):
         create_server(model_store, ServeConfig(port=0, tls=tls))
+
+
+def test_cli_without_tls_hints_tls_ca(tls_server: ApplianceServer):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "health",
+            "--address",
+            f"localhost:{tls_server.port}",
+            "--timeout-s",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert "pass --tls-ca if that server uses TLS" in result.stderr
+
+
+def test_cli_with_rogue_certificate_hints_ca(mtls_server: ApplianceServer, pki: Pki):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "health",
+            "--address",
+            f"localhost:{mtls_server.port}",
+            "--tls-ca",
+            str(pki.ca),
+            "--tls-cert",
+            str(pki.rogue_client.certificate),
+            "--tls-key",
+            str(pki.rogue_client.key),
+            "--timeout-s",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert "--tls-cert is signed by the CA the server trusts" in result.stderr
