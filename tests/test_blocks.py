@@ -161,6 +161,7 @@ def test_actnorm_init_with_one_beat() -> None:
     assert torch.all(torch.isfinite(y))
     assert torch.all(torch.isfinite(log_det))
     assert torch.allclose(y.mean(dim=(0, 2)), torch.zeros(CHANNELS), atol=1e-5)
+    assert torch.allclose(y.std(dim=(0, 2), correction=0), torch.ones(CHANNELS), atol=1e-3)
 
 
 def test_actnorm_init_with_one_sample() -> None:

@@ -160,3 +160,21 @@ def test_extreme_latent_draws_are_rejected_and_counted(engine: Engine) -> None:
         + int(accepted.sum())
         == 4
     )
+
+
+def test_draw_that_does_not_map_back_is_unstable(engine: Engine) -> None:
+    class_index = engine.classes_known[0]
+    rng = np.random.default_rng(7)
+    z = engine.draw_latent(rng, 6, 0.5, class_index).astype(np.float32)
+    labels = np.full(6, class_index, dtype=np.int64)
+    x = engine.inverse(z, labels)
+    # The first three beats come from other latent values than those passed with them, so
+    # forward(x) misses z by far more than ROUNDTRIP_REJECT_REL_ERROR.
+    claimed = z.copy()
+    claimed[:3, : engine.bottleneck_dims] += 0.5
+    result = GenerateResult(beats=np.zeros(0), classes=np.zeros(0), scores=np.zeros(0))
+    accepted, scores = engine.gate(x, claimed, labels, 0.0, result)
+    assert result.unstable_rejections == 3
+    assert not accepted[:3].any()
+    assert (scores[:3] == 0.0).all()
+    assert result.invalid_rejections >= 3

@@ -54,6 +54,21 @@ def test_calibration_uniform_on_its_own_beats() -> None:
     assert abs(float((scores < 0.5).mean()) - 0.5) < 0.02
 
 
+def test_calibration_drops_non_finite_rows() -> None:
+    features = np.random.default_rng(0).normal(size=(500, len(FEATURES)))
+    damaged = features.copy()
+    damaged[[3, 70, 400], [0, 2, 5]] = [np.nan, np.inf, -np.inf]
+    kept = np.delete(features, [3, 70, 400], axis=0)
+    fitted = Calibration.fit(damaged)
+    expected = Calibration.fit(kept)
+    assert np.array_equal(fitted.feature_values, expected.feature_values)
+    assert np.array_equal(fitted.evidence, expected.evidence)
+    nine_finite = np.full((20, len(FEATURES)), np.nan)
+    nine_finite[:9] = features[:9]
+    with pytest.raises(ValueError, match="at least 10 finite held-out beats, got 9"):
+        Calibration.fit(nine_finite)
+
+
 def test_calibration_ranks_far_values_lower() -> None:
     features = np.random.default_rng(0).normal(size=(1000, len(FEATURES)))
     calibration = Calibration.fit(features)
@@ -143,6 +158,24 @@ def test_slope_and_peak_statistics_on_real_beats(
     doubled = engine.score((2 * x).astype(np.float32), labels).features
     np.testing.assert_allclose(doubled[:, slope], real[:, slope], atol=1e-5)
     np.testing.assert_allclose(doubled[:, peak], real[:, peak], atol=1e-4)
+
+
+def test_likelihood_and_reconstruction_statistics_on_real_beats(
+    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, labels = test_beats[0][:200], test_beats[1][:200]
+    # White noise of 0.2 mV: detail the bottleneck cannot carry and the flow finds unlikely.
+    noise = np.random.default_rng(3).normal(0.0, 0.2 / engine.scale_mv, size=x.shape)
+    noisy = (x + noise).astype(np.float32)
+    nll = FEATURES.index("nll_bpd")
+    reconstruction = FEATURES.index("reconstruction")
+    real = engine.score(x, labels).features
+    corrupted = engine.score(noisy, labels).features
+    # A statistic set to a constant would give 0.5.
+    assert auroc(corrupted[:, nll], real[:, nll]) > 0.9
+    assert auroc(corrupted[:, reconstruction], real[:, reconstruction]) > 0.9
+    assert np.isfinite(real[:, nll]).all()
+    assert np.isfinite(real[:, reconstruction]).all()
 
 
 def test_engine_rejects_older_calibration(model_store: Path, tmp_path: Path) -> None:

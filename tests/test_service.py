@@ -392,6 +392,16 @@ def test_generate_returns_gated_beats(client: ApplianceClient, info, generated):
     assert generated.fs_hz == pytest.approx(info.fs_hz)
 
 
+def test_generate_applies_requested_margin(client: ApplianceClient):
+    # The fixture model scores many draws below 0.3, so the margin must reject some.
+    result = client.generate(count=20, margin=0.3, seed=4, max_draws_per_beat=50)
+    stats = result.stats
+    assert stats.margin == pytest.approx(0.3)
+    assert stats.accepted > 0
+    assert (result.scores >= 0.3).all()
+    assert stats.pertinence_rejections > 0
+
+
 def test_generate_streams_bounded_chunks(client: ApplianceClient, info):
     request = pb.GenerateRequest(
         class_counts=[pb.ClassCount(beat_class=info.classes_known[0], count=70)],
