@@ -44,6 +44,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ApplianceService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Minimum worker threads of the default plan.
 MIN_WORKERS = 8
+# Seconds stop waits for the health servicer to send NOT_SERVING to open Watch calls.
+HEALTH_SHUTDOWN_WAIT_S = 1.0
 # Seconds past the grace period that stop waits for gRPC to confirm the shutdown.
 STOP_WAIT_MARGIN_S = 5.0
 # Largest z -> x -> z error of the self-check on the bottleneck dimensions.
@@ -242,8 +244,22 @@ class ApplianceServer:
         drain = min(self.config.drain_s, grace)
         logger.info("server stopping port=%d drain_s=%.1f grace_s=%.1f", self.port, drain, grace)
         self.servicer.begin_shutdown()
-        self.health.enter_graceful_shutdown()
-        time.sleep(drain)
+        # grpcio's health servicer sends NOT_SERVING to every open Watch from this thread, and
+        # a send to a watch whose client went away has been seen to block for good. The
+        # server's stop below ends those calls, so the wait for the sends is bounded.
+        drain_started = time.monotonic()
+        health_shutdown = threading.Thread(
+            target=self.health.enter_graceful_shutdown, name="health-shutdown", daemon=True
+        )
+        health_shutdown.start()
+        health_shutdown.join(HEALTH_SHUTDOWN_WAIT_S)
+        if health_shutdown.is_alive():
+            logger.warning(
+                "health watchers did not take NOT_SERVING within %.1f s port=%d; stopping anyway",
+                HEALTH_SHUTDOWN_WAIT_S,
+                self.port,
+            )
+        time.sleep(max(0.0, drain - (time.monotonic() - drain_started)))
         # NOTE: grpcio's stop event has been seen to stay unset after the grace period ended
         # the calls, so the wait is bounded.
         if not self.server.stop(grace - drain).wait(timeout=grace + STOP_WAIT_MARGIN_S):
