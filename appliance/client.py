@@ -187,12 +187,12 @@ def class_name(value: int) -> str:
     return AAMI_CLASSES[value - 1] if value > 0 else ""
 
 
-def _read_pem(path: Path, what: str) -> bytes:
+def _read_pem(path: Path, description: str) -> bytes:
     """Return the bytes of a PEM file, or raise ``ValueError`` naming it and the failure."""
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"{what} {path} cannot be read ({exc.strerror or exc})") from exc
+        raise ValueError(f"{description} {path} cannot be read ({exc.strerror or exc})") from exc
 
 
 class ApplianceClient:

@@ -204,6 +204,18 @@ def test_report_of_other_model_not_returned(
     assert "has no quality report" in error.details()
 
 
+def _summary(model_id: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """Return a stored report of ``model_id`` whose one generator has ``figures``."""
+    return {
+        "model_id": model_id,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "settings": {"temperature": 1.0, "margin": 0.1},
+        "trtr_f1": {"N": 0.9, "macro": 0.5},
+        "protocol": {"matches_training_records": False},
+        "generators": {"appliance": figures},
+    }
+
+
 def _figures(value: Any) -> dict[str, Any]:
     """Headline figures of one generator, every one set to ``value``."""
     return {
@@ -246,15 +258,7 @@ def test_wrongly_typed_report_fails_precondition(
     store: Path, version_id: str, client: ApplianceClient, damage: dict[str, Any]
 ) -> None:
     model_id = client.model_info().model_id
-    summary: dict[str, Any] = {
-        "model_id": model_id,
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "settings": {"temperature": 1.0, "margin": 0.1},
-        "trtr_f1": {"N": 0.9, "macro": 0.5},
-        "protocol": {"matches_training_records": False},
-        "generators": {"appliance": _figures(0.5)},
-        **damage,
-    }
+    summary: dict[str, Any] = {**_summary(model_id, _figures(0.5)), **damage}
     folder = store / REPORTS_DIR / version_id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "quality.json").write_text(json.dumps(summary))
@@ -288,15 +292,7 @@ def test_damaged_report_file_fails_precondition(
         report.write_text("[" * 100_000 + "]" * 100_000)
     else:
         # Within Python's digit limit, but beyond the range of a float.
-        summary = {
-            "model_id": model_id,
-            "created_at": "2026-01-01T00:00:00+00:00",
-            "settings": {"temperature": 1.0, "margin": 0.1},
-            "trtr_f1": {"N": 0.9, "macro": 0.5},
-            "protocol": {"matches_training_records": False},
-            "generators": {"appliance": _figures(10**400)},
-        }
-        report.write_text(json.dumps(summary))
+        report.write_text(json.dumps(_summary(model_id, _figures(10**400))))
     try:
         error = _rpc_error(client.quality_report)
     finally:

@@ -58,9 +58,9 @@ def test_calibration_drops_non_finite_rows() -> None:
     features = np.random.default_rng(0).normal(size=(500, len(FEATURES)))
     damaged = features.copy()
     damaged[[3, 70, 400], [0, 2, 5]] = [np.nan, np.inf, -np.inf]
-    kept = np.delete(features, [3, 70, 400], axis=0)
+    finite_rows = np.delete(features, [3, 70, 400], axis=0)
     fitted = Calibration.fit(damaged)
-    expected = Calibration.fit(kept)
+    expected = Calibration.fit(finite_rows)
     assert np.array_equal(fitted.feature_values, expected.feature_values)
     assert np.array_equal(fitted.evidence, expected.evidence)
     nine_finite = np.full((20, len(FEATURES)), np.nan)

@@ -732,7 +732,7 @@ def test_serve_config_rejects_bad_setting(setting: str, value: float, flag: str)
 
 def test_health_answers_while_calls_hold_slots(model_store: Path) -> None:
     # More long Validate calls than eight workers, on two engine slots. With a thread per
-    # admitted call, a health check is answered while they compute or wait for a slot.
+    # admitted call, a health check returns while they compute or wait for a slot.
     running = create_server(
         model_store,
         ServeConfig(port=0, intra_op_threads=1, max_concurrent_rpcs=16, grace_s=1.0),

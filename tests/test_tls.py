@@ -151,50 +151,37 @@ def test_invalid_client_ca_file_named(model_store: Path, pki: Pki, tmp_path: Pat
         create_server(model_store, ServeConfig(port=0, tls=tls))
 
 
-def test_cli_without_tls_hints_tls_ca(tls_server: ApplianceServer):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "health",
-            "--address",
-            f"localhost:{tls_server.port}",
-            "--timeout-s",
-            "20",
-        ],
+def _run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m appliance`` with ``arguments`` and return the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *arguments],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_cli_without_tls_hints_tls_ca(tls_server: ApplianceServer):
+    result = _run_cli("health", "--address", f"localhost:{tls_server.port}", "--timeout-s", "20")
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr
     assert "pass --tls-ca if that server uses TLS" in result.stderr
 
 
 def test_cli_with_rogue_certificate_hints_ca(mtls_server: ApplianceServer, pki: Pki):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "health",
-            "--address",
-            f"localhost:{mtls_server.port}",
-            "--tls-ca",
-            str(pki.ca),
-            "--tls-cert",
-            str(pki.rogue_client.certificate),
-            "--tls-key",
-            str(pki.rogue_client.key),
-            "--timeout-s",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = _run_cli(
+        "health",
+        "--address",
+        f"localhost:{mtls_server.port}",
+        "--tls-ca",
+        str(pki.ca),
+        "--tls-cert",
+        str(pki.rogue_client.certificate),
+        "--tls-key",
+        str(pki.rogue_client.key),
+        "--timeout-s",
+        "20",
     )
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr

@@ -167,7 +167,7 @@ def test_resume_after_sigkill_matches(tiny_run, tiny_data, tmp_path) -> None:
     expected = uninterrupted.summary["validation_bpd"]
     assert resumed.summary["validation_bpd"] == pytest.approx(expected, rel=0.01)
     # The checkpoint restores the optimiser moments and the beat order too, so the resumed
-    # run repeats the uninterrupted one; without the moments it ends about 0.15 % off.
+    # run repeats the uninterrupted one. Without the moments it ends about 0.15 % off.
     assert resumed.summary["validation_bpd"] == pytest.approx(expected, rel=1e-6)
     assert resumed.summary["best_validation_loss"] == pytest.approx(
         uninterrupted.summary["best_validation_loss"], rel=0.01
