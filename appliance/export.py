@@ -44,8 +44,11 @@ UNPUBLISHED_MODEL_ID = "unpublished-calibration"
 # spells GELU out as Div, Erf, Add and Mul, and the forward graph ran about 1.26 times slower
 # (ONNX Runtime 1.32, one thread, batch 256).
 OPSET_VERSION = 20
-# Largest absolute difference allowed between ONNX Runtime and PyTorch outputs, float32.
-PARITY_ATOL = 1e-3
+# Largest difference allowed between ONNX Runtime and PyTorch outputs (float32), relative to the
+# larger of 1 and the largest magnitude of the PyTorch output in the same beat. An absolute limit
+# of 1e-3 failed once on a briefly trained model (difference 1.5e-3), whose latent values are
+# larger than 1.
+PARITY_TOLERANCE = 1e-3
 # Largest relative error of inverse(forward(x)) through ONNX Runtime on real beats.
 ROUNDTRIP_MAX_REL_ERROR = 1e-4
 PARITY_BEATS = 256
@@ -131,31 +134,47 @@ def export_graphs(model: ConditionalFlow, folder: Path) -> tuple[Path, Path]:
     return forward_path, inverse_path
 
 
-def check_parity(
-    model: ConditionalFlow, engine: Engine, x: np.ndarray, labels: np.ndarray
+def scaled_difference(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Return the largest ``|actual - expected|`` over a beat divided by ``max(1, max|expected|)``.
+
+    Arguments:
+        actual: Outputs to check, shape (beats, ...).
+        expected: Reference outputs, same shape.
+
+    Returns:
+        The largest scaled difference over all beats; NaN anywhere gives NaN.
+    """
+    difference = np.abs(actual - expected).reshape(len(expected), -1).max(axis=1)
+    magnitude = np.abs(expected).reshape(len(expected), -1).max(axis=1)
+    return float((difference / np.maximum(magnitude, 1.0)).max())
+
+
+def parity_figures(
+    x: np.ndarray,
+    torch_outputs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    onnx_outputs: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> dict[str, float]:
-    """Compare ONNX Runtime with PyTorch on real beats and check the ONNX round trip.
+    """Compare ONNX Runtime outputs with PyTorch outputs on the same beats.
+
+    Arguments:
+        x: Scaled beats, shape (beats, leads, window_samples).
+        torch_outputs: PyTorch ``z`` (beats, dims), ``log_det`` (beats,) and the inverse of
+            that ``z``, shape of ``x``.
+        onnx_outputs: The same three from the ONNX graphs, the inverse taken of ONNX's ``z``.
+
+    Returns:
+        Each check's figure by name.
 
     Raises:
-        ExportError: If a difference exceeds ``PARITY_ATOL`` or ``ROUNDTRIP_MAX_REL_ERROR``.
+        ExportError: If a figure exceeds ``PARITY_TOLERANCE`` or ``ROUNDTRIP_MAX_REL_ERROR``,
+            or is NaN.
     """
-    with torch.no_grad():
-        condition = one_hot(torch.from_numpy(labels))
-        z_torch, log_det_torch = model(torch.from_numpy(x), condition)
-        x_torch, _ = model.inverse(z_torch, condition)
-    z_onnx, log_det_onnx = engine.forward(x, labels)
-    x_onnx = engine.inverse(z_onnx, labels)
+    z_torch, log_det_torch, x_torch = torch_outputs
+    z_onnx, log_det_onnx, x_onnx = onnx_outputs
     figures = {
-        "parity_z_max_abs_diff": float(np.abs(z_onnx - z_torch.numpy()).max()),
-        "parity_log_det_max_rel_diff": float(
-            (
-                np.abs(log_det_onnx - log_det_torch.numpy())
-                / np.maximum(1.0, np.abs(log_det_torch.numpy()))
-            ).max()
-        ),
-        "parity_x_max_abs_diff": float(
-            np.abs(engine.inverse(z_onnx, labels) - x_torch.numpy()).max()
-        ),
+        "parity_z_max_scaled_diff": scaled_difference(z_onnx, z_torch),
+        "parity_log_det_max_scaled_diff": scaled_difference(log_det_onnx, log_det_torch),
+        "parity_x_max_scaled_diff": scaled_difference(x_onnx, x_torch),
         "roundtrip_max_rel_error": float(
             (
                 np.linalg.norm((x_onnx - x).reshape(len(x), -1), axis=1)
@@ -164,9 +183,9 @@ def check_parity(
         ),
     }
     for name, limit in (
-        ("parity_z_max_abs_diff", PARITY_ATOL),
-        ("parity_log_det_max_rel_diff", PARITY_ATOL),
-        ("parity_x_max_abs_diff", PARITY_ATOL),
+        ("parity_z_max_scaled_diff", PARITY_TOLERANCE),
+        ("parity_log_det_max_scaled_diff", PARITY_TOLERANCE),
+        ("parity_x_max_scaled_diff", PARITY_TOLERANCE),
         ("roundtrip_max_rel_error", ROUNDTRIP_MAX_REL_ERROR),
     ):
         if not figures[name] <= limit:
@@ -175,6 +194,33 @@ def check_parity(
                 f"{limit:g}; nothing was published"
             )
     return figures
+
+
+def check_parity(
+    model: ConditionalFlow, engine: Engine, x: np.ndarray, labels: np.ndarray
+) -> dict[str, float]:
+    """Compare ONNX Runtime with PyTorch on real beats and check the ONNX round trip.
+
+    Arguments:
+        model: The trained flow, in evaluation mode.
+        engine: An engine on the exported graphs.
+        x: Scaled real beats, shape (beats, leads, window_samples), float32.
+        labels: Class index of each beat, shape (beats,).
+
+    Raises:
+        ExportError: If the graphs disagree with PyTorch or do not invert each other
+            (``parity_figures``).
+    """
+    with torch.no_grad():
+        condition = one_hot(torch.from_numpy(labels))
+        z_torch, log_det_torch = model(torch.from_numpy(x), condition)
+        x_torch, _ = model.inverse(z_torch, condition)
+    z_onnx, log_det_onnx = engine.forward(x, labels)
+    return parity_figures(
+        x,
+        (z_torch.numpy(), log_det_torch.numpy(), x_torch.numpy()),
+        (z_onnx, log_det_onnx, engine.inverse(z_onnx, labels)),
+    )
 
 
 def export_model(
