@@ -387,7 +387,7 @@ def _command_export(args: argparse.Namespace) -> int:
     from appliance.export import export_model
     from appliance.flow import ConditionalFlow
     from appliance.holdout import concatenate, split_holdout
-    from appliance.jobs import data_facts
+    from appliance.jobs import data_facts, read_other_lead_beats, train_records
     from appliance.train import TrainResult, load_checkpoint
 
     if not args.checkpoint.is_file():
@@ -448,6 +448,7 @@ def _command_export(args: argparse.Namespace) -> int:
         concatenate(dataset.splits["validation"], holdout),
         args.store,
         data_facts(dataset),
+        other_lead_beats=read_other_lead_beats(args.data, train_records(dataset), config.data),
     )
     sys.stdout.write(f"published model {version.manifest['model_id']} to {args.store}\n")
     return 0

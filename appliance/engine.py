@@ -16,6 +16,7 @@ import onnxruntime as ort
 from appliance.classes import AAMI_CLASSES
 from appliance.errors import ModelStoreError
 from appliance.latent_prior import LatentPrior
+from appliance.lead_check import LeadCheck
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.scoring import FEATURES, Calibration, compute_features, morphology_centroids
 from appliance.store import ModelVersion
@@ -186,6 +187,10 @@ class Engine:
         if "latent_prior" in manifest["files"]:
             with np.load(version.file("latent_prior")) as arrays:
                 self.latent_prior = LatentPrior.from_arrays(dict(arrays))
+        self.lead_check: LeadCheck | None = None
+        if "lead_check" in manifest["files"]:
+            with np.load(version.file("lead_check")) as arrays:
+                self.lead_check = LeadCheck.from_arrays(dict(arrays))
         self.centroids: np.ndarray | None = None
         if "privacy_index" in manifest["files"]:
             self.privacy_index = NearestNeighbourIndex(np.load(version.file("privacy_index")))
@@ -263,9 +268,16 @@ class Engine:
             self.bottleneck_dims,
             self.fs_hz,
             self.pre_r_samples,
+            self.lead_match(x),
         )
         assert features.shape[1] == len(FEATURES)
         return features, z
+
+    def lead_match(self, x: np.ndarray) -> np.ndarray:
+        """Return the lead check logit per beat (beats, leads, samples), zeros without a check."""
+        if self.lead_check is None:
+            return np.zeros(x.shape[0])
+        return self.lead_check.logit(x)
 
     def best_classes(self, x: np.ndarray) -> np.ndarray:
         """Return the known class of highest likelihood for each scaled beat, shape (beats,)."""

@@ -26,6 +26,7 @@ from appliance.latent_prior import (
     SHRINKAGE_BEATS,
     LatentPrior,
 )
+from appliance.lead_check import HIDDEN_UNITS, LeadCheck
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.scoring import FEATURES, Calibration
 from appliance.store import (
@@ -230,6 +231,7 @@ def export_model(
     calibration_beats: BeatSet,
     store: Path,
     data_facts: dict[str, Any] | None = None,
+    other_lead_beats: np.ndarray | None = None,
 ) -> ModelVersion:
     """Export, check, calibrate and publish a trained model as the store's current version.
 
@@ -241,6 +243,9 @@ def export_model(
             the pertinence calibration and the privacy threshold.
         store: Model store folder.
         data_facts: Extra facts about the data for the manifest (records, sources).
+        other_lead_beats: Beats of the training records' leads that the model does not use
+            (mV, shape (beats, 1, window_samples), from ``jobs.read_other_lead_beats``), for
+            the lead check; None leaves the check out.
 
     Raises:
         ExportError: If a check fails; the store's current version is left unchanged.
@@ -262,6 +267,16 @@ def export_model(
         # The draft engine loads the privacy index too: the morphology statistic compares beats
         # with centroids of the training beats.
         manifest["files"]["privacy_index"] = {"name": "privacy_index.npy"}
+        if other_lead_beats is not None:
+            lead_check = LeadCheck.fit(train_beats.windows, other_lead_beats, config.train.seed)
+            with (partial / "lead_check.npz").open("wb") as handle:
+                np.savez(handle, **lead_check.to_arrays())  # type: ignore[arg-type]
+            manifest["files"]["lead_check"] = {"name": "lead_check.npz"}
+            manifest["lead_check"] = {
+                "model_lead_beats": int(train_beats.windows.shape[0]),
+                "other_lead_beats": int(other_lead_beats.shape[0]),
+                "hidden_units": HIDDEN_UNITS,
+            }
         # The id is set at publication, so the log line of this engine names the step instead.
         draft = Engine(
             ModelVersion(path=partial, manifest={**manifest, "model_id": UNPUBLISHED_MODEL_ID})

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ApplianceConfig
+import numpy as np
+import wfdb
+
+from appliance.config import ApplianceConfig, DataConfig
 from appliance.dataset import BeatSet, Dataset, ingest
 from appliance.distributed import is_rank_zero
+from appliance.ecg import choose_leads, read_record
+from appliance.errors import RecordError
 from appliance.export import export_model
 from appliance.holdout import concatenate, split_holdout
+from appliance.lead_check import MIN_OTHER_LEAD_BEATS
 from appliance.store import ModelVersion
 from appliance.train import TrainResult, train
 
@@ -54,7 +60,10 @@ def train_and_export(
         return TrainJobResult(dataset, fit_beats, holdout_beats, result, None)
     calibration_beats = concatenate(dataset.splits["validation"], holdout_beats)
     facts = data_facts(dataset)
-    version = export_model(config, result, fit_beats, calibration_beats, store, facts)
+    other_leads = read_other_lead_beats(data_dir, train_records(dataset), config.data)
+    version = export_model(
+        config, result, fit_beats, calibration_beats, store, facts, other_lead_beats=other_leads
+    )
     return TrainJobResult(dataset, fit_beats, holdout_beats, result, version)
 
 
@@ -67,3 +76,61 @@ def data_facts(dataset: Dataset) -> dict[str, Any]:
         "fs_hz_of_record": dataset.fs_hz_of_record,
         "preprocessing": dataset.preprocessing.to_dict() if dataset.preprocessing else None,
     }
+
+
+def train_records(dataset: Dataset) -> list[str]:
+    """Return the names of the records in the training split, in file order."""
+    return list(dict.fromkeys(dataset.splits["train"].records.tolist()))
+
+
+def read_other_lead_beats(
+    data_dir: Path, records: list[str], config: DataConfig
+) -> np.ndarray | None:
+    """Read the beats of every lead that the model does not use, from the given records.
+
+    Arguments:
+        data_dir: Folder of the WFDB records.
+        records: Record names relative to ``data_dir``, the training records. Records without
+            a reference annotation file are left out.
+        config: Data settings of the model; each other lead is read with them, with that lead
+            in place of the configured ones.
+
+    Returns:
+        Beats, shape (beats, 1, window_samples), in mV; None when the model has several leads
+        or fewer than ``MIN_OTHER_LEAD_BEATS`` other-lead beats were read.
+    """
+    if config.n_leads != 1:
+        logger.info("lead check skipped reason=model_has_%d_leads", config.n_leads)
+        return None
+    parts: list[np.ndarray] = []
+    for record in records:
+        path = data_dir / record
+        if not path.with_name(f"{path.name}.{config.annotation_extension}").exists():
+            # Without reference annotations each lead would get its own detected beats, at
+            # other positions and at the cost of one more detector pass per lead.
+            logger.info("record=%s other leads skipped reason=no_annotation_file", record)
+            continue
+        try:
+            names = [str(name) for name in (wfdb.rdheader(str(path)).sig_name or [])]
+            chosen = {names[i] for i in choose_leads(record, names, config)}
+        except (OSError, ValueError, RecordError) as exc:
+            logger.info("record=%s other leads skipped reason=%s", record, exc)
+            continue
+        for name in dict.fromkeys(names):
+            if name in chosen:
+                continue
+            try:
+                beats = read_record(path, record, replace(config, leads=(name,), n_leads=1))
+            except RecordError as exc:
+                logger.info("record=%s lead=%s skipped reason=%s", record, name, exc)
+                continue
+            parts.append(beats.windows)
+    count = sum(part.shape[0] for part in parts)
+    if count < MIN_OTHER_LEAD_BEATS:
+        logger.info(
+            "lead check skipped reason=too_few_other_lead_beats beats=%d min=%d",
+            count,
+            MIN_OTHER_LEAD_BEATS,
+        )
+        return None
+    return np.concatenate(parts)

@@ -1,7 +1,7 @@
 """Pertinence score: evidence from the flow combined and calibrated on held-out real beats.
 
 For a beat ``x`` (scaled, shape (leads, samples), ``D = leads * samples`` values) scored under
-class ``c`` the flow gives latent values ``z = f(x | c)`` and ``log|det J|``. Eight statistics
+class ``c`` the flow gives latent values ``z = f(x | c)`` and ``log|det J|``. Ten statistics
 are computed:
 
 - ``nll_bpd``: negative log-likelihood in bits per dimension,
@@ -22,13 +22,19 @@ are computed:
   atypical (time-reversed beats, other leads, steps, sinusoids). z-normalising makes it blind
   to amplitude, which ``amplitude`` covers.
 - ``max_slope``: ``log`` of the largest change between neighbouring samples divided by the
-  peak-to-peak amplitude; too large is atypical and so is too small. The fastest slope of a
-  real beat, the QRS upstroke, spans several samples, while a baseline step, a spike or an
-  electrode pop moves the level within one sample, and a smooth sinusoid has no steep part.
+  peak-to-peak amplitude; too small is atypical (a smooth sinusoid has no steep part).
+- ``step_sharpness``: ``log`` of the largest change between neighbouring samples divided by
+  the largest change over ``STEP_SPAN_S`` (3 samples at 360 Hz); too large is atypical. The
+  fastest slope of a real beat, the QRS upstroke, goes on for several samples, so the change
+  over the span is larger than one sample's. A baseline step, a spike or an electrode pop
+  moves the level within one sample, and the ratio nears 1.
 - ``r_peak``: the z-normalised value at the R-peak position of the window (``pre_r_samples``),
   averaged over leads; too small is atypical. Windows are cut around a detected R peak, so a
   beat from another lead, an inverted or time-reversed beat, or a beat shifted in time has no
   peak there.
+- ``lead_match``: the logit of the lead check (``appliance.lead_check``), a network fitted at
+  export to tell the model's lead from the other leads of the training records; too small is
+  atypical (a beat from another lead). It is 0 for every beat when the model has no lead check.
 
 Each statistic becomes a tail probability ``p_i`` against the same statistic of held-out real
 beats (one-sided or two-sided as listed), with the empirical distribution inside the held-out
@@ -60,7 +66,9 @@ FEATURES = (
     "high_frequency",
     "morphology",
     "max_slope",
+    "step_sharpness",
     "r_peak",
+    "lead_match",
 )
 # Tails of each statistic that count as atypical: "upper", "lower" or "both".
 FEATURE_TAILS = {
@@ -70,8 +78,10 @@ FEATURE_TAILS = {
     "amplitude": "both",
     "high_frequency": "both",
     "morphology": "upper",
-    "max_slope": "both",
+    "max_slope": "lower",
+    "step_sharpness": "upper",
     "r_peak": "lower",
+    "lead_match": "lower",
 }
 # Lower edge of the band whose energy share ``high_frequency`` measures. QRS energy lies mostly
 # below 40 Hz, while mains (50 or 60 Hz) and broadband noise put energy above it.
@@ -80,6 +90,8 @@ HIGH_FREQUENCY_HZ = 40.0
 # (at most) that k-means runs on.
 MORPHOLOGY_CENTROIDS = 32
 MORPHOLOGY_SAMPLE = 5000
+# Span of ``step_sharpness``: 3 samples at 360 Hz, shorter than a QRS upstroke.
+STEP_SPAN_S = 3 / 360
 _LOG_FLOOR = 1e-12
 _MIN_STD = 1e-8
 # Distance from median to edge below which a held-out statistic counts as constant.
@@ -149,6 +161,7 @@ def compute_features(
     bottleneck_dims: int,
     fs_hz: float,
     r_index: int,
+    lead_match: np.ndarray,
 ) -> np.ndarray:
     """Compute the statistics of ``FEATURES`` for each beat.
 
@@ -162,6 +175,7 @@ def compute_features(
         bottleneck_dims: Leading latent dimensions of the bottleneck.
         fs_hz: Sampling rate of the beats.
         r_index: Sample of the window where the R peak lies (``pre_r_samples``).
+        lead_match: Logit of the lead check per beat, shape (beats,); zeros without one.
 
     Returns:
         Statistics, shape (beats, len(FEATURES)), float64, columns in ``FEATURES`` order.
@@ -183,6 +197,9 @@ def compute_features(
     per_lead = x.astype(np.float64)
     largest_step = np.abs(np.diff(per_lead, axis=2)).max(axis=(1, 2))
     max_slope = np.log((largest_step + _LOG_FLOOR) / (np.ptp(flat, axis=1) + _LOG_FLOOR))
+    span = min(max(2, round(STEP_SPAN_S * fs_hz)), x.shape[2] - 1)
+    largest_span_change = np.abs(per_lead[:, :, span:] - per_lead[:, :, :-span]).max(axis=(1, 2))
+    step_sharpness = np.log((largest_step + _LOG_FLOOR) / (largest_span_change + _LOG_FLOOR))
     lead_std = np.maximum(per_lead.std(axis=2), _MIN_STD)  # (beats, leads)
     r_peak = ((per_lead[:, :, r_index] - per_lead.mean(axis=2)) / lead_std).mean(axis=1)
     return np.stack(
@@ -194,7 +211,9 @@ def compute_features(
             high_frequency,
             morphology,
             max_slope,
+            step_sharpness,
             r_peak,
+            lead_match.astype(np.float64),
         ],
         axis=1,
     )

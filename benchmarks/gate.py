@@ -30,6 +30,8 @@ from appliance.dataset import DE_CHAZAL_DS2, BeatSet, ingest
 from appliance.engine import Engine
 from appliance.errors import RecordError
 from appliance.holdout import concatenate, split_holdout
+from appliance.jobs import read_other_lead_beats, train_records
+from appliance.lead_check import LeadCheck
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.quality.privacy_metrics import matched_samples
 from appliance.quality.protocol import recorded_training
@@ -240,6 +242,9 @@ def main() -> None:
             concatenate(dataset.splits["validation"], holdout),
             store,
             {"leads": dataset.leads},
+            other_lead_beats=read_other_lead_beats(
+                args.train_data or args.data, train_records(dataset), config.data
+            ),
         )
     version = load_current(store)
     if args.store is not None:
@@ -249,6 +254,13 @@ def main() -> None:
         version = ModelVersion(path=version.path, manifest={**version.manifest, "files": files})
     engine = Engine(version)
     if args.store is not None:
+        if engine.lead_check is None:
+            # A store exported before the lead check: fit it as export would.
+            other_leads = read_other_lead_beats(
+                args.train_data or args.data, train_records(dataset), config.data
+            )
+            if other_leads is not None:
+                engine.lead_check = LeadCheck.fit(fit.windows, other_leads, config.train.seed)
         held_out = concatenate(dataset.splits["validation"], holdout)
         known = np.isin(held_out.labels, engine.classes_known)
         x = (held_out.windows[known] / engine.scale_mv).astype(np.float32)

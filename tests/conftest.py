@@ -92,7 +92,7 @@ def model_store(
     """A model store holding the exported fixture model as its current version."""
     from appliance.export import export_model
     from appliance.holdout import concatenate
-    from appliance.jobs import data_facts
+    from appliance.jobs import data_facts, read_other_lead_beats, train_records
 
     store = tmp_path_factory.mktemp("store")
     export_model(
@@ -102,6 +102,9 @@ def model_store(
         concatenate(default_dataset.splits["validation"], split_train[1]),
         store,
         data_facts(default_dataset),
+        other_lead_beats=read_other_lead_beats(
+            DEFAULT_DATA_DIR, train_records(default_dataset), fixture_config.data
+        ),
     )
     return store
 

@@ -16,15 +16,11 @@ from appliance.store import load_current
 # Real beats of the test record per out-of-distribution kind.
 SUITE_BEATS = 300
 MIN_AUROC = 0.95
-# NOTE: with the 3-epoch fixture model these kinds reach about 0.91 to 0.94 on record 213, below
-# the 0.95 goal; these floors guard against regressions. The benchmark (benchmarks/gate.py)
-# reports every kind for a model trained on the full DS1 records, where only the other lead
-# stays below 0.95.
-FIXTURE_AUROC_FLOOR = {
-    "baseline_step": 0.88,
-    "mains_50hz": 0.9,
-    "other_lead": 0.9,
-}
+# NOTE: with the 3-epoch fixture model, whose lead check learns from the V1 beats of 5 bundled
+# records, the other lead reaches about 0.93 on record 213, below the 0.95 goal. This floor
+# guards against regressions. The benchmark (benchmarks/gate.py) reports every kind for a model
+# trained on the full DS1 records, where the other lead reaches 0.957 to 0.969.
+FIXTURE_AUROC_FLOOR = {"other_lead": 0.92}
 TEST_RECORD = "213"
 
 

@@ -148,15 +148,20 @@ def test_slope_and_peak_statistics_on_real_beats(
     step[:, :, 150:] += 1.0 / engine.scale_mv  # 1 mV baseline step after the R peak
     inverted = -beats
     slope = FEATURES.index("max_slope")
+    sharpness = FEATURES.index("step_sharpness")
     peak = FEATURES.index("r_peak")
     real = engine.score(x, labels).features
     stepped = engine.score(step.astype(np.float32), labels).features
     flipped = engine.score(inverted.astype(np.float32), labels).features
     assert auroc(stepped[:, slope], real[:, slope]) > 0.95
+    assert auroc(stepped[:, sharpness], real[:, sharpness]) > 0.95
+    # A QRS upstroke changes over the span more than twice as much as in one sample.
+    assert np.median(real[:, sharpness]) < np.log(0.5)
     assert auroc(real[:, peak], flipped[:, peak]) > 0.95
     # The statistics do not depend on the beat's scale.
     doubled = engine.score((2 * x).astype(np.float32), labels).features
     np.testing.assert_allclose(doubled[:, slope], real[:, slope], atol=1e-5)
+    np.testing.assert_allclose(doubled[:, sharpness], real[:, sharpness], atol=1e-5)
     np.testing.assert_allclose(doubled[:, peak], real[:, peak], atol=1e-4)
 
 
@@ -256,6 +261,7 @@ def _torch_features(
         model.bottleneck_dims,
         engine.fs_hz,
         engine.pre_r_samples,
+        engine.lead_match(x),
     )
 
 
