@@ -76,6 +76,7 @@ FORBIDDEN_PATTERNS = (
     "calibration.npz",
     "privacy_index.npy",
     "latent_prior.npz",
+    "lead_check.npz",
 )
 
 if not IMAGE:

@@ -48,6 +48,7 @@ def test_store_manifest_lists_contract(model_store: Path) -> None:
         "calibration",
         "privacy_index",
         "latent_prior",
+        "lead_check",
     }
     for entry in manifest["files"].values():
         assert len(entry["sha256"]) == 64
