@@ -102,15 +102,21 @@ def _unknown_class_reason(name: str, info: Any) -> str:
     return f"{name} had {beats} training beats, too few to learn"
 
 
+# Longest accepted time option. A call with a timeout of 1e10 s failed at once with
+# DEADLINE_EXCEEDED, while 1e9 s worked (grpcio 1.85, loopback).
+MAX_SECONDS = 1e6
+
+
 def _positive_seconds(text: str) -> float:
-    """Parse a value in seconds, such as ``--timeout-s``: a finite number greater than 0."""
+    """Parse a time option such as ``--timeout-s``: seconds above 0, at most ``MAX_SECONDS``."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
         raise argparse.ArgumentTypeError(
-            f"{text!r} must be a number of seconds greater than 0, e.g. 300"
+            f"{text!r} must be a number of seconds greater than 0 and at most {MAX_SECONDS:g} "
+            "(11.6 days), e.g. 300"
         )
     return seconds
 

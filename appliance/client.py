@@ -148,6 +148,7 @@ def describe_model_info(info: pb.GetModelInfoResponse) -> str:
         ("bottleneck", f"{info.bottleneck_dims} of {info.latent_dims} latent dimensions"),
         ("tail scale", f"{info.tail_scale:g}"),
         ("latent prior", prior),
+        ("lead check", "on" if info.lead_check else "off (several leads, or no other lead)"),
         (
             "default margin",
             f"{info.default_margin:.3f} (a request may set {info.min_margin:.3f} to "

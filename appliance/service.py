@@ -713,6 +713,7 @@ def model_info(
         intra_op_threads=plan.intra_op_threads,
         fitted_latent_prior="latent_prior" in files,
         tail_scale=engine.tail_scale,
+        lead_check=engine.lead_check is not None,
     )
 
 

@@ -859,7 +859,7 @@ def test_accepted_address_forms_dial(tmp_path: Path, address: str) -> None:
     assert result.stderr.startswith(f"error: cannot reach {address}: UNAVAILABLE: ")
 
 
-@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon"])
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon", "1e10"])
 def test_timeout_not_positive_exits_2(tmp_path: Path, timeout: str) -> None:
     result = run_cli(*client_command("generate", tmp_path, "--timeout-s", timeout))
     assert result.returncode == 2
@@ -937,6 +937,7 @@ def test_info_prints_model_summary(server_address: str) -> None:
         by_label["bottleneck"] == f"{info.bottleneck_dims} of {info.latent_dims} latent dimensions"
     )
     assert by_label["tail scale"] == f"{info.tail_scale:g}"
+    assert by_label["lead check"] == "on"
     assert by_label["default margin"] == (
         f"{info.default_margin:.3f} (a request may set {info.min_margin:.3f} to "
         f"{info.max_margin:.3f})"

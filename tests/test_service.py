@@ -570,6 +570,7 @@ def test_model_info_has_contract_only(client: ApplianceClient, info, model_store
     assert info.min_margin <= info.default_margin <= info.max_margin
     assert info.execution_provider == "CPUExecutionProvider"
     assert info.fitted_latent_prior
+    assert info.lead_check
     assert info.tail_scale == 1.0
 
     assert info.cpu_limit > 0
