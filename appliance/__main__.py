@@ -454,7 +454,9 @@ def _command_export(args: argparse.Namespace) -> int:
         concatenate(dataset.splits["validation"], holdout),
         args.store,
         data_facts(dataset),
-        other_lead_beats=read_other_lead_beats(args.data, train_records(dataset), config.data),
+        other_lead_beats=read_other_lead_beats(
+            args.data, train_records(dataset), config.data, config.train.seed
+        ),
     )
     sys.stdout.write(f"published model {version.manifest['model_id']} to {args.store}\n")
     return 0

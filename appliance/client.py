@@ -144,11 +144,12 @@ def describe_model_info(info: pb.GetModelInfoResponse) -> str:
     if unknown_text:
         rows.append(("classes not known", f"{unknown_text} (training beats, too few to learn)"))
     prior = "fitted per class at export" if info.fitted_latent_prior else "standard normal"
+    lead_check = "on" if info.lead_check else "off (several leads, or too few other-lead beats)"
     rows += [
         ("bottleneck", f"{info.bottleneck_dims} of {info.latent_dims} latent dimensions"),
         ("tail scale", f"{info.tail_scale:g}"),
         ("latent prior", prior),
-        ("lead check", "on" if info.lead_check else "off (several leads, or no other lead)"),
+        ("lead check", lead_check),
         (
             "default margin",
             f"{info.default_margin:.3f} (a request may set {info.min_margin:.3f} to "

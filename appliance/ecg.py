@@ -83,7 +83,7 @@ class RecordBeats:
     warnings: list[str] = field(default_factory=list)
 
 
-def _normal_lead_name(name: str) -> str:
+def normal_lead_name(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
@@ -96,10 +96,10 @@ def choose_leads(record: str, names: list[str], config: DataConfig) -> list[int]
     Raises:
         RecordError: If the record has fewer of the configured leads than ``n_leads``.
     """
-    normal_names = [_normal_lead_name(name) for name in names]
+    normal_names = [normal_lead_name(name) for name in names]
     chosen: list[int] = []
     for lead in config.leads:
-        preferred_name = _normal_lead_name(lead)
+        preferred_name = normal_lead_name(lead)
         if preferred_name in normal_names and normal_names.index(preferred_name) not in chosen:
             chosen.append(normal_names.index(preferred_name))
         if len(chosen) == config.n_leads:
@@ -112,7 +112,7 @@ def choose_leads(record: str, names: list[str], config: DataConfig) -> list[int]
         )
     preferred = list(config.leads[: config.n_leads])
     used = [names[index] for index in chosen]
-    if [_normal_lead_name(n) for n in used] != [_normal_lead_name(n) for n in preferred]:
+    if [normal_lead_name(n) for n in used] != [normal_lead_name(n) for n in preferred]:
         logger.info(
             "record=%s leads=%s preferred=%s reason=preferred_lead_missing",
             record,
@@ -144,6 +144,30 @@ def _segment_lead_names(
                 str(n) for n in (wfdb.rdheader(str(segment_header.with_suffix(""))).sig_name or [])
             ]
     return names, segments
+
+
+def record_lead_names(path: Path, record: str) -> list[str]:
+    """Return a record's lead names as ``read_record`` reads them, multi-segment records included.
+
+    Raises:
+        RecordError: If the header cannot be read; the reason says why.
+    """
+    header_path = path.with_name(f"{path.name}.hea")
+    try:
+        lines = header_lines(header_path)
+        if not lines:
+            raise RecordError(record, "header file is empty")
+        if "/" in lines[0].split()[0]:
+            return _segment_lead_names(path, record, lines)[0]
+        with contextlib.ExitStack() as stack:
+            read_path = path
+            if malformed_base_time(lines) is not None:
+                read_path = stack.enter_context(header_without_base_time(path, lines))
+            return [str(name) for name in (wfdb.rdheader(str(read_path)).sig_name or [])]
+    except RecordError:
+        raise
+    except Exception as exc:  # wfdb raises ValueError, IndexError and others on bad files
+        raise RecordError(record, f"header cannot be read: {exc}") from exc
 
 
 def _read_leads(

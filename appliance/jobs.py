@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import wfdb
 
 from appliance.config import ApplianceConfig, DataConfig
 from appliance.dataset import BeatSet, Dataset, ingest
 from appliance.distributed import is_rank_zero
-from appliance.ecg import choose_leads, read_record
+from appliance.ecg import normal_lead_name, read_record, record_lead_names
 from appliance.errors import RecordError
 from appliance.export import export_model
 from appliance.holdout import concatenate, split_holdout
-from appliance.lead_check import MIN_OTHER_LEAD_BEATS
+from appliance.lead_check import MAX_BEATS_PER_SIDE, MIN_OTHER_LEAD_BEATS
 from appliance.store import ModelVersion
 from appliance.train import TrainResult, train
 
@@ -60,7 +59,9 @@ def train_and_export(
         return TrainJobResult(dataset, fit_beats, holdout_beats, result, None)
     calibration_beats = concatenate(dataset.splits["validation"], holdout_beats)
     facts = data_facts(dataset)
-    other_leads = read_other_lead_beats(data_dir, train_records(dataset), config.data)
+    other_leads = read_other_lead_beats(
+        data_dir, train_records(dataset), config.data, config.train.seed
+    )
     version = export_model(
         config, result, fit_beats, calibration_beats, store, facts, other_lead_beats=other_leads
     )
@@ -84,9 +85,13 @@ def train_records(dataset: Dataset) -> list[str]:
 
 
 def read_other_lead_beats(
-    data_dir: Path, records: list[str], config: DataConfig
+    data_dir: Path, records: list[str], config: DataConfig, seed: int = 0
 ) -> np.ndarray | None:
-    """Read the beats of every lead that the model does not use, from the given records.
+    """Read beats of the leads that the model does not use, from the given records.
+
+    A lead counts as other when its name, compared without regard to case or spaces, is none of
+    the configured leads: a fallback lead such as V5 is the model's lead in a record without
+    MLII, so it is no negative elsewhere. A repeated name is read once.
 
     Arguments:
         data_dir: Folder of the WFDB records.
@@ -94,6 +99,8 @@ def read_other_lead_beats(
             a reference annotation file are left out.
         config: Data settings of the model; each other lead is read with them, with that lead
             in place of the configured ones.
+        seed: Seed of the sample kept when the records give more than
+            ``MAX_BEATS_PER_SIDE`` beats; memory stays bounded by that count.
 
     Returns:
         Beats, shape (beats, 1, window_samples), in mV; None when the model has several leads
@@ -102,7 +109,11 @@ def read_other_lead_beats(
     if config.n_leads != 1:
         logger.info("lead check skipped reason=model_has_%d_leads", config.n_leads)
         return None
-    parts: list[np.ndarray] = []
+    configured = {normal_lead_name(lead) for lead in config.leads}
+    rng = np.random.default_rng(seed)
+    kept = np.zeros((0, 1, config.window_samples), dtype=np.float32)
+    keys = np.zeros(0)
+    read = 0
     for record in records:
         path = data_dir / record
         if not path.with_name(f"{path.name}.{config.annotation_extension}").exists():
@@ -111,26 +122,36 @@ def read_other_lead_beats(
             logger.info("record=%s other leads skipped reason=no_annotation_file", record)
             continue
         try:
-            names = [str(name) for name in (wfdb.rdheader(str(path)).sig_name or [])]
-            chosen = {names[i] for i in choose_leads(record, names, config)}
-        except (OSError, ValueError, RecordError) as exc:
-            logger.info("record=%s other leads skipped reason=%s", record, exc)
+            names = record_lead_names(path, record)
+        except RecordError as exc:
+            logger.warning("record=%s other leads skipped action=skip reason=%s", record, exc)
             continue
-        for name in dict.fromkeys(names):
-            if name in chosen:
-                continue
+        others = [name for name in names if normal_lead_name(name) not in configured]
+        for name in dict.fromkeys(others):
+            if others.count(name) > 1:
+                logger.info("record=%s lead=%s repeated; the first channel is read", record, name)
             try:
                 beats = read_record(path, record, replace(config, leads=(name,), n_leads=1))
             except RecordError as exc:
-                logger.info("record=%s lead=%s skipped reason=%s", record, name, exc)
+                logger.warning(
+                    "record=%s lead=%s skipped action=skip reason=%s", record, name, exc
+                )
                 continue
-            parts.append(beats.windows)
-    count = sum(part.shape[0] for part in parts)
-    if count < MIN_OTHER_LEAD_BEATS:
-        logger.info(
-            "lead check skipped reason=too_few_other_lead_beats beats=%d min=%d",
-            count,
+            read += beats.windows.shape[0]
+            # Keeping the beats of the smallest random keys is a uniform sample of all beats.
+            kept = np.concatenate([kept, beats.windows])
+            keys = np.concatenate([keys, rng.random(beats.windows.shape[0])])
+            if keys.size > MAX_BEATS_PER_SIDE:
+                smallest = np.sort(np.argpartition(keys, MAX_BEATS_PER_SIDE)[:MAX_BEATS_PER_SIDE])
+                kept, keys = kept[smallest], keys[smallest]
+    if read < MIN_OTHER_LEAD_BEATS:
+        logger.warning(
+            "lead check skipped reason=too_few_other_lead_beats beats=%d min=%d effect=the "
+            "score has no lead_match evidence, so beats of another lead are caught by shape "
+            "alone",
+            read,
             MIN_OTHER_LEAD_BEATS,
         )
         return None
-    return np.concatenate(parts)
+    logger.info("other leads read beats=%d kept=%d", read, kept.shape[0])
+    return kept

@@ -9,8 +9,9 @@ training records at the same beat positions, and its logit becomes the ``lead_ma
 statistic of the pertinence score (``appliance.scoring``): low means "looks like another
 lead". Beats of the other leads come from ``appliance.jobs.read_other_lead_beats``.
 
-The check covers single-lead models. A model of several leads, or records without a second
-lead, leave it out, and ``lead_match`` is then 0 for every beat.
+The check covers single-lead models. A model of several leads, or training records that give
+fewer than ``MIN_OTHER_LEAD_BEATS`` beats of other leads, leave it out, and ``lead_match`` is
+then 0 for every beat.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 # Beats of each side the network is fitted on, drawn at random above this count.
 MAX_BEATS_PER_SIDE = 50_000
-# Fewer other-lead beats than this leave the check out, because the network would fit only a
-# few patients.
+# Fewer other-lead beats than this leave the check out.
+# NOTE: 500 is a guess at the least data that generalises to new patients; it was not measured.
 MIN_OTHER_LEAD_BEATS = 500
 
 

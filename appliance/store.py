@@ -5,7 +5,7 @@ Layout::
     STORE/CURRENT                 name of the active version (replaced with os.replace)
     STORE/versions/<id>/manifest.json
     STORE/versions/<id>/forward.onnx, inverse.onnx, calibration.npz, privacy_index.npy,
-                                  latent_prior.npz
+                                  latent_prior.npz, lead_check.npz (when fitted)
 
 Serving reads ``CURRENT`` once, so it never sees a half-written version. This module does not
 import PyTorch.

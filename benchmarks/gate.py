@@ -243,7 +243,7 @@ def main() -> None:
             store,
             {"leads": dataset.leads},
             other_lead_beats=read_other_lead_beats(
-                args.train_data or args.data, train_records(dataset), config.data
+                args.train_data or args.data, train_records(dataset), config.data, args.seed
             ),
         )
     version = load_current(store)
@@ -257,7 +257,7 @@ def main() -> None:
         if engine.lead_check is None:
             # A store exported before the lead check: fit it as export would.
             other_leads = read_other_lead_beats(
-                args.train_data or args.data, train_records(dataset), config.data
+                args.train_data or args.data, train_records(dataset), config.data, args.seed
             )
             if other_leads is not None:
                 engine.lead_check = LeadCheck.fit(fit.windows, other_leads, config.train.seed)

@@ -103,7 +103,10 @@ def model_store(
         store,
         data_facts(default_dataset),
         other_lead_beats=read_other_lead_beats(
-            DEFAULT_DATA_DIR, train_records(default_dataset), fixture_config.data
+            DEFAULT_DATA_DIR,
+            train_records(default_dataset),
+            fixture_config.data,
+            fixture_config.train.seed,
         ),
     )
     return store

@@ -951,6 +951,15 @@ def test_info_prints_model_summary(server_address: str) -> None:
     assert by_label["execution provider"] == info.execution_provider
 
 
+def test_info_describes_missing_lead_check() -> None:
+    from appliance.client import describe_model_info
+    from appliance.v1 import appliance_pb2 as pb
+
+    text = describe_model_info(pb.GetModelInfoResponse(model_id="m", lead_check=False))
+    assert "off (several leads, or too few other-lead beats)" in text
+    assert " on\n" not in text
+
+
 def test_info_json_parses_as_reply(server_address: str) -> None:
     import json
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import replace
@@ -13,14 +12,20 @@ import pytest
 
 from appliance.config import DEFAULT_DATA_DIR, ApplianceConfig
 from appliance.corrupt import read_other_lead
-from appliance.dataset import Dataset
+from appliance.dataset import BeatSet, Dataset
+from appliance.ecg import record_lead_names
 from appliance.engine import Engine
+from appliance.errors import RecordError
+from appliance.export import export_model
+from appliance.holdout import concatenate
 from appliance.jobs import read_other_lead_beats, train_records
 from appliance.lead_check import HIDDEN_UNITS, MIN_OTHER_LEAD_BEATS, LeadCheck
 from appliance.scoring import FEATURES, auroc
-from appliance.store import MANIFEST_FILE, load_current
+from appliance.store import load_current
+from appliance.train import TrainResult
 
 TEST_RECORD = "213"
+MULTI_SEGMENT_RECORD = Path("wfdb-formats") / "multi-segment" / "041s" / "041s"
 # Lead check alone, MLII against V1 beats of the test record. The benchmark on the full DS1
 # records reports the whole score against lead V1 of 19 unseen patients in docs/benchmarks.md.
 MIN_TEST_RECORD_AUROC = 0.95
@@ -112,7 +117,10 @@ def test_other_leads_skip_unannotated_and_bad_records(
     assert beats is not None
     assert beats.shape[0] >= MIN_OTHER_LEAD_BEATS
     assert "record=106 other leads skipped reason=no_annotation_file" in caplog.text
-    assert "record=209 other leads skipped" in caplog.text
+    bad = [r for r in caplog.records if r.getMessage().startswith("record=209 other leads")]
+    assert len(bad) == 1
+    assert bad[0].levelno == logging.WARNING
+    assert "action=skip reason=record 209: header cannot be read" in bad[0].getMessage()
     # Record 208 alone gives its V1 beats.
     only_208 = read_other_lead_beats(tmp_path, ["208"], fixture_config.data)
     assert only_208 is not None
@@ -130,7 +138,60 @@ def test_too_few_other_lead_beats_leave_check_out(
     with caplog.at_level(logging.INFO, logger="appliance.jobs"):
         beats = read_other_lead_beats(tmp_path, ["208"], fixture_config.data)
     assert beats is None
-    assert f"too_few_other_lead_beats beats=0 min={MIN_OTHER_LEAD_BEATS}" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"too_few_other_lead_beats beats=0 min={MIN_OTHER_LEAD_BEATS}" in (
+        warnings[0].getMessage()
+    )
+
+
+@pytest.mark.parametrize("renamed", ["mlii", "V5"])
+def test_configured_lead_names_are_no_negatives(
+    tmp_path: Path, fixture_config: ApplianceConfig, renamed: str
+) -> None:
+    # A case variant of the model's lead, or a fallback lead of the configuration, in the
+    # place of V1: neither may become an other-lead beat.
+    for name in ("208.hea", "208.dat", "208.atr"):
+        shutil.copy(DEFAULT_DATA_DIR / name, tmp_path / name)
+    header = tmp_path / "208.hea"
+    lines = header.read_text().splitlines()
+    assert lines[2].endswith(" V1")
+    lines[2] = lines[2][: -len("V1")] + renamed
+    header.write_text("\n".join(lines) + "\n")
+    assert read_other_lead_beats(tmp_path, ["208"], fixture_config.data) is None
+
+
+def test_other_leads_are_sampled_with_seed(
+    default_dataset: Dataset, fixture_config: ApplianceConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.jobs.MAX_BEATS_PER_SIDE", 1000)
+    records = train_records(default_dataset)
+    first = read_other_lead_beats(DEFAULT_DATA_DIR, records, fixture_config.data, seed=1)
+    again = read_other_lead_beats(DEFAULT_DATA_DIR, records, fixture_config.data, seed=1)
+    other = read_other_lead_beats(DEFAULT_DATA_DIR, records, fixture_config.data, seed=2)
+    assert first is not None
+    assert again is not None
+    assert other is not None
+    assert first.shape == (1000, 1, fixture_config.data.window_samples)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_record_lead_names_of_unusual_headers(tmp_path: Path, shared_data: Path) -> None:
+    segmented = shared_data / MULTI_SEGMENT_RECORD
+    names = record_lead_names(segmented, segmented.name)
+    assert "I" in names
+    lines = (DEFAULT_DATA_DIR / "208.hea").read_text().splitlines()
+    (tmp_path / "late.hea").write_text(
+        "\n".join([lines[0].replace("208", "late") + " 25:99:00 45/13/1999", *lines[1:3]]) + "\n"
+    )
+    assert record_lead_names(tmp_path / "late", "late") == ["MLII", "V1"]
+    (tmp_path / "empty.hea").write_text("")
+    with pytest.raises(RecordError, match="header file is empty"):
+        record_lead_names(tmp_path / "empty", "empty")
+    (tmp_path / "comment.hea").write_text("# only a comment\n")
+    with pytest.raises(RecordError, match="header"):
+        record_lead_names(tmp_path / "comment", "comment")
 
 
 def test_check_separates_unseen_record_leads(
@@ -149,15 +210,28 @@ def test_check_separates_unseen_record_leads(
     )
 
 
-def test_version_without_check_scores_zero(model_store: Path, tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    shutil.copytree(model_store, store)
-    version = load_current(store)
-    manifest = dict(version.manifest)
-    del manifest["files"]["lead_check"]
-    (version.path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    engine = Engine(load_current(store))
+def test_export_without_other_leads_has_no_check(
+    fixture_config: ApplianceConfig,
+    trained_result: TrainResult,
+    split_train: tuple[BeatSet, BeatSet],
+    default_dataset: Dataset,
+    tmp_path: Path,
+) -> None:
+    calibration_beats = concatenate(default_dataset.splits["validation"], split_train[1])
+    version = export_model(
+        fixture_config, trained_result, split_train[0], calibration_beats, tmp_path / "store"
+    )
+    assert "lead_check" not in version.manifest["files"]
+    assert "lead_check" not in version.manifest
+    assert not (version.path / "lead_check.npz").exists()
+    engine = Engine(load_current(tmp_path / "store"))
     assert engine.lead_check is None
-    beats = np.random.default_rng(0).standard_normal((5, 1, 256)).astype(np.float32)
-    features = engine.score(beats).features
-    np.testing.assert_array_equal(features[:, FEATURES.index("lead_match")], np.zeros(5))
+    assert engine.calibration is not None
+    column = FEATURES.index("lead_match")
+    np.testing.assert_array_equal(engine.calibration.feature_values[:, column], 0.0)
+    # With a constant column the statistic is neutral: held-out beats still score uniformly.
+    known = np.isin(calibration_beats.labels, engine.classes_known)
+    x = (calibration_beats.windows[known] / engine.scale_mv).astype(np.float32)
+    scored = engine.score(x, calibration_beats.labels[known])
+    np.testing.assert_array_equal(scored.features[:, column], 0.0)
+    assert abs(float(np.median(scored.scores)) - 0.5) < 0.05

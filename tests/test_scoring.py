@@ -126,6 +126,21 @@ def test_high_frequency_share_of_mains_and_beat() -> None:
     assert shares[1] < 0.05
 
 
+@pytest.mark.parametrize(
+    ("name", "atypical", "typical"),
+    [("max_slope", -8.0, 8.0), ("step_sharpness", 8.0, -8.0), ("lead_match", -8.0, 8.0)],
+)
+def test_calibration_one_sided_tails(name: str, atypical: float, typical: float) -> None:
+    features = np.random.default_rng(0).normal(size=(1000, len(FEATURES)))
+    calibration = Calibration.fit(features)
+    probe = np.zeros((2, len(FEATURES)))
+    probe[0, FEATURES.index(name)] = atypical
+    probe[1, FEATURES.index(name)] = typical
+    scores = calibration.score(probe)
+    assert scores[0] < 1.0 / calibration.evidence.size
+    assert scores[1] > 0.2
+
+
 def test_calibration_lower_tail_ignores_high() -> None:
     features = np.random.default_rng(0).normal(size=(1000, len(FEATURES)))
     calibration = Calibration.fit(features)
@@ -147,13 +162,16 @@ def test_slope_and_peak_statistics_on_real_beats(
     step = beats.copy()
     step[:, :, 150:] += 1.0 / engine.scale_mv  # 1 mV baseline step after the R peak
     inverted = -beats
+    t_s = np.arange(beats.shape[2]) / engine.fs_hz
+    sinusoid = np.ptp(beats, axis=2, keepdims=True) / 2 * np.sin(2 * np.pi * 1.2 * t_s)
     slope = FEATURES.index("max_slope")
     sharpness = FEATURES.index("step_sharpness")
     peak = FEATURES.index("r_peak")
     real = engine.score(x, labels).features
     stepped = engine.score(step.astype(np.float32), labels).features
     flipped = engine.score(inverted.astype(np.float32), labels).features
-    assert auroc(stepped[:, slope], real[:, slope]) > 0.95
+    smooth = engine.score(sinusoid.astype(np.float32), labels).features
+    assert auroc(real[:, slope], smooth[:, slope]) > 0.95
     assert auroc(stepped[:, sharpness], real[:, sharpness]) > 0.95
     # A QRS upstroke changes over the span more than twice as much as in one sample.
     assert np.median(real[:, sharpness]) < np.log(0.5)
