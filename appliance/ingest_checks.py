@@ -231,6 +231,8 @@ def header_without_base_time(path: Path, lines: list[str]) -> Iterator[Path]:
         copy.with_name(f"{path.name}.hea").write_text("\n".join([record_line, *lines[1:]]) + "\n")
         for signal in parse_signal_lines(lines):
             link = Path(folder) / signal.file_name
-            if not link.exists():
+            # is_symlink as well: a link to a missing signal file does not "exist", and linking
+            # it again for a second signal of that file would raise FileExistsError.
+            if not (link.is_symlink() or link.exists()):
                 link.symlink_to((path.parent / signal.file_name).resolve())
         yield copy

@@ -182,6 +182,7 @@ def test_record_lead_names_of_unusual_headers(tmp_path: Path, shared_data: Path)
     names = record_lead_names(segmented, segmented.name)
     assert "I" in names
     lines = (DEFAULT_DATA_DIR / "208.hea").read_text().splitlines()
+    shutil.copy(DEFAULT_DATA_DIR / "208.dat", tmp_path / "208.dat")
     (tmp_path / "late.hea").write_text(
         "\n".join([lines[0].replace("208", "late") + " 25:99:00 45/13/1999", *lines[1:3]]) + "\n"
     )
