@@ -89,9 +89,9 @@ def read_other_lead_beats(
 ) -> np.ndarray | None:
     """Read beats of the leads that the model does not use, from the given records.
 
-    A lead counts as other when its name, compared without regard to case or spaces, is none of
-    the configured leads: a fallback lead such as V5 is the model's lead in a record without
-    MLII, so it is no negative elsewhere. A repeated name is read once.
+    A lead counts as other when its name, compared without regard to case or spaces, differs
+    from every configured lead. A fallback lead such as V5 is the model's lead in a record
+    without MLII, so it is never a negative. A lead named twice is read once.
 
     Arguments:
         data_dir: Folder of the WFDB records.
@@ -111,7 +111,7 @@ def read_other_lead_beats(
         return None
     configured = {normal_lead_name(lead) for lead in config.leads}
     rng = np.random.default_rng(seed)
-    kept = np.zeros((0, 1, config.window_samples), dtype=np.float32)
+    sample = np.zeros((0, 1, config.window_samples), dtype=np.float32)
     keys = np.zeros(0)
     read = 0
     for record in records:
@@ -127,9 +127,14 @@ def read_other_lead_beats(
             logger.warning("record=%s other leads skipped action=skip reason=%s", record, exc)
             continue
         others = [name for name in names if normal_lead_name(name) not in configured]
-        for name in dict.fromkeys(others):
-            if others.count(name) > 1:
+        # One name per lead: read_record matches names without regard to case or spaces, so a
+        # repeated lead would read its first channel again.
+        first_of: dict[str, str] = {}
+        for name in others:
+            if normal_lead_name(name) in first_of:
                 logger.info("record=%s lead=%s repeated; the first channel is read", record, name)
+            first_of.setdefault(normal_lead_name(name), name)
+        for name in first_of.values():
             try:
                 beats = read_record(path, record, replace(config, leads=(name,), n_leads=1))
             except RecordError as exc:
@@ -139,11 +144,11 @@ def read_other_lead_beats(
                 continue
             read += beats.windows.shape[0]
             # Keeping the beats of the smallest random keys is a uniform sample of all beats.
-            kept = np.concatenate([kept, beats.windows])
+            sample = np.concatenate([sample, beats.windows])
             keys = np.concatenate([keys, rng.random(beats.windows.shape[0])])
             if keys.size > MAX_BEATS_PER_SIDE:
                 smallest = np.sort(np.argpartition(keys, MAX_BEATS_PER_SIDE)[:MAX_BEATS_PER_SIDE])
-                kept, keys = kept[smallest], keys[smallest]
+                sample, keys = sample[smallest], keys[smallest]
     if read < MIN_OTHER_LEAD_BEATS:
         logger.warning(
             "lead check skipped reason=too_few_other_lead_beats beats=%d min=%d effect=the "
@@ -153,5 +158,5 @@ def read_other_lead_beats(
             MIN_OTHER_LEAD_BEATS,
         )
         return None
-    logger.info("other leads read beats=%d kept=%d", read, kept.shape[0])
-    return kept
+    logger.info("other leads read beats=%d kept=%d", read, sample.shape[0])
+    return sample

@@ -145,6 +145,24 @@ def test_too_few_other_lead_beats_leave_check_out(
     )
 
 
+def test_repeated_lead_name_read_once(
+    fixture_config: ApplianceConfig,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    once = read_other_lead_beats(DEFAULT_DATA_DIR, ["208"], fixture_config.data)
+    # The header lists V1 twice, once in lower case.
+    monkeypatch.setattr(
+        "appliance.jobs.record_lead_names", lambda path, record: ["MLII", "V1", "v1"]
+    )
+    with caplog.at_level(logging.INFO, logger="appliance.jobs"):
+        beats = read_other_lead_beats(DEFAULT_DATA_DIR, ["208"], fixture_config.data)
+    assert once is not None
+    assert beats is not None
+    np.testing.assert_array_equal(beats, once)
+    assert "record=208 lead=v1 repeated; the first channel is read" in caplog.text
+
+
 @pytest.mark.parametrize("renamed", ["mlii", "V5"])
 def test_configured_lead_names_are_no_negatives(
     tmp_path: Path, fixture_config: ApplianceConfig, renamed: str
