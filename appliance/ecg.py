@@ -150,7 +150,7 @@ def record_lead_names(path: Path, record: str) -> list[str]:
     """Return a record's lead names as ``read_record`` reads them, multi-segment records included.
 
     Raises:
-        RecordError: If the header cannot be read; the reason says why.
+        RecordError: If the header cannot be read; the message names the failure.
     """
     header_path = path.with_name(f"{path.name}.hea")
     try:
