@@ -210,7 +210,7 @@ class AffineCoupling(InvertibleBlock):
         if condition is not None:
             parts.append(condition[:, :, None].expand(-1, -1, x_a.shape[2]).to(x_a.dtype))
         inputs = torch.cat(parts, dim=1)
-        s_raw, t = self.net(inputs).chunk(2, dim=1)
+        s_raw, t = run_subnetwork(self.net, inputs).chunk(2, dim=1)
         s = SCALE_CLAMP * torch.tanh(s_raw / SCALE_CLAMP)
         return s, t
 
@@ -229,6 +229,35 @@ class AffineCoupling(InvertibleBlock):
         s, t = self._scale_shift(y_a, condition)
         x_b = (y_b - t) * torch.exp(-s)
         return self._join(y_a, x_b), -s.sum(dim=(1, 2))
+
+
+def run_subnetwork(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Apply a coupling subnetwork to ``inputs`` of shape (batch, channels, samples).
+
+    A subnetwork as built, an ``nn.Sequential`` of stride-1 ``nn.Conv1d`` layers and
+    nonlinearities, runs as 2-D convolutions of kernel height 1 on tensors of shape (batch,
+    channels, 1, samples) in the channels-last memory layout. The function and the parameters
+    are those of the 1-D layers. With PyTorch 2.13 on an x86 CPU with AVX-512, a training step
+    ran about 1.3 times faster this way (docs/model.md, section Training). Any other module,
+    such as the planar form that export substitutes, is called as it is.
+
+    Returns:
+        The subnetwork's output, shape (batch, out_channels, samples).
+    """
+    if not isinstance(net, nn.Sequential):
+        output: torch.Tensor = net(inputs)
+        return output
+    hidden = inputs[:, :, None, :].contiguous(memory_format=torch.channels_last)
+    for layer in net:
+        if isinstance(layer, nn.Conv1d):
+            padding = layer.padding
+            assert isinstance(padding, tuple) and layer.stride == (1,)
+            hidden = nn.functional.conv2d(
+                hidden, layer.weight[:, :, None, :], layer.bias, padding=(0, padding[0])
+            )
+        else:
+            hidden = layer(hidden)
+    return hidden[:, :, 0, :]
 
 
 def activation_layer(name: str) -> nn.Module:

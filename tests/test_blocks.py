@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from appliance.blocks import (
+    POSITION_CHANNELS,
     SCALE_CLAMP,
     ActNorm,
     AffineCoupling,
@@ -13,6 +14,7 @@ from appliance.blocks import (
     InvertibleBlock,
     InvertibleConv1x1,
     Squeeze,
+    run_subnetwork,
 )
 
 CLASSES = 5
@@ -210,3 +212,29 @@ def test_frozen_inverse_matches_and_converts() -> None:
 def test_squeeze_rejects_odd_samples() -> None:
     with pytest.raises(ValueError, match="even number of samples"):
         Squeeze()(torch.zeros(1, 1, 7))
+
+
+def test_subnetwork_layout_keeps_function_and_gradients() -> None:
+    coupling = AffineCoupling(CHANNELS, CLASSES, 16, 5, swap=False).double()
+    _perturb(coupling, seed=11)
+    net = coupling.net
+    assert isinstance(net, torch.nn.Sequential)
+    generator = torch.Generator().manual_seed(12)
+    in_channels = CHANNELS // 2 + CLASSES + POSITION_CHANNELS
+    inputs = torch.randn(3, in_channels, SAMPLES, generator=generator).double()
+    expected = net(inputs)
+    expected.square().sum().backward()
+    expected_grads = [torch.clone(parameter.grad) for parameter in net.parameters()]
+    net.zero_grad()
+    actual = run_subnetwork(net, inputs)
+    actual.square().sum().backward()
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+    for parameter, expected_grad in zip(net.parameters(), expected_grads, strict=True):
+        torch.testing.assert_close(parameter.grad, expected_grad, rtol=0, atol=1e-10)
+
+
+def test_subnetwork_layout_calls_other_modules() -> None:
+    planar = torch.nn.Identity()
+    inputs = torch.randn(2, 3, SAMPLES)
+    assert run_subnetwork(planar, inputs) is inputs
