@@ -53,6 +53,30 @@ class StoredReport:
     report_html: bytes
 
 
+# Columns that compare synthetic beats with the beats the model learnt from. They describe the
+# model only when it was trained on the protocol's fit records.
+PRIVACY_COLUMNS = (
+    "dcr_synthetic_median",
+    "fraction_below_holdout_p05",
+    "mia_auroc",
+    "mia_auroc_unseen",
+)
+
+
+def mismatch_warning(summary: dict[str, Any]) -> str | None:
+    """Return the warning for a model not trained on the protocol's fit records, else None."""
+    if summary.get("protocol", {}).get("matches_training_records") is not False:
+        return None
+    return (
+        "this model was trained on other records than the protocol's fit set (the DS1 "
+        "records of the de Chazal split). The members and hold-out of the privacy figures "
+        "(DCR, MIA AUROC) are therefore not the beats it learnt from and the beats it never "
+        "saw, so those figures do not describe it, and the fidelity figures compare it with "
+        "another set of patients. Retrain on the DS1 records of --data for a report that "
+        "describes the model"
+    )
+
+
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Return the headline figures of each generator, in the order of the metric table."""
     rows = []

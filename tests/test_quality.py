@@ -33,7 +33,7 @@ from appliance.quality.privacy_metrics import (
     privacy_report,
 )
 from appliance.quality.protocol import LabelledBeats, load_protocol, subsample, znormalise
-from appliance.quality.report import beats_figure, build_report
+from appliance.quality.report import beats_figure, build_report, render_html
 from appliance.train import select_training_beats
 
 N, S, V, F = (class_index(name) for name in "NSVF")
@@ -436,3 +436,13 @@ def test_report_writes_page_and_json(model_store: Path, tmp_path: Path):
         assert f'src="{name}"' in page
     assert summary["score_quantiles"]["real"]["median"] is not None
     assert summary["score_quantiles"]["corrupted"]["median"] < 0.5
+    # The bundled model did not learn from the protocol's fit records, so the page opens with
+    # a warning and shows no privacy figure.
+    assert "<strong>Warning:</strong> this model was trained on other records" in page
+    mia = f"{summary['generators']['appliance']['privacy']['mia_auroc']:.4f}"
+    assert page.count("not applicable") == 4 * len(summary["generators"])
+    matching = {**summary, "protocol": {**summary["protocol"], "matches_training_records": True}}
+    matching_page = render_html(matching)
+    assert "Warning" not in matching_page
+    assert "not applicable" not in matching_page
+    assert f"<td>{mia}</td>" in matching_page

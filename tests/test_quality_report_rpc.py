@@ -396,6 +396,7 @@ def test_cli_writes_page_and_json(
     assert (written / "quality.json").read_text() == (folder / "quality.json").read_text()
     assert (written / "quality.html").read_bytes() == (folder / "quality.html").read_bytes()
     assert built[0]["model_id"] in result.stdout
+    assert "warning: this model was trained on other records" in result.stderr
 
 
 def test_cli_without_report_exits_2(store: Path, server: ApplianceServer, tmp_path: Path) -> None:

@@ -40,7 +40,13 @@ from appliance.quality.protocol import (
     load_protocol,
     recorded_training,
 )
-from appliance.report_store import REPORT_HTML, REPORT_JSON, metric_rows
+from appliance.report_store import (
+    PRIVACY_COLUMNS,
+    REPORT_HTML,
+    REPORT_JSON,
+    metric_rows,
+    mismatch_warning,
+)
 from appliance.store import load_current
 
 logger = logging.getLogger(__name__)
@@ -51,7 +57,7 @@ BAND_PERCENTILES = (5.0, 95.0)
 SCORED_BEATS = 1000
 GOALS = {
     "tstr_trtr": ">= 1.2",
-    "discriminative": "<= 0.35",
+    "discriminative": "<= 0.35 (target 0.1)",
     "mean_mmd2_waveform": "<= 0.002",
     "fraction_below_holdout_p05": "<= 0.05",
     "mia_auroc": "<= 0.55",
@@ -335,11 +341,23 @@ def render_html(summary: dict[str, Any], image_sources: Mapping[str, str] | None
         f"<th>{html.escape(c)}<br><small>{html.escape(GOALS.get(c, ''))}</small></th>"
         for c in columns
     )
+    warning = mismatch_warning(summary)
+
+    def cell(column: str, value: Any) -> str:
+        if warning is not None and column in PRIVACY_COLUMNS:
+            return "not applicable"
+        return _cell(value)
+
     body = "".join(
         f"<tr><td>{html.escape(name)}</td>"
-        + "".join(f"<td>{_cell(v)}</td>" for v in values.values())
+        + "".join(f"<td>{cell(c, v)}</td>" for c, v in values.items())
         + "</tr>"
         for name, values in rows
+    )
+    banner = (
+        f"<p class='warning'><strong>Warning:</strong> {html.escape(warning)}.</p>"
+        if warning is not None
+        else ""
     )
     f1_head = "".join(f"<th>{c}</th>" for c in (*AAMI_CLASSES, "macro"))
     f1_rows = [("TRTR (real)", summary["trtr_f1"])]
@@ -359,8 +377,9 @@ def render_html(summary: dict[str, Any], image_sources: Mapping[str, str] | None
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Synthetic ECG quality</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #999;padding:3px 6px;text-align:right}</style></head><body>"
-        f"<h1>Synthetic ECG quality report</h1><p>Model {_cell(summary['model_id'])}. "
+        "td,th{border:1px solid #999;padding:3px 6px;text-align:right}"
+        ".warning{border:2px solid #b00;padding:6px;background:#fee}</style></head><body>"
+        f"<h1>Synthetic ECG quality report</h1>{banner}<p>Model {_cell(summary['model_id'])}. "
         "Beats z-normalised per beat; classifiers tested on DS2 of the de Chazal split; "
         "Q is reported but not scored.</p>"
         f"<h2>Metrics</h2><table><tr><th>generator</th>{head}</tr>{body}</table>"
