@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from appliance.config import (
     TrainConfig,
 )
 from appliance.errors import ApplianceError
+from appliance.serve_config import MAX_TEMPERATURE
 from appliance.v1 import GeneratedCodeMissingError
 
 if TYPE_CHECKING:
@@ -740,6 +742,17 @@ def _command_generate(args: argparse.Namespace) -> int:
                 f"({'; '.join(_unknown_class_reason(name, info) for name in unknown)}); "
                 f"use {', '.join(known)}"
             )
+        requested_beats = sum(class_counts.values()) if class_counts else args.count
+        limit = int(info.max_beats_per_request)
+        # Checked here so that the message gives the server's limit, not the wider range of
+        # the request's uint32 field.
+        if limit and requested_beats > limit:
+            option = f"--classes={args.classes}" if class_counts else f"--count={args.count}"
+            raise UsageError(
+                f"{option} requests {requested_beats} beats, over this server's limit of "
+                f"{limit} beats per request; request 1 to {limit} and split a larger set into "
+                "several calls"
+            )
         result = client.generate(
             count=args.count,
             class_counts=class_counts,
@@ -804,12 +817,25 @@ def _command_generate(args: argparse.Namespace) -> int:
         f"accepted {stats.accepted} of {requested} requested beats from {counts_text}; wrote "
         f"{', '.join(str(p) for p in paths)}\n"
     )
+    sys.stdout.write(f"per class: {_class_tally(result.classes, class_counts)}\n")
     if stats.budget_exhausted:
         sys.stdout.write(
             "the draw budget ran out before every requested beat was accepted; raise "
             "--max-draws-per-beat, lower --margin or retrain with a longer --max-minutes\n"
         )
     return 0
+
+
+def _class_tally(classes: Sequence[str], class_counts: dict[str, int] | None) -> str:
+    """Return the accepted beats per class, each with its requested count when one was set."""
+    from appliance.classes import AAMI_CLASSES
+
+    accepted = Counter(classes)
+    if class_counts:
+        return ", ".join(
+            f"{name} {accepted.get(name, 0)} of {count}" for name, count in class_counts.items()
+        )
+    return ", ".join(f"{name} {accepted[name]}" for name in AAMI_CLASSES if name in accepted)
 
 
 def _check_output_folder(option: str, folder: Path, keep_created: bool = False) -> None:
@@ -925,7 +951,8 @@ def _command_validate(args: argparse.Namespace) -> int:
     for i, (score, accepted, name) in enumerate(
         zip(reply.scores, reply.accepted, reply.classes, strict=True)
     ):
-        sys.stdout.write(f"{i}\t{score:.4f}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
+        # Six significant digits keep the order of scores far below 1e-4.
+        sys.stdout.write(f"{i}\t{score:.6g}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
     sys.stdout.write(
         f"accepted {int(reply.accepted.sum())} of {reply.scores.size} at margin "
         f"{reply.margin:.3f}, scored under "
@@ -978,13 +1005,14 @@ def _check_input_classes(path: Path, classes: Sequence[object]) -> None:
         source = _classes_file(path) if path.suffix.lower() == ".npy" else path
         raise UsageError(
             f"--input {path}: {source} gives beat index {index} the class {name!r}, which is "
-            f"not an AAMI class; use one of {', '.join(AAMI_CLASSES)}, or pass --best-class"
+            f"not an AAMI class ({', '.join(AAMI_CLASSES)}); use a class that the model knows, "
+            "as `python -m appliance info` lists them, or pass --best-class"
         )
 
 
 def _command_report(args: argparse.Namespace) -> int:
     from appliance.quality.report import build_report, embedded_html
-    from appliance.report_store import attach_report
+    from appliance.report_store import attach_report, mismatch_warning
 
     # Checked before the evaluation, which takes minutes.
     _check_report_temperature(args.temperature)
@@ -1004,6 +1032,9 @@ def _command_report(args: argparse.Namespace) -> int:
         f"wrote {args.out / 'quality.html'} and {args.out / 'quality.json'} "
         f"({len(figures)} sections)\n"
     )
+    warning = mismatch_warning(figures)
+    if warning is not None:
+        sys.stderr.write(f"warning: {warning}\n")
     if not args.no_attach:
         folder = attach_report(args.store, figures, embedded_html(figures, args.out))
         sys.stdout.write(
@@ -1015,8 +1046,6 @@ def _command_report(args: argparse.Namespace) -> int:
 
 def _check_report_temperature(temperature: float) -> None:
     """Raise ``UsageError`` unless the server would accept ``temperature`` in a request."""
-    from appliance.service import MAX_TEMPERATURE
-
     if not (math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE):
         raise UsageError(
             f"--temperature={temperature:g} is out of range; use a value above 0 and at most "
@@ -1053,6 +1082,7 @@ def _check_report_margin(store: Path, margin: float | None) -> None:
 
 def _command_quality_report(args: argparse.Namespace) -> int:
     from appliance.client import QUALITY_HTML, ApplianceClient, write_quality_report
+    from appliance.report_store import mismatch_warning
 
     # Checked before the call, so that an unusable folder does not waste the transfer.
     _check_output_folder("--out", args.out)
@@ -1073,6 +1103,9 @@ def _command_quality_report(args: argparse.Namespace) -> int:
         f"quality report of model {reply.model_id}, computed {reply.created_at}: wrote "
         f"{', '.join(str(p) for p in paths)}\n"
     )
+    if reply.HasField("matches_training_records") and not reply.matches_training_records:
+        warning = mismatch_warning({"protocol": {"matches_training_records": False}})
+        sys.stderr.write(f"warning: {warning}\n")
     return 0
 
 
@@ -1300,7 +1333,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--temperature",
                 type=float,
                 default=None,
-                help="latent temperature, > 0 (default: server's, 1.0)",
+                help=f"latent temperature, above 0 and at most {MAX_TEMPERATURE:g} (default: "
+                "the server's, 1.0)",
             )
             sub.add_argument(
                 "--margin",
@@ -1385,7 +1419,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature",
         type=float,
         default=1.0,
-        help="latent temperature of generation (default: 1.0)",
+        help=f"latent temperature of generation, above 0 and at most {MAX_TEMPERATURE:g} "
+        "(default: 1.0)",
     )
     report.add_argument(
         "--margin",

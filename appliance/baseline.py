@@ -154,13 +154,16 @@ def measure_beat_levels(beats: np.ndarray) -> BeatLevels:
         return BeatLevels(nothing, nothing.copy())
     if not np.issubdtype(beats.dtype, np.number):
         beats = beats.astype(np.float64)  # ValueError for text that is not a number
-    means = beats.mean(axis=2, dtype=np.float64)  # (beats, leads)
+    # A beat with both +inf and -inf gives inf - inf, which NumPy warns about. Such beats are
+    # marked non-finite below, and the server rejects them with a message of its own.
+    with np.errstate(invalid="ignore", over="ignore"):
+        means = beats.mean(axis=2, dtype=np.float64)  # (beats, leads)
+        peak_to_peak = np.ptp(beats, axis=2).max(axis=1).astype(np.float64)
     finite = np.isfinite(means).all(axis=1)
     # The lead furthest from 0 represents the beat, with its sign.
     furthest = np.take_along_axis(
         means, np.abs(np.nan_to_num(means)).argmax(axis=1)[:, None], axis=1
     )[:, 0]
-    peak_to_peak = np.ptp(beats, axis=2).max(axis=1).astype(np.float64)
     return BeatLevels(
         window_mean_mv=np.where(finite, furthest, np.nan),
         peak_to_peak_mv=np.where(np.isfinite(peak_to_peak), peak_to_peak, np.nan),

@@ -151,7 +151,11 @@ def _write_wfdb(
         adc_gain=gains,
         baseline=[0] * n_leads,
         write_dir=str(out_dir),
-        comments=["synthetic beats from the ECG appliance"],
+        comments=[
+            "synthetic beats from the ECG appliance",
+            f"independent beat windows of {window} samples placed end to end, not a rhythm: "
+            "the signal steps at each join and RR intervals carry no meaning",
+        ],
     )
     r_samples = np.arange(count) * window + pre_r_samples
     wfdb.wrann(

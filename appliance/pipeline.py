@@ -240,8 +240,26 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
     return {name: float(v) for name, v in zip(("q05", "q25", "q50", "q75", "q95"), q, strict=True)}
 
 
+def _training_line(training: dict[str, Any]) -> str:
+    """Describe how long training ran, and flag a budget that ended it within the first epoch."""
+    steps, per_epoch = int(training["steps"]), int(training["steps_per_epoch"])
+    validation = training.get("validation_bpd")
+    line = (
+        f"training: {steps} steps of {per_epoch} per epoch ({steps / per_epoch:.1f} epochs) in "
+        f"{training['duration_s']:.0f} s, stopped by {training['stopped_by']}; validation NLL "
+        + ("n/a" if validation is None else f"{validation:.3f} bits/dim")
+    )
+    if training["stopped_by"] == "time budget" and steps < per_epoch:
+        line += (
+            "; the time budget ended training within its first epoch, so the model is "
+            "undertrained: rerun on idle cores or raise --max-minutes"
+        )
+    return line
+
+
 def _table(figures: dict[str, Any]) -> str:
     lines = [
+        _training_line(figures["training"]),
         f"model {figures['model_id']}: generated {figures['generated']}/{figures['requested']} "
         f"beats from {figures['draws']} draws (accept rate {figures['accept_rate']:.2f}; "
         f"rejected: pertinence {figures['pertinence_rejections']}, privacy "

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MAX_BEATS_PER_REQUEST = 100_000
+# Largest latent temperature a request may set. Any value above 0 up to it is valid.
+MAX_TEMPERATURE = 5.0
 # gRPC's default message limit, stated so that the limit is explicit and documented.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_GRACE_S = 10.0

@@ -36,6 +36,7 @@ from appliance.serve_config import (
     DEFAULT_MAX_BEATS_PER_REQUEST,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_STALLED_SEND_S,
+    MAX_TEMPERATURE,
 )
 from appliance.server_errors import (
     CallCancelledError,
@@ -48,7 +49,6 @@ from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-MAX_TEMPERATURE = 5.0
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_CHUNK_BEATS = 256
 MAX_CHUNK_BEATS = 4096

@@ -758,8 +758,11 @@ def _train(
     model.cpu()
     learnt = np.bincount(labels, minlength=len(AAMI_CLASSES))
     summary = {
-        "epochs": len(history),
+        # The epoch reached, counted even when the budget ended it early. A run resumed inside
+        # an epoch logs that epoch twice in the history, so len(history) would overcount.
+        "epochs": int(history[-1]["epoch"]) if history else 0,
         "steps": step,
+        "steps_per_epoch": steps_per_epoch,
         "duration_s": round(time.monotonic() - started, 1),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "stopped_by": stopped_by,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,16 @@ def test_non_finite_beats_log_no_unit_warning(caplog: pytest.LogCaptureFixture) 
     assert math.isnan(result.median_peak_to_peak_mv)
     assert not result.unit_suspect
     assert _baseline_warnings(caplog) == []
+
+
+def test_opposite_infinities_raise_no_numpy_warning() -> None:
+    beats = np.zeros((2, 1, 256), dtype=np.float32)
+    beats[0, 0, 3] = np.inf
+    beats[0, 0, 9] = -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = measure_baseline_offset(beats)
+    assert result.beats == 2
 
 
 def test_flat_beats_get_flat_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -504,7 +505,8 @@ def test_validate_unknown_class_names_beat(tmp_path: Path) -> None:
     assert f"{labels} gives beat index 1 the class 'X', which is not an AAMI class" in (
         result.stderr
     )
-    assert "use one of N, S, V, F, Q, or pass --best-class" in result.stderr
+    assert "not an AAMI class (N, S, V, F, Q); use a class that the model knows" in result.stderr
+    assert "or pass --best-class" in result.stderr
 
     table = tmp_path / "beats.csv"
     header = "class,score," + ",".join(f"MLII_{i}" for i in range(256))
@@ -542,6 +544,26 @@ def test_validate_sends_input_rate(server_address: str, tmp_path: Path, fmt: str
     assert "1000" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("amount", "option"),
+    [
+        (["--count", "4294967296"], "--count=4294967296"),
+        (["--classes", "N=99999,V=2"], "--classes"),
+    ],
+)
+def test_generate_over_server_limit_exits_2(
+    server_address: str, tmp_path: Path, amount: list[str], option: str
+) -> None:
+    out = tmp_path / "out"
+    result = run_cli("generate", "--address", server_address, *amount, "--out", str(out))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert option in result.stderr
+    assert "over this server's limit of 100000 beats per request" in result.stderr
+    assert "request 1 to 100000" in result.stderr
+    assert not (out / "synthetic.npy").exists()
+
+
 @pytest.mark.parametrize("fmt", ["npy", "csv", "wfdb"])
 def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
@@ -564,6 +586,10 @@ def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, f
     assert generated.returncode == 0, generated.stderr
     assert "accepted 7 of 7" in generated.stdout
     assert "accepted beyond the request and dropped" in generated.stdout
+    if fmt == "csv":
+        assert re.search(r"^per class: [NSVF] \d+", generated.stdout, re.MULTILINE)
+    else:
+        assert "per class: N 4 of 4, V 3 of 3" in generated.stdout
 
     source = {"npy": "synthetic.npy", "csv": "synthetic.csv", "wfdb": "synthetic.hea"}[fmt]
     result = run_cli(
@@ -1074,7 +1100,9 @@ def test_wfdb_output_keeps_beats_within_a_step(tmp_path: Path, peak_mv: float) -
     assert classes == ["N"] * 5
     # One step of the stored integers; rounding to the nearest step errs by at most half.
     step_mv = max(peak_mv / WFDB_PEAK_UNITS, 1.0 / WFDB_MAX_ADC_GAIN)
-    gains = wfdb.rdheader(str(tmp_path / "beats")).adc_gain
+    header = wfdb.rdheader(str(tmp_path / "beats"))
+    gains = header.adc_gain
+    assert any("placed end to end, not a rhythm" in line for line in header.comments)
     # read_beats returns float32, which adds its own rounding of a few parts in 1e7.
     float32_error = float(np.finfo(np.float32).eps) * peak_mv
     for lead, gain in enumerate(gains):

@@ -15,7 +15,7 @@ from appliance.client import ApplianceClient
 from appliance.corrupt import corrupt
 from appliance.dataset import Dataset
 from appliance.engine import Engine
-from appliance.pipeline import PIPELINE_CORRUPTIONS, _table, auroc
+from appliance.pipeline import PIPELINE_CORRUPTIONS, _table, _training_line, auroc
 from appliance.privacy import privacy_space
 from appliance.store import load_current
 
@@ -167,9 +167,32 @@ def test_summary_table_accounts_for_every_draw() -> None:
         "auroc_real_vs_corrupted": {},
         "synthetic_nearest_train_distance": {},
         "files": [],
+        "training": _training(steps=156, stopped_by="epochs"),
     }
     lines = _table(figures).splitlines()
-    counted = lines[0].split("draws", 1)[1]
+    assert lines[0].startswith("training: 156 steps of 78 per epoch (2.0 epochs)")
+    counted = lines[1].split("draws", 1)[1]
     parts = [int(n) for n in re.findall(r"(?<![.\d])\d+(?![.\d])", counted)]
-    assert sum(parts) + figures["generated"] == figures["draws"], lines[0]
+    assert sum(parts) + figures["generated"] == figures["draws"], lines[1]
     assert any("test records 213" in line for line in lines)
+
+
+def _training(steps: int, stopped_by: str) -> dict[str, object]:
+    return {
+        "steps": steps,
+        "steps_per_epoch": 78,
+        "duration_s": 301.4,
+        "stopped_by": stopped_by,
+        "validation_bpd": -2.1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("steps", "stopped_by", "undertrained"),
+    [(42, "time budget", True), (78, "time budget", False), (42, "epochs", False)],
+)
+def test_training_line_flags_short_budget(steps: int, stopped_by: str, undertrained: bool) -> None:
+    line = _training_line(_training(steps, stopped_by))
+    assert line.startswith(f"training: {steps} steps of 78 per epoch")
+    assert f"stopped by {stopped_by}" in line
+    assert ("undertrained" in line) is undertrained

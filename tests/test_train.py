@@ -391,11 +391,18 @@ def test_time_budget_ends_epoch_early(tiny_run, tiny_data, tmp_path: Path) -> No
     assert result.summary["stopped_by"] == "time budget"
     assert result.summary["steps"] == 1
     assert result.summary["steps"] < full.summary["steps"] // full.summary["epochs"]
+    assert result.summary["epochs"] == 1
+    assert result.summary["steps_per_epoch"] == full.summary["steps"] // full.summary["epochs"]
     assert len(result.summary["history"]) == 1
     assert math.isfinite(result.summary["best_validation_loss"])
     state = load_checkpoint(work_dir / CHECKPOINT_FILE)
     assert state["step"] == 1
     assert (work_dir / BEST_FILE).exists()
+    # A second short run resumes inside the same epoch, which the summary counts once.
+    again = train(short, *tiny_data, work_dir, resume=True, progress=False)
+    assert again.summary["steps"] == 2
+    assert len(again.summary["history"]) == 2
+    assert again.summary["epochs"] == 1
     # Resumed with the longer budget, training finishes the epochs the short run left.
     resumed = train(TINY, *tiny_data, work_dir, resume=True, progress=False)
     assert resumed.summary["stopped_by"] == "epochs"
