@@ -375,7 +375,8 @@ def test_baselines_sample_requested_classes(small_fit):
         assert np.isfinite(sample.beats).all()
 
 
-def test_evaluation_ranks_copies_over_noise(protocol):
+def test_evaluation_ranks_copies_over_noise(protocol, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="appliance.quality.evaluate")
     small = load_protocol_subset(protocol)
     config = QualityConfig(
         train_per_class=150,
@@ -394,6 +395,18 @@ def test_evaluation_ranks_copies_over_noise(protocol):
     assert copies["discriminative"]["overall"] < noise["discriminative"]["overall"]
     assert copies["privacy"]["fraction_below_holdout_p05"] > 0.5
     assert noise["privacy"]["fraction_below_holdout_p05"] == 0.0
+    # Each stage of each generator is logged once as progress.
+    messages = [record.getMessage() for record in caplog.records]
+    for name in ("copies", "noise"):
+        for stage in (
+            "sampling",
+            "tstr_and_rebalancing",
+            "discriminative",
+            "mmd_and_frechet",
+            "morphology",
+        ):
+            prefix = f"generator={name} stage={stage} done elapsed_s="
+            assert sum(m.startswith(prefix) for m in messages) == 1, prefix
 
 
 def load_protocol_subset(protocol):

@@ -9,6 +9,7 @@ against the hold-out of the same patients.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,17 @@ def _evaluate_one(
 ) -> GeneratorFigures:
     seed = config.seed
     logger.info("generator=%s evaluation started", generator.name)
+    started = time.monotonic()
+
+    def stage_done(stage: str) -> None:
+        # A report runs for minutes, so each finished stage is logged as progress.
+        logger.info(
+            "generator=%s stage=%s done elapsed_s=%.0f",
+            generator.name,
+            stage,
+            time.monotonic() - started,
+        )
+
     counts = {c: int(n) for c, n in enumerate(np.bincount(real_train.labels)) if n > 0}
     synthetic = generator.sample(counts, seed)
     top_up_counts = {
@@ -145,6 +157,7 @@ def _evaluate_one(
         if counts.get(c, 0) < config.rebalance_target
     }
     top_up = generator.sample(top_up_counts, seed + 1)
+    stage_done("sampling")
     metrics: dict[str, Any] = {
         "synthetic_counts": synthetic.counts(),
         "top_up_counts": top_up.counts(),
@@ -152,15 +165,19 @@ def _evaluate_one(
     metrics.update(
         utility(synthetic, top_up, real_train, data.test, trtr_f1, config.classifier, seed)
     )
+    stage_done("tstr_and_rebalancing")
     real_eval = subsample(data.fit, config.eval_per_class, seed)
     synthetic_eval = subsample(synthetic, config.eval_per_class, seed)
     metrics["discriminative"] = discriminative_score(
         real_eval, synthetic_eval, config.classifier, seed
     )
+    stage_done("discriminative")
     metrics.update(_distances(data, synthetic, real_model, config))
+    stage_done("mmd_and_frechet")
     metrics["morphology"] = morphology_report(
         data.fit, synthetic, data.fs_hz, data.pre_r_samples, config.morphology_per_class, seed
     )
+    stage_done("morphology")
     privacy = privacy_report(
         synthetic_eval.beats,
         data.members,
