@@ -1032,7 +1032,7 @@ def _command_report(args: argparse.Namespace) -> int:
         f"wrote {args.out / 'quality.html'} and {args.out / 'quality.json'} "
         f"({len(figures)} sections)\n"
     )
-    warning = mismatch_warning(figures)
+    warning = mismatch_warning(figures["protocol"].get("matches_training_records"))
     if warning is not None:
         sys.stderr.write(f"warning: {warning}\n")
     if not args.no_attach:
@@ -1103,8 +1103,11 @@ def _command_quality_report(args: argparse.Namespace) -> int:
         f"quality report of model {reply.model_id}, computed {reply.created_at}: wrote "
         f"{', '.join(str(p) for p in paths)}\n"
     )
-    if reply.HasField("matches_training_records") and not reply.matches_training_records:
-        warning = mismatch_warning({"protocol": {"matches_training_records": False}})
+    matches = (
+        reply.matches_training_records if reply.HasField("matches_training_records") else None
+    )
+    warning = mismatch_warning(matches)
+    if warning is not None:
         sys.stderr.write(f"warning: {warning}\n")
     return 0
 

@@ -241,15 +241,16 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
 
 
 def _training_line(training: dict[str, Any]) -> str:
-    """Describe how long training ran, and flag a budget that ended it within the first epoch."""
-    steps, per_epoch = int(training["steps"]), int(training["steps_per_epoch"])
-    validation = training.get("validation_bpd")
+    """Return the table's line on training, flagged when the budget ended the first epoch."""
+    steps, steps_per_epoch = int(training["steps"]), int(training["steps_per_epoch"])
+    validation_bpd = training.get("validation_bpd")
     line = (
-        f"training: {steps} steps of {per_epoch} per epoch ({steps / per_epoch:.1f} epochs) in "
-        f"{training['duration_s']:.0f} s, stopped by {training['stopped_by']}; validation NLL "
-        + ("n/a" if validation is None else f"{validation:.3f} bits/dim")
+        f"training: {steps} steps of {steps_per_epoch} per epoch "
+        f"({steps / steps_per_epoch:.1f} epochs) in {training['duration_s']:.0f} s, stopped by "
+        f"{training['stopped_by']}; validation NLL "
+        + ("n/a" if validation_bpd is None else f"{validation_bpd:.3f} bits/dim")
     )
-    if training["stopped_by"] == "time budget" and steps < per_epoch:
+    if training["stopped_by"] == "time budget" and steps < steps_per_epoch:
         line += (
             "; the time budget ended training within its first epoch, so the model is "
             "undertrained: rerun on idle cores or raise --max-minutes"

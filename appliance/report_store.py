@@ -63,9 +63,14 @@ PRIVACY_COLUMNS = (
 )
 
 
-def mismatch_warning(summary: dict[str, Any]) -> str | None:
-    """Return the warning for a model not trained on the protocol's fit records, else None."""
-    if summary.get("protocol", {}).get("matches_training_records") is not False:
+def mismatch_warning(matches_training_records: bool | None) -> str | None:
+    """Return the warning for a model not trained on the protocol's fit records, else None.
+
+    Arguments:
+        matches_training_records: The report's ``protocol.matches_training_records``; None
+            when the manifest does not record the training records.
+    """
+    if matches_training_records is not False:
         return None
     return (
         "this model was trained on other records than the protocol's fit set (the DS1 "

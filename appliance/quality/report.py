@@ -341,7 +341,7 @@ def render_html(summary: dict[str, Any], image_sources: Mapping[str, str] | None
         f"<th>{html.escape(c)}<br><small>{html.escape(GOALS.get(c, ''))}</small></th>"
         for c in columns
     )
-    warning = mismatch_warning(summary)
+    warning = mismatch_warning(summary["protocol"].get("matches_training_records"))
 
     def cell(column: str, value: Any) -> str:
         if warning is not None and column in PRIVACY_COLUMNS:
