@@ -30,7 +30,7 @@ def engine(model_store: Path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def test_beats(default_dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def record_beats(default_dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     test = default_dataset.splits["test"]
     pick = np.random.default_rng(1).choice(len(test), size=TEST_BEATS, replace=False)
     return test.windows[pick], test.labels[pick]
@@ -73,8 +73,8 @@ def test_store_rejects_modified_graph(model_store: Path, tmp_path: Path) -> None
         load_current(copy)
 
 
-def test_onnx_roundtrip_on_real_test_beats(engine: Engine, test_beats) -> None:
-    beats, labels = test_beats
+def test_onnx_roundtrip_on_real_test_beats(engine: Engine, record_beats) -> None:
+    beats, labels = record_beats
     x = (beats / engine.scale_mv).astype(np.float32)
     known = np.isin(labels, engine.classes_known)
     z, _ = engine.forward(x[known], labels[known])
@@ -85,8 +85,8 @@ def test_onnx_roundtrip_on_real_test_beats(engine: Engine, test_beats) -> None:
 
 
 @pytest.mark.parametrize("kind", PIPELINE_CORRUPTIONS)
-def test_score_ranks_real_above_corrupted(engine: Engine, test_beats, kind: str) -> None:
-    beats, _ = test_beats
+def test_score_ranks_real_above_corrupted(engine: Engine, record_beats, kind: str) -> None:
+    beats, _ = record_beats
     rng = np.random.default_rng(2)
     real = engine.score((beats / engine.scale_mv).astype(np.float32)).scores
     bad = engine.score(
@@ -123,8 +123,8 @@ def test_generate_over_socket_returns_new_beats(
     assert (distances >= generated.stats.privacy_threshold).all()
 
 
-def test_validate_over_socket_scores_mixed_batch(server_address: str, test_beats) -> None:
-    beats, _ = test_beats
+def test_validate_over_socket_scores_mixed_batch(server_address: str, record_beats) -> None:
+    beats, _ = record_beats
     rng = np.random.default_rng(3)
     noise = corrupt(beats[:20], "gaussian_noise", 360.0, rng)
     with ApplianceClient(server_address) as client:

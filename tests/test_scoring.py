@@ -36,7 +36,7 @@ def engine(model_store: Path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def test_beats(default_dataset, engine: Engine) -> tuple[np.ndarray, np.ndarray]:
+def record_beats(default_dataset, engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Scaled beats of the test record of known classes and their labels."""
     test = default_dataset.splits["test"]
     known = np.flatnonzero(np.isin(test.labels, engine.classes_known))
@@ -155,9 +155,9 @@ def test_calibration_lower_tail_ignores_high() -> None:
 
 
 def test_slope_and_peak_statistics_on_real_beats(
-    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+    engine: Engine, record_beats: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, labels = test_beats[0][:200], test_beats[1][:200]
+    x, labels = record_beats[0][:200], record_beats[1][:200]
     beats = x.astype(np.float64)
     step = beats.copy()
     step[:, :, 150:] += 1.0 / engine.scale_mv  # 1 mV baseline step after the R peak
@@ -184,9 +184,9 @@ def test_slope_and_peak_statistics_on_real_beats(
 
 
 def test_likelihood_and_reconstruction_statistics_on_real_beats(
-    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+    engine: Engine, record_beats: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, labels = test_beats[0][:200], test_beats[1][:200]
+    x, labels = record_beats[0][:200], record_beats[1][:200]
     # White noise of 0.2 mV: detail the bottleneck cannot carry and the flow finds unlikely.
     noise = np.random.default_rng(3).normal(0.0, 0.2 / engine.scale_mv, size=x.shape)
     noisy = (x + noise).astype(np.float32)
@@ -238,9 +238,9 @@ def test_engine_scores_heldout_beats_uniformly(engine: Engine, default_dataset) 
 
 
 def test_score_without_label_returns_best_class(
-    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+    engine: Engine, record_beats: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x = test_beats[0][:100]
+    x = record_beats[0][:100]
     unlabelled = engine.score(x)
     best = engine.best_classes(x)
     np.testing.assert_array_equal(unlabelled.classes, best)
@@ -252,9 +252,9 @@ def test_score_without_label_returns_best_class(
 
 
 def test_best_class_fits_better_than_given(
-    engine: Engine, test_beats: tuple[np.ndarray, np.ndarray]
+    engine: Engine, record_beats: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, labels = test_beats[0][:100], test_beats[1][:100]
+    x, labels = record_beats[0][:100], record_beats[1][:100]
     best = engine.score(x)
     given = engine.score(x, labels)
     nll = FEATURES.index("nll_bpd")
@@ -284,9 +284,9 @@ def _torch_features(
 
 
 def test_scores_rank_same_in_torch_and_onnx(
-    engine: Engine, trained_result, test_beats: tuple[np.ndarray, np.ndarray]
+    engine: Engine, trained_result, record_beats: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, labels = test_beats
+    x, labels = record_beats
     onnx_scores = engine.score(x, labels).scores
     assert engine.calibration is not None
     torch_scores = engine.calibration.score(
