@@ -36,7 +36,7 @@ MIN_BEATS = 100
 # Training beats per class whose latent values the prior is fitted on, drawn at random.
 MAX_FIT_BEATS_PER_CLASS = 5000
 # Mixture components of a class's bottleneck: one per this many beats, at most MAX_COMPONENTS.
-BEATS_PER_COMPONENT = 100
+BEATS_PER_COMPONENT = 60
 MAX_COMPONENTS = 3
 # Pseudo-beats of the class's moments added to each component's.
 COMPONENT_SHRINKAGE_BEATS = 8
@@ -44,6 +44,9 @@ COMPONENT_SHRINKAGE_BEATS = 8
 # log-likelihood per beat gains less than MIXTURE_TOLERANCE.
 MIXTURE_ITERATIONS = 100
 MIXTURE_TOLERANCE = 1e-4
+# Expectation-maximisation runs from this many k-means starts, and the fit of highest mean
+# log-likelihood is kept, so that one unlucky start does not decide a class's prior.
+MIXTURE_STARTS = 4
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,6 @@ class LatentPrior:
         if max_components < 1:
             raise ValueError(f"max_components={max_components} is out of range; use 1 or more")
         prior = cls.standard(classes, bottleneck_dims, z.shape[1], max_components)
-        rng = np.random.default_rng(seed)
         values = z.astype(np.float64)
         k = bottleneck_dims
         for class_index in range(classes):
@@ -192,6 +194,12 @@ class LatentPrior:
             prior.component_chol[class_index, 0] = chol
             count = min(max_components, n // BEATS_PER_COMPONENT)
             if count > 1:
+                # k-means cannot place more centres than there are distinct points.
+                count = min(count, np.unique(head, axis=0).shape[0])
+            if count > 1:
+                # Each class draws its starts from its own stream, so a class's prior does not
+                # depend on how many components the classes before it have.
+                rng = np.random.default_rng([seed, class_index])
                 weights, means, chols = _fit_mixture(
                     head, mean_shrunk, covariance, count, rng, class_index
                 )
@@ -323,9 +331,10 @@ def _fit_mixture(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit a Gaussian mixture to one class's bottleneck values by expectation-maximisation.
 
-    k-means (SciPy ``kmeans2``) gives the first assignment. Each M-step shrinks a component's
-    mean and covariance towards the class's with ``COMPONENT_SHRINKAGE_BEATS`` pseudo-beats.
-    The class's covariance is positive definite, so every component's is too.
+    k-means (SciPy ``kmeans2``) gives the first assignment of each of ``MIXTURE_STARTS`` starts,
+    and the start whose fit has the highest mean log-likelihood wins. Each M-step shrinks a
+    component's mean and covariance towards the class's with ``COMPONENT_SHRINKAGE_BEATS``
+    pseudo-beats. The class's covariance is positive definite, so every component's is too.
 
     Arguments:
         head: Bottleneck values of the class's beats, shape (n, k), float64.
@@ -342,8 +351,29 @@ def _fit_mixture(
     Raises:
         ValueError: If a component's covariance is not positive definite in floating point.
     """
+    fits = []
+    for _ in range(MIXTURE_STARTS):
+        _, assignment = kmeans2(head, count, iter=20, minit="++", seed=rng)
+        fits.append(
+            _expectation_maximisation(
+                head, assignment, class_mean, class_covariance, count, class_index
+            )
+        )
+    # max keeps the earliest start among equal likelihoods.
+    _, weights, means, chols = max(fits, key=lambda fit: fit[0])
+    return weights, means, chols
+
+
+def _expectation_maximisation(
+    head: np.ndarray,
+    assignment: np.ndarray,
+    class_mean: np.ndarray,
+    class_covariance: np.ndarray,
+    count: int,
+    class_index: int,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Run EM from a hard assignment; return the mean log-likelihood, weights, means, factors."""
     n, k = head.shape
-    _, assignment = kmeans2(head, count, iter=20, minit="++", seed=rng)
     responsibility = np.zeros((n, count))
     responsibility[np.arange(n), assignment] = 1.0
     previous = -np.inf
@@ -383,7 +413,7 @@ def _fit_mixture(
         if mean_log_likelihood - previous < MIXTURE_TOLERANCE:
             break
         previous = mean_log_likelihood
-    return weights, means, chols
+    return mean_log_likelihood, weights, means, chols
 
 
 def truncated_standard_normal(

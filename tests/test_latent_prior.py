@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.cluster.vq import kmeans2
 
 from appliance.latent_prior import (
+    BEATS_PER_COMPONENT,
     COMPONENT_SHRINKAGE_BEATS,
     MIN_BEATS,
+    MIXTURE_STARTS,
     SHRINKAGE_BEATS,
     LatentPrior,
+    _expectation_maximisation,
 )
 
 CLASSES = 5
@@ -63,6 +67,8 @@ def test_shrinkage_pulls_towards_standard_normal() -> None:
     expected_variance = weight * 4.0 + (1 - weight) - (2.0 * weight) ** 2
     assert np.allclose(np.diag(prior.chol[0] @ prior.chol[0].T), expected_variance)
     assert np.all(np.isfinite(prior.chol[0]))
+    # Identical latent values leave k-means a single distinct point, so one component.
+    assert prior.components(0) == 1
 
 
 def test_non_finite_latents_raise() -> None:
@@ -217,15 +223,69 @@ def test_mixture_finds_separated_clusters() -> None:
 
 
 def test_components_follow_class_size() -> None:
-    # One component per BEATS_PER_COMPONENT beats, at most max_components.
-    z = _two_clusters(1000, 15)
-    labels = np.zeros(1000, dtype=np.int64)
-    labels[:250] = 1
-    labels[250:450] = 3
+    # One component per BEATS_PER_COMPONENT beats, at most max_components; a class under
+    # MIN_BEATS keeps the standard normal with one component.
+    sizes = {
+        0: 9 * BEATS_PER_COMPONENT,
+        1: 3 * BEATS_PER_COMPONENT,
+        3: 2 * BEATS_PER_COMPONENT - 1,
+        4: MIN_BEATS - 1,
+    }
+    labels = np.concatenate([np.full(n, c, dtype=np.int64) for c, n in sizes.items()])
+    z = _two_clusters(labels.size, 15)
     prior = LatentPrior.fit(z, labels, CLASSES, BOTTLENECK, 4, seed=0)
-    assert [prior.components(c) for c in range(CLASSES)] == [4, 2, 1, 2, 1]
+    assert [prior.components(c) for c in range(CLASSES)] == [4, 3, 1, 1, 1]
     assert prior.beats[2] == 0
+    assert prior.beats[4] == 0
     assert np.allclose(prior.component_weights.sum(axis=1), 1.0)
+
+
+def test_mixture_keeps_the_best_start() -> None:
+    # Three clusters of unequal size and spread, fitted with three components: the starts
+    # end at different fits, and the prior is the one of highest mean log-likelihood.
+    rng = np.random.default_rng(21)
+    centres = np.zeros((3, BOTTLENECK))
+    centres[:, 0] = [-4.0, 0.0, 1.5]
+    centres[:, 1] = [0.0, 3.0, -1.0]
+    members = rng.choice(3, size=900, p=[0.6, 0.3, 0.1])
+    spreads = np.array([1.2, 0.4, 0.8])[members, None]
+    head = centres[members] + spreads * rng.standard_normal((900, BOTTLENECK))
+    z = np.concatenate([head, rng.standard_normal((900, LATENT - BOTTLENECK))], axis=1)
+    labels = np.full(900, 2, dtype=np.int64)
+    prior = LatentPrior.fit(z, labels, CLASSES, BOTTLENECK, 3, seed=5)
+    # Replay the starts in the order the fit draws them.
+    class_prior = LatentPrior.fit(z, labels, CLASSES, BOTTLENECK, 1, seed=5)
+    mean, covariance = class_prior.mean[2], class_prior.chol[2] @ class_prior.chol[2].T
+    start_rng = np.random.default_rng([5, 2])
+    fits = []
+    for _ in range(MIXTURE_STARTS):
+        _, assignment = kmeans2(head, 3, iter=20, minit="++", seed=start_rng)
+        fits.append(_expectation_maximisation(head, assignment, mean, covariance, 3, 2))
+    likelihoods = [fit[0] for fit in fits]
+    assert max(likelihoods) - min(likelihoods) > 1e-3, "the starts should differ"
+    best = fits[int(np.argmax(likelihoods))]
+    np.testing.assert_allclose(prior.component_weights[2], best[1])
+    np.testing.assert_allclose(prior.component_mean[2], best[2])
+
+
+def test_class_prior_ignores_other_classes() -> None:
+    # Each class draws its k-means starts from its own stream, so adding a class with
+    # several components before it leaves its prior unchanged.
+    z = _two_clusters(1200, 22)
+    labels = np.full(1200, 3, dtype=np.int64)
+    alone = LatentPrior.fit(z, labels, CLASSES, BOTTLENECK, 3, seed=1)
+    extra = _two_clusters(600, 23)
+    with_other = LatentPrior.fit(
+        np.concatenate([extra, z]),
+        np.concatenate([np.zeros(600, dtype=np.int64), labels]),
+        CLASSES,
+        BOTTLENECK,
+        3,
+        seed=1,
+    )
+    assert with_other.components(0) == 3
+    np.testing.assert_array_equal(with_other.component_weights[3], alone.component_weights[3])
+    np.testing.assert_array_equal(with_other.component_mean[3], alone.component_mean[3])
 
 
 def test_mixture_fit_and_sample_are_seeded() -> None:
