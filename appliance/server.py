@@ -34,7 +34,7 @@ from appliance.errors import ModelStoreError
 from appliance.serve_config import ServeConfig, TlsFiles
 from appliance.server_errors import UnservedCallLogger, limit_grpc_library_logs
 from appliance.service import ApplianceServicer, ThreadPlan
-from appliance.store import current_version_id, load_current
+from appliance.store import current_version_id, load_current, require_served_files
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -211,6 +211,7 @@ class ApplianceServer:
         """
         started = time.monotonic()
         version = load_current(store)
+        require_served_files(version)
         engine = Engine(
             version,
             intra_op_threads=self.plan.intra_op_threads,

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -200,7 +201,12 @@ def current_version_id(store: Path) -> str:
             "`python -m appliance train --store {store}` first".replace("{store}", str(store))
         )
     try:
-        return pointer.read_text().strip()
+        return pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ModelStoreError(
+            f"{pointer} is not a version name in UTF-8 text ({exc.reason}); write the name of "
+            f"a folder in {store / VERSIONS_DIR} into it, or retrain"
+        ) from exc
     except OSError as exc:
         raise ModelStoreError(
             f"{pointer} cannot be read ({exc.strerror or exc}); check the store's permissions"
@@ -228,22 +234,99 @@ def load_current(store: Path) -> ModelVersion:
             "one of them into CURRENT, or retrain"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError covers invalid JSON and text that is not UTF-8.
         raise ModelStoreError(f"manifest {manifest_path} cannot be read: {exc}") from exc
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ModelStoreError(
-            f"manifest {manifest_path} has format {manifest.get('format')!r}, expected "
+            f"manifest {manifest_path} has format {found!r}, expected "
             f"{MANIFEST_FORMAT}; retrain with this version of the appliance"
         )
-    for key, entry in manifest["files"].items():
+    files = _checked_file_entries(manifest, manifest_path)
+    for key, entry in files.items():
         file_path = path / entry["name"]
-        if not file_path.exists():
-            raise ModelStoreError(f"model store file {file_path} ({key}) is missing; retrain")
+        _check_regular_file(file_path, key)
         actual = sha256_of(file_path)
         if actual != entry["sha256"]:
             raise ModelStoreError(
                 f"model store file {file_path} ({key}) has SHA-256 {actual[:16]}..., the "
                 f"manifest says {entry['sha256'][:16]}...; the store was modified, retrain"
             )
+    # The id covers the file hashes and every manifest section that shapes the replies, so an
+    # edit to the gate, the privacy threshold or the data contract shows here. It is a
+    # checksum, not a signature: it catches damage and edits, not a writer who recomputes it.
+    expected_id = model_id_of(manifest)
+    if manifest.get("model_id") != expected_id:
+        raise ModelStoreError(
+            f"manifest {manifest_path} gives model id {manifest.get('model_id')!r}, but its "
+            f"files and settings give {expected_id}: the manifest was edited after the model "
+            "was published. Restore it, or publish the model again with `python -m appliance "
+            "export` or `train`"
+        )
     return ModelVersion(path=path, manifest=manifest)
+
+
+# Files a served version must list. The lead check and the latent prior are optional, as
+# models exported before they existed are still served.
+SERVED_FILES = ("forward_graph", "inverse_graph", "calibration", "privacy_index")
+
+
+def require_served_files(version: ModelVersion) -> None:
+    """Raise ModelStoreError unless the version lists every file that serving needs."""
+    missing = [key for key in SERVED_FILES if key not in version.manifest["files"]]
+    if missing:
+        raise ModelStoreError(
+            f"model version {version.path} lists no {', '.join(missing)} file, so it cannot "
+            "be served; publish it again with `python -m appliance export` or `train`"
+        )
+
+
+def _checked_file_entries(manifest: dict[str, Any], manifest_path: Path) -> dict[str, Any]:
+    """Return the manifest's ``files`` after checking that each entry is a plain file name.
+
+    Raises:
+        ModelStoreError: If ``files`` is missing or malformed, or names a path outside the
+            version folder.
+    """
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ModelStoreError(
+            f"manifest {manifest_path} has no 'files' table; the version is damaged, retrain"
+        )
+    for key, entry in files.items():
+        name = entry.get("name") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not isinstance(digest, str):
+            raise ModelStoreError(
+                f"manifest {manifest_path} entry files.{key} needs a 'name' and a 'sha256' "
+                "string; the version is damaged, retrain"
+            )
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ModelStoreError(
+                f"manifest {manifest_path} entry files.{key} names {name!r}, which is not a "
+                "file name inside the version folder; the version is damaged, retrain"
+            )
+    return files
+
+
+def _check_regular_file(file_path: Path, key: str) -> None:
+    """Raise ModelStoreError unless ``file_path`` is a regular file and not a link."""
+    try:
+        mode = file_path.lstat().st_mode
+    except FileNotFoundError:
+        raise ModelStoreError(
+            f"model store file {file_path} ({key}) is missing; retrain"
+        ) from None
+    except OSError as exc:
+        raise ModelStoreError(
+            f"model store file {file_path} ({key}) cannot be read ({exc.strerror}); check the "
+            "store's permissions"
+        ) from exc
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise ModelStoreError(
+            f"model store file {file_path} ({key}) is {kind}; a version holds only the files "
+            "export wrote, so retrain or restore the version"
+        )

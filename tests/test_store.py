@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from appliance.store import (
     model_id_of,
     new_version_dir,
     publish_version,
+    require_served_files,
 )
 
 
@@ -125,3 +127,70 @@ def test_current_naming_absent_version_lists_present(tmp_path: Path, named: str)
     message = str(raised.value)
     assert f"names version {named!r}" in message
     assert f"versions present: {present}" in message
+
+
+def _manifest_path(store: Path) -> Path:
+    return store / VERSIONS_DIR / current_version_id(store) / "manifest.json"
+
+
+def _edit_manifest(store: Path, edit) -> None:  # noqa: ANN001
+    path = _manifest_path(store)
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_edited_manifest_is_refused(tmp_path: Path) -> None:
+    _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    # The training date is not part of the model id, so editing it is allowed.
+    _edit_manifest(tmp_path, lambda m: m.update(trained_at="2026-02-01T00:00:00+00:00"))
+    load_current(tmp_path)
+    _edit_manifest(tmp_path, lambda m: m["gate"].update(default_margin=-5.0))
+    with pytest.raises(ModelStoreError, match="was edited after the model was published"):
+        load_current(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "..", "sub/calibration.bin", ""])
+def test_file_outside_version_is_refused(tmp_path: Path, name: str) -> None:
+    _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    (tmp_path / VERSIONS_DIR / "outside.bin").write_bytes(b"calibration")
+    _edit_manifest(tmp_path, lambda m: m["files"]["calibration"].update(name=name))
+    with pytest.raises(ModelStoreError, match="not a file name inside the version folder"):
+        load_current(tmp_path)
+
+
+def test_linked_or_odd_file_is_refused(tmp_path: Path) -> None:
+    _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    folder = _manifest_path(tmp_path).parent
+    # Same bytes behind a link: the hash would match, the link is refused.
+    elsewhere = tmp_path / "elsewhere.bin"
+    elsewhere.write_bytes(b"calibration")
+    (folder / "calibration.bin").unlink()
+    (folder / "calibration.bin").symlink_to(elsewhere)
+    with pytest.raises(ModelStoreError, match=r"\(calibration\) is a symbolic link"):
+        load_current(tmp_path)
+    (folder / "calibration.bin").unlink()
+    (folder / "calibration.bin").mkdir()
+    with pytest.raises(ModelStoreError, match=r"\(calibration\) is not a regular file"):
+        load_current(tmp_path)
+
+
+def test_manifest_without_files_is_named(tmp_path: Path) -> None:
+    _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    _edit_manifest(tmp_path, lambda m: m.pop("files"))
+    with pytest.raises(ModelStoreError, match="has no 'files' table"):
+        load_current(tmp_path)
+
+
+def test_binary_current_is_named(tmp_path: Path) -> None:
+    _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    (tmp_path / CURRENT_FILE).write_bytes(b"\xff\xfe\x00version")
+    with pytest.raises(ModelStoreError, match="is not a version name in UTF-8 text"):
+        load_current(tmp_path)
+
+
+def test_served_files_are_required(tmp_path: Path, model_store: Path) -> None:
+    require_served_files(load_current(model_store))
+    _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    with pytest.raises(ModelStoreError, match="lists no inverse_graph, privacy_index file"):
+        require_served_files(load_current(tmp_path))
