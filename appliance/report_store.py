@@ -13,6 +13,7 @@ JSON and the page of the same report. This module imports neither PyTorch nor gR
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -197,10 +198,17 @@ def load_report(store: Path, version: str, model_id: str) -> StoredReport:
         "model store"
     )
     try:
-        folder_fd = os.open(Path(store) / REPORTS_DIR / version, os.O_RDONLY | os.O_DIRECTORY)
+        folder_fd = os.open(
+            Path(store) / REPORTS_DIR / version, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        )
     except FileNotFoundError as exc:
         raise ReportNotFoundError(missing) from exc
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ModelStoreError(
+                f"the quality report folder of model {model_id} is a link or not a folder; "
+                f"remove it and rebuild the report with `{REPORT_COMMAND}`"
+            ) from exc
         raise ModelStoreError(
             f"the quality report folder of model {model_id} cannot be opened: {exc.strerror}"
         ) from exc
@@ -244,18 +252,28 @@ def _read_file(name: str, folder_fd: int, model_id: str, missing: str) -> bytes:
     try:
         # With O_NONBLOCK, opening a FIFO planted in the store returns at once instead of
         # blocking the call's thread until a writer appears. The file type is checked next.
-        file_fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=folder_fd)
+        # O_NOFOLLOW refuses a symbolic link, which could point at a weight or beat file.
+        file_fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=folder_fd)
     except FileNotFoundError as exc:
         raise ReportNotFoundError(missing) from exc
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelStoreError(
+                f"{name} of the quality report of model {model_id} is a symbolic link; "
+                f"remove it and rebuild the report with `{REPORT_COMMAND}`"
+            ) from exc
         raise ModelStoreError(
             f"{name} of the quality report of model {model_id} cannot be opened: {exc.strerror}"
         ) from exc
-    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+    status = os.fstat(file_fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
         os.close(file_fd)
+        # A report file is written to a new name and renamed, so it has one link. A second
+        # link could be the store's privacy index or a weight file under the report's name.
+        problem = "not a regular file" if status.st_nlink == 1 else "a file with other links"
         raise ModelStoreError(
-            f"{name} of the quality report of model {model_id} is not a regular file; "
-            f"rebuild the report with `{REPORT_COMMAND}`"
+            f"{name} of the quality report of model {model_id} is {problem}; "
+            f"remove it and rebuild the report with `{REPORT_COMMAND}`"
         )
     with os.fdopen(file_fd, "rb") as handle:
         try:

@@ -25,7 +25,7 @@ from appliance.quality.evaluate import QualityConfig
 from appliance.quality.report import build_report, embedded_html
 from appliance.report_store import REPORTS_DIR, attach_report, metric_rows
 from appliance.server import ApplianceServer, ServeConfig, create_server
-from appliance.store import CURRENT_FILE, load_current, sha256_of
+from appliance.store import CURRENT_FILE, VERSIONS_DIR, load_current, sha256_of
 from appliance.v1 import appliance_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -299,6 +299,41 @@ def test_damaged_report_file_fails_precondition(
         _detach(store)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
     assert model_id in error.details()
+    assert str(store) not in error.details()
+    assert client.model_info().model_id == model_id
+
+
+@pytest.mark.parametrize("link", ["symbolic link", "hard link", "linked folder"])
+def test_linked_report_file_is_not_returned(
+    store: Path, version_id: str, client: ApplianceClient, link: str
+) -> None:
+    # A link under the report's name could hand out a weight or the training beats.
+    model_id = client.model_info().model_id
+    secret = store / VERSIONS_DIR / version_id / "lead_check.npz"
+    folder = store / REPORTS_DIR / version_id
+    if link == "linked folder":
+        elsewhere = store.parent / "elsewhere-report"
+        elsewhere.mkdir(exist_ok=True)
+        (elsewhere / "quality.json").write_text(json.dumps(_summary(model_id, _figures(0.5))))
+        (elsewhere / "quality.html").write_text("<!doctype html><html></html>")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.symlink_to(elsewhere, target_is_directory=True)
+        expected = "is a link or not a folder"
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "quality.json").write_text(json.dumps(_summary(model_id, _figures(0.5))))
+        if link == "symbolic link":
+            (folder / "quality.html").symlink_to(secret)
+            expected = "is a symbolic link"
+        else:
+            os.link(secret, folder / "quality.html")
+            expected = "is a file with other links"
+    try:
+        error = _rpc_error(lambda: client.quality_report(include_html=True))
+    finally:
+        _detach(store)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    assert expected in error.details()
     assert str(store) not in error.details()
     assert client.model_info().model_id == model_id
 
