@@ -531,7 +531,12 @@ def _serve_settings(args: argparse.Namespace, tls: object) -> object:
 
 def _command_serve(args: argparse.Namespace) -> int:
     from appliance.errors import ModelStoreError
-    from appliance.server import ServeConfig, install_signal_handlers, start_server
+    from appliance.server import (
+        ServeConfig,
+        StoppedWhileLoading,
+        install_signal_handlers,
+        start_server,
+    )
     from appliance.store import current_version_id
 
     config = _serve_config(args)
@@ -551,20 +556,23 @@ def _command_serve(args: argparse.Namespace) -> int:
     # The handlers go in before the port file, so that a signal cannot end the process
     # between writing the file and the cleanup below.
     install_signal_handlers(running)
-    if args.port_file:
-        temporary = args.port_file.with_suffix(".tmp")
-        try:
-            temporary.write_text(f"{running.port}\n")
-            temporary.replace(args.port_file)
-        except OSError as exc:
-            running.server.stop(0)
-            temporary.unlink(missing_ok=True)
-            raise UsageError(
-                f"--port-file {args.port_file}: writing it failed ({exc.strerror}); pass a "
-                "file in a folder this user can write to"
-            ) from exc
     try:
+        if args.port_file:
+            temporary = args.port_file.with_suffix(".tmp")
+            try:
+                temporary.write_text(f"{running.port}\n")
+                temporary.replace(args.port_file)
+            except OSError as exc:
+                running.server.stop(0)
+                temporary.unlink(missing_ok=True)
+                raise UsageError(
+                    f"--port-file {args.port_file}: writing it failed ({exc.strerror}); pass "
+                    "a file in a folder this user can write to"
+                ) from exc
         running.load(args.store)
+    except StoppedWhileLoading as exc:
+        logger.info("stopped before the model was loaded signal=%s", exc)
+        running.server.stop(0)
     except (ModelStoreError, RuntimeError) as exc:  # RuntimeError: --require-gpu without a GPU
         running.server.stop(0)
         raise UsageError(str(exc)) from exc

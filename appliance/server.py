@@ -494,12 +494,23 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return f" ({exc.reason})" if exc.reason else ""
 
 
+class StoppedWhileLoading(Exception):
+    """A stop signal arrived before the model was loaded; nothing was being served."""
+
+
 def install_signal_handlers(running: ApplianceServer) -> None:
-    """Stop the server gracefully on SIGTERM or SIGINT (see ``ApplianceServer.stop``)."""
+    """Stop the server gracefully on SIGTERM or SIGINT (see ``ApplianceServer.stop``).
+
+    Before the model is loaded, the handler also raises ``StoppedWhileLoading`` in the main
+    thread, so that a load that takes long (a large or slow model file) ends at once.
+    """
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        logger.info("signal received signal=%s", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        logger.info("signal received signal=%s", name)
         threading.Thread(target=running.stop, name="shutdown", daemon=True).start()
+        if running.engine is None:
+            raise StoppedWhileLoading(name)
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -931,6 +932,28 @@ def test_sigterm_drains_and_exits(model_store: Path, tmp_path: Path):
             assert rest[-1].HasField("stats")
             assert 1 + sum(chunk.samples.count for chunk in rest) == rest[-1].stats.accepted
         assert server.process.wait(timeout=WAIT_S) == 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_while_loading_exits(model_store: Path, tmp_path: Path):
+    # A sparse 64 GiB forward graph keeps the load hashing for tens of seconds; SIGTERM must
+    # end the process at once, not after the load.
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    version = store / "versions" / (store / "CURRENT").read_text().strip()
+    with (version / "forward.onnx").open("r+b") as graph:
+        graph.truncate(64 << 30)
+    server = ServerProcess(store, tmp_path)
+    try:
+        _wait_for(server.port_file.exists, "the port file")
+        time.sleep(1.0)
+        assert server.process.poll() is None
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=WAIT_S) == 0
+        assert time.monotonic() - signalled < 10.0
+        assert not server.port_file.exists()
     finally:
         server.stop()
 
