@@ -943,6 +943,11 @@ def _command_validate(args: argparse.Namespace) -> int:
             f"--input {args.input} has shape {beats.shape}; expected (beats, leads, "
             "window_samples), e.g. (n, 1, 256)"
         )
+    if beats.shape[0] == 0:
+        raise UsageError(
+            f"--input {args.input} is empty: it contains 0 beats; pass a file with at least one"
+        )
+    _check_float32_range(args.input, beats)
     # Beats that still carry baseline wander or an offset score low; warn, then score anyway.
     check_baseline(beats)
     if args.best_class:
@@ -967,6 +972,21 @@ def _command_validate(args: argparse.Namespace) -> int:
         f"{'the classes of the input' if classes else 'the best-fitting class of each beat'}\n"
     )
     return 0
+
+
+def _check_float32_range(path: Path, beats: np.ndarray) -> None:
+    """Raise UsageError if a finite value would overflow float32, the wire format of samples."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        too_large = np.isfinite(beats) & (np.abs(beats) > np.finfo(np.float32).max)
+    if too_large.any():
+        beat = int(np.argwhere(too_large)[0][0])
+        value = float(beats[too_large][0])
+        raise UsageError(
+            f"--input {path}: beat {beat} has the value {value:.3g}, beyond the float32 range "
+            "that samples are sent in; beats are in mV, so check the file's unit"
+        )
 
 
 def _classes_file(path: Path) -> Path:

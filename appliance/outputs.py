@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -204,6 +205,11 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
             f"{path} contains values of type {beats.dtype}; save the beats as real numbers in mV "
             "(float32 or float64) with numpy.save"
         )
+    if beats.ndim == 0:
+        raise ValueError(
+            f"{path} contains a single number, not beats; save an array of shape (beats, leads, "
+            "window_samples) in mV with numpy.save"
+        )
     labels = path.with_name(f"{path.stem}_classes.json")
     classes = None
     if labels.exists():
@@ -261,7 +267,19 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
             "other beats with numpy.save as an array of shape (beats, leads, window_samples) in "
             "mV and pass the .npy file"
         )
-    leads = list(dict.fromkeys(column.rsplit("_", 1)[0] for column in header[2:]))
+    columns_per_lead = Counter(column.rsplit("_", 1)[0] for column in header[2:])
+    leads = list(columns_per_lead)
+    if not leads:
+        raise ValueError(
+            f"{path} has no sample columns after 'class,score'; generate writes one column "
+            "per lead and sample, named LEAD_0, LEAD_1, ... (for example MLII_0)"
+        )
+    if len(set(columns_per_lead.values())) > 1:
+        counts = ", ".join(f"{lead} {count}" for lead, count in columns_per_lead.items())
+        raise ValueError(
+            f"{path} has sample columns of unequal count per lead ({counts}); every lead "
+            "needs one column per sample, so fix or regenerate the file"
+        )
     rows = [line.split(",") for line in lines[1:] if line]
     for number, row in enumerate(rows, start=2):
         if len(row) != len(header):
@@ -277,7 +295,8 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
                     f"{path} line {number} has {value!r}, which is not a number; fix or "
                     "regenerate the file"
                 ) from None
-    values = np.array([[float(v) for v in row[2:]] for row in rows], dtype=np.float32)
+    # float64 keeps a value beyond float32's range finite, so that validate can name it.
+    values = np.array([[float(v) for v in row[2:]] for row in rows], dtype=np.float64)
     beats = values.reshape(len(rows), len(leads), -1) if rows else values.reshape(0, 1, 0)
     return beats, [row[0] for row in rows]
 

@@ -462,6 +462,27 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
     elif kind == "ragged csv":
         path = folder / "ragged.csv"
         path.write_text("class,score,MLII_0,MLII_1\nN,1,0.1\n")
+    elif kind == "csv without samples":
+        path = folder / "nolead.csv"
+        path.write_text("class,score\nN,1\n")
+    elif kind == "csv with uneven leads":
+        path = folder / "uneven.csv"
+        path.write_text("class,score,MLII_0,MLII_1,V1_0\nN,1,0.1,0.2,0.3\n")
+    elif kind == "csv beyond float32":
+        path = folder / "huge.csv"
+        path.write_text("class,score,MLII_0,MLII_1\nN,1,0.1,1e300\n")
+    elif kind == "scalar npy with classes file":
+        path = folder / "scalar.npy"
+        np.save(path, np.float32(1.0))
+        (folder / "scalar_classes.json").write_text('{"classes": []}')
+    elif kind == "npy without beats":
+        path = folder / "none.npy"
+        np.save(path, np.zeros((0, 1, 256), np.float32))
+    elif kind == "npy beyond float32":
+        path = folder / "f64.npy"
+        beats = np.zeros((2, 1, 256))
+        beats[1, 0, 7] = 1e300
+        np.save(path, beats)
     else:
         path = folder / "text.csv"
         path.write_text("class,score,MLII_0\nN,1,abc\n")
@@ -477,6 +498,12 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         ("classes file is a folder", "beats_classes.json is not a file"),
         ("binary csv", "is not UTF-8 text"),
         ("ragged csv", "line 2 has 3 values, but the header has 4 columns"),
+        ("csv without samples", "has no sample columns after 'class,score'"),
+        ("csv with uneven leads", "of unequal count per lead (MLII 2, V1 1)"),
+        ("csv beyond float32", "beat 0 has the value 1e+300, beyond the float32 range"),
+        ("scalar npy with classes file", "contains a single number, not beats"),
+        ("npy without beats", "is empty: it contains 0 beats"),
+        ("npy beyond float32", "beat 1 has the value 1e+300, beyond the float32 range"),
         ("text csv", "line 2 has 'abc', which is not a number"),
     ],
 )
