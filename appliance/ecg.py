@@ -43,6 +43,9 @@ MIN_LEAD_FS_HZ = 50.0
 # UNIT_HIGH_MV. Above it the header's gain or units are wrong, and the beats would swamp the
 # training scale. The percentile lets a few saturated spikes through.
 LEAD_AMPLITUDE_PERCENTILE = 99.0
+# A beat window whose lead spans less than this (peak to peak, mV) is skipped as flat. The
+# smallest span of any MIT-BIH beat window is 0.075 mV.
+FLAT_WINDOW_MV = 0.05
 # Annotations that stop this long before the signal ends, and at least this share of the
 # record before it, are reported: a truncated annotation file reads without an error.
 ANNOTATION_GAP_MIN_S = 60.0
@@ -514,13 +517,34 @@ def _cut_windows(
     keep = inside & clean
     offsets = starts[keep][:, None] + np.arange(config.window_samples)  # (beats, window)
     windows = signal_model[:, offsets].transpose(1, 0, 2)  # (beats, leads, window)
+    # A window whose lead barely moves contains no beat: a disconnected electrode, for example.
+    flat_kept = np.ptp(windows, axis=2).min(axis=1, initial=np.inf) < FLAT_WINDOW_MV
+    flat = np.zeros_like(keep)
+    flat[np.flatnonzero(keep)[flat_kept]] = True
+    windows = windows[~flat_kept]
+    keep &= ~flat
     skipped = {
         "edge": int((~inside).sum()),
         "invalid_samples": int((inside & ~clean).sum()),
         "unknown_symbol": unknown_count,
+        "flat": int(flat.sum()),
     }
+    if not keep.any() and flat.any():
+        raise RecordError(
+            record,
+            f"every beat window is flat: {int(flat.sum())} windows span less than "
+            f"{FLAT_WINDOW_MV:g} mV on a lead. The electrode may have been disconnected, or "
+            "the header's ADC gain is wrong; check the record or choose another lead",
+        )
     if not keep.any():
         raise RecordError(record, f"no complete beat windows (beats skipped: {skipped})")
+    if flat.any():
+        logger.warning(
+            "record=%s flat_windows=%d action=skip_beats reason=lead spans under %g mV",
+            record,
+            int(flat.sum()),
+            FLAT_WINDOW_MV,
+        )
     return {
         "windows": windows.astype(np.float32),
         "labels": labels[keep],

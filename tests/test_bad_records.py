@@ -12,7 +12,7 @@ import wfdb
 
 from appliance.config import DataConfig
 from appliance.dataset import assign_splits, find_records, ingest
-from appliance.ecg import read_record
+from appliance.ecg import FLAT_WINDOW_MV, read_record
 from appliance.errors import RecordError
 
 MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
@@ -110,6 +110,26 @@ def write_nan_run(folder: Path) -> Path:
     digital[10 * FS_HZ : 20 * FS_HZ, 0] = -32768
     wfdb.wrsamp(
         "nanrun",
+        fs=FS_HZ,
+        units=["mV", "mV"],
+        sig_name=signal.sig_name,
+        d_signal=digital,
+        fmt=["16", "16"],
+        adc_gain=signal.adc_gain,
+        baseline=signal.baseline,
+        write_dir=str(folder),
+    )
+    return path
+
+
+def write_flat_lead(folder: Path, name: str, start_s: int, stop_s: int) -> Path:
+    """Write a record whose first lead stays at its baseline from ``start_s`` to ``stop_s``."""
+    path = write_record(folder, name)
+    signal = wfdb.rdrecord(str(path), physical=False)
+    digital = signal.d_signal.copy()
+    digital[start_s * FS_HZ : stop_s * FS_HZ, 0] = signal.baseline[0]
+    wfdb.wrsamp(
+        name,
         fs=FS_HZ,
         units=["mV", "mV"],
         sig_name=signal.sig_name,
@@ -237,6 +257,26 @@ def test_nan_run_skips_touching_beats(tmp_path):
     stops = starts + CONFIG.window_samples
     overlaps = (stops > 10 * FS_HZ) & (starts < 20 * FS_HZ)
     assert not overlaps.any()
+
+
+def test_flat_record_is_skipped(tmp_path):
+    # A lead that stays at its baseline, as with a disconnected electrode, yields no beat.
+    path = write_flat_lead(tmp_path, "flat", 0, SECONDS)
+    with pytest.raises(RecordError, match="every beat window is flat") as raised:
+        read_record(path, "flat", CONFIG)
+    assert f"span less than {FLAT_WINDOW_MV:g} mV" in str(raised.value)
+
+
+def test_flat_stretch_skips_its_beats(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="appliance")
+    beats = read_record(write_flat_lead(tmp_path, "flatrun", 10, 20), "flatrun", CONFIG)
+    assert beats.skipped["flat"] >= 5
+    spans = np.ptp(beats.windows, axis=2).min(axis=1)
+    assert spans.min() >= FLAT_WINDOW_MV
+    assert any("flat_windows=" in r.getMessage() for r in caplog.records)
+    whole = read_record(write_record(tmp_path, "whole"), "whole", CONFIG)
+    assert whole.skipped["flat"] == 0
+    assert len(beats.labels) + beats.skipped["flat"] == len(whole.labels)
 
 
 def test_unknown_symbols_are_counted(tmp_path, caplog):
