@@ -429,6 +429,9 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             for part, portion in enumerate(_portions(counts, chunk_beats)):
                 if not context.is_active():
                     raise CallCancelledError
+                # NOTE: the slot is held for a whole portion (up to chunk_beats beats), and
+                # waiting calls are not served in order, so a short Validate can wait seconds
+                # behind Generate calls with large chunks on a small machine.
                 with self._engine_slot(context):
                     result = engine.generate(
                         portion,
