@@ -49,6 +49,19 @@ class Scored:
     z: np.ndarray
 
 
+# GenerateResult fields that count draws, summed by ``merge_results``.
+COUNT_FIELDS = (
+    "draws",
+    "pertinence_rejections",
+    "privacy_rejections",
+    "invalid_rejections",
+    "non_finite_rejections",
+    "amplitude_rejections",
+    "unstable_rejections",
+    "surplus_dropped",
+)
+
+
 @dataclass
 class GenerateResult:
     """Accepted beats and the counts of one generation run.
@@ -88,6 +101,30 @@ class GenerateResult:
     budget_exhausted: bool = False
     per_class_draws: dict[str, int] = field(default_factory=dict)
     privacy_threshold: float = 0.0
+
+
+def merge_results(results: list[GenerateResult]) -> GenerateResult:
+    """Combine the results of consecutive ``Engine.generate`` calls into one, in call order.
+
+    Raises:
+        ValueError: If ``results`` is empty.
+    """
+    if not results:
+        raise ValueError("merge_results needs at least one result")
+    merged = GenerateResult(
+        beats=np.concatenate([r.beats for r in results]),
+        classes=np.concatenate([r.classes for r in results]),
+        scores=np.concatenate([r.scores for r in results]),
+        z=np.concatenate([r.z for r in results]),
+        privacy_threshold=results[0].privacy_threshold,
+    )
+    for result in results:
+        for name in COUNT_FIELDS:
+            setattr(merged, name, getattr(merged, name) + getattr(result, name))
+        merged.budget_exhausted |= result.budget_exhausted
+        for name, draws in result.per_class_draws.items():
+            merged.per_class_draws[name] = merged.per_class_draws.get(name, 0) + draws
+    return merged
 
 
 def available_providers(require_gpu: bool = False) -> list[str]:

@@ -22,7 +22,7 @@ from appliance.baseline import (
     summarise_beat_levels,
 )
 from appliance.classes import AAMI_CLASSES
-from appliance.engine import Engine
+from appliance.engine import Engine, GenerateResult, merge_results
 from appliance.errors import (
     ApplianceError,
     ModelNotReadyError,
@@ -44,6 +44,7 @@ from appliance.server_errors import (
     request_stream_cancelled,
     rpc_call,
 )
+from appliance.slots import FairSlots
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -59,6 +60,9 @@ MAX_DRAWS_PER_BEAT = 1000
 # for about 2 s after the client had gone. Scoring time grows with the beats, so 256 beats
 # should take about a quarter of that (an estimate).
 SCORE_PIECE_BEATS = 256
+# Generate takes the engine slot for at most this many requested beats at a time, for the
+# same reason. A chunk of up to this many beats is one piece, so its beats do not depend on it.
+GENERATE_PIECE_BEATS = 256
 # Bytes of a Generate response besides the samples, scores and classes: the sample header,
 # fs_hz, field tags and length prefixes, with room to spare.
 RESPONSE_OVERHEAD_BYTES = 1024
@@ -173,7 +177,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         self.stalled_send_s = stalled_send_s
         self._engine: Engine | None = None
         self._store: Path | None = None
-        self._slots = threading.BoundedSemaphore(plan.engine_slots)
+        self._slots = FairSlots(plan.engine_slots)
         self._shutting_down = threading.Event()
 
     def set_engine(self, engine: Engine, store: Path | None = None) -> None:
@@ -203,9 +207,11 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
 
     @contextlib.contextmanager
     def _engine_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
-        """Hold one engine slot; give up if the client cancels while waiting."""
-        while not self._slots.acquire(timeout=SLOT_POLL_S):
+        """Hold one engine slot, served in arrival order; give up if the client cancels."""
+        ticket = self._slots.request()
+        while not ticket.wait(SLOT_POLL_S):
             if not context.is_active():
+                self._slots.withdraw(ticket)
                 raise CallCancelledError
         try:
             yield
@@ -429,18 +435,15 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             for part, portion in enumerate(_portions(counts, chunk_beats)):
                 if not context.is_active():
                     raise CallCancelledError
-                # NOTE: the slot is held for a whole portion (up to chunk_beats beats), and
-                # waiting calls are not served in order, so a short Validate can wait seconds
-                # behind Generate calls with large chunks on a small machine.
-                with self._engine_slot(context):
-                    result = engine.generate(
-                        portion,
-                        temperature,
-                        margin,
-                        seed=_portion_seed(seed, part),
-                        max_draws_per_beat=draws_per_beat,
-                        should_stop=lambda: not context.is_active(),
-                    )
+                result = self._generate_portion(
+                    engine,
+                    context,
+                    portion,
+                    temperature,
+                    margin,
+                    _portion_seed(seed, part),
+                    draws_per_beat,
+                )
                 stats.draws += result.draws
                 stats.accepted += result.beats.shape[0]
                 stats.pertinence_rejections += result.pertinence_rejections
@@ -468,6 +471,40 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             final.stats.CopyFrom(stats)
             with _stall_guard(context, self.stalled_send_s, call):
                 yield final
+
+    def _generate_portion(
+        self,
+        engine: Engine,
+        context: grpc.ServicerContext,
+        portion: dict[int, int],
+        temperature: float,
+        margin: float,
+        seed: int,
+        draws_per_beat: int,
+    ) -> GenerateResult:
+        """Generate one chunk's beats in pieces, taking the engine slot for each piece.
+
+        A portion of at most ``GENERATE_PIECE_BEATS`` beats is one piece with the portion's
+        seed. A larger one is split, each piece with a seed derived from the portion's, so that
+        other calls get the engine between pieces.
+        """
+        pieces = list(_portions(portion, GENERATE_PIECE_BEATS))
+        results = []
+        for index, piece in enumerate(pieces):
+            if not context.is_active():
+                raise CallCancelledError
+            with self._engine_slot(context):
+                results.append(
+                    engine.generate(
+                        piece,
+                        temperature,
+                        margin,
+                        seed=seed if len(pieces) == 1 else _portion_seed(seed, index),
+                        max_draws_per_beat=draws_per_beat,
+                        should_stop=lambda: not context.is_active(),
+                    )
+                )
+        return results[0] if len(results) == 1 else merge_results(results)
 
     def _stream_reply_fit(self) -> int:
         """Return the most beats whose ValidateStream reply fits the server's message limit."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import signal
@@ -517,6 +518,44 @@ def test_validate_deadline_while_waiting_logs_status(
             assert "status=DEADLINE_EXCEEDED" in lines[0]
             assert _errors(caplog) == []
             assert len(client.validate(_beats(info, 2)).scores) == 2
+    finally:
+        running.stop()
+
+
+def test_validate_runs_between_generate_pieces(model_store: Path):
+    # One engine slot: a Generate chunk of 2048 beats takes it piece by piece, so a Validate
+    # that arrives meanwhile is served before the chunk is done, not after it.
+    cpus = len(os.sched_getaffinity(0))
+    running = create_server(
+        model_store, ServeConfig(port=0, workers=4, intra_op_threads=cpus, drain_s=0.0)
+    )
+    try:
+        assert running.plan.engine_slots == 1
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+            stream = client.stub.Generate(
+                pb.GenerateRequest(count=2048, chunk_beats=2048, seed=3, margin=0.0),
+                timeout=CALL_TIMEOUT_S,
+            )
+            first_chunk: list[float] = []
+
+            def read_first() -> None:
+                next(stream)
+                first_chunk.append(time.monotonic())
+
+            started = time.monotonic()
+            reader = threading.Thread(target=read_first, daemon=True)
+            reader.start()
+            time.sleep(0.3)
+            assert not first_chunk, "the chunk should take longer than 0.3 s"
+            assert len(client.validate(_beats(info, 2)).scores) == 2
+            validated = time.monotonic()
+            reader.join(CALL_TIMEOUT_S)
+            assert first_chunk, "the Generate chunk did not arrive"
+            # Eight pieces make the chunk; the Validate waits for at most one of them. Had the
+            # chunk kept the slot, the Validate would end with the chunk.
+            assert validated - started < (first_chunk[0] - started) / 2
+            stream.cancel()
     finally:
         running.stop()
 
