@@ -304,6 +304,16 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
 def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
     import wfdb
 
+    annotation_path = record.with_name(f"{record.name}.atr")
+    if record.with_name(f"{record.name}.hea").is_file() and not annotation_path.exists():
+        raise ValueError(
+            f"WFDB record {record} has no beat annotation file {annotation_path.name}; "
+            "validate reads records of consecutive beat windows written by generate, one "
+            "annotation per window. To score a continuous recording, cut one window per beat "
+            "as `python -m appliance info` describes (window_samples, with pre_r_samples "
+            "before the R peak), save them with numpy.save as (beats, leads, window_samples) "
+            "in mV and pass the .npy file"
+        )
     try:
         signal = wfdb.rdrecord(str(record)).p_signal
         annotation = wfdb.rdann(str(record), "atr")

@@ -517,6 +517,29 @@ def test_validate_damaged_input_exits_2(tmp_path: Path, kind: str, message: str)
     assert "Warning" not in result.stderr
 
 
+def test_validate_wfdb_without_annotations_exits_2(tmp_path: Path) -> None:
+    import numpy as np
+    import wfdb
+
+    wfdb.wrsamp(
+        "plain",
+        fs=360,
+        units=["mV"],
+        sig_name=["MLII"],
+        p_signal=np.zeros((512, 1)),
+        fmt=["16"],
+        write_dir=str(tmp_path),
+    )
+    header = tmp_path / "plain.hea"
+    result = run_cli("validate", "--address", "127.0.0.1:1", "--input", str(header))
+    assert result.returncode == 2
+    assert f"WFDB record {tmp_path / 'plain'} has no beat annotation file plain.atr" in (
+        result.stderr
+    )
+    assert "cut one window per beat" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_validate_unknown_class_names_beat(tmp_path: Path) -> None:
     import json
 
