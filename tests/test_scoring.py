@@ -22,7 +22,7 @@ from appliance.scoring import (
     compute_features,
     high_frequency_share,
 )
-from appliance.store import MANIFEST_FILE, load_current, sha256_of
+from appliance.store import MANIFEST_FILE, load_current, model_id_of, sha256_of
 from appliance.train import one_hot
 
 FS_HZ = 360.0
@@ -212,6 +212,8 @@ def test_engine_rejects_older_calibration(model_store: Path, tmp_path: Path) -> 
         np.savez(handle, **narrow)
     manifest = dict(version.manifest)
     manifest["files"]["calibration"]["sha256"] = sha256_of(version.file("calibration"))
+    # An export by an older appliance: its model id matches its own files.
+    manifest["model_id"] = model_id_of(manifest)
     (version.path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ModelStoreError, match="calibrated on 6 statistics"):
         Engine(load_current(store))
