@@ -533,10 +533,15 @@ def test_validate_runs_between_generate_pieces(model_store: Path):
         assert running.plan.engine_slots == 1
         with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
             info = client.model_info()
-            stream = client.stub.Generate(
-                pb.GenerateRequest(count=2048, chunk_beats=2048, seed=3, margin=0.0),
-                timeout=CALL_TIMEOUT_S,
+            # One class, so that the first chunk is all 2048 beats: eight pieces of 256.
+            request = pb.GenerateRequest(
+                class_counts=[pb.ClassCount(beat_class=pb.BEAT_CLASS_N, count=2048)],
+                chunk_beats=2048,
+                seed=3,
+                margin=0.5,
+                max_draws_per_beat=1000,
             )
+            stream = client.stub.Generate(request, timeout=CALL_TIMEOUT_S)
             first_chunk: list[float] = []
 
             def read_first() -> None:
@@ -546,14 +551,14 @@ def test_validate_runs_between_generate_pieces(model_store: Path):
             started = time.monotonic()
             reader = threading.Thread(target=read_first, daemon=True)
             reader.start()
-            time.sleep(0.3)
-            assert not first_chunk, "the chunk should take longer than 0.3 s"
+            time.sleep(0.1)
+            assert not first_chunk, "the chunk should take longer than 0.1 s"
             assert len(client.validate(_beats(info, 2)).scores) == 2
             validated = time.monotonic()
             reader.join(CALL_TIMEOUT_S)
             assert first_chunk, "the Generate chunk did not arrive"
-            # Eight pieces make the chunk; the Validate waits for at most one of them. Had the
-            # chunk kept the slot, the Validate would end with the chunk.
+            # Eight pieces make the chunk, and the Validate waits for the one under way. Had
+            # the chunk kept the slot, the Validate would end with the chunk.
             assert validated - started < (first_chunk[0] - started) / 2
             stream.cancel()
     finally:
