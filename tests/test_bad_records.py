@@ -102,32 +102,17 @@ def write_missing_segment(folder: Path) -> Path:
     return folder / "multi"
 
 
-def write_nan_run(folder: Path) -> Path:
-    path = write_record(folder, "nanrun")
-    signal = wfdb.rdrecord(str(path), physical=False)
-    digital = signal.d_signal.copy()
-    # -32768 is the invalid-sample value of format 16, which wfdb reads as NaN.
-    digital[10 * FS_HZ : 20 * FS_HZ, 0] = -32768
-    wfdb.wrsamp(
-        "nanrun",
-        fs=FS_HZ,
-        units=["mV", "mV"],
-        sig_name=signal.sig_name,
-        d_signal=digital,
-        fmt=["16", "16"],
-        adc_gain=signal.adc_gain,
-        baseline=signal.baseline,
-        write_dir=str(folder),
-    )
-    return path
+def write_first_lead_run(
+    folder: Path, name: str, start_s: int, stop_s: int, value: int | None
+) -> Path:
+    """Write a record whose first lead holds the digital ``value`` from ``start_s`` to ``stop_s``.
 
-
-def write_flat_lead(folder: Path, name: str, start_s: int, stop_s: int) -> Path:
-    """Write a record whose first lead stays at its baseline from ``start_s`` to ``stop_s``."""
+    ``None`` stands for the lead's baseline value, a flat line at 0 mV.
+    """
     path = write_record(folder, name)
     signal = wfdb.rdrecord(str(path), physical=False)
     digital = signal.d_signal.copy()
-    digital[start_s * FS_HZ : stop_s * FS_HZ, 0] = signal.baseline[0]
+    digital[start_s * FS_HZ : stop_s * FS_HZ, 0] = signal.baseline[0] if value is None else value
     wfdb.wrsamp(
         name,
         fs=FS_HZ,
@@ -140,6 +125,16 @@ def write_flat_lead(folder: Path, name: str, start_s: int, stop_s: int) -> Path:
         write_dir=str(folder),
     )
     return path
+
+
+def write_nan_run(folder: Path) -> Path:
+    # -32768 is the invalid-sample value of format 16, which wfdb reads as NaN.
+    return write_first_lead_run(folder, "nanrun", 10, 20, -32768)
+
+
+def write_flat_lead(folder: Path, name: str, start_s: int, stop_s: int) -> Path:
+    """Write a record whose first lead stays at its baseline from ``start_s`` to ``stop_s``."""
+    return write_first_lead_run(folder, name, start_s, stop_s, None)
 
 
 def write_unknown_symbols(folder: Path) -> Path:
