@@ -105,9 +105,9 @@ def write_missing_segment(folder: Path) -> Path:
 def write_first_lead_run(
     folder: Path, name: str, start_s: int, stop_s: int, value: int | None
 ) -> Path:
-    """Write a record whose first lead holds the digital ``value`` from ``start_s`` to ``stop_s``.
+    """Write a record whose first lead is set to ``value`` from ``start_s`` to ``stop_s``.
 
-    ``None`` stands for the lead's baseline value, a flat line at 0 mV.
+    ``value`` is a digital sample value; ``None`` stands for the baseline, a flat line at 0 mV.
     """
     path = write_record(folder, name)
     signal = wfdb.rdrecord(str(path), physical=False)
