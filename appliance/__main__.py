@@ -388,6 +388,7 @@ def _command_train(args: argparse.Namespace) -> int:
 
 
 def _command_export(args: argparse.Namespace) -> int:
+    import numpy as np
 
     from appliance.classes import AAMI_CLASSES
     from appliance.dataset import ingest
@@ -396,7 +397,7 @@ def _command_export(args: argparse.Namespace) -> int:
     from appliance.flow import ConditionalFlow
     from appliance.holdout import concatenate, split_holdout
     from appliance.jobs import data_facts, read_other_lead_beats, train_records
-    from appliance.train import TrainResult, load_checkpoint
+    from appliance.train import TrainResult, load_checkpoint, select_training_beats
 
     if not args.checkpoint.is_file():
         raise UsageError(
@@ -436,13 +437,27 @@ def _command_export(args: argparse.Namespace) -> int:
     dataset = ingest(args.data, config.data)
     fit, holdout = split_holdout(dataset.splits["train"])
     _check_export_data(args, trained_records, fit.beats_per_record())
+    _, learnt = select_training_beats(
+        fit.labels, config.train.max_beats_per_class, config.train.seed
+    )
     result = TrainResult(
         model=model,
         scale_mv=float(state["scale_mv"]),
         classes_known=list(state["classes_known"]),
         # The checkpoint does not store the final validation figure, so it is unknown (null).
+        # The beat counts come from the training beats read again, as train counts them.
         summary={
             "validation_bpd": None,
+            "train_beats": int(fit.labels[learnt].size),
+            "train_class_counts": fit.class_counts(),
+            "learnt_class_counts": {
+                name: int(count)
+                for name, count in zip(
+                    AAMI_CLASSES,
+                    np.bincount(fit.labels[learnt], minlength=len(AAMI_CLASSES)),
+                    strict=True,
+                )
+            },
             "steps": state["step"],
             "finished_at": datetime.fromtimestamp(args.checkpoint.stat().st_mtime, UTC).isoformat(
                 timespec="seconds"
@@ -1152,6 +1167,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every subcommand."""
+    from appliance.serve_config import MIN_MESSAGE_BYTES
     from appliance.serve_config import ServeConfig as ServeDefaults
 
     parser = argparse.ArgumentParser(prog="python -m appliance", description=PARSER_DESCRIPTION)
@@ -1287,7 +1303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-message-bytes",
         type=int,
         default=ServeDefaults.max_message_bytes,
-        help=f"largest request or reply message in bytes (default: "
+        help=f"largest request or reply message in bytes, {MIN_MESSAGE_BYTES} or more (default: "
         f"{ServeDefaults.max_message_bytes})",
     )
     serve.set_defaults(handler=_command_serve)

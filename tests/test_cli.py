@@ -135,6 +135,11 @@ def test_export_checks_training_records(
     saved = datetime.fromtimestamp((trained_work_dir / "best.pt").stat().st_mtime, UTC)
     assert manifest["trained_at"] == saved.isoformat(timespec="seconds")
     assert manifest["trained_at"] <= manifest["exported_at"]
+    # The training beats per class are those of the training run, so GetModelInfo has them.
+    trained = trained_result.summary
+    assert manifest["training"]["train_class_counts"] == trained["train_class_counts"]
+    assert manifest["training"]["train_beats"] == trained["train_beats"]
+    assert manifest["training"]["learnt_class_counts"] == trained["learnt_class_counts"]
 
 
 def test_mistyped_option_shows_command_usage(tmp_path: Path) -> None:
@@ -1014,6 +1019,7 @@ def test_info_prints_model_summary(server_address: str) -> None:
     )
     assert by_label["tail scale"] == f"{info.tail_scale:g}"
     assert by_label["lead check"] == "on"
+    assert by_label["max message"] == f"{info.max_message_bytes} bytes"
     assert by_label["default margin"] == (
         f"{info.default_margin:.3f} (a request may set {info.min_margin:.3f} to "
         f"{info.max_margin:.3f})"
