@@ -164,6 +164,7 @@ def describe_model_info(info: pb.GetModelInfoResponse) -> str:
     rows += [
         ("max amplitude", f"{info.max_abs_mv:g} mV"),
         ("max beats", f"{info.max_beats_per_request} per request"),
+        ("max message", f"{info.max_message_bytes} bytes"),
         ("execution provider", info.execution_provider),
         ("engine slots", str(info.engine_slots)),
         ("threads per slot", str(info.intra_op_threads)),

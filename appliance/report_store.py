@@ -240,8 +240,9 @@ def load_report(store: Path, version: str, model_id: str) -> StoredReport:
                 if value is not None:
                     float(value)
     except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
+        detail = f"no {exc.args[0]!r} entry" if isinstance(exc, KeyError) else str(exc)
         raise ModelStoreError(
-            f"the quality report of model {model_id} lacks its headline figures ({exc!r}); "
+            f"the quality report of model {model_id} lacks its headline figures ({detail}); "
             f"rebuild it with `{REPORT_COMMAND}`"
         ) from exc
     return StoredReport(version, model_id, summary, report_json, raw_html)

@@ -427,10 +427,13 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             )
             millivolt = self._unit("unit", request.unit)
             seed = request.seed if request.HasField("seed") else int.from_bytes(os.urandom(8))
+            # The seed is logged and returned, so that a call without one can be repeated.
             call.counts.update(
-                requested=sum(counts.values()), temperature=temperature, margin=margin
+                requested=sum(counts.values()), temperature=temperature, margin=margin, seed=seed
             )
-            stats = pb.GenerateStats(margin=margin, privacy_threshold=engine.privacy_threshold)
+            stats = pb.GenerateStats(
+                margin=margin, privacy_threshold=engine.privacy_threshold, seed=seed
+            )
             call.counts["accepted"] = 0
             for part, portion in enumerate(_portions(counts, chunk_beats)):
                 if not context.is_active():
@@ -578,6 +581,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             classes_list: list[np.ndarray] = []
             levels_list: list[BeatLevels] = []
             margin: float | None = None
+            first_set_margin = False
             total = 0
             for message in request_iterator:
                 with _naming_message(len(scores_list)):
@@ -589,12 +593,16 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     and message.HasField("margin")
                     and np.float32(message_margin) != np.float32(margin)
                 ):
+                    first = _float32_text(margin)
+                    if not first_set_margin:
+                        first = f"{first} (the model's default, as the first message set none)"
                     raise RequestError(
                         f"margin={_float32_text(message_margin)} in message "
-                        f"{len(scores_list)} differs from the first message's "
-                        f"{_float32_text(margin)}; use one margin "
-                        "per stream"
+                        f"{len(scores_list)} differs from the first message's {first}; use "
+                        "one margin per stream"
                     )
+                if margin is None:
+                    first_set_margin = message.HasField("margin")
                 margin = message_margin if margin is None else margin
                 with _naming_message(len(scores_list)):
                     x, classes = self._decode(engine, message, offset=total)
@@ -667,7 +675,9 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         """Return the data contract and training summary; never weights or real beats."""
         with rpc_call("GetModelInfo", context):
             engine = self._ready_engine()
-            return model_info(engine, self.max_beats_per_request, self.plan)
+            return model_info(
+                engine, self.max_beats_per_request, self.plan, self.max_message_bytes
+            )
         # Reached only when the client cancelled or its deadline expired; gRPC drops the reply.
         return pb.GetModelInfoResponse()
 
@@ -711,7 +721,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
 
 
 def model_info(
-    engine: Engine, max_beats_per_request: int, plan: ThreadPlan
+    engine: Engine, max_beats_per_request: int, plan: ThreadPlan, max_message_bytes: int
 ) -> pb.GetModelInfoResponse:
     """Build the GetModelInfo reply from the manifest's data contract and summary figures.
 
@@ -754,6 +764,7 @@ def model_info(
         fitted_latent_prior="latent_prior" in files,
         tail_scale=engine.tail_scale,
         lead_check=engine.lead_check is not None,
+        max_message_bytes=max_message_bytes,
     )
 
 

@@ -274,6 +274,25 @@ def test_wrongly_typed_report_fails_precondition(
     assert client.model_info().model_id == model_id
 
 
+def test_report_without_figures_names_the_entry(
+    store: Path, version_id: str, client: ApplianceClient
+) -> None:
+    model_id = client.model_info().model_id
+    summary = _summary(model_id, _figures(0.5))
+    del summary["generators"]
+    folder = store / REPORTS_DIR / version_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "quality.json").write_text(json.dumps(summary))
+    (folder / "quality.html").write_text("<html></html>")
+    try:
+        error = _rpc_error(client.quality_report)
+    finally:
+        _detach(store)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    assert "lacks its headline figures (no 'generators' entry)" in error.details()
+    assert "KeyError" not in error.details()
+
+
 @pytest.mark.parametrize("damage", ["fifo", "folder", "deep nesting", "huge integer"])
 def test_damaged_report_file_fails_precondition(
     store: Path, version_id: str, client: ApplianceClient, damage: str

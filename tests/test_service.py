@@ -369,6 +369,30 @@ def test_same_seed_same_beats(client: ApplianceClient, generated):
     assert not np.array_equal(other.beats[:1], generated.beats[:1])
 
 
+def test_generate_returns_its_seed(client: ApplianceClient, generated):
+    assert generated.stats.seed == 11
+    # Without a seed the server draws one and returns it, so the call can be repeated.
+    random = client.generate(count=12, margin=0.0)
+    repeated = client.generate(count=12, margin=0.0, seed=random.stats.seed)
+    assert repeated.stats.seed == random.stats.seed
+    assert repeated.beats.tobytes() == random.beats.tobytes()
+
+
+def test_stream_margin_error_names_default(client: ApplianceClient, info):
+    beats = encode_samples(_beats(info, 2))
+    first = pb.ValidateStreamRequest(samples=beats)
+    second = pb.ValidateStreamRequest(samples=beats, margin=0.3)
+    with pytest.raises(grpc.RpcError) as raised:
+        client.stub.ValidateStream(iter((first, second)), timeout=CALL_TIMEOUT_S)
+    assert raised.value.code() == INVALID
+    assert "margin=0.3 in message 1 differs from the first message's " in raised.value.details()
+    assert "(the model's default, as the first message set none)" in raised.value.details()
+    explicit = pb.ValidateStreamRequest(samples=beats, margin=0.2)
+    with pytest.raises(grpc.RpcError) as raised:
+        client.stub.ValidateStream(iter((explicit, second)), timeout=CALL_TIMEOUT_S)
+    assert "differs from the first message's 0.2; use one margin" in raised.value.details()
+
+
 def test_generate_returns_gated_beats(client: ApplianceClient, info, generated):
     stats = generated.stats
     assert generated.beats.shape == (stats.accepted, len(info.leads), info.window_samples)
@@ -572,6 +596,8 @@ def test_model_info_has_contract_only(client: ApplianceClient, info, model_store
     assert info.fitted_latent_prior
     assert info.lead_check
     assert info.tail_scale == 1.0
+    # The fixture server runs with the default message limit of 4 MiB.
+    assert info.max_message_bytes == 4 * 1024 * 1024
 
     assert info.cpu_limit > 0
     assert info.cpu_limit_source in (
