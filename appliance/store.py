@@ -327,6 +327,6 @@ def _check_regular_file(file_path: Path, key: str) -> None:
     if not stat.S_ISREG(mode):
         kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
         raise ModelStoreError(
-            f"model store file {file_path} ({key}) is {kind}; a version holds only the files "
+            f"model store file {file_path} ({key}) is {kind}; a version contains only the files "
             "export wrote, so retrain or restore the version"
         )

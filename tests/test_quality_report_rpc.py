@@ -204,6 +204,14 @@ def test_report_of_other_model_not_returned(
     assert "has no quality report" in error.details()
 
 
+def _write_report(store: Path, version_id: str, summary: dict[str, Any]) -> None:
+    """Write ``summary`` and a minimal page as the stored report of ``version_id``."""
+    folder = store / REPORTS_DIR / version_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "quality.json").write_text(json.dumps(summary))
+    (folder / "quality.html").write_text("<html></html>")
+
+
 def _summary(model_id: str, figures: dict[str, Any]) -> dict[str, Any]:
     """Return a stored report of ``model_id`` whose one generator has ``figures``."""
     return {
@@ -259,10 +267,7 @@ def test_wrongly_typed_report_fails_precondition(
 ) -> None:
     model_id = client.model_info().model_id
     summary: dict[str, Any] = {**_summary(model_id, _figures(0.5)), **damage}
-    folder = store / REPORTS_DIR / version_id
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "quality.json").write_text(json.dumps(summary))
-    (folder / "quality.html").write_text("<html></html>")
+    _write_report(store, version_id, summary)
     try:
         error = _rpc_error(client.quality_report)
     finally:
@@ -280,10 +285,7 @@ def test_report_without_figures_names_the_entry(
     model_id = client.model_info().model_id
     summary = _summary(model_id, _figures(0.5))
     del summary["generators"]
-    folder = store / REPORTS_DIR / version_id
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "quality.json").write_text(json.dumps(summary))
-    (folder / "quality.html").write_text("<html></html>")
+    _write_report(store, version_id, summary)
     try:
         error = _rpc_error(client.quality_report)
     finally:
