@@ -1167,7 +1167,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every subcommand."""
-    from appliance.serve_config import MIN_MESSAGE_BYTES
+    from appliance.serve_config import MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
     from appliance.serve_config import ServeConfig as ServeDefaults
 
     parser = argparse.ArgumentParser(prog="python -m appliance", description=PARSER_DESCRIPTION)
@@ -1246,7 +1246,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--intra-op-threads",
         type=int,
         default=0,
-        help="ONNX Runtime threads per call (default: 0, half the CPUs available)",
+        help="ONNX Runtime threads per call, at most the CPUs available (default: 0, half "
+        "of them)",
     )
     serve.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
@@ -1303,8 +1304,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-message-bytes",
         type=int,
         default=ServeDefaults.max_message_bytes,
-        help=f"largest request or reply message in bytes, {MIN_MESSAGE_BYTES} or more (default: "
-        f"{ServeDefaults.max_message_bytes})",
+        help=f"largest request or reply message in bytes, {MIN_MESSAGE_BYTES} to "
+        f"{MAX_MESSAGE_BYTES} (default: {ServeDefaults.max_message_bytes})",
     )
     serve.set_defaults(handler=_command_serve)
 

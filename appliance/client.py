@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from appliance.classes import AAMI_CLASSES
+from appliance.serve_config import MAX_MESSAGE_BYTES
 from appliance.server_errors import REQUEST_ID_KEY
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
@@ -209,6 +211,10 @@ class ApplianceClient:
         timeout_s: Deadline of each call in seconds.
         max_receive_message_bytes: Largest reply message accepted, in bytes; raise it for a
             server started with a larger ``--max-message-bytes``.
+
+    Raises:
+        ValueError: If ``timeout_s`` is not a finite number above 0, the message limit is
+            outside 1 to ``MAX_MESSAGE_BYTES``, or a TLS file cannot be read.
     """
 
     def __init__(
@@ -220,6 +226,16 @@ class ApplianceClient:
         timeout_s: float = 300.0,
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     ) -> None:
+        # The comparisons are False for NaN, so NaN is rejected too.
+        if not 0.0 < timeout_s < math.inf:
+            raise ValueError(
+                f"timeout_s={timeout_s} is invalid: pass a finite number of seconds above 0"
+            )
+        if not 1 <= max_receive_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"max_receive_message_bytes={max_receive_message_bytes} is invalid: pass 1 to "
+                f"{MAX_MESSAGE_BYTES}, the largest limit gRPC takes"
+            )
         options = [("grpc.max_receive_message_length", max_receive_message_bytes)]
         # gRPC's C core aborts the process on a certificate without its key or the reverse.
         if (client_certificate is None) != (client_key is None):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,10 +78,46 @@ def write_beats(
         fmt: ``npy``, ``csv`` or ``wfdb``.
         name: File or record name without extension.
 
+    The files are written into a temporary folder inside ``out_dir`` and then renamed into
+    place, so a failed write (a full disk) leaves the files of an earlier run as they were and
+    no partial file behind.
+
     Raises:
         ValueError: If ``fmt`` is unknown.
+        OSError: If a file cannot be written; the temporary folder is removed.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
+    try:
+        written = _write_format(
+            staging, beats_mv, classes, scores, fs_hz, pre_r_samples, leads, fmt, name
+        )
+        paths = []
+        # Each rename is atomic. A crash between two renames can leave one new file beside an
+        # old one, but never a partial file.
+        for path in written:
+            target = out_dir / path.name
+            os.replace(path, target)
+            paths.append(target)
+        return paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_format(
+    out_dir: Path,
+    beats_mv: np.ndarray,
+    classes: list[str],
+    scores: np.ndarray,
+    fs_hz: float,
+    pre_r_samples: int,
+    leads: list[str],
+    fmt: str,
+    name: str,
+) -> list[Path]:
+    """Write beats in one format into ``out_dir``; the arguments are those of ``write_beats``."""
     if fmt == "npy":
         paths = [out_dir / f"{name}.npy", out_dir / f"{name}_classes.json"]
         np.save(paths[0], beats_mv.astype(np.float32))

@@ -26,6 +26,8 @@ DEFAULT_STALLED_SEND_S = 60.0
 # Smallest message limit accepted: every reply but Generate's and GetQualityReport's stays far
 # below it, and those two split or shrink their replies to fit.
 MIN_MESSAGE_BYTES = 16 * 1024
+# Largest message limit accepted: gRPC takes channel arguments as 32-bit signed integers.
+MAX_MESSAGE_BYTES = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ class ServeConfig:
         for name, flag, value, lowest in counts:
             if value < lowest:
                 raise ValueError(f"{flag} {value} is invalid: {name} must be {lowest} or more")
+        if message_bytes > MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"--max-message-bytes {message_bytes} is invalid: max_message_bytes must be "
+                f"{MAX_MESSAGE_BYTES} or less, the largest limit gRPC takes"
+            )
         if self.port > 65535:
             raise ValueError(f"--port {self.port} is invalid: port must be 65535 or less")
         seconds = (

@@ -127,8 +127,19 @@ def plan_threads(config: ServeConfig, cpus: float, source: str) -> ThreadPlan:
 
     ``engine_slots * intra_op_threads`` stays within the CPU limit (rounded down, at least 1),
     so that two replicas with their own quotas do not oversubscribe the host.
+
+    Raises:
+        ValueError: If ``config.intra_op_threads`` is above the CPU limit.
     """
     whole = max(1, math.floor(cpus))
+    if config.intra_op_threads > whole:
+        # ONNX Runtime starts every thread while it loads a graph, in native code that no
+        # signal interrupts, so an absurd count would hold the host before serving anything.
+        raise ValueError(
+            f"--intra-op-threads {config.intra_op_threads} is invalid: it must be at most "
+            f"{whole}, the CPUs this process may use ({source}); pass {whole} or fewer, or 0 "
+            "for half of them"
+        )
     intra_op_threads = config.intra_op_threads or max(1, whole // 2)
     engine_slots = max(1, whole // intra_op_threads)
     # A thread waiting for an engine slot costs little, so by default every call that gRPC

@@ -443,6 +443,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise TrainingError(
+            f"checkpoint {path} cannot be read ({exc.strerror or exc}); pass the best.pt or "
+            "checkpoint.pt file of a training work folder"
+        ) from exc
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else "no details"
         if len(detail) > DETAIL_CHARS:

@@ -339,6 +339,27 @@ def test_serve_port_file_on_folder_exits_2(model_store: Path, tmp_path: Path) ->
     assert not port_file.with_suffix(".tmp").exists()
 
 
+def test_serve_threads_above_cpus_exit_2(model_store: Path, tmp_path: Path) -> None:
+    # ONNX Runtime starts every thread while it loads, so a huge count must fail before that.
+    port_file = tmp_path / "server.port"
+    result = run_cli(
+        "serve",
+        "--store",
+        str(model_store),
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--intra-op-threads",
+        "100000",
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--intra-op-threads 100000 is invalid: it must be at most" in result.stderr
+    assert "engine loaded" not in result.stderr
+    assert not port_file.exists()
+
+
 def test_negative_budget_exits_2(tmp_path: Path) -> None:
     result = run_cli("train", "--max-minutes", "-1", "--store", str(tmp_path / "store"))
     assert result.returncode == 2
@@ -346,7 +367,13 @@ def test_negative_budget_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--grace-s", "-5"), ("--drain-s", "nan"), ("--max-message-bytes", "0")]
+    ("flag", "value"),
+    [
+        ("--grace-s", "-5"),
+        ("--drain-s", "nan"),
+        ("--max-message-bytes", "0"),
+        ("--max-message-bytes", "2147483648"),
+    ],
 )
 def test_serve_bad_setting_exits_2(tmp_path: Path, flag: str, value: str) -> None:
     result = run_cli("serve", flag, value, "--store", str(tmp_path / "store"), "--port", "0")
@@ -762,6 +789,52 @@ def test_generate_none_accepted_writes_nothing(
     assert "lower --margin (the call used 0.990)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("timeout_s", 0.0),
+        ("timeout_s", -1.0),
+        ("timeout_s", float("nan")),
+        ("timeout_s", float("inf")),
+        ("max_receive_message_bytes", 0),
+        ("max_receive_message_bytes", 2**31),
+    ],
+)
+def test_client_rejects_bad_setting(setting: str, value: float) -> None:
+    from appliance.client import ApplianceClient
+
+    # No server is needed: the constructor checks its settings before it opens a channel.
+    with pytest.raises(ValueError, match=f"{setting}={value} is invalid"):
+        ApplianceClient("127.0.0.1:1", **{setting: value})
+
+
+def test_write_beats_failure_keeps_earlier_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import numpy as np
+
+    from appliance import outputs
+
+    beats = np.zeros((2, 1, 256))
+    outputs.write_beats(tmp_path, beats, ["N", "V"], np.ones(2), 360.0, 90, ["MLII"], "npy")
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert sorted(earlier) == ["synthetic.npy", "synthetic_classes.json"]
+
+    def save_half_then_fail(path: Path, array: np.ndarray) -> None:
+        Path(path).write_bytes(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.np, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        outputs.write_beats(
+            tmp_path, np.ones((5, 1, 256)), ["N"] * 5, np.ones(5), 360.0, 90, ["MLII"], "npy"
+        )
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert after == earlier
 
 
 def test_client_empty_generate_keeps_shape(server_address: str) -> None:

@@ -765,6 +765,7 @@ def test_generate_chunks_fit_message_limit(model_store: Path):
         ("max_beats_per_request", 0, "--max-beats-per-request"),
         ("max_concurrent_rpcs", 0, "--max-concurrent-rpcs"),
         ("max_message_bytes", 0, "--max-message-bytes"),
+        ("max_message_bytes", 2**31, "--max-message-bytes"),
         ("port", 70000, "--port"),
     ],
 )
@@ -954,6 +955,16 @@ def test_cpu_limit_follows_cgroup_quota(tmp_path: Path):
         assert plan.workers > plan.engine_slots
     plan = plan_threads(ServeConfig(workers=3, intra_op_threads=2), 8.0, "cgroup cpu.max")
     assert (plan.workers, plan.intra_op_threads, plan.engine_slots) == (3, 2, 4)
+
+
+def test_plan_threads_rejects_more_than_cpus() -> None:
+    # ONNX Runtime would start every requested thread at load, so the count is capped first.
+    plan = plan_threads(ServeConfig(intra_op_threads=4), 4.5, "cgroup cpu.max")
+    assert plan.intra_op_threads == 4
+    with pytest.raises(ValueError, match="--intra-op-threads 100000 is invalid") as raised:
+        plan_threads(ServeConfig(intra_op_threads=100_000), 4.5, "cgroup cpu.max")
+    assert "at most 4" in str(raised.value)
+    assert "cgroup cpu.max" in str(raised.value)
 
 
 def test_sigterm_drains_and_exits(model_store: Path, tmp_path: Path):

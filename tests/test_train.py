@@ -382,6 +382,14 @@ def test_load_checkpoint_names_missing_entries(tmp_path: Path):
         load_checkpoint(partial)
 
 
+def test_load_checkpoint_folder_is_named(tmp_path: Path):
+    folder = tmp_path / "checkpoint.pt"
+    folder.mkdir()
+    with pytest.raises(TrainingError, match="cannot be read") as raised:
+        load_checkpoint(folder)
+    assert str(folder) in str(raised.value)
+
+
 def test_time_budget_ends_epoch_early(tiny_run, tiny_data, tmp_path: Path) -> None:  # noqa: ANN001
     full, _ = tiny_run
     work_dir = tmp_path / "work"
