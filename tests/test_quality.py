@@ -6,9 +6,11 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from appliance.classes import class_index
 from appliance.config import DEFAULT_DATA_DIR, TrainConfig
@@ -373,6 +375,40 @@ def test_baselines_sample_requested_classes(small_fit):
         assert sample.counts()["N"] == 5
         assert sample.counts()["V"] == 3
         assert np.isfinite(sample.beats).all()
+
+
+def test_realnvp_keeps_weights_before_divergence(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class SpikingAdam(torch.optim.Adam):
+        """Adam that multiplies every weight by 30 once, after its 150th step."""
+
+        steps_taken = 0
+
+        def step(self, closure: Any = None) -> Any:
+            loss = super().step(closure)
+            SpikingAdam.steps_taken += 1
+            if SpikingAdam.steps_taken == 150:
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for parameter in group["params"]:
+                            parameter.mul_(30.0)
+            return loss
+
+    monkeypatch.setattr(torch.optim, "Adam", SpikingAdam)
+    caplog.set_level(logging.INFO, logger="appliance.quality.baselines")
+    rng = np.random.default_rng(0)
+    train = LabelledBeats(
+        rng.normal(size=(400, 1, 256)).astype(np.float32), np.repeat([N, V], 200)
+    )
+    config = RealNvpConfig(dims=8, transforms=2, hidden_features=32, steps=300, batch_size=64)
+    flow = RealNvpBaseline(train, config)
+    # Monitored at steps 100, 200 and 300; the weights broken at step 150 never recover.
+    assert flow.best_step == 100
+    assert flow.monitor_nll_nats < 20.0
+    assert "training diverged after the kept step" in caplog.text
+    sample = flow.sample({N: 5}, seed=0)
+    assert np.isfinite(sample.beats).all()
 
 
 def test_evaluation_ranks_copies_over_noise(protocol, caplog: pytest.LogCaptureFixture):
