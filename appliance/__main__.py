@@ -1055,7 +1055,7 @@ def _check_input_classes(path: Path, classes: Sequence[object]) -> None:
 
 def _command_report(args: argparse.Namespace) -> int:
     from appliance.quality.report import build_report, embedded_html
-    from appliance.report_store import attach_report, mismatch_warning
+    from appliance.report_store import attach_report, report_warnings
 
     # Checked before the evaluation, which takes minutes.
     _check_report_temperature(args.temperature)
@@ -1075,8 +1075,7 @@ def _command_report(args: argparse.Namespace) -> int:
         f"wrote {args.out / 'quality.html'} and {args.out / 'quality.json'} "
         f"({len(figures)} sections)\n"
     )
-    warning = mismatch_warning(figures["protocol"].get("matches_training_records"))
-    if warning is not None:
+    for warning in report_warnings(figures["protocol"]):
         sys.stderr.write(f"warning: {warning}\n")
     if not args.no_attach:
         folder = attach_report(args.store, figures, embedded_html(figures, args.out))
@@ -1125,7 +1124,7 @@ def _check_report_margin(store: Path, margin: float | None) -> None:
 
 def _command_quality_report(args: argparse.Namespace) -> int:
     from appliance.client import QUALITY_HTML, ApplianceClient, write_quality_report
-    from appliance.report_store import mismatch_warning
+    from appliance.report_store import mismatch_warning, missing_records_warning
 
     # Checked before the call, so that an unusable folder does not waste the transfer.
     _check_output_folder("--out", args.out)
@@ -1149,9 +1148,15 @@ def _command_quality_report(args: argparse.Namespace) -> int:
     matches = (
         reply.matches_training_records if reply.HasField("matches_training_records") else None
     )
-    warning = mismatch_warning(matches)
-    if warning is not None:
-        sys.stderr.write(f"warning: {warning}\n")
+    try:
+        missing = json.loads(reply.report_json).get("protocol", {}).get("missing_records")
+    except (ValueError, AttributeError):
+        # The figures above came from the reply's own fields, so an unreadable JSON copy
+        # only hides this one warning.
+        missing = None
+    for warning in (missing_records_warning(missing), mismatch_warning(matches)):
+        if warning is not None:
+            sys.stderr.write(f"warning: {warning}\n")
     return 0
 
 

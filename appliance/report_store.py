@@ -83,6 +83,32 @@ def mismatch_warning(matches_training_records: bool | None) -> str | None:
     )
 
 
+def missing_records_warning(missing_records: list[str] | None) -> str | None:
+    """Return the warning for a report on a folder without every de Chazal record, else None.
+
+    Arguments:
+        missing_records: The report's ``protocol.missing_records``; None or empty when the
+            folder had every record or the report predates the entry.
+    """
+    if not missing_records:
+        return None
+    return (
+        f"the data folder lacked {len(missing_records)} of the 44 de Chazal records "
+        f"({', '.join(missing_records)}), so these figures come from fewer patients and are not "
+        "comparable with a report on the full MIT-BIH database or with the goals. Pass a "
+        "folder with all 48 MIT-BIH records"
+    )
+
+
+def report_warnings(protocol: dict[str, Any]) -> list[str]:
+    """Return every warning that a report's ``protocol`` section calls for."""
+    warnings = [
+        missing_records_warning(protocol.get("missing_records")),
+        mismatch_warning(protocol.get("matches_training_records")),
+    ]
+    return [warning for warning in warnings if warning is not None]
+
+
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Return the headline figures of each generator, in the order of the metric table."""
     rows = []

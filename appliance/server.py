@@ -133,8 +133,8 @@ def plan_threads(config: ServeConfig, cpus: float, source: str) -> ThreadPlan:
     """
     whole = max(1, math.floor(cpus))
     if config.intra_op_threads > whole:
-        # ONNX Runtime starts every thread while it loads a graph, in native code that no
-        # signal interrupts, so an absurd count would hold the host before serving anything.
+        # ONNX Runtime starts every thread while it loads a graph, in native code where
+        # Python's SIGTERM handler cannot run, so a huge count would hold the host unstoppably.
         raise ValueError(
             f"--intra-op-threads {config.intra_op_threads} is invalid: it must be at most "
             f"{whole}, the CPUs this process may use ({source}); pass {whole} or fewer, or 0 "

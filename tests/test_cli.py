@@ -1439,6 +1439,8 @@ def test_quality_report_warns_stale_page(model_store: Path, tmp_path: Path) -> N
         full = run_cli("quality-report", "--address", address, "--out", str(out))
         assert full.returncode == 0, full.stderr
         assert "earlier quality report" not in full.stderr
+        missing = len(summary["protocol"]["missing_records"])
+        assert f"warning: the data folder lacked {missing} of the 44 de Chazal" in full.stderr
         page = (out / "quality.html").read_bytes()
         json_only = run_cli("quality-report", "--address", address, "--out", str(out), "--no-html")
     finally:

@@ -479,7 +479,13 @@ def test_report_writes_page_and_json(model_store: Path, tmp_path: Path):
     assert saved == summary
     assert set(summary["generators"]) == {"appliance", "pca_gaussian", "realnvp"}
     assert summary["protocol"]["matches_training_records"] is False  # bundled SPLITS file
+    missing = summary["protocol"]["missing_records"]
+    bundled = {path.stem for path in DEFAULT_DATA_DIR.glob("*.hea")}
+    assert len(missing) == 44 - len(bundled)
+    assert "101" in missing
+    assert "106" not in missing
     page = (tmp_path / "quality.html").read_text()
+    assert f"the data folder lacked {len(missing)} of the 44 de Chazal records" in page
     for name in summary["figures"]:
         assert (tmp_path / name).stat().st_size > 1000
         assert f'src="{name}"' in page
@@ -490,7 +496,14 @@ def test_report_writes_page_and_json(model_store: Path, tmp_path: Path):
     assert "<strong>Warning:</strong> this model was trained on other records" in page
     mia = f"{summary['generators']['appliance']['privacy']['mia_auroc']:.4f}"
     assert page.count("not applicable") == 4 * len(summary["generators"])
-    matching = {**summary, "protocol": {**summary["protocol"], "matches_training_records": True}}
+    matching = {
+        **summary,
+        "protocol": {
+            **summary["protocol"],
+            "matches_training_records": True,
+            "missing_records": [],
+        },
+    }
     matching_page = render_html(matching)
     assert "Warning" not in matching_page
     assert "not applicable" not in matching_page

@@ -94,6 +94,8 @@ class ProtocolData:
         pre_r_samples: Samples before the R peak in each window.
         holdout_mv: The hold-out beats before z-normalisation, shape (beats, leads, samples),
             in mV; the pertinence score and the corruptions need real amplitudes.
+        missing_records: De Chazal records that the data folder lacks; with any, the figures
+            are not comparable with a report on the full MIT-BIH database.
     """
 
     fit: LabelledBeats
@@ -104,6 +106,7 @@ class ProtocolData:
     fs_hz: float
     pre_r_samples: int
     holdout_mv: np.ndarray
+    missing_records: tuple[str, ...] = ()
 
 
 class BeatGenerator(Protocol):
@@ -186,6 +189,7 @@ def load_protocol(
         fs_hz=settings.fs_hz,
         pre_r_samples=settings.pre_r_samples,
         holdout_mv=holdout.windows,
+        missing_records=tuple(missing),
     )
     logger.info(
         "protocol fit=%d members=%d unseen=%d holdout=%d test=%d",

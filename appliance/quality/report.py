@@ -46,6 +46,7 @@ from appliance.report_store import (
     REPORT_JSON,
     metric_rows,
     mismatch_warning,
+    report_warnings,
 )
 from appliance.store import load_current
 
@@ -125,6 +126,7 @@ def build_report(
             "holdout_counts": data.holdout.counts(),
             "test_counts": data.test.counts(),
             "matches_training_records": matches,
+            "missing_records": list(data.missing_records),
         },
         "settings": {
             "temperature": temperature,
@@ -341,10 +343,10 @@ def render_html(summary: dict[str, Any], image_sources: Mapping[str, str] | None
         f"<th>{html.escape(c)}<br><small>{html.escape(GOALS.get(c, ''))}</small></th>"
         for c in columns
     )
-    warning = mismatch_warning(summary["protocol"].get("matches_training_records"))
+    mismatch = mismatch_warning(summary["protocol"].get("matches_training_records"))
 
     def cell(column: str, value: Any) -> str:
-        if warning is not None and column in PRIVACY_COLUMNS:
+        if mismatch is not None and column in PRIVACY_COLUMNS:
             return "not applicable"
         return _cell(value)
 
@@ -354,10 +356,9 @@ def render_html(summary: dict[str, Any], image_sources: Mapping[str, str] | None
         + "</tr>"
         for name, values in rows
     )
-    banner = (
+    banner = "".join(
         f"<p class='warning'><strong>Warning:</strong> {html.escape(warning)}.</p>"
-        if warning is not None
-        else ""
+        for warning in report_warnings(summary["protocol"])
     )
     f1_head = "".join(f"<th>{c}</th>" for c in (*AAMI_CLASSES, "macro"))
     f1_rows = [("TRTR (real)", summary["trtr_f1"])]
