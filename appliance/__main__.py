@@ -1535,7 +1535,9 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
     name = code.name if code is not None else "UNKNOWN"
     hint = ""
     uses_tls = getattr(args, "tls_ca", None) is not None
-    if name == "UNAVAILABLE" and uses_tls and getattr(args, "tls_cert", None) is None:
+    if name == "UNAVAILABLE" and uses_tls:
+        hint = _handshake_hint(details)
+    if not hint and name == "UNAVAILABLE" and uses_tls and getattr(args, "tls_cert", None) is None:
         # A server that requires mutual TLS closes the handshake of a client without a
         # certificate, which gRPC reports as UNAVAILABLE with a transport message.
         hint = (
@@ -1567,6 +1569,36 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: the server returned {name}: {details}{hint}\n")
     request_errors = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
     return EXIT_USAGE if name in request_errors else 1
+
+
+def _handshake_hint(details: str) -> str:
+    """Return the fix for a TLS handshake failure that this client detected, else ``""``.
+
+    gRPC's C core puts OpenSSL's reason into the status details, for example
+    ``CERTIFICATE_VERIFY_FAILED: certificate has expired``.
+    """
+    text = details.lower()
+    if "wrong_version_number" in text or "wrong version number" in text:
+        return (
+            "; the server at --address does not use TLS, so leave out --tls-ca, --tls-cert and "
+            "--tls-key"
+        )
+    if "hostname verification" in text:
+        return (
+            "; the server's certificate does not list the host of --address, so connect with a "
+            "host name or IP address that its subject alternative names list"
+        )
+    if "certificate_verify_failed" in text:
+        if "expired" in text or "not yet valid" in text:
+            return (
+                "; the server's certificate is outside its validity period, so renew it on the "
+                "server or check the clocks of both hosts"
+            )
+        return (
+            "; --tls-ca does not contain the CA that signed the server's certificate, so pass "
+            "that CA's certificate"
+        )
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

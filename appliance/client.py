@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from appliance.classes import AAMI_CLASSES
 from appliance.serve_config import MAX_MESSAGE_BYTES
 from appliance.server_errors import REQUEST_ID_KEY
+from appliance.tls_files import check_ca_file, check_key_pair
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -214,7 +215,8 @@ class ApplianceClient:
 
     Raises:
         ValueError: If ``timeout_s`` is not a finite number above 0, the message limit is
-            outside 1 to ``MAX_MESSAGE_BYTES``, or a TLS file cannot be read.
+            outside 1 to ``MAX_MESSAGE_BYTES``, or a TLS file cannot be read, is not PEM, or
+            the client key does not belong to the client certificate.
     """
 
     def __init__(
@@ -250,14 +252,26 @@ class ApplianceClient:
         if root_certificate is None:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
+            root_pem = _read_pem(root_certificate, "CA certificate")
+            key_pem = _read_pem(client_key, "client key") if client_key else None
+            chain_pem = (
+                _read_pem(client_certificate, "client certificate") if client_certificate else None
+            )
+            # gRPC reports a bad file only as a failed handshake that names no file.
+            check_ca_file(
+                root_certificate,
+                "root_certificate (--tls-ca)",
+                "the server's certificate",
+            )
+            if client_certificate is not None and client_key is not None:
+                check_key_pair(
+                    client_certificate,
+                    client_key,
+                    "client_certificate (--tls-cert)",
+                    "client_key (--tls-key)",
+                )
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read_pem(root_certificate, "CA certificate"),
-                private_key=_read_pem(client_key, "client key") if client_key else None,
-                certificate_chain=(
-                    _read_pem(client_certificate, "client certificate")
-                    if client_certificate
-                    else None
-                ),
+                root_certificates=root_pem, private_key=key_pem, certificate_chain=chain_pem
             )
             self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.ApplianceServiceStub(self.channel)

@@ -14,7 +14,6 @@ import math
 import os
 import signal
 import socket
-import ssl
 import sys
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from appliance.serve_config import ServeConfig, TlsFiles
 from appliance.server_errors import UnservedCallLogger, limit_grpc_library_logs
 from appliance.service import ApplianceServicer, ThreadPlan
 from appliance.store import current_version_id, load_current, require_served_files
+from appliance.tls_files import check_ca_file, check_key_pair, validity_problem
 from appliance.v1 import appliance_pb2 as pb
 from appliance.v1 import appliance_pb2_grpc as pb_grpc
 
@@ -466,43 +466,26 @@ def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
-def _no_key_password() -> bytes:
-    """Return an empty password for an encrypted key, so that OpenSSL never prompts for one."""
-    return b""
-
-
 def _check_tls_files(tls: TlsFiles) -> None:
-    """Check that the TLS files are PEM and that the key belongs to the certificate.
+    """Check the server's TLS files before gRPC loads them.
 
     gRPC reports a bad file only in its own log and then fails to bind the port, which reads
-    as a busy port, so the files are loaded with Python's ``ssl`` module first.
+    as a busy port. A certificate outside its validity period would be served, and every
+    client's handshake would fail.
 
     Raises:
         ValueError: Naming the file that is not valid and what it must contain.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(tls.certificate, tls.private_key, password=_no_key_password)
-    except ssl.SSLError as exc:
-        raise ValueError(
-            f"TLS certificate {tls.certificate} and key {tls.private_key} are invalid or do not "
-            f"match{_ssl_reason(exc)}: --tls-cert must be a PEM certificate chain and --tls-key "
-            "the PEM private key of its first certificate, not encrypted"
-        ) from exc
+    check_key_pair(tls.certificate, tls.private_key, "--tls-cert", "--tls-key")
     if tls.client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=tls.client_ca)
-        except ssl.SSLError as exc:
-            raise ValueError(
-                f"client CA file {tls.client_ca} contains no valid PEM certificate"
-                f"{_ssl_reason(exc)}; --tls-client-ca must be the PEM certificates of the CAs "
-                "that sign client certificates"
-            ) from exc
-
-
-def _ssl_reason(exc: ssl.SSLError) -> str:
-    """Return OpenSSL's reason code as `` (REASON)``, or an empty string when it gave none."""
-    return f" ({exc.reason})" if exc.reason else ""
+        check_ca_file(tls.client_ca, "--tls-client-ca", "client certificates")
+    problem = validity_problem(tls.certificate, tls.private_key)
+    if problem is not None:
+        raise ValueError(
+            f"TLS certificate {tls.certificate} is rejected: {problem}, so every client would "
+            "fail its handshake; pass a certificate valid now in --tls-cert, or check the "
+            "clock of this host"
+        )
 
 
 class StoppedWhileLoading(Exception):

@@ -1,7 +1,8 @@
 """Throwaway certificate authorities and certificates for the TLS tests.
 
 Keys are ECDSA P-256 in unencrypted PKCS#8 PEM. Certificates are valid from five minutes ago for
-one hour. Server certificates list ``localhost`` and ``127.0.0.1`` as subject alternative names.
+one hour unless a test requests another period. Server certificates list ``localhost`` and
+``127.0.0.1`` as subject alternative names.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _certificate(
     key: ec.EllipticCurvePrivateKey,
     issuer: Authority | None,
     server: bool = False,
+    start_offset: datetime.timedelta = datetime.timedelta(minutes=-5),
+    lifetime: datetime.timedelta = datetime.timedelta(minutes=65),
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
@@ -63,8 +66,8 @@ def _certificate(
         .issuer_name(issuer[0].subject if issuer else name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
+        .not_valid_before(now + start_offset)
+        .not_valid_after(now + start_offset + lifetime)
     )
     if issuer is None:
         builder = builder.add_extension(
@@ -116,14 +119,20 @@ def create_authority(
 
 
 def issue_certificate(
-    folder: Path, name: str, authority: Authority, server: bool = False
+    folder: Path,
+    name: str,
+    authority: Authority,
+    server: bool = False,
+    start_offset: datetime.timedelta = datetime.timedelta(minutes=-5),
 ) -> Issued:
     """Issue a client (or, with ``server``, a server) certificate signed by ``authority``.
 
-    Writes ``folder/{name}.pem`` and its private key ``folder/{name}.key``.
+    Writes ``folder/{name}.pem`` and its private key ``folder/{name}.key``. The certificate is
+    valid for 65 minutes from now plus ``start_offset``, so an offset of -2 hours gives an
+    expired one and +1 hour one that is not yet valid.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _certificate(name, key, authority, server=server)
+    certificate = _certificate(name, key, authority, server=server, start_offset=start_offset)
     path = folder / f"{name}.pem"
     path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return Issued(path, _write_key(key, folder / f"{name}.key"))

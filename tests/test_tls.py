@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pki import Pki, create_pki
+from pki import Pki, create_authority, create_pki, issue_certificate
 
 from appliance.client import ApplianceClient
 from appliance.server import ApplianceServer, ServeConfig, TlsFiles, create_server
@@ -186,3 +187,78 @@ def test_cli_with_rogue_certificate_hints_ca(mtls_server: ApplianceServer, pki: 
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr
     assert "--tls-cert is signed by the CA the server trusts" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("start_offset", "problem"),
+    [
+        (datetime.timedelta(hours=-2), "certificate has expired"),
+        (datetime.timedelta(hours=1), "certificate is not yet valid"),
+    ],
+)
+def test_server_rejects_certificate_out_of_period(
+    model_store: Path, tmp_path: Path, start_offset: datetime.timedelta, problem: str
+):
+    # A served certificate outside its period would fail every client's handshake.
+    authority_certificate, authority_key, _ = create_authority(tmp_path, "clock")
+    issued = issue_certificate(
+        tmp_path, "server", (authority_certificate, authority_key), True, start_offset
+    )
+    tls = TlsFiles(issued.certificate, issued.key)
+    with pytest.raises(ValueError, match=f"server.pem is rejected: {problem}"):
+        create_server(model_store, ServeConfig(port=0, tls=tls))
+
+
+def test_client_rejects_key_of_other_certificate(pki: Pki):
+    with pytest.raises(ValueError, match="invalid or do not match") as raised:
+        ApplianceClient(
+            "127.0.0.1:1",
+            root_certificate=pki.ca,
+            client_certificate=pki.client.certificate,
+            client_key=pki.server.key,
+        )
+    assert str(pki.client.certificate) in str(raised.value)
+    assert "client_key (--tls-key)" in str(raised.value)
+
+
+def test_client_rejects_invalid_ca_file(tmp_path: Path):
+    garbled = tmp_path / "garbled-ca.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError, match="garbled-ca.pem contains no valid PEM certificate"):
+        ApplianceClient("127.0.0.1:1", root_certificate=garbled)
+
+
+def test_cli_with_other_ca_hints_tls_ca(tls_server: ApplianceServer, pki: Pki):
+    # The rogue CA did not sign the server's certificate, so the client rejects the server.
+    result = _run_cli(
+        "health",
+        "--address",
+        f"localhost:{tls_server.port}",
+        "--tls-ca",
+        str(pki.rogue_ca),
+        "--timeout-s",
+        "20",
+    )
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert "--tls-ca does not contain the CA that signed the server's certificate" in result.stderr
+    assert "pass --tls-cert and --tls-key" not in result.stderr
+
+
+def test_cli_tls_to_plain_server_hints(model_store: Path, pki: Pki):
+    running = create_server(model_store, ServeConfig(port=0, grace_s=1.0, drain_s=0.0))
+    try:
+        result = _run_cli(
+            "health",
+            "--address",
+            f"127.0.0.1:{running.port}",
+            "--tls-ca",
+            str(pki.ca),
+            "--timeout-s",
+            "20",
+        )
+    finally:
+        running.stop()
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert "does not use TLS, so leave out --tls-ca" in result.stderr
