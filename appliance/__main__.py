@@ -408,6 +408,8 @@ def _command_export(args: argparse.Namespace) -> int:
         state = load_checkpoint(args.checkpoint)
     except TrainingError as exc:
         raise UsageError(str(exc)) from exc
+    # Checked before ingest, which takes minutes.
+    _check_output_folder("--store", args.store)
     advice = "pass the best.pt that `train` wrote"
     try:
         config = ApplianceConfig.from_dict(state["config"])
@@ -920,10 +922,12 @@ def _check_writable_folder(
     finally:
         # Deepest first, so each folder is empty when it is removed.
         for path in [] if keep_created else created:
+            if not path.exists():
+                continue  # mkdir failed before it reached this folder
             try:
                 path.rmdir()
             except FileNotFoundError:
-                continue  # mkdir failed before it reached this folder
+                continue
             except OSError as exc:
                 logger.warning("probe folder not removed path=%s error=%s", path, exc)
 

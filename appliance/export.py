@@ -248,10 +248,14 @@ def export_model(
             the lead check; None leaves the check out.
 
     Raises:
-        ExportError: If a check fails; the store's current version is left unchanged.
+        ExportError: If a check fails or a file of the version cannot be written; the store's
+            current version is left unchanged.
     """
     model = result.model
-    partial = new_version_dir(store)
+    try:
+        partial = new_version_dir(store)
+    except OSError as exc:
+        raise ExportError(_store_write_message(store, exc)) from exc
     try:
         forward_path, inverse_path = export_graphs(model, partial)
         manifest: dict[str, Any] = _manifest(config, result, data_facts or {})
@@ -330,6 +334,9 @@ def export_model(
             "validation_bpd": finite_or_none(result.summary.get("validation_bpd")),
         }
         version = publish_version(store, partial, manifest)
+    except OSError as exc:
+        discard_partial(partial)
+        raise ExportError(_store_write_message(store, exc)) from exc
     except BaseException:
         discard_partial(partial)
         raise
@@ -341,6 +348,16 @@ def export_model(
         threshold,
     )
     return version
+
+
+def _store_write_message(store: Path, exc: OSError) -> str:
+    """Return the error for a model version that could not be written to ``store``."""
+    where = f" at {exc.filename}" if exc.filename else ""
+    return (
+        f"writing the model version to store {store} failed{where} ({exc.strerror or exc}); "
+        "the store's current version is unchanged. Free space or pass a writable --store "
+        "folder, then export again"
+    )
 
 
 def _fit_latent_prior(

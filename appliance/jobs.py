@@ -14,11 +14,11 @@ from appliance.dataset import BeatSet, Dataset, ingest
 from appliance.distributed import is_rank_zero
 from appliance.ecg import normal_lead_name, read_record, record_lead_names
 from appliance.errors import RecordError
-from appliance.export import export_model
+from appliance.export import ExportError, export_model
 from appliance.holdout import concatenate, split_holdout
 from appliance.lead_check import MAX_BEATS_PER_SIDE, MIN_OTHER_LEAD_BEATS
 from appliance.store import ModelVersion
-from appliance.train import TrainResult, train
+from appliance.train import BEST_FILE, TrainResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,25 @@ def train_and_export(
     other_leads = read_other_lead_beats(
         data_dir, train_records(dataset), config.data, config.train.seed
     )
-    version = export_model(
-        config, result, fit_beats, calibration_beats, store, facts, other_lead_beats=other_leads
-    )
+    try:
+        version = export_model(
+            config,
+            result,
+            fit_beats,
+            calibration_beats,
+            store,
+            facts,
+            other_lead_beats=other_leads,
+        )
+    except ExportError as exc:
+        if not isinstance(exc.__cause__, OSError):
+            raise
+        # Training took minutes to hours, so the message says how to export without it.
+        raise ExportError(
+            f"{exc}. The trained weights are kept in {work_dir / BEST_FILE}: after the fix, "
+            f"run python -m appliance export --checkpoint {work_dir / BEST_FILE} --data "
+            f"{data_dir} --store {store}"
+        ) from exc
     return TrainJobResult(dataset, fit_beats, holdout_beats, result, version)
 
 

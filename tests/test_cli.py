@@ -142,6 +142,26 @@ def test_export_checks_training_records(
     assert manifest["training"]["learnt_class_counts"] == trained["learnt_class_counts"]
 
 
+def test_export_store_write_failures_named(trained_work_dir: Path, tmp_path: Path) -> None:
+    checkpoint = str(trained_work_dir / "best.pt")
+    store_file = tmp_path / "store-file"
+    store_file.write_text("not a folder\n")
+    as_file = run_cli("export", "--checkpoint", checkpoint, "--store", str(store_file))
+    assert as_file.returncode == 2
+    assert "Traceback" not in as_file.stderr
+    assert f"--store {store_file} is a file; pass a folder" in as_file.stderr
+    # A file where the store keeps its versions fails only when the version is written.
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "versions").write_text("in the way\n")
+    blocked = run_cli("export", "--checkpoint", checkpoint, "--store", str(store))
+    assert blocked.returncode == 1
+    assert "Traceback" not in blocked.stderr
+    assert f"writing the model version to store {store} failed" in blocked.stderr
+    assert "the store's current version is unchanged" in blocked.stderr
+    assert not (store / "CURRENT").exists()
+
+
 def test_mistyped_option_shows_command_usage(tmp_path: Path) -> None:
     result = run_cli("generate", "--coutn", "10", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
