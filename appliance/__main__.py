@@ -793,10 +793,17 @@ def _command_generate(args: argparse.Namespace) -> int:
         f"rejections {stats.privacy_rejections}, invalid {stats.invalid_rejections}, accepted "
         f"beyond the request and dropped {stats.surplus_dropped})"
     )
+    fix = f"lower --margin (the call used {stats.margin:.3f}) or raise --max-draws-per-beat"
+    if stats.invalid_rejections * 2 > stats.draws:
+        # Invalid draws (outside the amplitude range, or not invertible) come from latent
+        # values far from the training beats', which a high temperature produces.
+        fix = (
+            f"most draws were invalid, so lower --temperature (the call used "
+            f"{args.temperature:g}); otherwise {fix}"
+        )
     if stats.accepted == 0:
         raise ApplianceError(
-            f"no beat of the {requested} requested was accepted, from {counts_text}; lower "
-            f"--margin (the call used {stats.margin:.3f}) or raise --max-draws-per-beat. "
+            f"no beat of the {requested} requested was accepted, from {counts_text}; {fix}. "
             f"Nothing was written to {args.out}"
         )
     written_names = GENERATE_FILES[args.format]
@@ -844,9 +851,11 @@ def _command_generate(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(f"per class: {_class_tally(result.classes, class_counts)}\n")
     if stats.budget_exhausted:
+        first = "lower --temperature, " if stats.invalid_rejections * 2 > stats.draws else ""
         sys.stdout.write(
-            "the draw budget ran out before every requested beat was accepted; raise "
-            "--max-draws-per-beat, lower --margin or retrain with a longer --max-minutes\n"
+            "the draw budget ran out before every requested beat was accepted; "
+            f"{first}raise --max-draws-per-beat, lower --margin or retrain with a longer "
+            "--max-minutes\n"
         )
     return 0
 

@@ -857,6 +857,18 @@ def test_write_beats_failure_keeps_earlier_files(
     assert after == earlier
 
 
+def test_generate_hot_draws_hint_temperature(server_address: str, tmp_path: Path) -> None:
+    # At temperature 5 most latent draws map outside the amplitude range or fail to invert.
+    out = tmp_path / "out"
+    result = run_cli(
+        "generate", "--address", server_address, "--classes", "N=4", "--temperature", "5",
+        "--max-draws-per-beat", "2", "--seed", "1", "--out", str(out),
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr
+    assert "most draws were invalid, so lower --temperature (the call used 5)" in result.stderr
+    assert result.returncode == 1, result.stdout
+
+
 def test_client_empty_generate_keeps_shape(server_address: str) -> None:
     from appliance.client import ApplianceClient
 
