@@ -299,7 +299,11 @@ def _annotated_beats(
     try:
         annotation = wfdb.rdann(str(path), extension)
     except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
-        raise RecordError(record, f"annotation file .{extension} cannot be read: {exc}") from exc
+        raise RecordError(
+            record,
+            f"annotation file .{extension} cannot be read ({type(exc).__name__}: {exc}); the "
+            "file is truncated, corrupt or not a WFDB annotation file",
+        ) from exc
     # Sample numbers count ticks of the annotation's own rate when the file declares one, and
     # frames of the record otherwise.
     annotation_fs_hz = float(annotation.fs) if annotation.fs else frame_fs_hz
@@ -324,6 +328,24 @@ def _annotation_gap(positions: np.ndarray, samples: int, config: DataConfig) -> 
         f"annotations (.{config.annotation_extension}) end at {last / config.fs_hz:.0f} s of the "
         f"signal's {samples / config.fs_hz:.0f} s; beats after that are missing if the "
         "annotation file is truncated"
+    )
+
+
+def _annotations_past_end(positions: np.ndarray, samples: int, config: DataConfig) -> str | None:
+    """Return a warning when annotations lie after the end of the signal, else None.
+
+    Arguments:
+        positions: Annotation positions at the model rate, shape (annotations,).
+        samples: Signal length at the model rate.
+        config: Data settings (``fs_hz``, ``annotation_extension``).
+    """
+    past_end = int((positions >= samples).sum())
+    if past_end == 0:
+        return None
+    return (
+        f"{past_end} of {positions.size} annotations (.{config.annotation_extension}) lie after "
+        f"the end of the signal at {samples / config.fs_hz:.0f} s, so their beats are skipped; "
+        "the header may state too few samples, or the signal file may be truncated"
     )
 
 
@@ -393,7 +415,12 @@ def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
     except RecordError:
         raise
     except Exception as exc:  # wfdb raises ValueError, IndexError and others on bad files
-        raise RecordError(record, f"header or signal cannot be read: {exc}") from exc
+        raise RecordError(
+            record,
+            f"header or signal cannot be read ({type(exc).__name__}: {exc}); check that the "
+            "header's record line (signal and sample counts) matches its signal lines and the "
+            "signal file",
+        ) from exc
     if any(lead.size == 0 for lead in leads):
         raise RecordError(record, "signal has no samples")
 
@@ -440,6 +467,9 @@ def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
         gap = _annotation_gap(positions, signal_model.shape[1], config)
         if gap is not None:
             warnings.append(gap)
+        past_end = _annotations_past_end(positions, signal_model.shape[1], config)
+        if past_end is not None:
+            warnings.append(past_end)
     else:
         if rates[0] < config.fs_hz:
             detection_input = remove_baseline(_fill_nan(leads[0]), rates[0], config)

@@ -381,6 +381,59 @@ def test_truncated_annotations_warn(tmp_path):
     assert not [w for w in whole.warnings if w.startswith("annotations")]
 
 
+def test_header_with_too_few_samples_warns(tmp_path):
+    path = write_record(tmp_path, "short")
+    # The header states 30 s of the 120 s that the signal file holds.
+    edit_header(path, f"{FS_HZ} {SECONDS * FS_HZ}", f"{FS_HZ} {30 * FS_HZ}")
+    beats = read_record(path, "short", CONFIG)
+    past_end = [w for w in beats.warnings if "lie after the end of the signal" in w]
+    assert len(past_end) == 1, beats.warnings
+    assert "at 30 s, so their beats are skipped" in past_end[0]
+    assert "the header may state too few samples" in past_end[0]
+    assert beats.skipped["edge"] > 100
+
+
+def test_annotations_after_signal_name_cause(tmp_path):
+    path = write_record(tmp_path, "late")
+    # Every annotation moved past the last sample of the signal.
+    annotation = wfdb.rdann(str(path), "atr")
+    wfdb.wrann(
+        "late",
+        "atr",
+        annotation.sample + SECONDS * FS_HZ,
+        symbol=annotation.symbol,
+        fs=FS_HZ,
+        write_dir=str(tmp_path),
+    )
+    with pytest.raises(RecordError) as raised:
+        read_record(path, "late", CONFIG)
+    reason = raised.value.reason
+    assert reason.startswith("no complete beat windows")
+    assert f"{annotation.sample.size} of {annotation.sample.size} annotations (.atr) lie" in reason
+
+
+def test_header_signal_count_mismatch_named(tmp_path):
+    path = write_record(tmp_path, "nsig")
+    # The record line declares 9 signals, but the header lists 2.
+    edit_header(path, f"nsig 2 {FS_HZ}", f"nsig 9 {FS_HZ}")
+    with pytest.raises(RecordError) as raised:
+        read_record(path, "nsig", CONFIG)
+    assert "header or signal cannot be read (" in raised.value.reason
+    assert "matches its signal lines" in raised.value.reason
+
+
+def test_truncated_annotation_file_named(tmp_path):
+    path = write_record(tmp_path, "cutnotes")
+    annotation_file = path.with_name("cutnotes.atr")
+    content = annotation_file.read_bytes()
+    # Annotations are 16-bit words, so an odd byte count cuts one in half.
+    annotation_file.write_bytes(content[: len(content) // 2 + 1 - (len(content) // 2) % 2])
+    with pytest.raises(RecordError) as raised:
+        read_record(path, "cutnotes", CONFIG)
+    assert raised.value.reason.startswith("annotation file .atr cannot be read (")
+    assert "truncated, corrupt or not a WFDB annotation file" in raised.value.reason
+
+
 def test_random_split_drawn_over_readable_records(tmp_path):
     for source in ("100", "101", "103", "105"):
         write_record(tmp_path, f"good{source}", source=source)
