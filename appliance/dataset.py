@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SPLITS_FILE = "SPLITS"
+# Skipped records logged one by one; the ingest summary groups the rest by reason.
+SKIP_LOG_LINES = 20
+# Records named in a group of skipped records that share one reason.
+SKIP_GROUP_NAMES = 3
 # Consequence of an empty split, named in the ingest warning.
 EMPTY_SPLIT_EFFECT = {
     "validation": (
@@ -101,10 +105,10 @@ class IngestReport:
     cache_hits: int = 0
 
     def table(self) -> str:
-        """Return the report as a plain-text table."""
+        """Return the report as a plain-text table; skipped records are grouped by reason."""
         lines = [f"records read: {len(self.records_read)}  skipped: {len(self.records_skipped)}"]
-        for record, reason in sorted(self.records_skipped.items()):
-            lines.append(f"  skipped {record}: {reason}")
+        for group in skip_groups(self.records_skipped):
+            lines.append(f"  skipped {group}")
         for record, warnings in sorted(self.warnings_of_record.items()):
             lines.append(f"  read with warnings {record}: {'; '.join(warnings)}")
         if self.beats_skipped:
@@ -117,6 +121,34 @@ class IngestReport:
             row = "".join(f"{counts.get(name, 0):>8}" for name in AAMI_CLASSES)
             lines.append(f"{split:<12}{row}{total:>8}")
         return "\n".join(lines)
+
+
+def skip_groups(records_skipped: dict[str, str]) -> list[str]:
+    """Return one line per distinct skip reason, naming its first records.
+
+    A folder of thousands of empty headers then gives one line instead of thousands.
+
+    Arguments:
+        records_skipped: Record name to the reason it was skipped.
+
+    Returns:
+        Lines ``RECORD: REASON`` for a reason of one record, and ``N records (A, B, C and
+        N - 3 more): REASON`` for a reason shared by several, in the order of the first record.
+    """
+    by_reason: dict[str, list[str]] = {}
+    for record, reason in sorted(records_skipped.items()):
+        by_reason.setdefault(reason, []).append(record)
+    lines = []
+    for reason, records in by_reason.items():
+        if len(records) == 1:
+            lines.append(f"{records[0]}: {reason}")
+            continue
+        named = ", ".join(records[:SKIP_GROUP_NAMES])
+        more = len(records) - SKIP_GROUP_NAMES
+        if more > 0:
+            named += f" and {more} more"
+        lines.append(f"{len(records)} records ({named}): {reason}")
+    return lines
 
 
 @dataclass
@@ -340,7 +372,14 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
             continue
         result = _read_cached(data_dir, record, config, cache)
         if isinstance(result, RecordError):
-            logger.warning("record=%s action=skip reason=%s", record, result.reason)
+            if len(report.records_skipped) < SKIP_LOG_LINES:
+                logger.warning("record=%s action=skip reason=%s", record, result.reason)
+            elif len(report.records_skipped) == SKIP_LOG_LINES:
+                logger.warning(
+                    "more than %d records skipped; the rest are not logged one by one, and the "
+                    "ingest summary groups every skip by reason",
+                    SKIP_LOG_LINES,
+                )
             report.records_skipped[record] = result.reason
             continue
         readable[record] = result
@@ -373,7 +412,7 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     if not report.records_read:
         raise NoUsableDataError(
             f"no usable records in {data_dir} ({len(report.records_skipped)} skipped: "
-            + "; ".join(f"{r}: {why}" for r, why in sorted(report.records_skipped.items()))
+            + "; ".join(skip_groups(report.records_skipped))
             + ")"
         )
     splits = {split: _concatenate(items, config) for split, items in per_split.items()}

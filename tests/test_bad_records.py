@@ -11,7 +11,7 @@ import pytest
 import wfdb
 
 from appliance.config import DataConfig
-from appliance.dataset import assign_splits, find_records, ingest
+from appliance.dataset import SKIP_LOG_LINES, assign_splits, find_records, ingest
 from appliance.ecg import FLAT_WINDOW_MV, read_record
 from appliance.errors import RecordError
 
@@ -452,6 +452,29 @@ def test_random_split_drawn_over_readable_records(tmp_path):
     assert broken not in dataset.report.split_of_record
     for split in ("train", "validation", "test"):
         assert len(dataset.splits[split]) > 0, split
+
+
+def test_many_skips_grouped_by_reason(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="appliance.dataset")
+    for source in ("100", "101", "103", "105"):
+        write_record(tmp_path, f"good{source}", source=source)
+    for index in range(SKIP_LOG_LINES + 30):
+        (tmp_path / f"empty{index:03d}.hea").write_text("")
+        (tmp_path / f"empty{index:03d}.dat").write_bytes(b"")
+    dataset = ingest(tmp_path, CONFIG)
+    assert len(dataset.report.records_skipped) == SKIP_LOG_LINES + 30
+    skips = [r.getMessage() for r in caplog.records if "action=skip " in r.getMessage()]
+    assert len(skips) == SKIP_LOG_LINES
+    assert any(
+        f"more than {SKIP_LOG_LINES} records skipped" in r.getMessage() for r in caplog.records
+    )
+    table = dataset.report.table()
+    grouped = [line for line in table.splitlines() if line.startswith("  skipped ")]
+    assert grouped == [
+        f"  skipped {SKIP_LOG_LINES + 30} records (empty000, empty001, empty002 and "
+        f"{SKIP_LOG_LINES + 27} more): header file is empty"
+    ]
+    assert len(dataset.report.records_read) == 4
 
 
 def test_empty_split_warns(tmp_path, caplog):
