@@ -1144,7 +1144,17 @@ def _command_quality_report(args: argparse.Namespace) -> int:
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
-        reply = client.quality_report(include_html=not args.no_html)
+        try:
+            reply = client.quality_report(include_html=not args.no_html)
+        except _rpc_error_type() as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code is None or code.name != "RESOURCE_EXHAUSTED" or args.no_html:
+                raise
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise UsageError(
+                f"the server returned RESOURCE_EXHAUSTED: {details}. With this command, "
+                "--no-html sets include_html=false"
+            ) from exc
     paths = write_quality_report(reply, args.out)
     stale_page = args.out / QUALITY_HTML
     if stale_page not in paths and stale_page.exists():

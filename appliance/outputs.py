@@ -41,6 +41,15 @@ CLASS_SYMBOL = {"N": "N", "S": "S", "V": "V", "F": "F", "Q": "Q"}
 MIN_REAL_BEATS_PER_CLASS = 30
 
 
+# How to score a continuous recording, for the errors of validate's WFDB reader.
+CONTINUOUS_RECORDING_ADVICE = (
+    "To score a continuous recording, remove its baseline wander first (the 0.5 Hz "
+    "high-pass in the API guide, docs/api.md), cut one window per beat as `python -m "
+    "appliance info` describes (window_samples, with pre_r_samples before the R peak), save "
+    "them with numpy.save as (beats, leads, window_samples) in mV and pass the .npy file"
+)
+
+
 def real_statistics_allowed(real_beats: int) -> bool:
     """Return whether statistics of ``real_beats`` real beats of one class may be shown."""
     return real_beats >= MIN_REAL_BEATS_PER_CLASS
@@ -348,10 +357,7 @@ def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
         raise ValueError(
             f"WFDB record {record} has no beat annotation file {annotation_path.name}; "
             "validate reads records of consecutive beat windows written by generate, one "
-            "annotation per window. To score a continuous recording, cut one window per beat "
-            "as `python -m appliance info` describes (window_samples, with pre_r_samples "
-            "before the R peak), save them with numpy.save as (beats, leads, window_samples) "
-            "in mV and pass the .npy file"
+            f"annotation per window. {CONTINUOUS_RECORDING_ADVICE}"
         )
     try:
         signal = wfdb.rdrecord(str(record)).p_signal
@@ -364,9 +370,7 @@ def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
         raise ValueError(
             f"WFDB record {record} has {signal.shape[0]} samples and {count} beat annotations; "
             "validate reads records of consecutive beat windows, one annotation per window. "
-            "To score a continuous recording, cut one window per beat as `python -m appliance "
-            "info` describes (window_samples, with pre_r_samples before the R peak), save them "
-            "with numpy.save as (beats, leads, window_samples) in mV and pass the .npy file"
+            f"{CONTINUOUS_RECORDING_ADVICE}"
         )
     window = signal.shape[0] // count
     beats = signal.reshape(count, window, signal.shape[1]).transpose(0, 2, 1)

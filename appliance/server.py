@@ -69,9 +69,20 @@ def check_bind_policy(config: ServeConfig) -> None:
     """Reject an insecure port on a non-loopback address unless the operator allowed it.
 
     Raises:
-        ValueError: If ``host`` is not loopback, and neither TLS nor ``allow_insecure_remote``
-            is set.
+        ValueError: If ``host`` carries a port, or is not loopback while neither TLS nor
+            ``allow_insecure_remote`` is set.
     """
+    host, _, port = config.host.rpartition(":")
+    # One colon, or a bracketed IPv6 address followed by a colon, marks HOST:PORT; a bare
+    # IPv6 address has several colons and no brackets.
+    carries_port = port.isdigit() and (
+        (host and ":" not in host) or (host.startswith("[") and host.endswith("]"))
+    )
+    if carries_port:
+        raise ValueError(
+            f"--host {config.host} is invalid: it takes an address without a port; pass "
+            f"--host {host} --port {port}"
+        )
     if config.tls is None and not config.allow_insecure_remote and not is_loopback(config.host):
         raise ValueError(
             f"insecure port on non-loopback host {config.host} rejected: configure TLS "

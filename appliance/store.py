@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -194,11 +195,11 @@ def current_version_id(store: Path) -> str:
             if nearby != store and (nearby / CURRENT_FILE).exists():
                 raise ModelStoreError(
                     f"model store {store} has no trained model ({pointer} is missing), but "
-                    f"{nearby} has one; pass --store {nearby}"
+                    f"{nearby} has one; pass --store {shlex.quote(str(nearby))}"
                 )
         raise ModelStoreError(
             f"model store {store} has no trained model ({pointer} is missing); run "
-            "`python -m appliance train --store {store}` first".replace("{store}", str(store))
+            f"`python -m appliance train --store {shlex.quote(str(store))}` first"
         )
     try:
         return pointer.read_text(encoding="utf-8").strip()

@@ -589,6 +589,7 @@ def test_validate_wfdb_without_annotations_exits_2(tmp_path: Path) -> None:
         result.stderr
     )
     assert "cut one window per beat" in result.stderr
+    assert "remove its baseline wander first (the 0.5 Hz high-pass" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -384,7 +384,7 @@ def test_attach_keeps_version_verified(
 
 
 def test_page_over_message_limit_is_rejected(
-    store: Path, built: tuple[dict[str, Any], Path]
+    store: Path, built: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
     folder = _attach(store, built)
     json_bytes = (folder / "quality.json").stat().st_size
@@ -403,6 +403,12 @@ def test_page_over_message_limit_is_rejected(
             assert "include_html=false" in error.details()
             reply = small.quality_report(include_html=False)
             assert reply.report_html_bytes == html_bytes
+        address = f"127.0.0.1:{running.port}"
+        cli = _run_cli("quality-report", "--address", address, "--out", str(tmp_path / "out"))
+        assert cli.returncode == 2, cli.stderr
+        assert "RESOURCE_EXHAUSTED" in cli.stderr
+        assert "With this command, --no-html sets include_html=false" in cli.stderr
+        assert "Traceback" not in cli.stderr
     finally:
         running.stop()
 

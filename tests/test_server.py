@@ -928,6 +928,17 @@ def test_insecure_remote_bind_rejected(model_store: Path, tmp_path: Path):
     check_bind_policy(ServeConfig(host="0.0.0.0", tls=tls))
 
 
+@pytest.mark.parametrize(
+    ("host", "fix"),
+    [("127.0.0.1:99", "--host 127.0.0.1 --port 99"), ("[::1]:50051", "--host [::1] --port 50051")],
+)
+def test_host_with_port_rejected(host: str, fix: str):
+    with pytest.raises(ValueError, match="takes an address without a port") as raised:
+        check_bind_policy(ServeConfig(host=host))
+    assert fix in str(raised.value)
+    assert "--allow-insecure-remote" not in str(raised.value)
+
+
 def test_cpu_limit_follows_cgroup_quota(tmp_path: Path):
     cpu_max = tmp_path / "cpu.max"
     quota, period = tmp_path / "cpu.cfs_quota_us", tmp_path / "cpu.cfs_period_us"
