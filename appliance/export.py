@@ -252,6 +252,8 @@ def export_model(
             current version is left unchanged.
     """
     model = result.model
+    # Export can run for minutes, so its stages are logged as progress.
+    logger.info("export started store=%s train_beats=%d", store, len(train_beats.labels))
     try:
         partial = new_version_dir(store)
     except OSError as exc:
@@ -271,8 +273,12 @@ def export_model(
         # The draft engine loads the privacy index too: the morphology statistic compares beats
         # with centroids of the training beats.
         manifest["files"]["privacy_index"] = {"name": "privacy_index.npy"}
+        logger.info(
+            "export graphs written forward=%s inverse=%s", forward_path.name, inverse_path.name
+        )
         if other_lead_beats is not None:
             lead_check = LeadCheck.fit(train_beats.windows, other_lead_beats, config.train.seed)
+            logger.info("export lead check fitted other_lead_beats=%d", other_lead_beats.shape[0])
             with (partial / "lead_check.npz").open("wb") as handle:
                 np.savez(handle, **lead_check.to_arrays())  # type: ignore[arg-type]
             manifest["files"]["lead_check"] = {"name": "lead_check.npz"}

@@ -244,9 +244,14 @@ def _training_line(training: dict[str, Any]) -> str:
     """Return the table's line on training, flagged when the budget ended the first epoch."""
     steps, steps_per_epoch = int(training["steps"]), int(training["steps_per_epoch"])
     validation_bpd = training.get("validation_bpd")
+    # The log and summary.json count the epoch reached, so a partial last epoch is named.
+    partial = (
+        f", ending within epoch {steps // steps_per_epoch + 1}" if steps % steps_per_epoch else ""
+    )
     line = (
         f"training: {steps} steps of {steps_per_epoch} per epoch "
-        f"({steps / steps_per_epoch:.1f} epochs) in {training['duration_s']:.0f} s, stopped by "
+        f"({steps / steps_per_epoch:.1f} epochs{partial}) in {training['duration_s']:.0f} s, "
+        "stopped by "
         f"{training['stopped_by']}; validation NLL "
         + ("n/a" if validation_bpd is None else f"{validation_bpd:.3f} bits/dim")
     )

@@ -789,8 +789,8 @@ def _train(
         "world_size": context.world_size,
     }
     logger.info(
-        "training done epochs=%d steps=%d validation_bpd=%.4f duration_s=%.1f rank=%d",
-        len(history),
+        "training done epoch_reached=%d steps=%d validation_bpd=%.4f duration_s=%.1f rank=%d",
+        summary["epochs"],
         step,
         validation_bpd,
         summary["duration_s"],

@@ -196,3 +196,17 @@ def test_training_line_flags_short_budget(steps: int, stopped_by: str, undertrai
     assert line.startswith(f"training: {steps} steps of 78 per epoch")
     assert f"stopped by {stopped_by}" in line
     assert ("undertrained" in line) is undertrained
+
+
+@pytest.mark.parametrize(
+    ("steps", "epochs_text"),
+    [
+        (82, "(1.1 epochs, ending within epoch 2)"),
+        (156, "(2.0 epochs)"),
+        (42, "(0.5 epochs, ending within epoch 1)"),
+    ],
+)
+def test_training_line_names_partial_epoch(steps: int, epochs_text: str) -> None:
+    # The training log and summary.json count the epoch reached, 2 for 82 steps of 78.
+    line = _training_line(_training(steps, "time budget"))
+    assert f"78 per epoch {epochs_text} in 301 s" in line
