@@ -244,6 +244,12 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
         # here instead of allocating that much memory.
         beats = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
     except (ValueError, OSError, EOFError) as exc:
+        if "allow_pickle" in str(exc) or "Python objects" in str(exc):
+            # NumPy maps no object array and loads one only with pickle, which can run code.
+            raise ValueError(
+                f"{path} is a .npy file of Python objects, not numbers; save the beats as a "
+                "float32 or float64 array of shape (beats, leads, window_samples) in mV"
+            ) from exc
         raise ValueError(
             f"{path} is not a NumPy .npy array file; pass a .npy, .csv or WFDB file written by "
             "`generate`, or save the beats with numpy.save"

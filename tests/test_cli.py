@@ -501,6 +501,9 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         path = folder / "huge.npy"
         np.save(path, np.zeros((1, 1, 256), np.float32))
         path.write_bytes(path.read_bytes().replace(b"(1, 1, 256)", b"(100000000, 1, 256)"))
+    elif kind == "object npy":
+        path = folder / "objects.npy"
+        np.save(path, np.array([{"beat": 1}, None], dtype=object), allow_pickle=True)
     elif kind == "complex npy":
         path = folder / "complex.npy"
         np.save(path, np.zeros((2, 1, 256), np.complex64))
@@ -546,6 +549,7 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
     [
         ("empty npy", "is not a NumPy .npy array file"),
         ("npy header claims 100M beats", "is not a NumPy .npy array file"),
+        ("object npy", "is a .npy file of Python objects, not numbers"),
         ("complex npy", "contains values of type complex64"),
         ("classes file is a folder", "beats_classes.json is not a file"),
         ("binary csv", "is not UTF-8 text"),
@@ -1366,6 +1370,18 @@ def test_run_cache_dir_is_file_exits_2(tmp_path: Path) -> None:
     assert error_lines(result) == [
         f"error: --cache-dir {cache} is a file; pass a folder, which is created if missing"
     ]
+
+
+def test_report_missing_data_exits_2(tmp_path: Path) -> None:
+    # The store is missing too, so a check after loading the model would name the store.
+    result = run_cli(
+        "report", "--store", str(tmp_path / "no-store"), "--data", str(tmp_path / "no-data"),
+        "--out", str(tmp_path / "out"), timeout_s=120.0,
+    )  # fmt: skip
+    line = usage_error_line(result)
+    assert line.startswith(f"error: data folder {tmp_path / 'no-data'} does not exist")
+    assert "no-store" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("placement", ["file", "under_file"])
