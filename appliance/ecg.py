@@ -35,6 +35,8 @@ RESAMPLE_MAX_DENOMINATOR = 1000
 # Relative difference below which two sampling rates count as equal.
 SAME_RATE_TOLERANCE = 1e-9
 DETECTOR = "detector:xqrs"
+# WFDB header checksums are sums of the stored integers modulo 2^16.
+CHECKSUM_MODULUS = 65536
 # Lowest sampling rate of a lead that is read as an ECG waveform. A QRS complex lasts about
 # 100 ms, so slower signals (for example numerics written once per second or minute) are not
 # waveforms.
@@ -213,14 +215,65 @@ def _read_leads(
                     "read the frames present"
                 )
                 sample_to = frames
-        data = wfdb.rdrecord(
+        # A single-segment record is read as stored integers where wfdb can, so that the
+        # header's checksums can be compared, then converted to physical units as rdrecord
+        # would. wfdb reads multi-segment records of variable layout, and some formats such as
+        # 61, in physical units only.
+        digital = None
+        if not multi_segment:
+            try:
+                digital = wfdb.rdrecord(
+                    str(read_path),
+                    channel_names=chosen,
+                    smooth_frames=False,
+                    sampto=sample_to,
+                    physical=False,
+                )
+            except Exception:  # the physical read below reports a real defect
+                logger.debug("record=%s read as stored integers failed", record, exc_info=True)
+        data = digital or wfdb.rdrecord(
             str(read_path), channel_names=chosen, smooth_frames=False, sampto=sample_to
         )
+    if digital is None:
+        physical = data.e_p_signal
+    else:
+        if sample_to is None:
+            warnings.extend(_checksum_mismatches(digital))
+        physical = digital.dac(expanded=True)
     frames_read = int(data.sig_len)
-    leads = [np.asarray(values, dtype=np.float64) for values in data.e_p_signal]
+    leads = [np.asarray(values, dtype=np.float64) for values in physical]
     # A lead stored with k samples per frame has k * frame rate samples per second.
     rates = [float(data.fs) * lead.size / frames_read for lead in leads]
     return leads, rates, [str(n) for n in data.sig_name], float(data.fs)
+
+
+def _checksum_mismatches(data: wfdb.Record) -> list[str]:
+    """Return a warning for each lead whose samples do not sum to the header's checksum.
+
+    A WFDB header may give each signal's checksum: the sum of its stored integers modulo
+    65536. A mismatch means that the signal file changed after the header was written. Leads
+    with several samples per frame or a skew are left out: wfdb's sum for the skewed lead of
+    the PhysioNet test record 03700181 does not match its header.
+
+    Arguments:
+        data: A whole record read with ``physical=False`` and ``smooth_frames=False``.
+    """
+    stored = data.checksum or []
+    computed = data.calc_checksum(expanded=True)
+    skews = data.skew or [None] * len(stored)
+    mismatches = []
+    for name, expected, actual, per_frame, skew in zip(
+        data.sig_name, stored, computed, data.samps_per_frame, skews, strict=False
+    ):
+        if expected is None or per_frame != 1 or skew:
+            continue
+        if (int(expected) - int(actual)) % CHECKSUM_MODULUS:
+            mismatches.append(
+                f"lead {name}: the signal file's checksum ({int(actual) % CHECKSUM_MODULUS}) "
+                f"differs from the header's ({int(expected) % CHECKSUM_MODULUS}), so the signal "
+                "file may be damaged; check it against its source"
+            )
+    return mismatches
 
 
 def _fill_nan(values: np.ndarray) -> np.ndarray:

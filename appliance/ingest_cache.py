@@ -32,7 +32,7 @@ from appliance.ingest_checks import header_lines
 logger = logging.getLogger(__name__)
 
 # Raise when the content or meaning of a cache entry changes, so old entries are not read.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 # DataConfig fields that do not change a record's windows and so stay out of the key.
 SETTINGS_OUTSIDE_KEY = frozenset(
     {"split", "split_seed", "validation_fraction", "test_fraction", "cache_dir"}

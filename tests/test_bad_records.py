@@ -434,6 +434,23 @@ def test_truncated_annotation_file_named(tmp_path):
     assert "truncated, corrupt or not a WFDB annotation file" in raised.value.reason
 
 
+def test_changed_signal_file_fails_checksum(tmp_path):
+    whole = read_record(write_record(tmp_path, "kept"), "kept", CONFIG)
+    assert not [w for w in whole.warnings if "checksum" in w]
+    path = write_record(tmp_path, "changed")
+    signal_file = path.with_suffix(".dat")
+    content = bytearray(signal_file.read_bytes())
+    # Format 16 stores little-endian 16-bit samples; the first sample of lead MLII gains 1.
+    content[0] = (content[0] + 1) % 256
+    signal_file.write_bytes(bytes(content))
+    beats = read_record(path, "changed", CONFIG)
+    mismatches = [w for w in beats.warnings if "checksum" in w]
+    assert len(mismatches) == 1, beats.warnings
+    assert mismatches[0].startswith("lead MLII: the signal file's checksum (")
+    assert "so the signal file may be damaged" in mismatches[0]
+    assert len(beats.labels) == len(whole.labels)
+
+
 def test_random_split_drawn_over_readable_records(tmp_path):
     for source in ("100", "101", "103", "105"):
         write_record(tmp_path, f"good{source}", source=source)
