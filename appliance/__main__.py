@@ -793,14 +793,7 @@ def _command_generate(args: argparse.Namespace) -> int:
         f"rejections {stats.privacy_rejections}, invalid {stats.invalid_rejections}, accepted "
         f"beyond the request and dropped {stats.surplus_dropped})"
     )
-    fix = f"lower --margin (the call used {stats.margin:.3f}) or raise --max-draws-per-beat"
-    if stats.invalid_rejections * 2 > stats.draws:
-        # Invalid draws (outside the amplitude range, or not invertible) come from latent
-        # values far from the training beats', which a high temperature produces.
-        fix = (
-            f"most draws were invalid, so lower --temperature (the call used "
-            f"{args.temperature:g}); otherwise {fix}"
-        )
+    fix = no_beat_fix(stats, args.temperature)
     if stats.accepted == 0:
         raise ApplianceError(
             f"no beat of the {requested} requested was accepted, from {counts_text}; {fix}. "
@@ -858,6 +851,24 @@ def _command_generate(args: argparse.Namespace) -> int:
             "--max-minutes\n"
         )
     return 0
+
+
+def no_beat_fix(stats: Any, temperature: float | None) -> str:
+    """Return the advice for a generate that accepted no beat.
+
+    Arguments:
+        stats: The call's ``GenerateStats``.
+        temperature: The requested ``--temperature``; None when the server's default was used.
+    """
+    fix = f"lower --margin (the call used {stats.margin:.3f}) or raise --max-draws-per-beat"
+    if stats.invalid_rejections * 2 <= stats.draws:
+        return fix
+    # Invalid draws (outside the amplitude range, or not invertible) come from latent values
+    # far from the training beats', which a high temperature produces.
+    used = "the server's default, 1.0" if temperature is None else f"{temperature:g}"
+    return (
+        f"most draws were invalid, so lower --temperature (the call used {used}); otherwise {fix}"
+    )
 
 
 def _class_tally(classes: Sequence[str], class_counts: dict[str, int] | None) -> str:
@@ -1149,12 +1160,15 @@ def _command_quality_report(args: argparse.Namespace) -> int:
             reply = client.quality_report(include_html=not args.no_html)
         except _rpc_error_type() as exc:
             code = exc.code() if hasattr(exc, "code") else None
-            if code is None or code.name != "RESOURCE_EXHAUSTED" or args.no_html:
-                raise
             details = exc.details() if hasattr(exc, "details") else str(exc)
+            # Only the server's page-size rejection names include_html; a busy server and the
+            # client's own receive limit give the same status for other reasons.
+            page_too_large = "include_html=false" in (details or "")
+            if code is None or code.name != "RESOURCE_EXHAUSTED" or not page_too_large:
+                raise
             raise UsageError(
-                f"the server returned RESOURCE_EXHAUSTED: {details}. With this command, "
-                "--no-html sets include_html=false"
+                f"the server returned RESOURCE_EXHAUSTED: {details}. Rerun with --no-html to "
+                "fetch quality.json only"
             ) from exc
     paths = write_quality_report(reply, args.out)
     stale_page = args.out / QUALITY_HTML
@@ -1559,7 +1573,7 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
     name = code.name if code is not None else "UNKNOWN"
     hint = ""
     uses_tls = getattr(args, "tls_ca", None) is not None
-    if name == "UNAVAILABLE" and uses_tls:
+    if name in ("UNAVAILABLE", "UNAUTHENTICATED") and uses_tls:
         hint = _handshake_hint(details)
     if not hint and name == "UNAVAILABLE" and uses_tls and getattr(args, "tls_cert", None) is None:
         # A server that requires mutual TLS closes the handshake of a client without a
@@ -1607,7 +1621,7 @@ def _handshake_hint(details: str) -> str:
             "; the server at --address does not use TLS, so leave out --tls-ca, --tls-cert and "
             "--tls-key"
         )
-    if "hostname verification" in text:
+    if "hostname verification" in text or "is not in peer certificate" in text:
         return (
             "; the server's certificate does not list the host of --address, so connect with a "
             "host name or IP address that its subject alternative names list"

@@ -210,8 +210,9 @@ class ApplianceClient:
         client_certificate: PEM certificate for mutual TLS.
         client_key: PEM private key for mutual TLS.
         timeout_s: Deadline of each call in seconds.
-        max_receive_message_bytes: Largest reply message accepted, in bytes; raise it for a
-            server started with a larger ``--max-message-bytes``.
+        max_receive_message_bytes: Largest reply message accepted, in bytes, 1 to
+            ``MAX_MESSAGE_BYTES``; raise it for a server started with a larger
+            ``--max-message-bytes``. gRPC's -1 (no limit) is not accepted.
 
     Raises:
         ValueError: If ``timeout_s`` is not a finite number above 0, the message limit is

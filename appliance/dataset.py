@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SPLITS_FILE = "SPLITS"
-# Skipped records logged one by one; the ingest summary groups the rest by reason.
+# Records that fail to read and are logged one by one; the ingest summary lists every skip.
 SKIP_LOG_LINES = 20
 # Records named in a group of skipped records that share one reason.
 SKIP_GROUP_NAMES = 3
@@ -349,9 +349,10 @@ def _random_split(records: list[str], config: DataConfig) -> dict[str, str]:
 def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     """Read every record of a folder, skip and report bad ones, and split beats by record.
 
-    Each unusable record is skipped with one warning line naming it and the reason. With
-    ``config.cache_dir`` set, records whose files and settings are unchanged since an earlier
-    run are taken from the cache.
+    Each unusable record is skipped. The first ``SKIP_LOG_LINES`` records that fail to read
+    get one warning line each, naming the record and the reason, and the ingest summary lists
+    every skip. With ``config.cache_dir`` set, records whose files and settings are unchanged
+    since an earlier run are taken from the cache.
 
     Raises:
         DataError: If the folder is missing or empty.
@@ -366,20 +367,22 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     fs_of_record: dict[str, float] = {}
     leads: list[str] = []
     readable: dict[str, RecordBeats] = {}
+    read_failures = 0
     for record in records:
         if record not in split_of:
             report.records_skipped[record] = _unsplit_reason(record, records, data_dir, config)
             continue
         result = _read_cached(data_dir, record, config, cache)
         if isinstance(result, RecordError):
-            if len(report.records_skipped) < SKIP_LOG_LINES:
+            if read_failures < SKIP_LOG_LINES:
                 logger.warning("record=%s action=skip reason=%s", record, result.reason)
-            elif len(report.records_skipped) == SKIP_LOG_LINES:
+            elif read_failures == SKIP_LOG_LINES:
                 logger.warning(
-                    "more than %d records skipped; the rest are not logged one by one, and the "
-                    "ingest summary groups every skip by reason",
+                    "more than %d records failed to read; the rest are not logged one by one, "
+                    "and the ingest summary groups every skip by reason",
                     SKIP_LOG_LINES,
                 )
+            read_failures += 1
             report.records_skipped[record] = result.reason
             continue
         readable[record] = result

@@ -231,9 +231,12 @@ def _read_leads(
                 )
             except Exception:  # the physical read below reports a real defect
                 logger.debug("record=%s read as stored integers failed", record, exc_info=True)
-        data = digital or wfdb.rdrecord(
-            str(read_path), channel_names=chosen, smooth_frames=False, sampto=sample_to
-        )
+        if digital is not None:
+            data = digital
+        else:
+            data = wfdb.rdrecord(
+                str(read_path), channel_names=chosen, smooth_frames=False, sampto=sample_to
+            )
     if digital is None:
         physical = data.e_p_signal
     else:
@@ -268,10 +271,14 @@ def _checksum_mismatches(data: wfdb.Record) -> list[str]:
         if expected is None or per_frame != 1 or skew:
             continue
         if (int(expected) - int(actual)) % CHECKSUM_MODULUS:
+            # Headers store the checksum as a signed 16-bit number, so the sum is shown so too.
+            signed = (
+                int(actual) + CHECKSUM_MODULUS // 2
+            ) % CHECKSUM_MODULUS - CHECKSUM_MODULUS // 2
             mismatches.append(
-                f"lead {name}: the signal file's checksum ({int(actual) % CHECKSUM_MODULUS}) "
-                f"differs from the header's ({int(expected) % CHECKSUM_MODULUS}), so the signal "
-                "file may be damaged; check it against its source"
+                f"lead {name}: the signal file's checksum ({signed}) differs from the header's "
+                f"({int(expected)}), so the signal file may be damaged; check it against its "
+                "source"
             )
     return mismatches
 

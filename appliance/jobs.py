@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,11 @@ def train_and_export(
         if not isinstance(exc.__cause__, OSError):
             raise
         # Training took minutes to hours, so the message says how to export without it.
+        best = shlex.quote(str(work_dir / BEST_FILE))
         raise ExportError(
-            f"{exc}. The trained weights are kept in {work_dir / BEST_FILE}: after the fix, "
-            f"run python -m appliance export --checkpoint {work_dir / BEST_FILE} --data "
-            f"{data_dir} --store {store}"
+            f"{exc}. The trained weights are kept in {work_dir / BEST_FILE}, so after the fix "
+            f"run `python -m appliance export --checkpoint {best} --data "
+            f"{shlex.quote(str(data_dir))} --store STORE` with this or another writable store"
         ) from exc
     return TrainJobResult(dataset, fit_beats, holdout_beats, result, version)
 

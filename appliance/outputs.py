@@ -244,7 +244,7 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
         # here instead of allocating that much memory.
         beats = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
     except (ValueError, OSError, EOFError) as exc:
-        if "allow_pickle" in str(exc) or "Python objects" in str(exc):
+        if "Python objects in dtype" in str(exc):
             # NumPy maps no object array and loads one only with pickle, which can run code.
             raise ValueError(
                 f"{path} is a .npy file of Python objects, not numbers; save the beats as a "

@@ -93,10 +93,10 @@ def missing_records_warning(missing_records: list[str] | None) -> str | None:
     if not missing_records:
         return None
     return (
-        f"the data folder lacked {len(missing_records)} of the 44 de Chazal records "
-        f"({', '.join(missing_records)}), so these figures come from fewer patients and are not "
-        "comparable with a report on the full MIT-BIH database or with the goals. Pass a "
-        "folder with all 48 MIT-BIH records"
+        f"the data folder lacked or could not read {len(missing_records)} of the 44 de Chazal "
+        f"records ({', '.join(missing_records)}), so these figures come from fewer patients "
+        "and are not comparable with a report on the full MIT-BIH database or with the goals. "
+        "Pass a folder with all 48 readable MIT-BIH records"
     )
 
 

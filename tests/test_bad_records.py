@@ -482,9 +482,8 @@ def test_many_skips_grouped_by_reason(tmp_path, caplog):
     assert len(dataset.report.records_skipped) == SKIP_LOG_LINES + 30
     skips = [r.getMessage() for r in caplog.records if "action=skip " in r.getMessage()]
     assert len(skips) == SKIP_LOG_LINES
-    assert any(
-        f"more than {SKIP_LOG_LINES} records skipped" in r.getMessage() for r in caplog.records
-    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(f"more than {SKIP_LOG_LINES} records failed to read" in m for m in messages) == 1
     table = dataset.report.table()
     grouped = [line for line in table.splitlines() if line.startswith("  skipped ")]
     assert grouped == [
@@ -492,6 +491,24 @@ def test_many_skips_grouped_by_reason(tmp_path, caplog):
         f"{SKIP_LOG_LINES + 27} more): header file is empty"
     ]
     assert len(dataset.report.records_read) == 4
+
+
+def test_skip_log_counts_read_failures_only(tmp_path, caplog):
+    # Records outside a SPLITS file are skipped without a log line, so they must not use up
+    # the lines that read failures get.
+    caplog.set_level(logging.WARNING, logger="appliance.dataset")
+    for source in ("100", "101", "103"):
+        write_record(tmp_path, f"good{source}", source=source)
+    for index in range(SKIP_LOG_LINES + 5):
+        write_record(tmp_path, f"extra{index:03d}", seconds=10)
+    (tmp_path / "broken.hea").write_text("")
+    (tmp_path / "SPLITS").write_text(
+        "good100 train\ngood101 validation\ngood103 test\nbroken train\n"
+    )
+    dataset = ingest(tmp_path, DataConfig(split="file"))
+    skips = [r.getMessage() for r in caplog.records if "action=skip " in r.getMessage()]
+    assert skips == ["record=broken action=skip reason=header file is empty"]
+    assert len(dataset.report.records_skipped) == SKIP_LOG_LINES + 6
 
 
 def test_empty_split_warns(tmp_path, caplog):

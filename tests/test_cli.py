@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import subprocess
@@ -142,7 +143,9 @@ def test_export_checks_training_records(
     assert manifest["training"]["learnt_class_counts"] == trained["learnt_class_counts"]
 
 
-def test_export_store_write_failures_named(trained_work_dir: Path, tmp_path: Path) -> None:
+def test_export_store_write_failures_named(
+    trained_result, trained_work_dir: Path, tmp_path: Path
+) -> None:
     checkpoint = str(trained_work_dir / "best.pt")
     store_file = tmp_path / "store-file"
     store_file.write_text("not a folder\n")
@@ -501,6 +504,9 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         path = folder / "huge.npy"
         np.save(path, np.zeros((1, 1, 256), np.float32))
         path.write_bytes(path.read_bytes().replace(b"(1, 1, 256)", b"(100000000, 1, 256)"))
+    elif kind == "pickle named npy":
+        path = folder / "pickled.npy"
+        path.write_bytes(pickle.dumps({"beats": [1.0, 2.0]}))
     elif kind == "object npy":
         path = folder / "objects.npy"
         np.save(path, np.array([{"beat": 1}, None], dtype=object), allow_pickle=True)
@@ -550,6 +556,7 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         ("empty npy", "is not a NumPy .npy array file"),
         ("npy header claims 100M beats", "is not a NumPy .npy array file"),
         ("object npy", "is a .npy file of Python objects, not numbers"),
+        ("pickle named npy", "is not a NumPy .npy array file"),
         ("complex npy", "contains values of type complex64"),
         ("classes file is a folder", "beats_classes.json is not a file"),
         ("binary csv", "is not UTF-8 text"),
@@ -872,6 +879,24 @@ def test_generate_hot_draws_hint_temperature(server_address: str, tmp_path: Path
     assert "Traceback" not in result.stderr
     assert "most draws were invalid, so lower --temperature (the call used 5)" in result.stderr
     assert result.returncode == 1, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("temperature", "used"), [(None, "the server's default, 1.0"), (3.0, "3"), (0.5, "0.5")]
+)
+def test_no_beat_fix_names_temperature(temperature: float | None, used: str) -> None:
+    from appliance.__main__ import no_beat_fix
+    from appliance.v1 import appliance_pb2 as pb
+
+    hot = pb.GenerateStats(draws=80, invalid_rejections=71, pertinence_rejections=9, margin=0.05)
+    assert no_beat_fix(hot, temperature).startswith(
+        f"most draws were invalid, so lower --temperature (the call used {used}); otherwise "
+        "lower --margin (the call used 0.050)"
+    )
+    cold = pb.GenerateStats(draws=80, invalid_rejections=40, pertinence_rejections=40, margin=0.05)
+    assert no_beat_fix(cold, temperature) == (
+        "lower --margin (the call used 0.050) or raise --max-draws-per-beat"
+    )
 
 
 def test_client_empty_generate_keeps_shape(server_address: str) -> None:
@@ -1489,7 +1514,9 @@ def test_quality_report_warns_stale_page(model_store: Path, tmp_path: Path) -> N
         assert full.returncode == 0, full.stderr
         assert "earlier quality report" not in full.stderr
         missing = len(summary["protocol"]["missing_records"])
-        assert f"warning: the data folder lacked {missing} of the 44 de Chazal" in full.stderr
+        assert f"warning: the data folder lacked or could not read {missing} of the 44" in (
+            full.stderr
+        )
         page = (out / "quality.html").read_bytes()
         json_only = run_cli("quality-report", "--address", address, "--out", str(out), "--no-html")
     finally:

@@ -485,7 +485,7 @@ def test_report_writes_page_and_json(model_store: Path, tmp_path: Path):
     assert "101" in missing
     assert "106" not in missing
     page = (tmp_path / "quality.html").read_text()
-    assert f"the data folder lacked {len(missing)} of the 44 de Chazal records" in page
+    assert f"the data folder lacked or could not read {len(missing)} of the 44 de Chazal" in page
     for name in summary["figures"]:
         assert (tmp_path / name).stat().st_size > 1000
         assert f'src="{name}"' in page

@@ -407,7 +407,7 @@ def test_page_over_message_limit_is_rejected(
         cli = _run_cli("quality-report", "--address", address, "--out", str(tmp_path / "out"))
         assert cli.returncode == 2, cli.stderr
         assert "RESOURCE_EXHAUSTED" in cli.stderr
-        assert "With this command, --no-html sets include_html=false" in cli.stderr
+        assert "Rerun with --no-html to fetch quality.json only" in cli.stderr
         assert "Traceback" not in cli.stderr
     finally:
         running.stop()

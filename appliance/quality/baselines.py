@@ -153,14 +153,15 @@ class RealNvpBaseline:
                 np.array([by_class[c][rng.integers(by_class[c].size)] for c in chosen])
             )
             loss = -self.flow(context_all[index]).log_prob(x_all[index]).mean()
-            if not torch.isfinite(loss):
+            if torch.isfinite(loss):
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            else:
                 skipped_steps += 1
-                continue
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
             if step % 500 == 0:
                 logger.info("realnvp step=%d nll_nats=%.3f", step, float(loss.detach()))
+            # Monitored after skipped steps too, so final_nll is always that of the last weights.
             if (step + 1) % REALNVP_MONITOR_EVERY_STEPS == 0 or step + 1 == settings.steps:
                 with torch.no_grad():
                     nll = -self.flow(context_all[monitor]).log_prob(x_all[monitor]).mean()
@@ -172,8 +173,12 @@ class RealNvpBaseline:
         self.flow.eval()
         self.best_step = best_step
         self.monitor_nll_nats = best_nll
-        # final_nll is the NLL of the last weights that were monitored.
         diverged = not final_nll < best_nll + REALNVP_DIVERGED_NATS
+        outcome = ""
+        if best_step == 0:
+            outcome = "; no monitored NLL was finite, so the untrained weights are kept"
+        elif diverged:
+            outcome = "; training diverged after the kept step"
         log = logger.warning if diverged or skipped_steps else logger.info
         log(
             "realnvp baseline keeps step=%d of steps=%d monitored_nll_nats=%.3f "
@@ -183,7 +188,7 @@ class RealNvpBaseline:
             best_nll,
             final_nll,
             skipped_steps,
-            "; training diverged after the kept step" if diverged else "",
+            outcome,
         )
 
     @torch.no_grad()
