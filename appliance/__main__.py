@@ -1083,10 +1083,11 @@ def _command_report(args: argparse.Namespace) -> int:
 
     # Checked before the evaluation, which takes minutes.
     _check_report_temperature(args.temperature)
-    _check_data_folder(args.data)
     _check_output_folder("--out", args.out)
     _check_cache_dir(args)
     _check_report_margin(args.store, args.margin)
+    # After the store's manifest is read, but before build_report loads the ONNX graphs.
+    _check_data_folder(args.data)
     figures = build_report(
         args.store,
         args.data,

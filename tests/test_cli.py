@@ -1397,15 +1397,15 @@ def test_run_cache_dir_is_file_exits_2(tmp_path: Path) -> None:
     ]
 
 
-def test_report_missing_data_exits_2(tmp_path: Path) -> None:
-    # The store is missing too, so a check after loading the model would name the store.
+def test_report_missing_data_exits_2(model_store: Path, tmp_path: Path) -> None:
     result = run_cli(
-        "report", "--store", str(tmp_path / "no-store"), "--data", str(tmp_path / "no-data"),
-        "--out", str(tmp_path / "out"), timeout_s=120.0,
+        "report", "--store", str(model_store), "--data", str(tmp_path / "no-data"),
+        "--out", str(tmp_path / "out"), "--log-level", "info", timeout_s=120.0,
     )  # fmt: skip
     line = usage_error_line(result)
     assert line.startswith(f"error: data folder {tmp_path / 'no-data'} does not exist")
-    assert "no-store" not in result.stderr
+    # The folder is checked before the engine loads the model's graphs.
+    assert "engine loaded" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
