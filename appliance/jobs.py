@@ -76,7 +76,7 @@ def train_and_export(
     except ExportError as exc:
         if not isinstance(exc.__cause__, OSError):
             raise
-        # Training took minutes to hours, so the message says how to export without it.
+        # Training took minutes to hours, so the message gives the export command for its weights.
         best = shlex.quote(str(work_dir / BEST_FILE))
         raise ExportError(
             f"{exc}. The trained weights are kept in {work_dir / BEST_FILE}, so after the fix "
