@@ -382,7 +382,7 @@ def _command_train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     if job.version is not None:
-        sys.stdout.write(job.dataset.report.table() + "\n")
+        sys.stdout.write(job.dataset.report.summary_line() + "\n")
         sys.stdout.write(f"published model {job.version.manifest['model_id']} to {args.store}\n")
     return 0
 
@@ -1640,6 +1640,17 @@ def _handshake_hint(details: str) -> str:
     return ""
 
 
+def _quiet_grpc_core(log_level: str) -> None:
+    """Keep gRPC's C core to its errors unless ``GRPC_VERBOSITY`` is set.
+
+    The core writes one INFO line to standard error for every failed TLS handshake, with no
+    rate limit: a client would print it next to the command's own hint, and a server's log
+    would grow with every probe. ``--log-level DEBUG`` lets the core's INFO lines through. The
+    core reads the variable when grpc is imported, which every command does after this.
+    """
+    os.environ.setdefault("GRPC_VERBOSITY", "INFO" if log_level.upper() == "DEBUG" else "ERROR")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; bad input exits with status 2 and a one-line message."""
     args, unknown = build_parser().parse_known_args(argv)
@@ -1649,6 +1660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     logger.setLevel(args.log_level.upper())
+    _quiet_grpc_core(args.log_level)
     try:
         return int(args.handler(args))
     except _rpc_error_type() as exc:

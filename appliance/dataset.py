@@ -122,6 +122,22 @@ class IngestReport:
             lines.append(f"{split:<12}{row}{total:>8}")
         return "\n".join(lines)
 
+    def summary_line(self) -> str:
+        """Return one line for the end of a run: records read and skipped, beats per split.
+
+        The full table is logged once, when ingest ends; this line repeats only its totals.
+        """
+        beats = ", ".join(
+            f"{split} {sum(self.class_counts.get(split, {}).values())}" for split in SPLITS
+        )
+        line = (
+            f"records read: {len(self.records_read)}  skipped: {len(self.records_skipped)}  "
+            f"beats: {beats}"
+        )
+        if self.records_skipped or self.warnings_of_record:
+            line += "  (reasons and warnings in the logged ingest summary)"
+        return line
+
 
 def skip_groups(records_skipped: dict[str, str]) -> list[str]:
     """Return one line per distinct skip reason, naming its first records.

@@ -306,8 +306,12 @@ def test_corrupt_header_is_reported_and_skipped(tmp_path: Path) -> None:
         "--no-progress",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 999" in result.stdout
-    assert "records read: 3" in result.stdout
+    # The table is logged once, with the skip reason; standard output ends with its totals.
+    assert "skipped 999" in result.stderr
+    assert "skipped 999" not in result.stdout
+    assert (result.stdout + result.stderr).count("split       ") == 1
+    assert "records read: 3  skipped: 1  beats: train " in result.stdout
+    assert "reasons and warnings in the logged ingest summary" in result.stdout
     assert (tmp_path / "store" / "CURRENT").exists()
 
 

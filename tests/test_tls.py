@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,7 +162,13 @@ def _run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
         check=False,
+        env=_env_without_grpc_verbosity(),
     )
+
+
+def _env_without_grpc_verbosity() -> dict[str, str]:
+    """Return this process's environment without ``GRPC_VERBOSITY``, the CLI's default case."""
+    return {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
 
 
 def test_cli_without_tls_hints_tls_ca(tls_server: ApplianceServer):
@@ -257,8 +265,74 @@ def test_cli_tls_to_plain_server_hints(model_store: Path, pki: Pki):
             "--timeout-s",
             "20",
         )
+        debug = _run_cli(
+            "--log-level",
+            "DEBUG",
+            "health",
+            "--address",
+            f"127.0.0.1:{running.port}",
+            "--tls-ca",
+            str(pki.ca),
+            "--timeout-s",
+            "20",
+        )
     finally:
         running.stop()
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr
     assert "does not use TLS, so leave out --tls-ca" in result.stderr
+    # gRPC's C core logs the failed handshake only when asked to, with --log-level DEBUG.
+    assert "Handshake failed" not in result.stderr
+    assert "Handshake failed" in debug.stderr
+    assert "does not use TLS, so leave out --tls-ca" in debug.stderr
+
+
+def test_serve_keeps_failed_handshakes_out_of_its_log(model_store: Path, pki: Pki, tmp_path: Path):
+    # A plain-text client at a TLS port fails the handshake before any call exists.
+    port_file = tmp_path / "server.port"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "serve",
+            "--store",
+            str(model_store),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--tls-cert",
+            str(pki.server.certificate),
+            "--tls-key",
+            str(pki.server.key),
+            "--grace-s",
+            "1",
+            "--drain-s",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env_without_grpc_verbosity(),
+    )
+    try:
+        deadline = time.monotonic() + 120.0
+        while not port_file.exists():
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "serve wrote no port file in 120 s"
+            time.sleep(0.2)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        for _ in range(3):
+            assert _rejection(address).code() == grpc.StatusCode.UNAVAILABLE
+        with ApplianceClient(
+            f"localhost:{port_file.read_text().strip()}", timeout_s=5.0, root_certificate=pki.ca
+        ) as client:
+            while client.health() != "SERVING":
+                assert time.monotonic() < deadline, "serve did not report SERVING in 120 s"
+                time.sleep(0.2)
+            assert len(client.model_info().model_id) == 16
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=60)
+    assert "Handshake failed" not in stderr
+    assert "rpc=GetModelInfo" in stderr
