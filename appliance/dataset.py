@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -259,12 +260,19 @@ def find_records(data_dir: Path) -> list[str]:
     if not data_dir.is_dir():
         raise DataError(f"data path {data_dir} is not a folder; pass --data with a WFDB folder")
     records_file = data_dir / "RECORDS"
-    if records_file.exists():
-        names = _records_file_names(records_file)
-    else:
-        names = sorted(
-            str(p.relative_to(data_dir).with_suffix("")) for p in data_dir.rglob("*.hea")
-        )
+    try:
+        if records_file.exists():
+            names = _records_file_names(records_file)
+        else:
+            names = sorted(
+                str(p.relative_to(data_dir).with_suffix("")) for p in data_dir.rglob("*.hea")
+            )
+    except PermissionError as exc:
+        raise DataError(
+            f"data folder {data_dir} cannot be listed: {exc.filename or data_dir} is not "
+            f"readable by this process (user id {os.getuid()}); give that user read and search "
+            "access to the folder and its files"
+        ) from exc
     segments: set[str] = set()
     for name in names:
         header_path = data_dir / f"{name}.hea"
@@ -480,7 +488,9 @@ def _read_cached(
         result: RecordBeats | RecordError = read_record(path, record, config)
     except RecordError as exc:
         result = exc
-    if cache:
+    # A failure of the file system, such as a file this user may not read, can pass without
+    # any change to the files' sizes and times that the key covers, so it is not kept.
+    if cache and not (isinstance(result, RecordError) and isinstance(result.__cause__, OSError)):
         cache.store(record, key, result)
     return result
 

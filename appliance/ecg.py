@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -171,6 +172,8 @@ def record_lead_names(path: Path, record: str) -> list[str]:
             return [str(name) for name in (wfdb.rdheader(str(read_path)).sig_name or [])]
     except RecordError:
         raise
+    except PermissionError as exc:
+        raise RecordError(record, _permission_message(exc)) from exc
     except Exception as exc:  # wfdb raises ValueError, IndexError and others on bad files
         raise RecordError(record, f"header cannot be read: {exc}") from exc
 
@@ -349,6 +352,15 @@ def _invalid_at_model_rate(
     return bad[low] | bad[high]
 
 
+def _permission_message(exc: PermissionError) -> str:
+    """Return a skip reason for a record file that this process may not read."""
+    return (
+        f"{exc.filename or 'a file of the record'} is not readable by this process (user id "
+        f"{os.getuid()}); give that user read access to the record's files, or run as a user "
+        "who has it"
+    )
+
+
 def _annotated_beats(
     path: Path, record: str, frame_fs_hz: float, config: DataConfig
 ) -> tuple[np.ndarray, list[str]] | None:
@@ -358,6 +370,8 @@ def _annotated_beats(
         return None
     try:
         annotation = wfdb.rdann(str(path), extension)
+    except PermissionError as exc:
+        raise RecordError(record, _permission_message(exc)) from exc
     except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
         raise RecordError(
             record,
@@ -464,6 +478,8 @@ def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
     warnings: list[str] = []
     try:
         lines = header_lines(header_path)
+    except PermissionError as exc:
+        raise RecordError(record, _permission_message(exc)) from exc
     except OSError as exc:
         raise RecordError(
             record, f"header {header_path} cannot be read ({exc.strerror or exc})"
@@ -474,6 +490,8 @@ def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
         leads, rates, names, frame_fs_hz = _read_leads(path, record, lines, config, warnings)
     except RecordError:
         raise
+    except PermissionError as exc:
+        raise RecordError(record, _permission_message(exc)) from exc
     except Exception as exc:  # wfdb raises ValueError, IndexError and others on bad files
         raise RecordError(
             record,

@@ -123,6 +123,7 @@ class IngestCache:
         self.folder = Path(folder)
         self.hits = 0
         self.misses = 0
+        self.write_failed = False
 
     def _entry(self, record: str, key: str) -> Path:
         return self.folder / f"{_safe_name(record)}-{key[:KEY_CHARS]}.npz"
@@ -157,7 +158,28 @@ class IngestCache:
         return result
 
     def store(self, record: str, key: str, result: RecordBeats | RecordError) -> None:
-        """Write a record's beats or failure, replacing older entries of the same record."""
+        """Write a record's beats or failure, replacing older entries of the same record.
+
+        A write that fails (a folder this user may not write, a full disk) is logged once at
+        WARNING; the cache then takes no more entries in this run, and ingest goes on.
+        """
+        if self.write_failed:
+            return
+        try:
+            self._write(record, key, result)
+        except OSError as exc:
+            self.write_failed = True
+            logger.warning(
+                "ingest cache write failed cache_dir=%s record=%s reason=%r action=read_uncached;"
+                " the run reads its other records without the cache. Give user id %d write "
+                "access to the folder, or free space on its disk",
+                self.folder,
+                record,
+                exc.strerror or str(exc),
+                os.getuid(),
+            )
+
+    def _write(self, record: str, key: str, result: RecordBeats | RecordError) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {}
         if isinstance(result, RecordError):
@@ -171,9 +193,13 @@ class IngestCache:
                 old.unlink(missing_ok=True)
         # Write to a temporary name and rename, so a reader never sees half a file.
         handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(temporary, entry)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
+            os.replace(temporary, entry)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def _decode(record: str, meta: object, arrays: dict[str, np.ndarray]) -> RecordBeats | RecordError:
