@@ -35,7 +35,7 @@ from appliance.store import (
     new_version_dir,
     publish_version,
 )
-from appliance.train import TrainResult, finite_or_none, one_hot
+from appliance.train import TrainResult, finite_or_none, one_hot, raise_if_stop_requested
 
 logger = logging.getLogger(__name__)
 # Model id of the engine that calibrates and checks a version before it is published.
@@ -259,6 +259,7 @@ def export_model(
     except OSError as exc:
         raise ExportError(_store_write_message(store, exc)) from exc
     try:
+        raise_if_stop_requested("the graphs were exported")
         forward_path, inverse_path = export_graphs(model, partial)
         manifest: dict[str, Any] = _manifest(config, result, data_facts or {})
         manifest["files"] = {
@@ -277,6 +278,7 @@ def export_model(
             "export graphs written forward=%s inverse=%s", forward_path.name, inverse_path.name
         )
         if other_lead_beats is not None:
+            raise_if_stop_requested("the lead check was fitted")
             lead_check = LeadCheck.fit(train_beats.windows, other_lead_beats, config.train.seed)
             logger.info("export lead check fitted other_lead_beats=%d", other_lead_beats.shape[0])
             with (partial / "lead_check.npz").open("wb") as handle:
@@ -296,12 +298,15 @@ def export_model(
         )
         x_holdout = (calibration_beats.windows[known] / result.scale_mv).astype(np.float32)
         labels_holdout = calibration_beats.labels[known]
+        raise_if_stop_requested("the graphs were checked against PyTorch")
         figures = check_parity(
             model, draft, x_holdout[:PARITY_BEATS], labels_holdout[:PARITY_BEATS]
         )
+        raise_if_stop_requested("the generation prior was fitted")
         prior = _fit_latent_prior(draft, train_beats, result, config.train.seed)
         with (partial / "latent_prior.npz").open("wb") as handle:
             np.savez(handle, **prior.to_arrays())  # type: ignore[arg-type]
+        raise_if_stop_requested("the score was calibrated")
         features, _ = draft.features(x_holdout, labels_holdout)
         calibration = Calibration.fit(features)
         arrays = calibration.to_arrays()
@@ -339,6 +344,7 @@ def export_model(
             **figures,
             "validation_bpd": finite_or_none(result.summary.get("validation_bpd")),
         }
+        raise_if_stop_requested("the version was published")
         version = publish_version(store, partial, manifest)
     except OSError as exc:
         discard_partial(partial)

@@ -14,7 +14,7 @@ from appliance.config import ApplianceConfig, DataConfig
 from appliance.dataset import BeatSet, Dataset, ingest
 from appliance.distributed import is_rank_zero
 from appliance.ecg import normal_lead_name, read_record, record_lead_names
-from appliance.errors import RecordError
+from appliance.errors import RecordError, TrainingStoppedError
 from appliance.export import ExportError, export_model
 from appliance.holdout import concatenate, split_holdout
 from appliance.lead_check import MAX_BEATS_PER_SIDE, MIN_OTHER_LEAD_BEATS
@@ -73,17 +73,31 @@ def train_and_export(
             facts,
             other_lead_beats=other_leads,
         )
+    except TrainingStoppedError as exc:
+        raise TrainingStoppedError(
+            f"export {exc}. {_export_command_hint(work_dir, data_dir)}", exc.signum
+        ) from exc
     except ExportError as exc:
         if not isinstance(exc.__cause__, OSError):
             raise
-        # Training took minutes to hours, so the message gives the export command for its weights.
-        best = shlex.quote(str(work_dir / BEST_FILE))
         raise ExportError(
-            f"{exc}. The trained weights are kept in {work_dir / BEST_FILE}, so after the fix "
-            f"run `python -m appliance export --checkpoint {best} --data "
-            f"{shlex.quote(str(data_dir))} --store STORE` with this or another writable store"
+            f"{exc}. {_export_command_hint(work_dir, data_dir)} with this or another writable "
+            "store after the fix"
         ) from exc
     return TrainJobResult(dataset, fit_beats, holdout_beats, result, version)
+
+
+def _export_command_hint(work_dir: Path, data_dir: Path) -> str:
+    """Name the kept weights and the command that exports them without training again.
+
+    Training took minutes to hours, so a failed or stopped export should not cost a new run.
+    """
+    best = shlex.quote(str(work_dir / BEST_FILE))
+    return (
+        f"The trained weights are kept in {work_dir / BEST_FILE}; to publish them, run "
+        f"`python -m appliance export --checkpoint {best} --data "
+        f"{shlex.quote(str(data_dir))} --store STORE`"
+    )
 
 
 def data_facts(dataset: Dataset) -> dict[str, Any]:

@@ -63,8 +63,21 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
     signals = (signal.SIGTERM, signal.SIGINT)
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
+        if _stop_requested.is_set():
+            # A second signal means the user will not wait for the current step or stage.
+            logger.warning(
+                "signal=%s received again; stopping now without saving", signal.strsignal(signum)
+            )
+            raise TrainingStoppedError(
+                f"stopped by a second {signal.strsignal(signum)}; nothing was published, and "
+                "the work folder keeps the last checkpoint saved before it (train --resume "
+                "continues from there)",
+                signum,
+            )
         logger.warning(
-            "signal=%s received; training stops after the current step", signal.strsignal(signum)
+            "signal=%s received; training stops after the current step, an export after its "
+            "current stage (send it again to stop at once)",
+            signal.strsignal(signum),
         )
         _stop_signum[0] = signum
         _stop_requested.set()
@@ -78,6 +91,20 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
         for number, handler in previous.items():
             signal.signal(number, handler)
         _stop_requested.clear()
+
+
+def raise_if_stop_requested(stage: str) -> None:
+    """Raise ``TrainingStoppedError`` if a signal asked the run to stop.
+
+    Arguments:
+        stage: What would run next, named in the message (``export privacy index``).
+    """
+    if _stop_requested.is_set():
+        signum = _stop_signum[0]
+        raise TrainingStoppedError(
+            f"stopped by {signal.strsignal(signum)} before {stage}; nothing was published",
+            signum,
+        )
 
 
 CHECKPOINT_FILE = "checkpoint.pt"

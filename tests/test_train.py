@@ -22,7 +22,7 @@ import appliance.train as train_module
 from appliance.classes import AAMI_CLASSES
 from appliance.config import ApplianceConfig, DataConfig, ModelConfig, TrainConfig
 from appliance.dataset import BeatSet
-from appliance.errors import NonFiniteLossError, TrainingError
+from appliance.errors import NonFiniteLossError, TrainingError, TrainingStoppedError
 from appliance.flow import ConditionalFlow
 from appliance.train import (
     BEST_FILE,
@@ -32,6 +32,7 @@ from appliance.train import (
     TrainResult,
     evaluate,
     load_checkpoint,
+    stop_on_signals,
     train,
 )
 
@@ -450,6 +451,54 @@ def test_resume_without_checkpoint_logs_fresh_start(
     assert fresh[0].levelno == logging.WARNING
     assert str(tmp_path / "work" / CHECKPOINT_FILE) in fresh[0].getMessage()
     assert "--work-dir" in fresh[0].getMessage()
+
+
+def test_sigterm_during_export_publishes_nothing(tmp_path: Path) -> None:
+    work_dir = tmp_path / "work"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "appliance", "train", "--store", str(tmp_path / "store"),
+            "--work-dir", str(work_dir), "--max-beats-per-class", "100", "--epochs", "1",
+            "--max-minutes", "10", "--threads", "1", "--no-progress",
+        ],
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "export started" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    lines.append(process.communicate(timeout=300)[1])
+    stderr = "".join(lines)
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "an export after its current stage" in stderr
+    assert "error: export stopped by Terminated before " in stderr
+    assert f"export --checkpoint {work_dir / BEST_FILE}" in stderr
+    assert "published model" not in stderr
+    assert not (tmp_path / "store" / "CURRENT").exists()
+    assert not list((tmp_path / "store" / "versions").glob("*"))
+    assert (work_dir / BEST_FILE).exists()
+
+
+def test_second_signal_stops_at_once() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        # The first signal only asks; the run goes on to the end of its step.
+        time.sleep(0.1)
+        with pytest.raises(TrainingStoppedError) as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5.0)
+    assert raised.value.signum == signal.SIGTERM
+    assert "stopped by a second Terminated; nothing was published" in str(raised.value)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_sigterm_stops_training_with_checkpoint(tmp_path: Path) -> None:
