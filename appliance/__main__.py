@@ -397,7 +397,12 @@ def _command_export(args: argparse.Namespace) -> int:
     from appliance.flow import ConditionalFlow
     from appliance.holdout import concatenate, split_holdout
     from appliance.jobs import data_facts, read_other_lead_beats, train_records
-    from appliance.train import TrainResult, load_checkpoint, select_training_beats
+    from appliance.train import (
+        TrainResult,
+        export_weights,
+        load_checkpoint,
+        select_training_beats,
+    )
 
     if not args.checkpoint.is_file():
         raise UsageError(
@@ -421,7 +426,11 @@ def _command_export(args: argparse.Namespace) -> int:
         config.model, config.data.n_leads, config.data.window_samples, len(AAMI_CLASSES)
     )
     try:
-        model.load_state_dict(state["model"])
+        weights = export_weights(state, args.checkpoint)
+    except TrainingError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(

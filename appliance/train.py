@@ -111,6 +111,12 @@ CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 # Entries that every checkpoint has; ``train_records`` is absent from older ones.
 CHECKPOINT_KEYS = ("config", "model", "step", "scale_mv", "classes_known")
+# The end of load_checkpoint's messages when a user passed the file.
+CHECKPOINT_ADVICE = "pass the best.pt or checkpoint.pt of a training work folder"
+# The end of its messages when train --resume found the file in its work folder.
+RESUME_ADVICE = "start afresh: delete the checkpoint or pass another --work-dir"
+# Entries that resuming needs besides those.
+RESUME_KEYS = ("optimizer", "best_validation_loss", "best_model", "history")
 # Characters of torch's error kept in the message about a file that is not a checkpoint.
 DETAIL_CHARS = 120
 # A class needs this many training beats before the model offers it for generation.
@@ -256,10 +262,36 @@ def _cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndar
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically, so a kill never leaves half a file."""
+    """Write a checkpoint atomically, so a kill never leaves half a file.
+
+    Raises:
+        TrainingError: If the file cannot be written (a folder in its place, a full disk),
+            naming the file; the checkpoint saved before stays in place.
+    """
     temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write as RuntimeError from its zip writer.
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise TrainingError(
+            f"checkpoint {path} cannot be written ({exc}); check that the path is not a folder, "
+            "that the work folder is writable and that its disk has space, then run the same "
+            "train command with --resume"
+        ) from exc
+
+
+def check_checkpoint_paths(work_dir: Path) -> None:
+    """Raise ``TrainingError`` before training if a checkpoint path is taken by a folder."""
+    for name in (CHECKPOINT_FILE, BEST_FILE):
+        path = work_dir / name
+        if path.is_dir() or path.with_suffix(".tmp").is_dir():
+            raise TrainingError(
+                f"{path if path.is_dir() else path.with_suffix('.tmp')} is a folder, so the "
+                "checkpoint cannot be written there; remove it or pass another --work-dir"
+            )
 
 
 def record_differences(trained: dict[str, int], found: dict[str, int]) -> list[str]:
@@ -294,6 +326,13 @@ def _check_resumable(
     beats. The beats per training record are compared instead, so that a run resumed on other
     records cannot leave the first records' beats out of the privacy guard.
     """
+    problem = _resume_value_problem(state)
+    if problem:
+        raise TrainingError(
+            f"cannot resume from {path}: it has {problem}, which `train` never writes, so the "
+            "file was edited or damaged. Start afresh: delete the checkpoint or pass another "
+            "--work-dir"
+        )
     saved = ApplianceConfig.from_dict(state["config"])
     differences = []
     if saved.model != config.model:
@@ -326,6 +365,50 @@ def _check_resumable(
             "were trained on, so pass the data folder the checkpoint was trained on, or start "
             "afresh: delete the checkpoint or pass another --work-dir"
         )
+
+
+def _resume_value_problem(state: dict[str, Any]) -> str:
+    """Return a phrase naming a missing or impossible value that resuming needs, or ''."""
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        return f"no {', '.join(missing)}"
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step={step!r} (a count of steps from 0)"
+    if not isinstance(state["optimizer"], dict):
+        return "an optimizer entry that is not an optimiser state"
+    if not isinstance(state["history"], list) or not all(
+        isinstance(entry, dict) for entry in state["history"]
+    ):
+        return "a history that is not a list of epoch records"
+    loss = state["best_validation_loss"]
+    if isinstance(loss, bool) or not isinstance(loss, int | float) or math.isnan(loss):
+        return f"best_validation_loss={loss!r} (a number, or infinity before any validation)"
+    trained = state.get("train_records")
+    if trained is not None and not (
+        isinstance(trained, dict)
+        and all(isinstance(k, str) and type(v) is int for k, v in trained.items())
+    ):
+        return "a train_records entry that is not beats per record"
+    for key in ("model", "best_model"):
+        problem = weights_problem(state[key], allow_none=key == "best_model")
+        if problem:
+            return f"{key} {problem}"
+    return ""
+
+
+def weights_problem(weights: object, allow_none: bool = False) -> str:
+    """Return a phrase naming why ``weights`` is not a finite state dict, or ''."""
+    if weights is None and allow_none:
+        return ""
+    if not isinstance(weights, dict) or not all(
+        isinstance(value, torch.Tensor) for value in weights.values()
+    ):
+        return "weights that are not a dictionary of tensors"
+    for name, value in weights.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"weights with NaN or infinite values in {name}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -460,42 +543,86 @@ def train(
         torch.set_flush_denormal(False)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, advice: str = CHECKPOINT_ADVICE) -> dict[str, Any]:
     """Read a checkpoint that ``train`` wrote, as tensors and plain Python values only.
 
     ``weights_only`` loading runs no code from the file, so a hostile file cannot run any.
+
+    Arguments:
+        path: The checkpoint file.
+        advice: What the user should do, ending each error message.
 
     Raises:
         TrainingError: If the file is not a checkpoint that ``train`` wrote, naming the file.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as exc:
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
         raise TrainingError(
-            f"checkpoint {path} cannot be read ({exc.strerror or exc}); pass the best.pt or "
-            "checkpoint.pt file of a training work folder"
+            f"checkpoint {path} cannot be read ({exc.strerror or exc}); {advice}"
         ) from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        # A truncated file gives OSError (Invalid argument) from the zip reader.
         detail = str(exc).splitlines()[0] if str(exc) else "no details"
         if len(detail) > DETAIL_CHARS:
             detail = detail[: DETAIL_CHARS - 3] + "..."
         raise TrainingError(
             f"{path} is not a checkpoint written by `train` ({type(exc).__name__}: {detail}); "
-            "pass the best.pt or checkpoint.pt of a training work folder"
+            f"{advice}"
         ) from exc
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise TrainingError(
-            f"{path} is not a checkpoint written by `train`: it lacks {', '.join(missing)}; pass "
-            "the best.pt or checkpoint.pt of a training work folder"
+            f"{path} is not a checkpoint written by `train`: it lacks {', '.join(missing)}; "
+            f"{advice}"
         )
     problem = _checkpoint_value_problem(state)
     if problem:
         raise TrainingError(
             f"checkpoint {path} has {problem}, which `train` never writes, so the file was "
-            "edited or damaged; pass the best.pt or checkpoint.pt of a training work folder"
+            f"edited or damaged; {advice}"
         )
     return cast(dict[str, Any], state)
+
+
+def export_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Return the weights of a checkpoint that an export should publish: its best validated ones.
+
+    ``best.pt`` holds the best weights as ``model``. ``checkpoint.pt`` holds the last step's
+    weights as ``model`` and the best ones as ``best_model``, so both files export the same
+    model.
+
+    Raises:
+        TrainingError: If the checkpoint holds no validated weights, naming the file.
+    """
+    best = state.get("best_model")
+    problem = weights_problem(best, allow_none=True) or weights_problem(state["model"])
+    if problem:
+        raise TrainingError(
+            f"checkpoint {path} has {problem}, which `train` never writes or publishes, so the "
+            "file was edited or damaged; export the best.pt of another training run"
+        )
+    if isinstance(best, dict) and best:
+        last = state["model"]
+        if last.keys() != best.keys() or any(
+            last[name].shape != best[name].shape or not torch.equal(last[name], best[name])
+            for name in best
+        ):
+            logger.info(
+                "export uses best validated weights checkpoint=%s step=%s "
+                "best_validation_loss=%.4f; the last step's weights are not exported",
+                path,
+                state.get("step"),
+                float(state.get("best_validation_loss", math.nan)),
+            )
+        return cast(dict[str, torch.Tensor], best)
+    if not state.get("history"):
+        raise TrainingError(
+            f"checkpoint {path} holds the weights of step {state.get('step')}, which were never "
+            "validated: training stopped before its first epoch ended. Run the same train "
+            "command with --resume until an epoch ends, then export its best.pt"
+        )
+    return cast(dict[str, torch.Tensor], state["model"])
 
 
 def _checkpoint_value_problem(state: dict[str, Any]) -> str:
@@ -526,7 +653,10 @@ def _load_resume_state(
     """Read the checkpoint on rank 0 and send it to the other ranks (None when none)."""
     state: dict[str, Any] | None = None
     if context.is_rank_zero and resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+        try:
+            state = load_checkpoint(checkpoint_path, RESUME_ADVICE)
+        except TrainingError as exc:
+            raise TrainingError(f"cannot resume: {exc}") from exc
     if context.is_distributed:
         box: list[Any] = [state]
         dist.broadcast_object_list(box, src=0)
@@ -575,6 +705,7 @@ def _train(
     writes_files = context.is_rank_zero
     if writes_files:
         work_dir.mkdir(parents=True, exist_ok=True)
+        check_checkpoint_paths(work_dir)
     checkpoint_path = work_dir / CHECKPOINT_FILE
     state = _load_resume_state(checkpoint_path, resume, context)
     if state is not None:
@@ -603,8 +734,17 @@ def _train(
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TrainingError(
+                f"cannot resume from {checkpoint_path}: its weights or optimiser state do not "
+                f"fit its own model settings ({first_line[:DETAIL_CHARS]}), so the file was "
+                "edited or damaged. Start afresh: delete the checkpoint or pass another "
+                "--work-dir"
+            ) from exc
         step, best_loss = int(state["step"]), float(state["best_validation_loss"])
         best_state, history = state["best_model"], list(state["history"])
         logger.info("resume checkpoint=%s step=%d rank=%d", checkpoint_path, step, context.rank)

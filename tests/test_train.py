@@ -31,6 +31,7 @@ from appliance.train import (
     Evaluation,
     TrainResult,
     evaluate,
+    export_weights,
     load_checkpoint,
     stop_on_signals,
     train,
@@ -187,6 +188,127 @@ def test_resume_rejects_changed_settings(tiny_run, tiny_data, tmp_path) -> None:
     )
     with pytest.raises(TrainingError, match="train.learning_rate"):
         train(changed, *tiny_data, tmp_path, resume=True, progress=False)
+
+
+def _first_weight(state: dict) -> str:  # type: ignore[type-arg]
+    return next(name for name, value in state["model"].items() if value.is_floating_point())
+
+
+def _drop_optimizer(state: dict) -> None:  # type: ignore[type-arg]
+    del state["optimizer"]
+
+
+def _drop_best(state: dict) -> None:  # type: ignore[type-arg]
+    del state["best_model"]
+
+
+def _negative_step(state: dict) -> None:  # type: ignore[type-arg]
+    state["step"] = -5
+
+
+def _text_records(state: dict) -> None:  # type: ignore[type-arg]
+    state["train_records"] = "abc"
+
+
+def _nan_weight(state: dict) -> None:  # type: ignore[type-arg]
+    state["model"][_first_weight(state)][...] = float("nan")
+
+
+def _wrong_shape(state: dict) -> None:  # type: ignore[type-arg]
+    name = _first_weight(state)
+    state["model"][name] = torch.zeros(3, *state["model"][name].shape)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (_drop_optimizer, "it has no optimizer"),
+        (_drop_best, "it has no best_model"),
+        (_negative_step, "it has step=-5"),
+        (_text_records, "a train_records entry that is not beats per record"),
+        (_nan_weight, "model weights with NaN or infinite values in "),
+        (_wrong_shape, "its weights or optimiser state do not fit its own model settings"),
+    ],
+)
+def test_resume_rejects_damaged_checkpoint(
+    damage, named: str, tiny_run, tiny_data, tmp_path: Path
+) -> None:  # noqa: ANN001
+    _, work_dir = tiny_run
+    state = torch.load(work_dir / CHECKPOINT_FILE, weights_only=False)
+    damage(state)
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(TrainingError) as raised:
+        train(TINY, *tiny_data, tmp_path, resume=True, progress=False)
+    message = str(raised.value)
+    assert f"cannot resume from {tmp_path / CHECKPOINT_FILE}" in message
+    assert named in message
+    assert "delete the checkpoint or pass another --work-dir" in message
+
+
+def test_resume_names_truncated_checkpoint(tiny_run, tiny_data, tmp_path: Path) -> None:
+    _, work_dir = tiny_run
+    data = (work_dir / CHECKPOINT_FILE).read_bytes()
+    (tmp_path / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(TrainingError) as raised:
+        train(TINY, *tiny_data, tmp_path, resume=True, progress=False)
+    message = str(raised.value)
+    assert message.startswith(f"cannot resume: {tmp_path / CHECKPOINT_FILE} is not a checkpoint")
+    assert message.endswith("start afresh: delete the checkpoint or pass another --work-dir")
+    assert "pass the best.pt" not in message
+
+
+@pytest.mark.parametrize("name", [CHECKPOINT_FILE, BEST_FILE, "checkpoint.tmp"])
+def test_folder_at_checkpoint_path_fails_first(name: str, tiny_data, tmp_path: Path) -> None:
+    (tmp_path / name).mkdir()
+    with pytest.raises(TrainingError) as raised:
+        train(TINY, *tiny_data, tmp_path, resume=False, progress=False)
+    assert f"{tmp_path / name} is a folder, so the checkpoint cannot be written" in str(
+        raised.value
+    )
+    # Nothing was trained: the check runs before the first step.
+    assert not (tmp_path / CHECKPOINT_FILE).is_file()
+
+
+def test_failed_checkpoint_write_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / CHECKPOINT_FILE
+    with pytest.raises(TrainingError) as raised:
+        train_module._save(path, {"step": 1})
+    assert f"checkpoint {path} cannot be written (" in str(raised.value)
+    assert "--resume" in str(raised.value)
+    assert not path.with_suffix(".tmp").exists()
+
+
+def test_export_weights_are_the_best_of_either_file(tiny_run) -> None:
+    _, work_dir = tiny_run
+    best = load_checkpoint(work_dir / BEST_FILE)
+    last = load_checkpoint(work_dir / CHECKPOINT_FILE)
+    # Later steps than the best validation leave other weights in checkpoint.pt.
+    last["model"] = {name: value + 1 for name, value in last["model"].items()}
+    from_last = export_weights(last, work_dir / CHECKPOINT_FILE)
+    from_best = export_weights(best, work_dir / BEST_FILE)
+    assert from_last.keys() == best["model"].keys()
+    for name, value in best["model"].items():
+        assert torch.equal(from_last[name], value), name
+        assert torch.equal(from_best[name], value), name
+
+
+def test_export_weights_refuse_unvalidated_step(tiny_run, tmp_path: Path) -> None:
+    _, work_dir = tiny_run
+    state = load_checkpoint(work_dir / CHECKPOINT_FILE)
+    state["best_model"], state["history"], state["step"] = None, [], 1
+    with pytest.raises(TrainingError) as raised:
+        export_weights(state, tmp_path / CHECKPOINT_FILE)
+    assert "holds the weights of step 1, which were never validated" in str(raised.value)
+    assert "--resume" in str(raised.value)
+
+
+def test_export_weights_refuse_non_finite(tiny_run, tmp_path: Path) -> None:
+    _, work_dir = tiny_run
+    state = load_checkpoint(work_dir / BEST_FILE)
+    _nan_weight(state)
+    state["best_model"] = None
+    with pytest.raises(TrainingError, match="weights with NaN or infinite values in "):
+        export_weights(state, tmp_path / BEST_FILE)
 
 
 def test_training_flushes_denormal_numbers(monkeypatch, tiny_data, tmp_path) -> None:
