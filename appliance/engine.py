@@ -6,8 +6,10 @@ the ONNX graphs and the files the manifest lists.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,6 +150,58 @@ def available_providers(require_gpu: bool = False) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+@contextlib.contextmanager
+def _loading(version: ModelVersion, key: str) -> Iterator[None]:
+    """Turn a failure to load one version file into a ``ModelStoreError`` that names it.
+
+    The file's hash matched the manifest, so such a failure means a writer replaced the file
+    and recomputed the manifest, or export wrote a file this version cannot read.
+    """
+    try:
+        yield
+    except ModelStoreError:
+        raise
+    except Exception as exc:  # ONNX Runtime and NumPy raise many types for a bad file
+        detail = str(exc).splitlines()[0] if str(exc) else "no details"
+        if "pickle" in detail:
+            # NumPy's own text suggests loading the file with pickle, which would run its code.
+            detail = "the file holds Python objects, which export never writes"
+        raise ModelStoreError(
+            f"model store file {version.file(key)} ({key}) cannot be used: "
+            f"{type(exc).__name__}: {detail[:200]}. The version's files do not fit together; "
+            "restore the version, or publish the model again with `python -m appliance export` "
+            "or `train`"
+        ) from exc
+
+
+def _finite_arrays(version: ModelVersion, key: str) -> dict[str, np.ndarray]:
+    """Read a version's ``.npz`` file without pickle; raise ValueError on a non-finite array."""
+    with np.load(version.file(key), allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    for name, values in arrays.items():
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            raise ValueError(f"array {name} holds NaN or infinite values")
+    return arrays
+
+
+def _check_graph_inputs(engine: Engine, version: ModelVersion) -> None:
+    """Raise ``ModelStoreError`` unless each graph takes the inputs the manifest describes."""
+    expected = {
+        "forward_graph": (engine.forward_session, "x", [len(engine.leads), engine.window_samples]),
+        "inverse_graph": (engine.inverse_session, "z", [engine.latent_dims]),
+    }
+    for key, (session, data_input, shape) in expected.items():
+        inputs = {item.name: item.shape for item in session.get_inputs()}
+        if set(inputs) != {data_input, "condition"} or list(inputs[data_input][1:]) != shape:
+            found = ", ".join(f"{name} {dims}" for name, dims in inputs.items())
+            raise ModelStoreError(
+                f"model store file {version.file(key)} ({key}) takes inputs {found}, but the "
+                f"manifest describes {data_input} [batch, {', '.join(map(str, shape))}] and "
+                "condition; the graphs are swapped or come from another model. Restore the "
+                "version, or publish the model again with `python -m appliance export` or `train`"
+            )
+
+
 class Engine:
     """The served model: both ONNX graphs, the calibration and the privacy index.
 
@@ -161,6 +215,7 @@ class Engine:
         self, version: ModelVersion, intra_op_threads: int = 0, require_gpu: bool = False
     ) -> None:
         manifest = version.manifest
+        self.version = version
         self.manifest = manifest
         contract = manifest["data"]
         self.fs_hz = float(contract["fs_hz"])
@@ -184,12 +239,15 @@ class Engine:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         providers = available_providers(require_gpu)
-        self.forward_session = ort.InferenceSession(
-            str(version.file("forward_graph")), options, providers=providers
-        )
-        self.inverse_session = ort.InferenceSession(
-            str(version.file("inverse_graph")), options, providers=providers
-        )
+        with _loading(version, "forward_graph"):
+            self.forward_session = ort.InferenceSession(
+                str(version.file("forward_graph")), options, providers=providers
+            )
+        with _loading(version, "inverse_graph"):
+            self.inverse_session = ort.InferenceSession(
+                str(version.file("inverse_graph")), options, providers=providers
+            )
+        _check_graph_inputs(self, version)
         self.execution_provider = self.forward_session.get_providers()[0]
         if providers[0] != self.execution_provider:
             # ONNX Runtime falls back to the next provider when CUDA fails to start, for example
@@ -209,8 +267,13 @@ class Engine:
         self.calibration: Calibration | None = None
         self.privacy_index: NearestNeighbourIndex | None = None
         if "calibration" in manifest["files"]:
-            with np.load(version.file("calibration")) as arrays:
-                self.calibration = Calibration.from_arrays(dict(arrays))
+            with _loading(version, "calibration"):
+                self.calibration = Calibration.from_arrays(_finite_arrays(version, "calibration"))
+                if self.calibration.evidence.shape != self.calibration.feature_values.shape[:1]:
+                    raise ValueError(
+                        f"evidence has shape {self.calibration.evidence.shape} for "
+                        f"{self.calibration.feature_values.shape[0]} calibration beats"
+                    )
             calibrated = self.calibration.feature_values.shape[1]
             if calibrated != len(FEATURES):
                 raise ModelStoreError(
@@ -222,16 +285,28 @@ class Engine:
             len(AAMI_CLASSES), self.bottleneck_dims, self.latent_dims
         )
         if "latent_prior" in manifest["files"]:
-            with np.load(version.file("latent_prior")) as arrays:
-                self.latent_prior = LatentPrior.from_arrays(dict(arrays))
+            with _loading(version, "latent_prior"):
+                self.latent_prior = LatentPrior.from_arrays(
+                    _finite_arrays(version, "latent_prior")
+                )
         self.lead_check: LeadCheck | None = None
         if "lead_check" in manifest["files"]:
-            with np.load(version.file("lead_check")) as arrays:
-                self.lead_check = LeadCheck.from_arrays(dict(arrays))
+            with _loading(version, "lead_check"):
+                self.lead_check = LeadCheck.from_arrays(_finite_arrays(version, "lead_check"))
         self.centroids: np.ndarray | None = None
         if "privacy_index" in manifest["files"]:
-            self.privacy_index = NearestNeighbourIndex(np.load(version.file("privacy_index")))
-            self.centroids = morphology_centroids(self.privacy_index.vectors)
+            with _loading(version, "privacy_index"):
+                vectors = np.load(version.file("privacy_index"), allow_pickle=False)
+                dims = len(self.leads) * self.window_samples
+                if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] != dims:
+                    raise ValueError(
+                        f"shape {vectors.shape}, expected (training beats, {dims}) for "
+                        f"{len(self.leads)} leads of {self.window_samples} samples"
+                    )
+                if not np.isfinite(vectors).all():
+                    raise ValueError("NaN or infinite values")
+                self.privacy_index = NearestNeighbourIndex(vectors)
+                self.centroids = morphology_centroids(self.privacy_index.vectors)
         logger.info(
             "engine loaded model_id=%s provider=%s threads=%d",
             manifest["model_id"],

@@ -187,6 +187,53 @@ def self_check(engine: Engine) -> None:
             f"self-check failed: z -> x -> z error {error:.3g} is above "
             f"{SELF_CHECK_MAX_ERROR:g}; re-export the model"
         )
+    # The calls' own path: scoring, the lead check, the privacy distance and the gate. A
+    # calibration, prior or index that does not fit the graphs fails here instead of in
+    # every call.
+    try:
+        scored = engine.score(x, classes)
+        distances = engine.privacy_distance(x)
+        engine.generate(
+            {int(c): 1 for c in classes},
+            temperature=1.0,
+            margin=engine.default_margin,
+            seed=0,
+            max_draws_per_beat=2,
+        )
+    except Exception as exc:  # any failure here would be every call's failure
+        detail = str(exc).splitlines()[0] if str(exc) else "no details"
+        raise ModelStoreError(
+            f"self-check failed: scoring or generating beats raised {type(exc).__name__}: "
+            f"{detail[:200]}. The version's files do not fit together; restore the version, "
+            "or publish the model again with `python -m appliance export` or `train`"
+        ) from exc
+    scores = np.asarray(scored.scores)
+    if not (np.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()):
+        raise ModelStoreError(
+            "self-check failed: pertinence scores outside 0 to 1 or not finite; the "
+            "calibration does not fit the graphs, so publish the model again"
+        )
+    if not np.isfinite(distances).all():
+        raise ModelStoreError(
+            "self-check failed: the privacy index gave non-finite distances; publish the model "
+            "again"
+        )
+
+
+def load_served_engine(
+    store: Path, intra_op_threads: int = 0, require_gpu: bool = False
+) -> Engine:
+    """Load the store's current version as a server does: verify, check, load, self-check.
+
+    Raises:
+        ModelStoreError: If the version is missing, damaged or fails the self-check.
+        RuntimeError: If ``require_gpu`` is set and no GPU provider is available.
+    """
+    version = load_current(store)
+    require_served_files(version)
+    engine = Engine(version, intra_op_threads=intra_op_threads, require_gpu=require_gpu)
+    self_check(engine)
+    return engine
 
 
 class ApplianceServer:
@@ -232,14 +279,8 @@ class ApplianceServer:
             RuntimeError: If ``require_gpu`` is set and no GPU provider is available.
         """
         started = time.monotonic()
-        version = load_current(store)
-        require_served_files(version)
-        engine = Engine(
-            version,
-            intra_op_threads=self.plan.intra_op_threads,
-            require_gpu=self.config.require_gpu,
-        )
-        self_check(engine)
+        engine = load_served_engine(store, self.plan.intra_op_threads, self.config.require_gpu)
+        version = engine.version
         self.engine = engine
         self.servicer.set_engine(engine, store)
         for name in ("", SERVICE_NAME):

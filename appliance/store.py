@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ModelStoreError
+from appliance.manifest_values import check_manifest_values
 
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
 MANIFEST_FILE = "manifest.json"
+# A version name is a time stamp and a hash prefix, far shorter than this.
+MAX_POINTER_BYTES = 256
 MANIFEST_FORMAT = 1
 # Prefix of a version folder that is still being written, and the file in it that names the
 # host and process writing it.
@@ -202,7 +205,20 @@ def current_version_id(store: Path) -> str:
             f"`python -m appliance train --store {shlex.quote(str(store))}` first"
         )
     try:
-        return pointer.read_text(encoding="utf-8").strip()
+        if not stat.S_ISREG(pointer.lstat().st_mode):
+            raise ModelStoreError(
+                f"{pointer} is not a regular file (a link or a device); publishing writes it as "
+                f"a file that names a folder in {store / VERSIONS_DIR}, so write that name into "
+                "a plain file, or retrain"
+            )
+        with pointer.open("rb") as handle:
+            raw = handle.read(MAX_POINTER_BYTES + 1)
+        if len(raw) > MAX_POINTER_BYTES:
+            raise ModelStoreError(
+                f"{pointer} holds more than {MAX_POINTER_BYTES} bytes, so it is not a version "
+                f"name; write the name of a folder in {store / VERSIONS_DIR} into it, or retrain"
+            )
+        return raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
         raise ModelStoreError(
             f"{pointer} is not a version name in UTF-8 text ({exc.reason}); write the name of "
@@ -223,14 +239,25 @@ def load_current(store: Path) -> ModelVersion:
     version = current_version_id(store)
     path = store / VERSIONS_DIR / version
     manifest_path = path / MANIFEST_FILE
+    if version.startswith(PARTIAL_PREFIX):
+        raise ModelStoreError(
+            f"{store / CURRENT_FILE} names {version!r}, the folder of an export that never "
+            "finished; write the name of a published version into CURRENT, or export again"
+        )
+    if path.is_symlink():
+        raise ModelStoreError(
+            f"{path} is a symbolic link; a version folder holds the files export wrote, so "
+            "copy the version into the store instead of linking it"
+        )
     if not version or "/" in version or version in (".", "..") or not path.is_dir():
         present = sorted(
             entry.name
             for entry in (store / VERSIONS_DIR).glob("*")
             if entry.is_dir() and not entry.name.startswith(PARTIAL_PREFIX)
         )
+        value_text = version if len(version) <= 80 else f"{version[:80]}..."
         raise ModelStoreError(
-            f"{store / CURRENT_FILE} names version {version!r}, which is not in "
+            f"{store / CURRENT_FILE} names version {value_text!r}, which is not in "
             f"{store / VERSIONS_DIR}; versions present: {', '.join(present) or 'none'}. Write "
             "one of them into CURRENT, or retrain"
         )
@@ -275,13 +302,14 @@ SERVED_FILES = ("forward_graph", "inverse_graph", "calibration", "privacy_index"
 
 
 def require_served_files(version: ModelVersion) -> None:
-    """Raise ModelStoreError unless the version lists every file that serving needs."""
+    """Raise ModelStoreError unless the version lists every file and value that serving needs."""
     missing = [key for key in SERVED_FILES if key not in version.manifest["files"]]
     if missing:
         raise ModelStoreError(
             f"model version {version.path} lists no {', '.join(missing)} file, so it cannot "
             "be served; publish it again with `python -m appliance export` or `train`"
         )
+    check_manifest_values(version.manifest, version.path / MANIFEST_FILE)
 
 
 def _checked_file_entries(manifest: dict[str, Any], manifest_path: Path) -> dict[str, Any]:
