@@ -41,6 +41,8 @@ from appliance.v1 import GeneratedCodeMissingError
 if TYPE_CHECKING:
     import numpy as np
 
+    from appliance.store import ModelVersion
+
 logger = logging.getLogger("appliance")
 
 # Files that generate writes into --out, per --format.
@@ -383,8 +385,19 @@ def _command_train(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if job.version is not None:
         sys.stdout.write(job.dataset.report.summary_line() + "\n")
-        sys.stdout.write(f"published model {job.version.manifest['model_id']} to {args.store}\n")
+        sys.stdout.write(_publication_line(job.version, args.store))
     return 0
+
+
+def _publication_line(version: ModelVersion, store: Path) -> str:
+    """Return the line that ends train and export: what the store now serves."""
+    model_id = version.manifest["model_id"]
+    if version.newly_published:
+        return f"published model {model_id} to {store}\n"
+    return (
+        f"model {model_id} is unchanged: the store's current version {version.path.name} "
+        f"already holds it, so nothing new was published to {store}\n"
+    )
 
 
 def _command_export(args: argparse.Namespace) -> int:
@@ -486,7 +499,7 @@ def _command_export(args: argparse.Namespace) -> int:
             args.data, train_records(dataset), config.data, config.train.seed
         ),
     )
-    sys.stdout.write(f"published model {version.manifest['model_id']} to {args.store}\n")
+    sys.stdout.write(_publication_line(version, args.store))
     return 0
 
 

@@ -63,10 +63,18 @@ def sha256_of(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One verified version of the store: its folder and parsed manifest."""
+    """One verified version of the store: its folder and parsed manifest.
+
+    Attributes:
+        path: The version folder.
+        manifest: The parsed manifest.
+        newly_published: False when a publication found the same model id already current
+            and kept that version instead of adding a copy.
+    """
 
     path: Path
     manifest: dict[str, Any]
+    newly_published: bool = True
 
     def file(self, key: str) -> Path:
         """Return the path of a file the manifest lists under ``files``."""
@@ -163,6 +171,17 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
         "version": version_id,
         **manifest,
     }
+    current = _current_version_if_model(store, str(manifest["model_id"]))
+    if current is not None:
+        # A resumed run whose best weights did not change exports the same model again; a
+        # second version would only add another copy of the training beats' privacy index.
+        discard_partial(partial)
+        logger.info(
+            "export unchanged model_id=%s kept_version=%s; nothing new was published",
+            manifest["model_id"],
+            current.path.name,
+        )
+        return current
     (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     (partial / OWNER_FILE).unlink(missing_ok=True)
     final = store / VERSIONS_DIR / version_id
@@ -171,6 +190,17 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
     pointer.write_text(version_id + "\n")
     os.replace(pointer, store / CURRENT_FILE)
     return ModelVersion(path=final, manifest=manifest)
+
+
+def _current_version_if_model(store: Path, model_id: str) -> ModelVersion | None:
+    """Return the store's current version if it verifies and holds ``model_id``, else None."""
+    try:
+        current = load_current(store)
+    except ModelStoreError:
+        return None
+    if current.manifest.get("model_id") != model_id:
+        return None
+    return ModelVersion(path=current.path, manifest=current.manifest, newly_published=False)
 
 
 def discard_partial(partial: Path) -> None:

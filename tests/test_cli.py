@@ -142,6 +142,13 @@ def test_export_checks_training_records(
     assert manifest["training"]["train_beats"] == trained["train_beats"]
     assert manifest["training"]["learnt_class_counts"] == trained["learnt_class_counts"]
 
+    # The same weights again: the store keeps its version instead of a copy of it.
+    again = run_cli("export", "--checkpoint", checkpoint, "--store", str(tmp_path / "same"))
+    assert again.returncode == 0, again.stderr
+    assert f"model {manifest['model_id']} is unchanged" in again.stdout
+    assert "published model" not in again.stdout
+    assert len(list((tmp_path / "same" / "versions").iterdir())) == 1
+
 
 def test_export_store_write_failures_named(
     trained_result, trained_work_dir: Path, tmp_path: Path

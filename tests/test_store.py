@@ -109,6 +109,32 @@ def test_model_id_covers_calibration_and_gate(tmp_path: Path) -> None:
     assert model_id_of(load_current(tmp_path / "a").manifest) == first
 
 
+def test_same_model_again_keeps_current_version(tmp_path: Path) -> None:
+    first = _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
+    kept = current_version_id(tmp_path)
+    # A resumed run whose best weights did not change: same files and settings, later date.
+    again_partial = new_version_dir(tmp_path)
+    manifest: dict[str, Any] = {
+        "trained_at": "2026-06-01T00:00:00+00:00",
+        "data": {"fs_hz": 360.0},
+        "gate": {"default_margin": 0.05},
+        "files": {},
+    }
+    for key, content in (("forward_graph", b"graph"), ("calibration", b"calibration")):
+        (again_partial / f"{key}.bin").write_bytes(content)
+        manifest["files"][key] = {"name": f"{key}.bin"}
+    again = publish_version(tmp_path, again_partial, manifest)
+    assert not again.newly_published
+    assert again.manifest["model_id"] == first
+    assert current_version_id(tmp_path) == kept
+    assert [p.name for p in (tmp_path / VERSIONS_DIR).iterdir()] == [kept]
+    # A different model is still published as a new version.
+    other = _publish(tmp_path, b"other", "2026-06-01T00:00:00+00:00", 0.05)
+    assert other != first
+    assert current_version_id(tmp_path) != kept
+    assert load_current(tmp_path).newly_published
+
+
 def test_missing_store_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(ModelStoreError, match="does not exist; check --store"):
         load_current(tmp_path / "mistyped")
