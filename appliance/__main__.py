@@ -1419,7 +1419,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout-s",
             type=_positive_seconds,
             default=timeout_s,
-            help=f"deadline of each call in seconds, greater than 0 (default: {timeout_s:g})",
+            help=(
+                f"deadline of each call in seconds, greater than 0 (default: {timeout_s:g}); "
+                "generate waits this long for each chunk of beats, not for the whole stream"
+                if name == "generate"
+                else f"deadline of each call in seconds, greater than 0 (default: {timeout_s:g})"
+            ),
         )
         sub.set_defaults(handler=handler)
         if name == "info":

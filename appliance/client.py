@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,26 @@ def _read_pem(path: Path, description: str) -> bytes:
         raise ValueError(f"{description} {path} cannot be read ({exc.strerror or exc})") from exc
 
 
+class StreamStalledError(grpc.RpcError):
+    """No chunk of a Generate stream arrived within the client's timeout; the call is cancelled.
+
+    It reads as a call that ended with ``DEADLINE_EXCEEDED``, as a deadline on the whole call
+    would have ended.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no chunk of the stream arrived within {timeout_s:g} s")
+        self._details = f"no chunk of the stream arrived within {timeout_s:g} s"
+
+    def code(self) -> grpc.StatusCode:
+        """Return ``DEADLINE_EXCEEDED``."""
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        """Return what the client waited for."""
+        return self._details
+
+
 class ApplianceClient:
     """Client of one appliance server.
 
@@ -209,13 +230,15 @@ class ApplianceClient:
         root_certificate: PEM of the CA that signed the server certificate (enables TLS).
         client_certificate: PEM certificate for mutual TLS.
         client_key: PEM private key for mutual TLS.
-        timeout_s: Deadline of each call in seconds.
+        timeout_s: Deadline of each call in seconds; for ``generate``, the longest wait for
+            each chunk of the stream.
         max_receive_message_bytes: Largest reply message accepted, in bytes, 1 to
             ``MAX_MESSAGE_BYTES``; raise it for a server started with a larger
             ``--max-message-bytes``. gRPC's -1 (no limit) is not accepted.
 
     Raises:
-        ValueError: If ``timeout_s`` is not a finite number above 0, the message limit is
+        ValueError: If ``address`` is not a string, ``timeout_s`` is not a finite number
+            above 0, the message limit is
             outside 1 to ``MAX_MESSAGE_BYTES``, or a TLS file cannot be read, is not PEM, or
             the client key does not belong to the client certificate.
     """
@@ -229,12 +252,22 @@ class ApplianceClient:
         timeout_s: float = 300.0,
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     ) -> None:
+        if not isinstance(address, str) or not address:
+            raise ValueError(f"address={address!r} is invalid: pass the server as 'host:port'")
         # The comparisons are False for NaN, so NaN is rejected too.
-        if not 0.0 < timeout_s < math.inf:
+        if (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0.0 < timeout_s < math.inf
+        ):
             raise ValueError(
-                f"timeout_s={timeout_s} is invalid: pass a finite number of seconds above 0"
+                f"timeout_s={timeout_s!r} is invalid: pass a finite number of seconds above 0"
             )
-        if not 1 <= max_receive_message_bytes <= MAX_MESSAGE_BYTES:
+        if (
+            isinstance(max_receive_message_bytes, bool)
+            or not isinstance(max_receive_message_bytes, int)
+            or not 1 <= max_receive_message_bytes <= MAX_MESSAGE_BYTES
+        ):
             raise ValueError(
                 f"max_receive_message_bytes={max_receive_message_bytes} is invalid: pass 1 to "
                 f"{MAX_MESSAGE_BYTES}, the largest limit gRPC takes"
@@ -277,10 +310,12 @@ class ApplianceClient:
             self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.ApplianceServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout_s = timeout_s
+        self.timeout_s = float(timeout_s)
+        self.closed = False
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel; later calls raise ``ValueError``. Closing again does nothing."""
+        self.closed = True
         self.channel.close()
 
     def __enter__(self) -> ApplianceClient:
@@ -290,13 +325,21 @@ class ApplianceClient:
         self.close()
 
     def _metadata(self) -> list[tuple[str, str]]:
-        """Return call metadata with a new request id, which the server logs."""
+        """Return call metadata with a new request id, which the server logs.
+
+        Raises:
+            ValueError: If the client was closed.
+        """
+        if self.closed:
+            raise ValueError("this ApplianceClient is closed; create a new one to call again")
         return [(REQUEST_ID_KEY, uuid.uuid4().hex[:16])]
 
     def health(self, service: str = "") -> str:
         """Return the health status name, for example ``SERVING``."""
         reply = self.health_stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=min(self.timeout_s, 10.0)
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=min(self.timeout_s, 10.0),
+            metadata=self._metadata(),
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
@@ -323,8 +366,42 @@ class ApplianceClient:
         )
 
     def generate_stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
-        """Yield the raw chunks of a Generate call."""
-        yield from self.stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata())
+        """Yield the raw chunks of a Generate call.
+
+        ``timeout_s`` bounds the wait for each chunk, not the whole stream: a large count
+        that arrives steadily takes as long as it needs, and a server that sends nothing for
+        ``timeout_s`` seconds has the call cancelled.
+
+        Raises:
+            StreamStalledError: If no chunk arrived within ``timeout_s`` seconds.
+        """
+        call = self.stub.Generate(request, metadata=self._metadata())
+        stalled = threading.Event()
+
+        def cancel_stalled() -> None:
+            stalled.set()
+            call.cancel()
+
+        watchdog: threading.Timer | None = None
+        try:
+            while True:
+                watchdog = threading.Timer(self.timeout_s, cancel_stalled)
+                watchdog.daemon = True
+                watchdog.start()
+                try:
+                    chunk = next(call)
+                except StopIteration:
+                    return
+                except grpc.RpcError as exc:
+                    if stalled.is_set():
+                        raise StreamStalledError(self.timeout_s) from exc
+                    raise
+                finally:
+                    watchdog.cancel()
+                yield chunk
+        finally:
+            # A caller that stops reading early frees the server's worker at once.
+            call.cancel()
 
     def generate(
         self,
@@ -358,6 +435,11 @@ class ApplianceClient:
             chunk_beats=unsigned_field("chunk_beats", chunk_beats, 32),
             max_draws_per_beat=unsigned_field("max_draws_per_beat", max_draws_per_beat, 32),
         )
+        if class_counts is not None and not isinstance(class_counts, Mapping):
+            raise ValueError(
+                f"class_counts must map class names to counts, such as {{'N': 100, 'V': 50}}; "
+                f"got {type(class_counts).__name__}"
+            )
         for name, n in (class_counts or {}).items():
             request.class_counts.add(
                 beat_class=class_value(name), count=unsigned_field(f"count of {name}", n, 32)

@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
-from appliance.client import ApplianceClient, encode_samples
+from appliance.client import ApplianceClient, StreamStalledError, encode_samples
 from appliance.errors import ModelStoreError
 from appliance.pipeline import ServerProcess
 from appliance.server import (
@@ -1084,3 +1084,67 @@ def test_grpc_library_limit_attached_once() -> None:
     for name in GRPC_LIBRARY_LOGGERS:
         limits = [f for f in logging.getLogger(name).filters if isinstance(f, GrpcLibraryLogLimit)]
         assert limits == [shared]
+
+
+def test_generate_timeout_bounds_each_chunk_not_the_stream(small_server: ApplianceServer):
+    # Ten chunks read half a second apart take five seconds, more than the two-second timeout.
+    address = f"127.0.0.1:{small_server.port}"
+    request = pb.GenerateRequest(count=50, chunk_beats=5, margin=0.0, seed=3)
+    received = 0
+    with ApplianceClient(address, timeout_s=2.0) as client:
+        started = time.monotonic()
+        for chunk in client.generate_stream(request):
+            received += chunk.samples.count
+            time.sleep(0.5)
+        elapsed_s = time.monotonic() - started
+    assert received == 50
+    assert elapsed_s > 2.0
+
+
+def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, caplog):
+    caplog.set_level(logging.INFO)
+    # A margin no draw reaches keeps the server drawing without sending a chunk.
+    request = pb.GenerateRequest(count=50, chunk_beats=1, max_draws_per_beat=1000, margin=0.99)
+    with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=1.0) as client:
+        with pytest.raises(StreamStalledError) as raised:
+            client.generate_stream(request).__next__()
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert raised.value.details() == "no chunk of the stream arrived within 1 s"
+    # The cancellation reaches the server, which ends the call.
+    _wait_for(
+        lambda: any(
+            "rpc=Generate" in r.getMessage() and "status=CANCELLED" in r.getMessage()
+            for r in caplog.records
+        ),
+        "the server's log line of the cancelled call",
+    )
+
+
+def test_closed_client_refuses_calls(small_server: ApplianceServer):
+    client = ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=CALL_TIMEOUT_S)
+    assert client.health() == "SERVING"
+    client.close()
+    client.close()
+    with pytest.raises(ValueError, match="this ApplianceClient is closed; create a new one"):
+        client.model_info()
+    with pytest.raises(ValueError, match="this ApplianceClient is closed"):
+        client.health()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"address": None}, "address=None is invalid"),
+        ({"address": "127.0.0.1:1", "timeout_s": "5"}, "timeout_s='5' is invalid"),
+        ({"address": "127.0.0.1:1", "timeout_s": True}, "timeout_s=True is invalid"),
+        ({"address": "127.0.0.1:1", "max_receive_message_bytes": 2.5}, "max_receive_message"),
+    ],
+)
+def test_client_arguments_of_wrong_type_named(arguments: dict, named: str):  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=re.escape(named)):
+        ApplianceClient(**arguments)
+
+
+def test_class_counts_must_be_a_mapping(small_client: ApplianceClient):
+    with pytest.raises(ValueError, match="class_counts must map class names to counts"):
+        small_client.generate(class_counts=[("N", 2)])  # type: ignore[arg-type]
