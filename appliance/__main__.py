@@ -864,7 +864,7 @@ def _command_generate(args: argparse.Namespace) -> int:
         f"accepted {stats.accepted} of {requested} requested beats from {counts_text}; wrote "
         f"{', '.join(str(p) for p in paths)}\n"
     )
-    sys.stdout.write(f"per class: {_class_tally(result.classes, class_counts)}\n")
+    sys.stdout.write(f"per class: {_class_tally(result.classes, class_counts, known)}\n")
     if stats.budget_exhausted:
         first = "lower --temperature, " if stats.invalid_rejections * 2 > stats.draws else ""
         sys.stdout.write(
@@ -893,16 +893,21 @@ def no_beat_fix(stats: Any, temperature: float | None) -> str:
     )
 
 
-def _class_tally(classes: Sequence[str], class_counts: dict[str, int] | None) -> str:
-    """Return the accepted beats per class, each with its requested count when one was set."""
-    from appliance.classes import AAMI_CLASSES
+def _class_tally(
+    classes: Sequence[str], class_counts: dict[str, int] | None, known: Sequence[str]
+) -> str:
+    """Return the accepted beats per class, each with its requested count when one was set.
 
+    Without per-class counts, every class the model knows is listed, so a class that got no
+    beat shows as 0 instead of being left out.
+    """
     accepted = Counter(classes)
     if class_counts:
         return ", ".join(
             f"{name} {accepted.get(name, 0)} of {count}" for name, count in class_counts.items()
         )
-    return ", ".join(f"{name} {accepted[name]}" for name in AAMI_CLASSES if name in accepted)
+    names = list(known) + [name for name in accepted if name not in known]
+    return ", ".join(f"{name} {accepted.get(name, 0)}" for name in names)
 
 
 def _check_output_folder(option: str, folder: Path, keep_created: bool = False) -> None:
@@ -1027,10 +1032,16 @@ def _command_validate(args: argparse.Namespace) -> int:
     ):
         # Six significant digits keep the order of scores far below 1e-4.
         sys.stdout.write(f"{i}\t{score:.6g}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
+    if not classes:
+        scored_under = "the best-fitting class of each beat"
+    elif args.input.suffix.lower() == ".npy":
+        # A classes file left beside a user's own array would otherwise apply unnoticed.
+        scored_under = f"the classes in {_classes_file(args.input)}"
+    else:
+        scored_under = "the classes of the input"
     sys.stdout.write(
         f"accepted {int(reply.accepted.sum())} of {reply.scores.size} at margin "
-        f"{reply.margin:.3f}, scored under "
-        f"{'the classes of the input' if classes else 'the best-fitting class of each beat'}\n"
+        f"{reply.margin:.3f}, scored under {scored_under}\n"
     )
     return 0
 
@@ -1497,7 +1508,9 @@ def build_parser() -> argparse.ArgumentParser:
                 type=Path,
                 required=True,
                 help=".npy of beats, shape (beats, leads, window_samples), in mV, or a .npy, "
-                ".csv or WFDB record written by generate, whose classes are used",
+                ".csv or WFDB record written by generate, whose classes are used; beside "
+                'NAME.npy, a NAME_classes.json of {"classes": ["N", ...]} (one AAMI class '
+                "per beat) gives the classes of your own beats",
             )
             sub.add_argument(
                 "--best-class",

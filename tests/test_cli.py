@@ -712,7 +712,16 @@ def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, f
     assert "accepted 7 of 7" in generated.stdout
     assert "accepted beyond the request and dropped" in generated.stdout
     if fmt == "csv":
-        assert re.search(r"^per class: [NSVF] \d+", generated.stdout, re.MULTILINE)
+        from appliance.client import ApplianceClient, class_name
+
+        with ApplianceClient(server_address) as client:
+            known = [class_name(v) for v in client.model_info().classes_known]
+        # Every class the model knows is listed, those that got no beat with 0.
+        tally = re.search(r"^per class: (.*)$", generated.stdout, re.MULTILINE)
+        assert tally is not None
+        parts = [part.split(" ") for part in tally.group(1).split(", ")]
+        assert [name for name, _ in parts] == known
+        assert sum(int(count) for _, count in parts) == 7
     else:
         assert "per class: N 4 of 4, V 3 of 3" in generated.stdout
 
@@ -732,7 +741,12 @@ def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, f
     else:
         expected = ["N"] * 4 + ["V"] * 3
     assert sorted(classes) == expected
-    assert lines[-1] == "accepted 7 of 7 at margin 0.000, scored under the classes of the input"
+    scored_under = (
+        f"the classes in {out / 'synthetic_classes.json'}"
+        if fmt == "npy"
+        else "the classes of the input"
+    )
+    assert lines[-1] == f"accepted 7 of 7 at margin 0.000, scored under {scored_under}"
 
     best = run_cli(
         "validate",
