@@ -34,7 +34,7 @@ from appliance.config import (
     ModelConfig,
     TrainConfig,
 )
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StoppedAtOnce
 from appliance.serve_config import MAX_TEMPERATURE
 from appliance.v1 import GeneratedCodeMissingError
 
@@ -443,6 +443,8 @@ def _command_export(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         raise UsageError(str(exc)) from exc
     try:
+        # Both sets of weights must fit, though only the best validated ones are exported.
+        model.load_state_dict(state["model"])
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -1723,6 +1725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GeneratedCodeMissingError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    except StoppedAtOnce as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
 

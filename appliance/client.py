@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -202,6 +203,37 @@ def _read_pem(path: Path, description: str) -> bytes:
         raise ValueError(f"{description} {path} cannot be read ({exc.strerror or exc})") from exc
 
 
+def _float32_beats(beats: npt.ArrayLike) -> np.ndarray:
+    """Return beats as float32, the wire format, refusing values the cast would change.
+
+    Raises:
+        ValueError: If the values are complex, not numbers, or finite but beyond float32.
+    """
+    values = np.asarray(beats)
+    if values.dtype == np.float32:
+        return values
+    if np.iscomplexobj(values):
+        raise ValueError(
+            "beats are complex numbers; pass real values in mV (the imaginary part would be lost)"
+        )
+    try:
+        wide = values.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"beats of dtype {values.dtype} cannot be read as numbers ({exc}); pass an array "
+            "of real values in mV"
+        ) from exc
+    with np.errstate(invalid="ignore"):
+        too_large = np.isfinite(wide) & (np.abs(wide) > np.finfo(np.float32).max)
+    if too_large.any():
+        position = tuple(int(i) for i in np.argwhere(too_large)[0])
+        raise ValueError(
+            f"beats{list(position)} is {float(wide[position]):.3g}, beyond the float32 range "
+            "that samples are sent in; beats are in mV, so check their unit"
+        )
+    return wide.astype(np.float32)
+
+
 class StreamStalledError(grpc.RpcError):
     """No chunk of a Generate stream arrived within the client's timeout; the call is cancelled.
 
@@ -210,8 +242,11 @@ class StreamStalledError(grpc.RpcError):
     """
 
     def __init__(self, timeout_s: float) -> None:
-        super().__init__(f"no chunk of the stream arrived within {timeout_s:g} s")
-        self._details = f"no chunk of the stream arrived within {timeout_s:g} s"
+        self._details = (
+            f"no chunk of the stream arrived within {timeout_s:g} s; when most draws are "
+            "rejected (a high margin, a rare class), the server draws for longer between chunks"
+        )
+        super().__init__(self._details)
 
     def code(self) -> grpc.StatusCode:
         """Return ``DEADLINE_EXCEEDED``."""
@@ -255,24 +290,27 @@ class ApplianceClient:
         if not isinstance(address, str) or not address:
             raise ValueError(f"address={address!r} is invalid: pass the server as 'host:port'")
         # The comparisons are False for NaN, so NaN is rejected too.
+        # Checked as plain objects: callers outside mypy pass strings, bools and numpy numbers.
+        timeout_value: object = timeout_s
+        limit_value: object = max_receive_message_bytes
         if (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, int | float)
-            or not 0.0 < timeout_s < math.inf
+            isinstance(timeout_value, bool)
+            or not isinstance(timeout_value, numbers.Real)
+            or not 0.0 < float(timeout_value) < math.inf
         ):
             raise ValueError(
                 f"timeout_s={timeout_s!r} is invalid: pass a finite number of seconds above 0"
             )
         if (
-            isinstance(max_receive_message_bytes, bool)
-            or not isinstance(max_receive_message_bytes, int)
-            or not 1 <= max_receive_message_bytes <= MAX_MESSAGE_BYTES
+            isinstance(limit_value, bool)
+            or not isinstance(limit_value, numbers.Integral)
+            or not 1 <= int(limit_value) <= MAX_MESSAGE_BYTES
         ):
             raise ValueError(
                 f"max_receive_message_bytes={max_receive_message_bytes} is invalid: pass 1 to "
                 f"{MAX_MESSAGE_BYTES}, the largest limit gRPC takes"
             )
-        options = [("grpc.max_receive_message_length", max_receive_message_bytes)]
+        options = [("grpc.max_receive_message_length", int(max_receive_message_bytes))]
         # gRPC's C core aborts the process on a certificate without its key or the reverse.
         if (client_certificate is None) != (client_key is None):
             raise ValueError(
@@ -479,7 +517,7 @@ class ApplianceClient:
         Nested lists are accepted and converted to a float32 array. ``fs_hz``, the beats'
         sampling rate when known, lets the server reject beats at another rate than the model's.
         """
-        beats = np.asarray(beats, dtype=np.float32)
+        beats = _float32_beats(beats)
         if beats.ndim != 3:
             raise ValueError(
                 f"beats must have shape (beats, leads, window_samples), got {beats.shape}"

@@ -247,6 +247,33 @@ def _records_file_names(records_file: Path) -> list[str]:
     return names
 
 
+def _header_names(data_dir: Path) -> list[str]:
+    """Return the record names of every header under ``data_dir``, subfolders included.
+
+    A subfolder this user may not list is logged with a warning, so that its records are not
+    left out unnoticed.
+    """
+
+    def unreadable(exc: OSError) -> None:
+        if exc.filename is not None and Path(exc.filename) == data_dir:
+            raise exc
+        logger.warning(
+            "folder=%s action=skip reason=%s; its records are not read. Give user id %d read "
+            "and search access to it",
+            exc.filename,
+            exc.strerror or exc,
+            os.getuid(),
+        )
+
+    names = []
+    for folder, folders, files in os.walk(data_dir, onerror=unreadable):
+        # A folder named like a header is listed too, so that ingest reports it.
+        for file in [*files, *folders]:
+            if file.endswith(".hea"):
+                names.append(str((Path(folder) / file).relative_to(data_dir).with_suffix("")))
+    return names
+
+
 def find_records(data_dir: Path) -> list[str]:
     """List record names in a folder, from its RECORDS file or its headers.
 
@@ -261,12 +288,12 @@ def find_records(data_dir: Path) -> list[str]:
         raise DataError(f"data path {data_dir} is not a folder; pass --data with a WFDB folder")
     records_file = data_dir / "RECORDS"
     try:
-        if records_file.exists():
+        # Listing first makes a folder this user may not read fail here, whatever its mode.
+        top = os.listdir(data_dir)
+        if "RECORDS" in top:
             names = _records_file_names(records_file)
         else:
-            names = sorted(
-                str(p.relative_to(data_dir).with_suffix("")) for p in data_dir.rglob("*.hea")
-            )
+            names = sorted(_header_names(data_dir))
     except PermissionError as exc:
         raise DataError(
             f"data folder {data_dir} cannot be listed: {exc.filename or data_dir} is not "

@@ -471,9 +471,13 @@ def read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
 def _read_record(path: Path, record: str, config: DataConfig) -> RecordBeats:
     """Read one record as ``read_record`` does, letting unexpected errors through."""
     header_path = path.with_name(f"{path.name}.hea")
-    if not header_path.exists():
+    try:
+        header_exists, header_is_file = header_path.exists(), header_path.is_file()
+    except PermissionError as exc:  # a folder on the way that this user may not enter
+        raise RecordError(record, _permission_message(exc)) from exc
+    if not header_exists:
         raise RecordError(record, f"header file {header_path} not found")
-    if not header_path.is_file():
+    if not header_is_file:
         raise RecordError(record, f"header {header_path} is not a file")
     warnings: list[str] = []
     try:

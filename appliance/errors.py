@@ -71,6 +71,21 @@ class TrainingError(ApplianceError):
     """Training cannot continue."""
 
 
+class StoppedAtOnce(BaseException):  # noqa: N818 - an interrupt, like KeyboardInterrupt
+    """A second SIGTERM or SIGINT: stop at once, without finishing the step or stage.
+
+    It derives from ``BaseException``, as ``KeyboardInterrupt`` does, so that the handlers that
+    turn a damaged record or file into a reported error do not catch it.
+
+    Attributes:
+        signum: The signal's number; the command line exits with ``128 + signum``.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class TrainingStoppedError(TrainingError):
     """Training stopped on a signal (SIGTERM or SIGINT) after saving a checkpoint.
 

@@ -353,7 +353,8 @@ def export_model(
         discard_partial(partial)
         raise
     logger.info(
-        "published model_id=%s store=%s roundtrip_max_rel_error=%.2e privacy_threshold=%.4f",
+        "%s model_id=%s store=%s roundtrip_max_rel_error=%.2e privacy_threshold=%.4f",
+        "published" if version.newly_published else "unchanged",
         version.manifest["model_id"],
         store,
         figures["roundtrip_max_rel_error"],

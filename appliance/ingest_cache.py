@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from appliance.ingest_checks import header_lines
 logger = logging.getLogger(__name__)
 
 # Raise when the content or meaning of a cache entry changes, so old entries are not read.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 # DataConfig fields that do not change a record's windows and so stay out of the key.
 SETTINGS_OUTSIDE_KEY = frozenset(
     {"split", "split_seed", "validation_fraction", "test_fraction", "cache_dir"}
@@ -80,11 +81,9 @@ def record_files(path: Path, config: DataConfig) -> list[Path]:
 
 def _readable_header_lines(header: Path) -> list[str]:
     """Return the header's lines, or none when it is missing, not a file or unreadable."""
-    if not header.is_file():
-        return []
     try:
-        return header_lines(header)
-    except OSError:
+        return header_lines(header) if header.is_file() else []
+    except OSError:  # is_file raises too when a folder on the way may not be entered
         return []
 
 
@@ -107,6 +106,11 @@ def cache_key(path: Path, config: DataConfig) -> str:
             stat = file.stat()
         except FileNotFoundError:
             digest.update(f"{file.name}:absent".encode())
+            continue
+        except OSError:
+            # A file this user may not reach: a key of the failure is not kept (see store), and
+            # the record is read, and reported, without the cache.
+            digest.update(f"{file.name}:unreadable:{uuid.uuid4().hex}".encode())
             continue
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
@@ -170,9 +174,9 @@ class IngestCache:
         except OSError as exc:
             self.write_failed = True
             logger.warning(
-                "ingest cache write failed cache_dir=%s record=%s reason=%r action=read_uncached;"
-                " the run reads its other records without the cache. Give user id %d write "
-                "access to the folder, or free space on its disk",
+                "ingest cache write failed cache_dir=%s record=%s reason=%r action=stop_writing;"
+                " the run writes no more cache entries and still reads existing ones. Give user "
+                "id %d write access to the folder, or free space on its disk",
                 self.folder,
                 record,
                 exc.strerror or str(exc),

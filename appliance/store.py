@@ -193,9 +193,14 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
 
 
 def _current_version_if_model(store: Path, model_id: str) -> ModelVersion | None:
-    """Return the store's current version if it verifies and holds ``model_id``, else None."""
+    """Return the store's current version if it can be served and holds ``model_id``.
+
+    A current version that fails a serving check gets the new export instead, which is the fix
+    its error message gives.
+    """
     try:
         current = load_current(store)
+        require_served_files(current)
     except ModelStoreError:
         return None
     if current.manifest.get("model_id") != model_id:

@@ -34,7 +34,12 @@ from appliance.classes import AAMI_CLASSES
 from appliance.config import ApplianceConfig, TrainConfig
 from appliance.dataset import BeatSet
 from appliance.distributed import DistributedContext, any_rank, barrier, init_from_env
-from appliance.errors import NonFiniteLossError, TrainingError, TrainingStoppedError
+from appliance.errors import (
+    NonFiniteLossError,
+    StoppedAtOnce,
+    TrainingError,
+    TrainingStoppedError,
+)
 from appliance.flow import ConditionalFlow, bits_per_dim, standard_normal_log_prob
 
 logger = logging.getLogger(__name__)
@@ -68,10 +73,10 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
             logger.warning(
                 "signal=%s received again; stopping now without saving", signal.strsignal(signum)
             )
-            raise TrainingStoppedError(
-                f"stopped by a second {signal.strsignal(signum)}; nothing was published, and "
-                "the work folder keeps the last checkpoint saved before it (train --resume "
-                "continues from there)",
+            raise StoppedAtOnce(
+                f"stopped at once by a second {signal.strsignal(signum)}; the store's current "
+                "version is unchanged, and the work folder keeps the last checkpoint saved "
+                "before it (train --resume continues from there)",
                 signum,
             )
         logger.warning(
@@ -557,7 +562,12 @@ def load_checkpoint(path: Path, advice: str = CHECKPOINT_ADVICE) -> dict[str, An
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
+    except PermissionError as exc:
+        raise TrainingError(
+            f"checkpoint {path} cannot be read ({exc.strerror or exc}); give this user (user id "
+            f"{os.getuid()}) read access to it"
+        ) from exc
+    except (IsADirectoryError, FileNotFoundError) as exc:
         raise TrainingError(
             f"checkpoint {path} cannot be read ({exc.strerror or exc}); {advice}"
         ) from exc
@@ -735,6 +745,9 @@ def _train(
     history: list[dict[str, float]] = []
     if state is not None:
         try:
+            if state["best_model"] is not None:
+                # Loaded first, so that a best_model of another shape fails here, not at the end.
+                model.load_state_dict(state["best_model"])
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:

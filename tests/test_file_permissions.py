@@ -45,9 +45,15 @@ def shared_tmp() -> Iterator[Path]:
 
 
 def _ingest_as_other_user(data_dir: Path, config: DataConfig) -> dict[str, Any]:
-    """Ingest ``data_dir`` as an unprivileged user; return the skips, error and warnings."""
+    """Ingest ``data_dir`` as an unprivileged user; return the skips, error and warnings.
+
+    Under root the ingest runs in a forked child with user id 65534; under any other user it
+    runs in this process, whose user the file modes already restrict.
+    """
+    if os.geteuid() != 0:
+        return _ingest_here(data_dir, config)
     read_end, write_end = os.pipe()
-    pid = os.fork() if os.geteuid() == 0 else None
+    pid = os.fork()
     if pid:
         os.close(write_end)
         with os.fdopen(read_end) as pipe:
@@ -56,27 +62,32 @@ def _ingest_as_other_user(data_dir: Path, config: DataConfig) -> dict[str, Any]:
         assert text, "the forked ingest wrote no result"
         return dict(json.loads(text))
     os.close(read_end)
+    try:
+        os.setgid(UNPRIVILEGED_ID)
+        os.setuid(UNPRIVILEGED_ID)
+        result = _ingest_here(data_dir, config)
+    except BaseException as exc:  # the child's traceback would be lost with os._exit
+        result = {"error": f"the forked child failed: {type(exc).__name__}: {exc}"}
+    with os.fdopen(write_end, "w") as pipe:
+        pipe.write(json.dumps(result))
+    os._exit(0)
+
+
+def _ingest_here(data_dir: Path, config: DataConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"error": None, "skipped": {}, "read": [], "warnings": []}
     handler = logging.Handler(level=logging.WARNING)
     handler.emit = lambda record: result["warnings"].append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("appliance").addHandler(handler)
     try:
-        if pid == 0:
-            os.setgid(UNPRIVILEGED_ID)
-            os.setuid(UNPRIVILEGED_ID)
         dataset = ingest(data_dir, config)
         result["skipped"] = dataset.report.records_skipped
         result["read"] = dataset.report.records_read
     except ApplianceError as exc:
         result["error"] = str(exc)
-    except Exception as exc:  # the child's traceback would be lost with os._exit
+    except Exception as exc:
         result["error"] = f"unexpected {type(exc).__name__}: {exc}"
     finally:
         logging.getLogger("appliance").removeHandler(handler)
-        with os.fdopen(write_end, "w") as pipe:
-            pipe.write(json.dumps(result))
-        if pid == 0:
-            os._exit(0)
     return result
 
 
@@ -146,5 +157,55 @@ def test_unwritable_cache_folder_warns_and_reads(shared_tmp: Path):
     failures = [line for line in result["warnings"] if "ingest cache write failed" in line]
     assert len(failures) == 1
     assert f"cache_dir={cache}" in failures[0]
-    assert "action=read_uncached" in failures[0]
+    assert "action=stop_writing" in failures[0]
     assert list(cache.iterdir()) == []
+
+
+def test_folder_without_read_permission_named(shared_tmp: Path):
+    # Search permission without read permission: files can be opened, the folder not listed.
+    data = _three_records(shared_tmp)
+    data.chmod(0o711)
+    try:
+        result = _ingest_as_other_user(data, DataConfig(split="random"))
+    finally:
+        data.chmod(0o755)
+    assert result["error"] is not None
+    assert f"data folder {data} cannot be listed" in result["error"]
+
+
+def test_unreadable_subfolder_is_named(shared_tmp: Path):
+    data = _three_records(shared_tmp)
+    hidden = data / "hidden"
+    hidden.mkdir()
+    write_record(hidden, "d")
+    hidden.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    try:
+        result = _ingest_as_other_user(data, DataConfig(split="random"))
+    finally:
+        hidden.chmod(0o755)
+    assert result["error"] is None
+    assert sorted(result["read"]) == ["a", "b", "c"]
+    skips = [line for line in result["warnings"] if f"folder={hidden} action=skip" in line]
+    assert len(skips) == 1
+    assert "its records are not read" in skips[0]
+
+
+def test_unenterable_record_folder_with_cache_is_skipped(shared_tmp: Path):
+    # RECORDS names a record in a folder this user may not enter.
+    data = _three_records(shared_tmp)
+    hidden = data / "p1"
+    hidden.mkdir()
+    write_record(hidden, "x")
+    (data / "RECORDS").write_text("a\nb\nc\np1/x\n")
+    (data / "RECORDS").chmod(0o644)
+    hidden.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    cache = shared_tmp / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    try:
+        result = _ingest_as_other_user(data, DataConfig(split="random", cache_dir=str(cache)))
+    finally:
+        hidden.chmod(0o755)
+    assert result["error"] is None
+    assert sorted(result["read"]) == ["a", "b", "c"]
+    assert NOT_READABLE in result["skipped"]["p1/x"]

@@ -1109,7 +1109,7 @@ def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, cap
         with pytest.raises(StreamStalledError) as raised:
             client.generate_stream(request).__next__()
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert raised.value.details() == "no chunk of the stream arrived within 1 s"
+    assert raised.value.details().startswith("no chunk of the stream arrived within 1 s; ")
     # The cancellation reaches the server, which ends the call.
     _wait_for(
         lambda: any(
@@ -1148,3 +1148,27 @@ def test_client_arguments_of_wrong_type_named(arguments: dict, named: str):  # t
 def test_class_counts_must_be_a_mapping(small_client: ApplianceClient):
     with pytest.raises(ValueError, match="class_counts must map class names to counts"):
         small_client.generate(class_counts=[("N", 2)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("beats", "named"),
+    [
+        (np.zeros((1, 1, 4), dtype=complex), "beats are complex numbers"),
+        (np.full((1, 1, 4), 1e300), "beats[0, 0, 0] is 1e+300, beyond the float32 range"),
+        (np.array([[["a", "b"]]]), "cannot be read as numbers"),
+    ],
+)
+def test_validate_refuses_values_the_cast_would_change(
+    small_client: ApplianceClient, beats: np.ndarray, named: str
+):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        small_client.validate(beats)
+
+
+def test_client_accepts_numpy_numbers(small_server: ApplianceServer):
+    with ApplianceClient(
+        f"127.0.0.1:{small_server.port}",
+        timeout_s=np.float64(CALL_TIMEOUT_S),
+        max_receive_message_bytes=np.int64(8 * 1024 * 1024),
+    ) as client:
+        assert client.health() == "SERVING"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from appliance.store import (
     PARTIAL_PREFIX,
     UNOWNED_PARTIAL_AGE_S,
     VERSIONS_DIR,
+    ModelVersion,
     current_version_id,
     load_current,
     model_id_of,
@@ -109,30 +111,51 @@ def test_model_id_covers_calibration_and_gate(tmp_path: Path) -> None:
     assert model_id_of(load_current(tmp_path / "a").manifest) == first
 
 
-def test_same_model_again_keeps_current_version(tmp_path: Path) -> None:
-    first = _publish(tmp_path, b"calibration", "2026-01-01T00:00:00+00:00", 0.05)
-    kept = current_version_id(tmp_path)
-    # A resumed run whose best weights did not change: same files and settings, later date.
-    again_partial = new_version_dir(tmp_path)
-    manifest: dict[str, Any] = {
-        "trained_at": "2026-06-01T00:00:00+00:00",
-        "data": {"fs_hz": 360.0},
-        "gate": {"default_margin": 0.05},
-        "files": {},
+def _republish(store: Path, change: dict[str, Any] | None = None) -> ModelVersion:
+    """Publish the current version's files again, as an export of the same weights would."""
+    current = load_current(store)
+    partial = new_version_dir(store)
+    manifest = {
+        key: value
+        for key, value in current.manifest.items()
+        if key not in ("format", "model_id", "version")
     }
-    for key, content in (("forward_graph", b"graph"), ("calibration", b"calibration")):
-        (again_partial / f"{key}.bin").write_bytes(content)
-        manifest["files"][key] = {"name": f"{key}.bin"}
-    again = publish_version(tmp_path, again_partial, manifest)
+    manifest.update(change or {})
+    manifest["files"] = {}
+    for key, entry in current.manifest["files"].items():
+        shutil.copy(current.path / entry["name"], partial / entry["name"])
+        manifest["files"][key] = {"name": entry["name"]}
+    return publish_version(store, partial, manifest)
+
+
+def test_same_model_again_keeps_current_version(model_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    kept_version = current_version_id(store)
+    model_id = load_current(store).manifest["model_id"]
+    # A resumed run whose best weights did not change: same files and settings, later date.
+    again = _republish(store, {"trained_at": "2027-01-01T00:00:00+00:00"})
     assert not again.newly_published
-    assert again.manifest["model_id"] == first
-    assert current_version_id(tmp_path) == kept
-    assert [p.name for p in (tmp_path / VERSIONS_DIR).iterdir()] == [kept]
-    # A different model is still published as a new version.
-    other = _publish(tmp_path, b"other", "2026-06-01T00:00:00+00:00", 0.05)
-    assert other != first
-    assert current_version_id(tmp_path) != kept
-    assert load_current(tmp_path).newly_published
+    assert again.manifest["model_id"] == model_id
+    assert current_version_id(store) == kept_version
+    assert [p.name for p in (store / VERSIONS_DIR).iterdir()] == [kept_version]
+
+
+def test_same_model_replaces_unservable_current(model_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    broken = current_version_id(store)
+    manifest_path = store / VERSIONS_DIR / broken / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    # Outside the model id, so the id check passes while serving refuses the version.
+    manifest["trained_at"] = 12345
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelStoreError, match="trained_at=12345"):
+        require_served_files(load_current(store))
+    again = _republish(store, {"trained_at": "2027-01-01T00:00:00+00:00"})
+    assert again.newly_published
+    assert current_version_id(store) != broken
+    require_served_files(load_current(store))
 
 
 def test_missing_store_folder_is_named(tmp_path: Path) -> None:
