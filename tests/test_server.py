@@ -1101,16 +1101,27 @@ def test_generate_timeout_bounds_each_chunk_not_the_stream(small_server: Applian
     assert elapsed_s > 2.0
 
 
-def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, caplog):
+def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
-    # A margin no draw reaches keeps the server drawing without sending a chunk.
-    request = pb.GenerateRequest(count=50, chunk_beats=1, max_draws_per_beat=1000, margin=0.99)
+    engine = small_server.engine
+    assert engine is not None
+    real_generate = engine.generate
+
+    def drawing_until_cancelled(*args, should_stop, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        # A server whose draws are all rejected: it draws on and sends no chunk.
+        deadline = time.monotonic() + 60.0
+        while not should_stop() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return real_generate(*args, should_stop=should_stop, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", drawing_until_cancelled)
+    request = pb.GenerateRequest(count=5, chunk_beats=1)
     with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=1.0) as client:
         with pytest.raises(StreamStalledError) as raised:
-            client.generate_stream(request).__next__()
+            next(client.generate_stream(request))
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert raised.value.details().startswith("no chunk of the stream arrived within 1 s; ")
-    # The cancellation reaches the server, which ends the call.
+    # The cancellation reaches the server, which ends the call well before the 60 s.
     _wait_for(
         lambda: any(
             "rpc=Generate" in r.getMessage() and "status=CANCELLED" in r.getMessage()
