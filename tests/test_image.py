@@ -524,7 +524,7 @@ def test_generate_and_validate_from_inside(container: str) -> None:
     assert lines[0] == "index\tscore\tresult\tclass"
     assert lines[-1] == (
         f"accepted {GENERATE_COUNT} of {GENERATE_COUNT} at margin {MARGIN:.3f}, scored under "
-        "the classes of the input"
+        "the classes in /tmp/generated/synthetic_classes.json"
     )
 
 
