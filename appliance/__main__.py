@@ -900,7 +900,7 @@ def _class_tally(
 ) -> str:
     """Return the accepted beats per class, each with its requested count when one was set.
 
-    Without per-class counts, every class the model knows is listed, so a class that got no
+    Without per-class counts, every class of the model is listed, so a class that got no
     beat shows as 0 instead of being left out.
     """
     accepted = Counter(classes)

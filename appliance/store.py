@@ -173,7 +173,7 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
     }
     current = _current_version_if_model(store, str(manifest["model_id"]))
     if current is not None:
-        # A resumed run whose best weights did not change exports the same model again; a
+        # A resumed run whose best weights did not change exports the same model again. A
         # second version would only add another copy of the training beats' privacy index.
         discard_partial(partial)
         logger.info(
@@ -193,7 +193,7 @@ def publish_version(store: Path, partial: Path, manifest: dict[str, Any]) -> Mod
 
 
 def _current_version_if_model(store: Path, model_id: str) -> ModelVersion | None:
-    """Return the store's current version if it can be served and holds ``model_id``.
+    """Return the store's current version if it can be served and contains ``model_id``.
 
     A current version that fails a serving check gets the new export instead, which is the fix
     its error message gives.

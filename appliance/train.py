@@ -598,8 +598,8 @@ def load_checkpoint(path: Path, advice: str = CHECKPOINT_ADVICE) -> dict[str, An
 def export_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     """Return the weights of a checkpoint that an export should publish: its best validated ones.
 
-    ``best.pt`` holds the best weights as ``model``. ``checkpoint.pt`` holds the last step's
-    weights as ``model`` and the best ones as ``best_model``, so both files export the same
+    ``best.pt`` contains the best weights as ``model``. ``checkpoint.pt`` contains the last
+    step's weights as ``model`` and the best ones as ``best_model``, so both files export the same
     model.
 
     Raises:

@@ -716,7 +716,7 @@ def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, f
 
         with ApplianceClient(server_address) as client:
             known = [class_name(v) for v in client.model_info().classes_known]
-        # Every class the model knows is listed, those that got no beat with 0.
+        # Every class of the model is listed, and those that got no beat show 0.
         tally = re.search(r"^per class: (.*)$", generated.stdout, re.MULTILINE)
         assert tally is not None
         parts = [part.split(" ") for part in tally.group(1).split(", ")]

@@ -623,7 +623,7 @@ def test_second_signal_stops_at_once() -> None:
     before = signal.getsignal(signal.SIGTERM)
     with stop_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)
-        # The first signal only asks; the run goes on to the end of its step.
+        # The first signal only requests a stop, so the run goes on to the end of its step.
         time.sleep(0.1)
         with pytest.raises(StoppedAtOnce) as raised:
             try:
