@@ -396,7 +396,7 @@ def _publication_line(version: ModelVersion, store: Path) -> str:
         return f"published model {model_id} to {store}\n"
     return (
         f"model {model_id} is unchanged: the store's current version {version.path.name} "
-        f"already holds it, so nothing new was published to {store}\n"
+        f"already contains it, so nothing new was published to {store}\n"
     )
 
 
@@ -516,7 +516,7 @@ def _check_export_data(
     if trained is None:
         logger.warning(
             "checkpoint=%s has no list of its training records (written by an older version), "
-            "so export cannot check that --data=%s holds the records it was trained on",
+            "so export cannot check that --data=%s contains the records it was trained on",
             args.checkpoint,
             args.data,
         )

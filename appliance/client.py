@@ -16,7 +16,13 @@ import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from appliance.classes import AAMI_CLASSES
-from appliance.serve_config import MAX_MESSAGE_BYTES
+from appliance.serve_config import (
+    DEFAULT_MAX_BEATS_PER_REQUEST,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES,
+    validate_message_fit,
+    validate_reply_fit,
+)
 from appliance.server_errors import REQUEST_ID_KEY
 from appliance.tls_files import check_ca_file, check_key_pair
 from appliance.v1 import appliance_pb2 as pb
@@ -235,7 +241,7 @@ def _float32_beats(beats: npt.ArrayLike) -> np.ndarray:
 
 
 class StreamStalledError(grpc.RpcError):
-    """No chunk of a Generate stream arrived within the client's timeout; the call is cancelled.
+    """No message of a Generate stream arrived within the client's timeout; it is cancelled.
 
     It reads as a call that ended with ``DEADLINE_EXCEEDED``, as a deadline on the whole call
     would have ended.
@@ -243,8 +249,9 @@ class StreamStalledError(grpc.RpcError):
 
     def __init__(self, timeout_s: float) -> None:
         self._details = (
-            f"no chunk of the stream arrived within {timeout_s:g} s; when most draws are "
-            "rejected (a high margin, a rare class), the server draws for longer between chunks"
+            f"no message of the stream arrived within {timeout_s:g} s; a server that is "
+            "drawing sends one at least every 5 s, so it is stalled or too busy to take the "
+            "engine"
         )
         super().__init__(self._details)
 
@@ -255,6 +262,78 @@ class StreamStalledError(grpc.RpcError):
     def details(self) -> str:
         """Return what the client waited for."""
         return self._details
+
+
+class FailedCallError(grpc.RpcError):
+    """A failed call's error with more context: ``code()`` is its status, ``details()`` adds to it.
+
+    Attributes:
+        cause: The error of the failed call.
+    """
+
+    def __init__(self, cause: grpc.RpcError, context: str) -> None:
+        self.cause = cause
+        cause_details = cause.details() if hasattr(cause, "details") else str(cause)
+        self._details = f"{context}: {cause_details}"
+        super().__init__(self._details)
+
+    def code(self) -> grpc.StatusCode:
+        """Return the failed call's status code."""
+        code = self.cause.code() if hasattr(self.cause, "code") else None
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+    def details(self) -> str:
+        """Return the failed call's details after the added context."""
+        return self._details
+
+
+class CallPartError(FailedCallError):
+    """A call for one part of a set that ``validate`` split into several calls failed.
+
+    It reads as the failed call: ``code()`` is that call's status, and ``details()`` adds the
+    beats of the part, because the server counts beats from the start of each call.
+
+    Attributes:
+        start: Index of the part's first beat in the whole set.
+        stop: Index one past the part's last beat.
+    """
+
+    def __init__(self, cause: grpc.RpcError, start: int, stop: int, total: int) -> None:
+        self.start = start
+        self.stop = stop
+        super().__init__(
+            cause,
+            f"in the call for beats {start} to {stop - 1} of {total} (the server numbers "
+            f"beats from {start} as 0)",
+        )
+
+
+def request_total(request: pb.GenerateRequest) -> int:
+    """Return the beats a Generate request asks for: its class counts, else its count."""
+    return sum(item.count for item in request.class_counts) or request.count
+
+
+class GenerateInterruptedError(FailedCallError):
+    """A Generate call failed after some beats had arrived; ``received`` keeps those beats.
+
+    It reads as the failed call: ``code()`` is that call's status, and ``details()`` says how
+    many beats arrived first. The received beats passed the gate like any others, so they may
+    be kept; a new call with another seed can ask for the rest.
+
+    Attributes:
+        received: The beats, classes and scores that arrived before the failure; its
+            ``stats`` are empty, because only the last response carries them.
+        requested: Beats the request asked for.
+    """
+
+    def __init__(self, cause: grpc.RpcError, received: Generated, requested: int) -> None:
+        self.received = received
+        self.requested = requested
+        super().__init__(
+            cause,
+            f"the stream failed after {len(received.classes)} of the {requested} requested "
+            "beats had arrived",
+        )
 
 
 class ApplianceClient:
@@ -350,6 +429,7 @@ class ApplianceClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout_s = float(timeout_s)
         self.closed = False
+        self._limits: pb.GetModelInfoResponse | None = None
 
     def close(self) -> None:
         """Close the channel; later calls raise ``ValueError``. Closing again does nothing."""
@@ -406,12 +486,13 @@ class ApplianceClient:
     def generate_stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
         """Yield the raw chunks of a Generate call.
 
-        ``timeout_s`` bounds the wait for each chunk, not the whole stream: a large count
+        ``timeout_s`` bounds the wait for each message, not the whole stream: a large count
         that arrives steadily takes as long as it needs, and a server that sends nothing for
-        ``timeout_s`` seconds has the call cancelled.
+        ``timeout_s`` seconds has the call cancelled. Progress messages (no beats, no stats)
+        are yielded too.
 
         Raises:
-            StreamStalledError: If no chunk arrived within ``timeout_s`` seconds.
+            StreamStalledError: If no message arrived within ``timeout_s`` seconds.
         """
         call = self.stub.Generate(request, metadata=self._metadata())
         stalled = threading.Event()
@@ -466,6 +547,9 @@ class ApplianceClient:
 
         Raises:
             ValueError: If a count, the seed or the draw budget does not fit its field.
+            GenerateInterruptedError: If the call failed after some beats had arrived; it
+                keeps them in ``received``. A call that fails before any beat arrived raises
+                gRPC's own error.
         """
         request = pb.GenerateRequest(
             count=unsigned_field("count", count, 32),
@@ -492,14 +576,20 @@ class ApplianceClient:
         classes: list[str] = []
         scores: list[float] = []
         stats, fs_hz = pb.GenerateStats(), 0.0
-        for chunk in self.generate_stream(request):
-            # The last response has no beats but the shape, so an empty result keeps it.
-            beats.append(decode_samples(chunk.samples))
-            classes.extend(class_name(v) for v in chunk.beat_classes)
-            scores.extend(chunk.scores)
-            fs_hz = chunk.fs_hz or fs_hz
-            if chunk.HasField("stats"):
-                stats = chunk.stats
+        try:
+            for chunk in self.generate_stream(request):
+                # The last response has no beats but the shape, so an empty result keeps it.
+                beats.append(decode_samples(chunk.samples))
+                classes.extend(class_name(v) for v in chunk.beat_classes)
+                scores.extend(chunk.scores)
+                fs_hz = chunk.fs_hz or fs_hz
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+        except grpc.RpcError as exc:
+            if not classes:
+                raise
+            received = Generated(np.concatenate(beats), classes, np.asarray(scores), stats, fs_hz)
+            raise GenerateInterruptedError(exc, received, request_total(request)) from exc
         stacked = np.concatenate(beats) if beats else np.zeros((0, 0, 0), dtype=np.float32)
         return Generated(stacked, classes, np.asarray(scores), stats, fs_hz)
 
@@ -513,9 +603,18 @@ class ApplianceClient:
     ) -> Validated:
         """Score beats of shape (beats, leads, window_samples), in mV unless ``normalised``.
 
-        Large sets are sent with ValidateStream in messages of ``VALIDATE_STREAM_BEATS``.
         Nested lists are accepted and converted to a float32 array. ``fs_hz``, the beats'
         sampling rate when known, lets the server reject beats at another rate than the model's.
+        The first call reads the server's limits with GetModelInfo. A set that does not fit one
+        message goes with ValidateStream, in messages of at most ``VALIDATE_STREAM_BEATS``
+        beats, and a set over the server's limit per request is split into several calls.
+        Every call but the first gets the margin the first call used.
+
+        Raises:
+            ValueError: If the beats are not three-dimensional numbers that fit float32, or
+                ``classes`` does not have one entry per beat.
+            CallPartError: If a call for a later part of a split set failed; it names the beats
+                of that part.
         """
         beats = _float32_beats(beats)
         if beats.ndim != 3:
@@ -527,7 +626,60 @@ class ApplianceClient:
                 f"classes has {len(classes)} entries for {beats.shape[0]} beats; pass one "
                 "class (or None) per beat, or no classes"
             )
-        if beats.shape[0] <= VALIDATE_STREAM_BEATS:
+        # A server that states no limit (0) has the defaults.
+        limits = self._server_limits()
+        message_bytes = limits.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
+        call_beats = min(
+            limits.max_beats_per_request or DEFAULT_MAX_BEATS_PER_REQUEST,
+            validate_reply_fit(message_bytes),
+        )
+        message_beats = min(
+            VALIDATE_STREAM_BEATS,
+            call_beats,
+            validate_message_fit(message_bytes, beats.shape[1] * beats.shape[2]),
+        )
+        if beats.shape[0] <= message_beats:
+            return self._validate_part(beats, classes, margin, normalised, fs_hz, message_beats)
+        parts: list[Validated] = []
+        for start in range(0, beats.shape[0], call_beats):
+            stop = min(start + call_beats, beats.shape[0])
+            part_classes = None if classes is None else classes[start:stop]
+            try:
+                part = self._validate_part(
+                    beats[start:stop], part_classes, margin, normalised, fs_hz, message_beats
+                )
+            except grpc.RpcError as exc:
+                if start == 0:
+                    raise
+                raise CallPartError(exc, start, stop, beats.shape[0]) from exc
+            # Later calls use the first call's margin, the server's default when none was set.
+            margin = part.margin if margin is None else margin
+            parts.append(part)
+        return Validated(
+            scores=np.concatenate([part.scores for part in parts]),
+            accepted=np.concatenate([part.accepted for part in parts]),
+            classes=[name for part in parts for name in part.classes],
+            margin=parts[0].margin,
+            warnings=list(dict.fromkeys(w for part in parts for w in part.warnings)),
+        )
+
+    def _server_limits(self) -> pb.GetModelInfoResponse:
+        """Return the server's GetModelInfo reply, read once per client, for its limits."""
+        if self._limits is None:
+            self._limits = self.model_info()
+        return self._limits
+
+    def _validate_part(
+        self,
+        beats: np.ndarray,
+        classes: Sequence[str | None] | None,
+        margin: float | None,
+        normalised: bool,
+        fs_hz: float | None,
+        message_beats: int,
+    ) -> Validated:
+        """Score beats in one call: Validate if they fit one message, else ValidateStream."""
+        if beats.shape[0] <= message_beats:
             request = pb.ValidateRequest(samples=encode_samples(beats, normalised))
             if classes is not None:
                 request.beat_classes.extend(class_value(c) for c in classes)
@@ -540,7 +692,7 @@ class ApplianceClient:
             )
         else:
             reply = self.stub.ValidateStream(
-                self._stream_requests(beats, classes, margin, normalised, fs_hz),
+                self._stream_requests(beats, classes, margin, normalised, fs_hz, message_beats),
                 timeout=self.timeout_s,
                 metadata=self._metadata(),
             )
@@ -558,14 +710,15 @@ class ApplianceClient:
         classes: Sequence[str | None] | None,
         margin: float | None,
         normalised: bool,
-        fs_hz: float | None = None,
+        fs_hz: float | None,
+        message_beats: int,
     ) -> Iterator[pb.ValidateStreamRequest]:
-        for start in range(0, beats.shape[0], VALIDATE_STREAM_BEATS):
-            part = beats[start : start + VALIDATE_STREAM_BEATS]
+        for start in range(0, beats.shape[0], message_beats):
+            part = beats[start : start + message_beats]
             request = pb.ValidateStreamRequest(samples=encode_samples(part, normalised))
             if classes is not None:
                 request.beat_classes.extend(
-                    class_value(c) for c in classes[start : start + VALIDATE_STREAM_BEATS]
+                    class_value(c) for c in classes[start : start + message_beats]
                 )
             if margin is not None and start == 0:
                 request.margin = margin

@@ -280,7 +280,7 @@ def find_records(data_dir: Path) -> list[str]:
     Segment headers of multi-segment records are left out: the master header reads them.
 
     Raises:
-        DataError: If the folder does not exist or holds no WFDB header.
+        DataError: If the folder does not exist or contains no WFDB header.
     """
     if not data_dir.exists():
         raise DataError(f"data folder {data_dir} does not exist; pass --data with a WFDB folder")
@@ -318,7 +318,7 @@ def find_records(data_dir: Path) -> list[str]:
     if not records:
         raise DataError(
             f"no WFDB records (.hea files) found in {data_dir}; pass --data with a folder "
-            "that holds WFDB headers"
+            "that contains WFDB headers"
         )
     return records
 

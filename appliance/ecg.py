@@ -212,9 +212,9 @@ def _read_leads(
             declared = int(header.sig_len or 0)
             if frames is not None and frames < declared:
                 if frames == 0:
-                    raise RecordError(record, "signal file holds no complete frame")
+                    raise RecordError(record, "signal file contains no complete frame")
                 warnings.append(
-                    f"signal file holds {frames} of the {declared} frames the header declares; "
+                    f"signal file contains {frames} of the {declared} frames the header declares; "
                     "read the frames present"
                 )
                 sample_to = frames

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,7 +167,7 @@ def _loading(version: ModelVersion, key: str) -> Iterator[None]:
         detail = str(exc).splitlines()[0] if str(exc) else "no details"
         if "pickle" in detail:
             # NumPy's own text suggests loading the file with pickle, which would run its code.
-            detail = "the file holds Python objects, which export never writes"
+            detail = "the file contains Python objects, which export never writes"
         raise ModelStoreError(
             f"model store file {version.file(key)} ({key}) cannot be used: "
             f"{type(exc).__name__}: {detail[:200]}. The version's files do not fit together; "
@@ -180,7 +182,7 @@ def _finite_arrays(version: ModelVersion, key: str) -> dict[str, np.ndarray]:
         arrays = {name: stored[name] for name in stored.files}
     for name, values in arrays.items():
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            raise ValueError(f"array {name} holds NaN or infinite values")
+            raise ValueError(f"array {name} contains NaN or infinite values")
     return arrays
 
 
@@ -453,7 +455,7 @@ class Engine:
         margin: float,
         seed: int,
         max_draws_per_beat: int,
-        should_stop: object = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> GenerateResult:
         """Draw, gate and collect beats until each class has its count or the budget runs out.
 
@@ -469,49 +471,24 @@ class Engine:
             Accepted scaled beats (beats, leads, window_samples), their classes and scores, and
             the counts of draws and rejections.
         """
-        rng = np.random.default_rng(seed)
-        beats, classes, scores, latents = [], [], [], []
-        result = GenerateResult(
-            beats=np.zeros(0),
-            classes=np.zeros(0),
-            scores=np.zeros(0),
-            privacy_threshold=self.privacy_threshold,
-        )
-        for class_index, wanted in sorted(counts.items()):
-            accepted = 0
-            budget = wanted * max_draws_per_beat
-            drawn = 0
-            while accepted < wanted and drawn < budget:
-                if callable(should_stop) and should_stop():
-                    break
-                batch = int(min(INFERENCE_BATCH, max(8, 2 * (wanted - accepted)), budget - drawn))
-                z = self.draw_latent(rng, batch, temperature, class_index)
-                labels = np.full(batch, class_index, dtype=np.int64)
-                x = self.inverse(z, labels)
-                drawn += batch
-                accepted_mask, batch_scores = self.gate(x, z, labels, margin, result)
-                passed_index = np.flatnonzero(accepted_mask)
-                take_index = passed_index[: wanted - accepted]
-                result.surplus_dropped += passed_index.size - take_index.size
-                beats.append(x[take_index])
-                scores.append(batch_scores[take_index])
-                latents.append(z[take_index])
-                classes.append(np.full(take_index.size, class_index, dtype=np.int64))
-                accepted += take_index.size
-            result.draws += drawn
-            result.per_class_draws[AAMI_CLASSES[class_index]] = drawn
-            if accepted < wanted:
-                result.budget_exhausted = True
-        shape = (0, len(self.leads), self.window_samples)
-        result.beats = np.concatenate(beats) if beats else np.zeros(shape, dtype=np.float32)
-        result.classes = np.concatenate(classes) if classes else np.zeros(0, dtype=np.int64)
-        result.scores = np.concatenate(scores) if scores else np.zeros(0)
-        result.z = (
-            np.concatenate(latents)
-            if latents
-            else np.zeros((0, self.latent_dims), dtype=np.float32)
-        )
-        return result
+        run = self.start_generate(counts, temperature, margin, seed, max_draws_per_beat)
+        run.advance(should_stop)
+        return run.finish()
+
+    def start_generate(
+        self,
+        counts: dict[int, int],
+        temperature: float,
+        margin: float,
+        seed: int,
+        max_draws_per_beat: int,
+    ) -> GenerateRun:
+        """Return a generation run that ``advance`` draws for, with the arguments of ``generate``.
+
+        ``generate`` is ``advance`` to the end and ``finish``; a run advanced in several steps
+        returns the same beats.
+        """
+        return GenerateRun(self, counts, temperature, margin, seed, max_draws_per_beat)
 
     def gate(
         self,
@@ -586,3 +563,133 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+class GenerateRun:
+    """A generation run that can pause between batches and go on with the same draws.
+
+    The random state and the counts live in the run, so the beats do not depend on where it
+    paused. The server pauses a long run to send a progress message.
+
+    Arguments:
+        engine: Engine that draws, inverts and gates.
+        counts: Requested beats per class index.
+        temperature: Multiplier of the latent standard deviation.
+        margin: Lowest accepted pertinence score.
+        seed: Seed of the draws.
+        max_draws_per_beat: Draw budget per requested beat.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        counts: dict[int, int],
+        temperature: float,
+        margin: float,
+        seed: int,
+        max_draws_per_beat: int,
+    ) -> None:
+        self.engine = engine
+        self.temperature = temperature
+        self.margin = margin
+        self.max_draws_per_beat = max_draws_per_beat
+        self._rng = np.random.default_rng(seed)
+        self._classes = sorted(counts.items())
+        # Index into _classes of the class being drawn, and that class's counts so far.
+        self._position = 0
+        self._accepted = 0
+        self._drawn = 0
+        self._beats: list[np.ndarray] = []
+        self._class_indices: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+        self._latents: list[np.ndarray] = []
+        self.result = GenerateResult(
+            beats=np.zeros(0),
+            classes=np.zeros(0),
+            scores=np.zeros(0),
+            privacy_threshold=engine.privacy_threshold,
+        )
+
+    @property
+    def done(self) -> bool:
+        """True when every class has its count or has used its draw budget."""
+        return self._position >= len(self._classes)
+
+    def advance(
+        self, should_stop: Callable[[], bool] | None = None, until_s: float = math.inf
+    ) -> None:
+        """Draw batches until the run is done, ``should_stop`` returns True, or time runs out.
+
+        Arguments:
+            should_stop: Optional callable returning True to stop early (a cancelled call).
+            until_s: ``time.monotonic()`` value after which no new batch starts. At least one
+                batch is drawn per call, so a run always moves on.
+        """
+        drew = False
+        while not self.done:
+            class_index, wanted = self._classes[self._position]
+            budget = wanted * self.max_draws_per_beat
+            if self._accepted >= wanted or self._drawn >= budget:
+                self._close_class()
+                continue
+            if should_stop is not None and should_stop():
+                return
+            if drew and time.monotonic() >= until_s:
+                return
+            self._draw_batch(class_index, wanted, budget)
+            drew = True
+
+    def finish(self) -> GenerateResult:
+        """Return the run's result; classes not finished count as out of budget.
+
+        A run stopped early (``should_stop``) ends here too, with the beats accepted so far.
+        """
+        while not self.done:
+            self._close_class()
+        engine = self.engine
+        result = self.result
+        shape = (0, len(engine.leads), engine.window_samples)
+        result.beats = np.concatenate(self._beats) if self._beats else np.zeros(shape, np.float32)
+        result.classes = (
+            np.concatenate(self._class_indices)
+            if self._class_indices
+            else np.zeros(0, dtype=np.int64)
+        )
+        result.scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
+        result.z = (
+            np.concatenate(self._latents)
+            if self._latents
+            else np.zeros((0, engine.latent_dims), dtype=np.float32)
+        )
+        return result
+
+    def _draw_batch(self, class_index: int, wanted: int, budget: int) -> None:
+        """Draw, invert and gate one batch of the current class."""
+        engine = self.engine
+        batch = int(
+            min(INFERENCE_BATCH, max(8, 2 * (wanted - self._accepted)), budget - self._drawn)
+        )
+        z = engine.draw_latent(self._rng, batch, self.temperature, class_index)
+        labels = np.full(batch, class_index, dtype=np.int64)
+        x = engine.inverse(z, labels)
+        self._drawn += batch
+        accepted_mask, batch_scores = engine.gate(x, z, labels, self.margin, self.result)
+        passed_index = np.flatnonzero(accepted_mask)
+        take_index = passed_index[: wanted - self._accepted]
+        self.result.surplus_dropped += passed_index.size - take_index.size
+        self._beats.append(x[take_index])
+        self._scores.append(batch_scores[take_index])
+        self._latents.append(z[take_index])
+        self._class_indices.append(np.full(take_index.size, class_index, dtype=np.int64))
+        self._accepted += take_index.size
+
+    def _close_class(self) -> None:
+        """Add the current class's draws to the result and move to the next class."""
+        class_index, wanted = self._classes[self._position]
+        self.result.draws += self._drawn
+        self.result.per_class_draws[AAMI_CLASSES[class_index]] = self._drawn
+        if self._accepted < wanted:
+            self.result.budget_exhausted = True
+        self._position += 1
+        self._accepted = 0
+        self._drawn = 0

@@ -229,7 +229,7 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
 
     Returns:
         Beats, shape (beats, leads, window_samples), in mV, and the class name of each beat,
-        or ``None`` when the file holds no classes.
+        or ``None`` when the file contains no classes.
 
     Raises:
         ValueError: If the file cannot be read as any of these, with the reason.

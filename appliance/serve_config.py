@@ -28,6 +28,29 @@ DEFAULT_STALLED_SEND_S = 60.0
 MIN_MESSAGE_BYTES = 16 * 1024
 # Largest message limit accepted: gRPC takes channel arguments as 32-bit signed integers.
 MAX_MESSAGE_BYTES = 2**31 - 1
+# Bytes of a ValidateStream reply per beat (score 4, accepted 1, class 1) and for the rest of it.
+REPLY_BYTES_PER_BEAT = 6
+REPLY_FIXED_BYTES = 4096
+# Bytes of a Validate request besides the samples: one class enum of at most 2 bytes per beat,
+# and the sample header, margin, fs_hz, field tags and length prefixes, with room to spare.
+REQUEST_BYTES_PER_BEAT = 2
+REQUEST_FIXED_BYTES = 1024
+
+
+def validate_reply_fit(max_message_bytes: int) -> int:
+    """Return the most beats whose Validate or ValidateStream reply fits the message limit."""
+    return max(1, (max_message_bytes - REPLY_FIXED_BYTES) // REPLY_BYTES_PER_BEAT)
+
+
+def validate_message_fit(max_message_bytes: int, values_per_beat: int) -> int:
+    """Return the most beats of ``values_per_beat`` float32 samples that fit one request message.
+
+    Arguments:
+        max_message_bytes: The server's message limit.
+        values_per_beat: ``leads * window_samples``.
+    """
+    beat_bytes = 4 * values_per_beat + REQUEST_BYTES_PER_BEAT
+    return max(1, (max_message_bytes - REQUEST_FIXED_BYTES) // beat_bytes)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -37,6 +38,7 @@ from appliance.serve_config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_STALLED_SEND_S,
     MAX_TEMPERATURE,
+    validate_reply_fit,
 )
 from appliance.server_errors import (
     CallCancelledError,
@@ -66,11 +68,11 @@ GENERATE_PIECE_BEATS = 256
 # Bytes of a Generate response besides the samples, scores and classes: the sample header,
 # fs_hz, field tags and length prefixes, with room to spare.
 RESPONSE_OVERHEAD_BYTES = 1024
-# Bytes of a ValidateStream reply per beat (score 4, accepted 1, class 1) and for the rest of it.
-REPLY_BYTES_PER_BEAT = 6
-REPLY_FIXED_BYTES = 4096
 # Tolerance when comparing a request's fs_hz with the model's, in Hz.
 FS_TOLERANCE_HZ = 1e-3
+# A Generate call that has sent nothing for this long, because most of its draws are rejected,
+# sends a response without beats, so that clients waiting for each message know it is alive.
+PROGRESS_INTERVAL_S = 5.0
 # How often a call waiting for an engine slot checks whether its client is still there, in s.
 SLOT_POLL_S = 0.1
 
@@ -175,6 +177,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         self.max_beats_per_request = max_beats_per_request
         self.max_message_bytes = max_message_bytes
         self.stalled_send_s = stalled_send_s
+        self.progress_interval_s = PROGRESS_INTERVAL_S
         self._engine: Engine | None = None
         self._store: Path | None = None
         self._slots = FairSlots(plan.engine_slots)
@@ -406,7 +409,9 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
 
         Each chunk is generated from its own seed derived from the request seed, and the
         client's cancellation or deadline is checked before each chunk and between engine
-        batches, so an abandoned call frees its worker within one batch.
+        batches, so an abandoned call frees its worker within one batch. While most draws are
+        rejected, a response without beats or stats follows every ``progress_interval_s`` of
+        drawing that accepted too few beats for a chunk.
         """
         with rpc_call("Generate", context) as call:
             engine = self._ready_engine()
@@ -438,14 +443,16 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
             for part, portion in enumerate(_portions(counts, chunk_beats)):
                 if not context.is_active():
                     raise CallCancelledError
-                result = self._generate_portion(
+                result = yield from self._generate_portion(
                     engine,
                     context,
+                    call,
                     portion,
                     temperature,
                     margin,
                     _portion_seed(seed, part),
                     draws_per_beat,
+                    millivolt,
                 )
                 stats.draws += result.draws
                 stats.accepted += result.beats.shape[0]
@@ -469,8 +476,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 invalid_rejections=stats.invalid_rejections,
                 surplus_dropped=stats.surplus_dropped,
             )
-            empty = np.zeros((0, len(engine.leads), engine.window_samples), dtype=np.float32)
-            final = self._chunk(engine, empty, np.zeros(0, dtype=np.int64), np.zeros(0), millivolt)
+            final = self._progress(engine, millivolt)
             final.stats.CopyFrom(stats)
             with _stall_guard(context, self.stalled_send_s, call):
                 yield final
@@ -479,41 +485,61 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         self,
         engine: Engine,
         context: grpc.ServicerContext,
+        call: CallRecord,
         portion: dict[int, int],
         temperature: float,
         margin: float,
         seed: int,
         draws_per_beat: int,
-    ) -> GenerateResult:
+        millivolt: bool,
+    ) -> Generator[pb.GenerateResponse, None, GenerateResult]:
         """Generate one chunk's beats in pieces, taking the engine slot for each piece.
 
         A portion of at most ``GENERATE_PIECE_BEATS`` beats is one piece with the portion's
         seed. A larger one is split, each piece with a seed derived from the portion's, so that
-        other calls get the engine between pieces.
+        other calls get the engine between pieces. A piece that draws for longer than
+        ``progress_interval_s`` gives the engine back and yields a progress response without
+        beats, so that the client knows the call is alive; it then draws on where it paused.
+
+        Returns:
+            The portion's result, through ``yield from``.
         """
         pieces = list(_portions(portion, GENERATE_PIECE_BEATS))
         results = []
         for index, piece in enumerate(pieces):
-            if not context.is_active():
-                raise CallCancelledError
-            with self._engine_slot(context):
-                results.append(
-                    engine.generate(
-                        piece,
-                        temperature,
-                        margin,
-                        seed=seed if len(pieces) == 1 else _portion_seed(seed, index),
-                        max_draws_per_beat=draws_per_beat,
+            run = engine.start_generate(
+                piece,
+                temperature,
+                margin,
+                seed=seed if len(pieces) == 1 else _portion_seed(seed, index),
+                max_draws_per_beat=draws_per_beat,
+            )
+            while True:
+                if not context.is_active():
+                    raise CallCancelledError
+                with self._engine_slot(context):
+                    run.advance(
                         should_stop=lambda: not context.is_active(),
+                        until_s=time.monotonic() + self.progress_interval_s,
                     )
-                )
+                if run.done:
+                    break
+                if not context.is_active():
+                    raise CallCancelledError
+                call.counts["progress_messages"] = call.counts.get("progress_messages", 0) + 1
+                with _stall_guard(context, self.stalled_send_s, call):
+                    yield self._progress(engine, millivolt)
+            results.append(run.finish())
         return results[0] if len(results) == 1 else merge_results(results)
+
+    def _progress(self, engine: Engine, millivolt: bool) -> pb.GenerateResponse:
+        """Return a Generate response without beats or stats: the call is still drawing."""
+        empty = np.zeros((0, len(engine.leads), engine.window_samples), dtype=np.float32)
+        return self._chunk(engine, empty, np.zeros(0, dtype=np.int64), np.zeros(0), millivolt)
 
     def _stream_reply_fit(self) -> int:
         """Return the most beats whose ValidateStream reply fits the server's message limit."""
-        # A packed float32 score, a packed bool and a packed class enum of 1 byte per beat,
-        # plus room for the field headers, the margin and one input warning.
-        return max(1, (self.max_message_bytes - REPLY_FIXED_BYTES) // REPLY_BYTES_PER_BEAT)
+        return validate_reply_fit(self.max_message_bytes)
 
     def _chunk_fit(self, engine: Engine) -> int:
         """Return the most beats whose Generate response fits the server's message limit."""
@@ -726,7 +752,7 @@ def model_info(
     """Build the GetModelInfo reply from the manifest's data contract and summary figures.
 
     Only named scalar fields are copied, so no weight, graph, file name or path reaches the
-    client whatever else the manifest holds.
+    client whatever else the manifest contains.
     """
     manifest = engine.manifest
     files = manifest["files"]

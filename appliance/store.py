@@ -250,7 +250,7 @@ def current_version_id(store: Path) -> str:
             raw = handle.read(MAX_POINTER_BYTES + 1)
         if len(raw) > MAX_POINTER_BYTES:
             raise ModelStoreError(
-                f"{pointer} holds more than {MAX_POINTER_BYTES} bytes, so it is not a version "
+                f"{pointer} contains more than {MAX_POINTER_BYTES} bytes, so it is not a version "
                 f"name; write the name of a folder in {store / VERSIONS_DIR} into it, or retrain"
             )
         return raw.decode("utf-8").strip()
@@ -281,7 +281,7 @@ def load_current(store: Path) -> ModelVersion:
         )
     if path.is_symlink():
         raise ModelStoreError(
-            f"{path} is a symbolic link; a version folder holds the files export wrote, so "
+            f"{path} is a symbolic link; a version folder contains the files export wrote, so "
             "copy the version into the store instead of linking it"
         )
     if not version or "/" in version or version in (".", "..") or not path.is_dir():

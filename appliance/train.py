@@ -603,7 +603,7 @@ def export_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]
     model.
 
     Raises:
-        TrainingError: If the checkpoint holds no validated weights, naming the file.
+        TrainingError: If the checkpoint contains no validated weights, naming the file.
     """
     best = state.get("best_model")
     problem = weights_problem(best, allow_none=True) or weights_problem(state["model"])
@@ -628,7 +628,7 @@ def export_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]
         return cast(dict[str, torch.Tensor], best)
     if not state.get("history"):
         raise TrainingError(
-            f"checkpoint {path} holds the weights of step {state.get('step')}, which were never "
+            f"checkpoint {path} contains the weights of step {state.get('step')}, which were never "
             "validated: training stopped before its first epoch ended. Run the same train "
             "command with --resume until an epoch ends, then export its best.pt"
         )
@@ -764,7 +764,7 @@ def _train(
     elif resume and context.is_rank_zero:
         logger.warning(
             "no checkpoint to resume from checkpoint=%s; training starts at step 0. To resume "
-            "another run, pass the work folder that holds its checkpoint.pt (--work-dir)",
+            "another run, pass the work folder that contains its checkpoint.pt (--work-dir)",
             checkpoint_path,
         )
 
@@ -818,6 +818,13 @@ def _train(
         )
 
     total_steps = settings.max_epochs * steps_per_epoch
+    if state is not None and step >= total_steps and context.is_rank_zero:
+        logger.info(
+            "resume finds the run complete step=%d max_epochs=%d; nothing is trained and the "
+            "best weights are exported as they are. To train on, raise --epochs",
+            step,
+            settings.max_epochs,
+        )
     budget_s = settings.max_minutes * 60.0
     started = time.monotonic()
     first_step = step

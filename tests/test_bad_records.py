@@ -358,7 +358,7 @@ def test_truncated_signal_skip_names_truncation(tmp_path):
         read_record(path, "cut", CONFIG)
     reason = raised.value.reason
     assert reason.startswith("no complete beat windows")
-    assert f"signal file holds 300 of the {SECONDS * FS_HZ} frames" in reason
+    assert f"signal file contains 300 of the {SECONDS * FS_HZ} frames" in reason
 
 
 def test_truncated_annotations_warn(tmp_path):
@@ -383,7 +383,7 @@ def test_truncated_annotations_warn(tmp_path):
 
 def test_header_with_too_few_samples_warns(tmp_path):
     path = write_record(tmp_path, "short")
-    # The header states 30 s of the 120 s that the signal file holds.
+    # The header states 30 s of the 120 s that the signal file contains.
     edit_header(path, f"{FS_HZ} {SECONDS * FS_HZ}", f"{FS_HZ} {30 * FS_HZ}")
     beats = read_record(path, "short", CONFIG)
     past_end = [w for w in beats.warnings if "lie after the end of the signal" in w]

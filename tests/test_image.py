@@ -92,7 +92,7 @@ def docker(
     """Run the docker client and return its completed process (text output).
 
     Raises:
-        AssertionError: If ``check`` is set and the command fails; the message holds its output.
+        AssertionError: If ``check`` is set and the command fails; the message contains its output.
     """
     result = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout_s)
     if check and result.returncode != 0:

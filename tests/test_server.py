@@ -21,7 +21,13 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
-from appliance.client import ApplianceClient, StreamStalledError, encode_samples
+from appliance.client import (
+    ApplianceClient,
+    CallPartError,
+    GenerateInterruptedError,
+    StreamStalledError,
+    encode_samples,
+)
 from appliance.errors import ModelStoreError
 from appliance.pipeline import ServerProcess
 from appliance.server import (
@@ -1101,26 +1107,28 @@ def test_generate_timeout_bounds_each_chunk_not_the_stream(small_server: Applian
     assert elapsed_s > 2.0
 
 
+class _DrawingUntilCancelled:
+    """A generation run whose draws are all rejected and that ignores its time limit."""
+
+    done = False
+
+    def advance(self, should_stop, until_s: float = 0.0) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + 60.0
+        while not should_stop() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     engine = small_server.engine
     assert engine is not None
-    real_generate = engine.generate
-
-    def drawing_until_cancelled(*args, should_stop, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        # A server whose draws are all rejected: it draws on and sends no chunk.
-        deadline = time.monotonic() + 60.0
-        while not should_stop() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return real_generate(*args, should_stop=should_stop, **kwargs)
-
-    monkeypatch.setattr(engine, "generate", drawing_until_cancelled)
+    monkeypatch.setattr(engine, "start_generate", lambda *a, **k: _DrawingUntilCancelled())
     request = pb.GenerateRequest(count=5, chunk_beats=1)
     with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=1.0) as client:
         with pytest.raises(StreamStalledError) as raised:
             next(client.generate_stream(request))
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert raised.value.details().startswith("no chunk of the stream arrived within 1 s; ")
+    assert raised.value.details().startswith("no message of the stream arrived within 1 s; ")
     # The cancellation reaches the server, which ends the call well before the 60 s.
     _wait_for(
         lambda: any(
@@ -1129,6 +1137,71 @@ def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, cap
         ),
         "the server's log line of the cancelled call",
     )
+
+
+def test_generate_keeps_beats_received_before_a_failure(
+    small_server: ApplianceServer, monkeypatch
+):
+    engine = small_server.engine
+    assert engine is not None
+    real_start = engine.start_generate
+    runs: list[object] = []
+
+    def second_run_stalls(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        # The first chunk's run is real; the second never ends, so the client gives up.
+        runs.append(args)
+        return real_start(*args, **kwargs) if len(runs) == 1 else _DrawingUntilCancelled()
+
+    monkeypatch.setattr(engine, "start_generate", second_run_stalls)
+    with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=1.0) as client:
+        with pytest.raises(GenerateInterruptedError) as raised:
+            client.generate(class_counts={"N": 10}, chunk_beats=5, margin=0.0, seed=3)
+    error = raised.value
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.details().startswith(
+        "the stream failed after 5 of the 10 requested beats had arrived: no message of the "
+        "stream arrived within 1 s"
+    )
+    assert isinstance(error.cause, StreamStalledError)
+    assert error.received.beats.shape == (5, len(engine.leads), engine.window_samples)
+    assert error.received.classes == ["N"] * 5
+    assert error.received.scores.shape == (5,)
+    assert np.isfinite(error.received.beats).all()
+    # Those are the first five beats of the same call on a server that does not fail.
+    monkeypatch.setattr(engine, "start_generate", real_start)
+    with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=CALL_TIMEOUT_S) as client:
+        whole = client.generate(class_counts={"N": 10}, chunk_beats=5, margin=0.0, seed=3)
+    np.testing.assert_array_equal(whole.beats[:5], error.received.beats)
+
+
+def test_generate_sends_progress_while_draws_are_rejected(
+    small_server: ApplianceServer, small_client: ApplianceClient, caplog, monkeypatch
+):
+    # Each piece of drawing lasts at most 0.05 s here, far less than filling a chunk takes at a
+    # margin that rejects almost every draw, so progress messages come between the chunks.
+    caplog.set_level(logging.INFO)
+    servicer = small_server.servicer
+    monkeypatch.setattr(servicer, "progress_interval_s", 0.05)
+    request = pb.GenerateRequest(chunk_beats=4, margin=0.9, seed=21, max_draws_per_beat=200)
+    request.class_counts.add(beat_class=pb.BEAT_CLASS_N, count=4)
+    metadata = (("x-request-id", "progress-call"),)
+    chunks = list(small_client.stub.Generate(request, metadata=metadata))
+    progress = [c for c in chunks if c.samples.count == 0 and not c.HasField("stats")]
+    assert progress, "no progress message although drawing took many pieces"
+    for message in progress:
+        assert (message.samples.leads, message.samples.window_samples) != (0, 0)
+        assert message.fs_hz > 0
+        assert not message.beat_classes and not message.scores
+    assert chunks[-1].HasField("stats")
+    # Pausing changes nothing: the same request without progress gives the same beats.
+    monkeypatch.setattr(servicer, "progress_interval_s", 1000.0)
+    again = list(small_client.stub.Generate(request))
+    assert not [c for c in again if c.samples.count == 0 and not c.HasField("stats")]
+    beats = b"".join(c.samples.values_f32 for c in chunks)
+    assert beats == b"".join(c.samples.values_f32 for c in again)
+    assert chunks[-1].stats == again[-1].stats
+    line = _single_rpc_line(caplog, "progress-call", "the progress call's log line")
+    assert f"progress_messages={len(progress)}" in line
 
 
 def test_closed_client_refuses_calls(small_server: ApplianceServer):
@@ -1183,3 +1256,67 @@ def test_client_accepts_numpy_numbers(small_server: ApplianceServer):
         max_receive_message_bytes=np.int64(8 * 1024 * 1024),
     ) as client:
         assert client.health() == "SERVING"
+
+
+def test_validate_splits_a_set_over_the_servers_limits(small_client: ApplianceClient):
+    # This server takes at most 50 beats per request and 64 KiB per message (about 60 beats).
+    info = small_client.model_info()
+    beats = _beats(info, 130)
+    beats[::7] *= 0.5  # beats of two shapes, so that the order of the scores is checked
+    classes = ["N"] * 130
+    whole = small_client.validate(beats, classes=classes)
+    assert whole.scores.shape == (130,)
+    assert whole.accepted.shape == (130,)
+    assert len(whole.classes) == 130
+    assert whole.margin == pytest.approx(info.default_margin)
+    # Each beat gets the score it gets alone.
+    for index in (0, 7, 49, 50, 100, 129):
+        alone = small_client.validate(beats[index : index + 1], classes=["N"])
+        assert whole.scores[index] == pytest.approx(alone.scores[0], rel=1e-5)
+    # A margin set by the caller applies to every call.
+    strict = small_client.validate(beats, margin=0.9)
+    assert strict.margin == pytest.approx(0.9)
+    assert (strict.scores[strict.accepted] >= 0.9 - 1e-6).all()
+    assert (strict.scores[~strict.accepted] < 0.9 + 1e-6).all()
+
+    # A failure in the third call (beats 100 to 129) names the beat in the whole set.
+    beats[110, 0, 3] = np.nan
+    with pytest.raises(CallPartError) as raised:
+        small_client.validate(beats)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(
+        "in the call for beats 100 to 129 of 130 (the server numbers beats from 100 as 0): "
+    )
+    assert "NaN or infinity in beat 10" in raised.value.details()
+    assert (raised.value.start, raised.value.stop) == (100, 130)
+    # A failure in the first call is the server's error itself.
+    beats[110, 0, 3] = 1.0
+    beats[10, 0, 3] = np.inf
+    with pytest.raises(grpc.RpcError) as first:
+        small_client.validate(beats)
+    assert not isinstance(first.value, CallPartError)
+    assert "NaN or infinity in beat 10" in first.value.details()
+
+
+def test_validate_message_size_follows_the_servers_limit(model_store: Path):
+    # The smallest message limit takes 14 one-lead beats of 256 samples per message.
+    running = create_server(
+        model_store,
+        ServeConfig(
+            port=0,
+            workers=2,
+            intra_op_threads=1,
+            max_message_bytes=16 * 1024,
+            grace_s=1.0,
+            drain_s=0.0,
+        ),
+    )
+    try:
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+            reply = client.validate(_beats(info, 100))
+            assert reply.scores.shape == (100,)
+            alone = client.validate(_beats(info, 1)).scores[0]
+            assert reply.scores[0] == pytest.approx(alone, rel=1e-5)
+    finally:
+        running.stop()

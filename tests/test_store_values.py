@@ -148,7 +148,7 @@ def test_non_finite_arrays_are_named(key: str, model_store: Path, tmp_path: Path
     path = _rewrite_npz(version, key, _first_float_nan)
     message = _load_error(store)
     assert f"model store file {path} ({key}) cannot be used" in message
-    assert "holds NaN or infinite values" in message
+    assert "contains NaN or infinite values" in message
 
 
 def test_truncated_evidence_is_named(model_store: Path, tmp_path: Path) -> None:
@@ -170,7 +170,7 @@ def test_pickled_calibration_gets_no_unsafe_advice(model_store: Path, tmp_path: 
     )
     message = _load_error(store)
     assert f"model store file {path} (calibration) cannot be used" in message
-    assert "holds Python objects" in message
+    assert "contains Python objects" in message
     assert "allow_pickle" not in message
 
 
@@ -210,7 +210,7 @@ def test_oversized_current_is_not_echoed(model_store: Path, tmp_path: Path) -> N
     store, _ = _copy(model_store, tmp_path)
     (store / CURRENT_FILE).write_text("secret-line\n" * 100)
     message = _load_error(store)
-    assert f"holds more than {MAX_POINTER_BYTES} bytes" in message
+    assert f"contains more than {MAX_POINTER_BYTES} bytes" in message
     assert "secret-line" not in message
 
 

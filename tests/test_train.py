@@ -308,7 +308,7 @@ def test_export_weights_refuse_unvalidated_step(tiny_run, tmp_path: Path) -> Non
     state["best_model"], state["history"], state["step"] = None, [], 1
     with pytest.raises(TrainingError) as raised:
         export_weights(state, tmp_path / CHECKPOINT_FILE)
-    assert "holds the weights of step 1, which were never validated" in str(raised.value)
+    assert "contains the weights of step 1, which were never validated" in str(raised.value)
     assert "--resume" in str(raised.value)
 
 
@@ -371,8 +371,18 @@ def test_resume_ignores_cache_folder(tiny_run, tiny_data, tmp_path, caplog) -> N
         train=TINY.train,
     )
     caplog.set_level(logging.INFO, logger="appliance.train")
-    train(moved, *tiny_data, tmp_path, resume=True, progress=False)
+    resumed = train(moved, *tiny_data, tmp_path, resume=True, progress=False)
     assert any("resume checkpoint=" in record.message for record in caplog.records)
+    # The run had reached its epochs: resuming says so and trains no step.
+    complete = [r.getMessage() for r in caplog.records if "finds the run complete" in r.message]
+    assert complete == [
+        f"resume finds the run complete step={state['step']} max_epochs="
+        f"{TINY.train.max_epochs}; nothing is trained and the best weights are exported as "
+        "they are. To train on, raise --epochs"
+    ]
+    assert resumed.summary["steps"] == state["step"]
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, state["best_model"][name]), name
 
 
 def _fail_at(monkeypatch: pytest.MonkeyPatch, failing_call: int, mode: str) -> None:
