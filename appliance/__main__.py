@@ -41,6 +41,7 @@ from appliance.v1 import GeneratedCodeMissingError
 if TYPE_CHECKING:
     import numpy as np
 
+    from appliance.client import Generated
     from appliance.store import ModelVersion
 
 logger = logging.getLogger("appliance")
@@ -730,8 +731,7 @@ def _command_info(args: argparse.Namespace) -> int:
 
 
 def _command_generate(args: argparse.Namespace) -> int:
-    from appliance.client import ApplianceClient, class_name
-    from appliance.outputs import write_beats
+    from appliance.client import ApplianceClient, GenerateInterruptedError, class_name
 
     if args.out.is_symlink() and not args.out.exists():
         raise UsageError(
@@ -802,14 +802,23 @@ def _command_generate(args: argparse.Namespace) -> int:
                 f"{limit} beats per request; request 1 to {limit} and split a larger set into "
                 "several calls"
             )
-        result = client.generate(
-            count=args.count,
-            class_counts=class_counts,
-            temperature=args.temperature,
-            margin=args.margin,
-            seed=args.seed,
-            max_draws_per_beat=args.max_draws_per_beat,
-        )
+        try:
+            result = client.generate(
+                count=args.count,
+                class_counts=class_counts,
+                temperature=args.temperature,
+                margin=args.margin,
+                seed=args.seed,
+                max_draws_per_beat=args.max_draws_per_beat,
+            )
+        except GenerateInterruptedError as exc:
+            # The beats that arrived passed the gate; keep them, then report the failure.
+            paths = _write_generated(args, exc.received, info)
+            sys.stdout.write(
+                f"wrote the {len(exc.received.classes)} beats that arrived before the stream "
+                f"failed: {', '.join(str(p) for p in paths)}\n"
+            )
+            raise
     stats = result.stats
     requested = sum(class_counts.values()) if class_counts else args.count
     counts_text = (
@@ -819,10 +828,41 @@ def _command_generate(args: argparse.Namespace) -> int:
     )
     fix = no_beat_fix(stats, args.temperature)
     if stats.accepted == 0:
+        earlier = [
+            name
+            for names in GENERATE_FILES.values()
+            for name in names
+            if (args.out / name).exists()
+        ]
+        kept = f"; its {', '.join(earlier)} are from an earlier run" if earlier else ""
         raise ApplianceError(
             f"no beat of the {requested} requested was accepted, from {counts_text}; {fix}. "
-            f"Nothing was written to {args.out}"
+            f"Nothing was written to {args.out}{kept}"
         )
+    paths = _write_generated(args, result, info)
+    sys.stdout.write(
+        f"accepted {stats.accepted} of {requested} requested beats from {counts_text}; wrote "
+        f"{', '.join(str(p) for p in paths)}\n"
+    )
+    sys.stdout.write(f"per class: {_class_tally(result.classes, class_counts, known)}\n")
+    if stats.budget_exhausted:
+        first = "lower --temperature, " if stats.invalid_rejections * 2 > stats.draws else ""
+        sys.stdout.write(
+            "the draw budget ran out before every requested beat was accepted; "
+            f"{first}raise --max-draws-per-beat, lower --margin or retrain with a longer "
+            "--max-minutes\n"
+        )
+    return 0
+
+
+def _write_generated(args: argparse.Namespace, result: Generated, info: Any) -> list[Path]:
+    """Write generated beats to ``--out`` in ``--format``, warning about earlier files there.
+
+    Raises:
+        ApplianceError: If writing fails, naming the folder.
+    """
+    from appliance.outputs import write_beats
+
     written_names = GENERATE_FILES[args.format]
     replaced = [name for name in written_names if (args.out / name).exists()]
     if replaced:
@@ -862,19 +902,7 @@ def _command_generate(args: argparse.Namespace) -> int:
             f"--out {args.out}: writing the {len(result.classes)} generated beats failed "
             f"({exc}); free space or pass another folder, then generate again"
         ) from exc
-    sys.stdout.write(
-        f"accepted {stats.accepted} of {requested} requested beats from {counts_text}; wrote "
-        f"{', '.join(str(p) for p in paths)}\n"
-    )
-    sys.stdout.write(f"per class: {_class_tally(result.classes, class_counts, known)}\n")
-    if stats.budget_exhausted:
-        first = "lower --temperature, " if stats.invalid_rejections * 2 > stats.draws else ""
-        sys.stdout.write(
-            "the draw budget ran out before every requested beat was accepted; "
-            f"{first}raise --max-draws-per-beat, lower --margin or retrain with a longer "
-            "--max-minutes\n"
-        )
-    return 0
+    return paths
 
 
 def no_beat_fix(stats: Any, temperature: float | None) -> str:
@@ -986,7 +1014,7 @@ def _command_validate(args: argparse.Namespace) -> int:
 
     from appliance.baseline import check_baseline
     from appliance.client import ApplianceClient
-    from appliance.outputs import read_sampling_rate
+    from appliance.outputs import read_lead_names, read_sampling_rate
 
     if args.input.is_dir():
         candidates = sorted(
@@ -1025,6 +1053,17 @@ def _command_validate(args: argparse.Namespace) -> int:
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
+        # Lead names vary between sources (MLII, II), so other names are a warning only.
+        model_leads = list(client.model_info().leads)
+        input_leads = read_lead_names(args.input)
+        if input_leads is not None and input_leads != model_leads:
+            logger.warning(
+                "input=%s leads=%s differ from the model's leads=%s; beats of another lead "
+                "score low, so pass the model's leads in its order",
+                args.input,
+                ",".join(input_leads),
+                ",".join(model_leads),
+            )
         # With the input's sampling rate, the server rejects beats at another rate than the
         # model's instead of scoring them as if they were at its rate.
         reply = client.validate(beats.astype(np.float32), classes, margin=args.margin, fs_hz=fs_hz)
@@ -1034,13 +1073,15 @@ def _command_validate(args: argparse.Namespace) -> int:
     ):
         # Six significant digits keep the order of scores far below 1e-4.
         sys.stdout.write(f"{i}\t{score:.6g}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
-    if not classes:
+    if not classes or all(name is None for name in classes):
         scored_under = "the best-fitting class of each beat"
     elif args.input.suffix.lower() == ".npy":
         # A classes file left beside a user's own array would otherwise apply unnoticed.
         scored_under = f"the classes in {_classes_file(args.input)}"
     else:
         scored_under = "the classes of the input"
+    if classes and None in classes and not all(name is None for name in classes):
+        scored_under += " (the best-fitting class where a beat has none)"
     sys.stdout.write(
         f"accepted {int(reply.accepted.sum())} of {reply.scores.size} at margin "
         f"{reply.margin:.3f}, scored under {scored_under}\n"
@@ -1084,8 +1125,9 @@ def _read_validate_input(path: Path) -> tuple[np.ndarray, list[str] | None]:
         if path.suffix.lower() != ".npy":
             raise
         raise UsageError(
-            f"--input {path}: the classes file {_classes_file(path)} has no list under the key "
-            "'classes'; fix it, or move it away to score each beat under its best-fitting class"
+            f"--input {path}: the classes file {_classes_file(path)} has no list of class "
+            'names under the key \'classes\', such as {"classes": ["N", "V", null]}; '
+            "fix it, or move it away to score each beat under its best-fitting class"
         ) from exc
     except ValueError as exc:
         raise UsageError(f"--input {exc}") from exc
@@ -1115,6 +1157,7 @@ def _check_input_classes(path: Path, classes: Sequence[object]) -> None:
 def _command_report(args: argparse.Namespace) -> int:
     from appliance.quality.report import build_report, embedded_html
     from appliance.report_store import attach_report, report_warnings
+    from appliance.store import current_version_id
 
     # Checked before the evaluation, which takes minutes.
     _check_report_temperature(args.temperature)
@@ -1123,6 +1166,8 @@ def _command_report(args: argparse.Namespace) -> int:
     _check_report_margin(args.store, args.margin)
     # After the store's manifest is read, but before build_report loads the ONNX graphs.
     _check_data_folder(args.data)
+    if not args.no_attach:
+        _check_reports_folder(args.store)
     figures = build_report(
         args.store,
         args.data,
@@ -1136,15 +1181,41 @@ def _command_report(args: argparse.Namespace) -> int:
         f"wrote {args.out / 'quality.html'} and {args.out / 'quality.json'} "
         f"({len(figures)} sections)\n"
     )
-    for warning in report_warnings(figures["protocol"]):
+    for warning in report_warnings(figures):
         sys.stderr.write(f"warning: {warning}\n")
     if not args.no_attach:
         folder = attach_report(args.store, figures, embedded_html(figures, args.out))
+        try:
+            current = current_version_id(args.store)
+        except ApplianceError:
+            current = None
+        if current == figures["model_version"]:
+            served = "; GetQualityReport returns it"
+        else:
+            # Another model was published while the report ran.
+            served = (
+                f", but the store's current version is now {current}: a server on this store "
+                "returns that version's report, if it has one; run report again to describe it"
+            )
         sys.stdout.write(
-            f"attached the report of model {figures['model_id']} to {folder}; "
-            "GetQualityReport returns it\n"
+            f"attached the report of model {figures['model_id']} to {folder}{served}\n"
         )
     return 0
+
+
+def _check_reports_folder(store: Path) -> None:
+    """Raise ``UsageError`` unless the report can be attached to ``STORE/reports``."""
+    from appliance.report_store import REPORTS_DIR
+
+    reports = store / REPORTS_DIR
+    if reports.exists() and not reports.is_dir():
+        raise UsageError(
+            f"--store {store}: {reports} is a file, but reports are attached in a folder of "
+            "that name; move the file away, or pass --no-attach to write the report to --out "
+            "only"
+        )
+    # The folder is created on attach anyway, so it is kept.
+    _check_writable_folder(reports, "--store", keep_created=True)
 
 
 def _check_report_temperature(temperature: float) -> None:
@@ -1185,7 +1256,11 @@ def _check_report_margin(store: Path, margin: float | None) -> None:
 
 def _command_quality_report(args: argparse.Namespace) -> int:
     from appliance.client import QUALITY_HTML, ApplianceClient, write_quality_report
-    from appliance.report_store import mismatch_warning, missing_records_warning
+    from appliance.report_store import (
+        mismatch_warning,
+        missing_records_warning,
+        shortfall_warnings,
+    )
 
     # Checked before the call, so that an unusable folder does not waste the transfer.
     _check_output_folder("--out", args.out)
@@ -1223,12 +1298,14 @@ def _command_quality_report(args: argparse.Namespace) -> int:
         reply.matches_training_records if reply.HasField("matches_training_records") else None
     )
     try:
-        missing = json.loads(reply.report_json).get("protocol", {}).get("missing_records")
+        stored = json.loads(reply.report_json)
+        missing = stored.get("protocol", {}).get("missing_records")
+        shortfalls = shortfall_warnings(stored.get("generators", {}))
     except (ValueError, AttributeError):
         # The figures above came from the reply's own fields, so an unreadable JSON copy
-        # only hides this one warning.
-        missing = None
-    for warning in (missing_records_warning(missing), mismatch_warning(matches)):
+        # only hides these warnings.
+        missing, shortfalls = None, []
+    for warning in (missing_records_warning(missing), mismatch_warning(matches), *shortfalls):
         if warning is not None:
             sys.stderr.write(f"warning: {warning}\n")
     return 0
@@ -1626,7 +1703,14 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
             "--tls-key"
         )
     address = getattr(args, "address", "the server")
-    if name == "UNAVAILABLE":
+    # A stream that delivered beats had reached the server; the address and TLS are fine.
+    interrupted = getattr(exc, "received", None) is not None
+    if interrupted and name in ("UNAVAILABLE", "CANCELLED"):
+        sys.stderr.write(
+            f"error: {address} ended the stream: {name}: {details}; the server may be "
+            "shutting down or restarting, so generate the rest again when it serves\n"
+        )
+    elif name == "UNAVAILABLE":
         if not hint:
             hint = "; check --address and that `python -m appliance serve` is running there"
             if not uses_tls:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -33,6 +34,7 @@ DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 8 * 1024 * 1024
 # File names of a quality report fetched with GetQualityReport.
 QUALITY_HTML = "quality.html"
 QUALITY_JSON = "quality.json"
+RequestT = TypeVar("RequestT", pb.ValidateRequest, pb.ValidateStreamRequest)
 # Beats per ValidateStream message: 4096 one-lead beats of 256 samples are 4 MiB, the default
 # message limit, so 2048 keeps each message near 2 MiB.
 VALIDATE_STREAM_BEATS = 2048
@@ -611,8 +613,9 @@ class ApplianceClient:
         Every call but the first gets the margin the first call used.
 
         Raises:
-            ValueError: If the beats are not three-dimensional numbers that fit float32, or
-                ``classes`` does not have one entry per beat.
+            ValueError: If the beats are not three-dimensional numbers that fit float32,
+                ``classes`` is not a list of names with one entry per beat, or ``margin`` or
+                ``fs_hz`` is not a number.
             CallPartError: If a call for a later part of a split set failed; it names the beats
                 of that part.
         """
@@ -621,6 +624,20 @@ class ApplianceClient:
             raise ValueError(
                 f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
             )
+        if classes is not None and (
+            isinstance(classes, str | bytes | Mapping)
+            or not isinstance(classes, Sequence)
+            or not all(name is None or isinstance(name, str) for name in classes)
+        ):
+            raise ValueError(
+                f"classes must be a list of class names (or None), one per beat, such as "
+                f"['N', 'V', None]; got {type(classes).__name__} {str(classes)[:40]!r}"
+            )
+        for name, value in (("margin", margin), ("fs_hz", fs_hz)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real)
+            ):
+                raise ValueError(f"{name}={value!r} is not a number; pass a float, or None")
         if classes is not None and len(classes) != beats.shape[0]:
             raise ValueError(
                 f"classes has {len(classes)} entries for {beats.shape[0]} beats; pass one "
@@ -680,19 +697,25 @@ class ApplianceClient:
     ) -> Validated:
         """Score beats in one call: Validate if they fit one message, else ValidateStream."""
         if beats.shape[0] <= message_beats:
-            request = pb.ValidateRequest(samples=encode_samples(beats, normalised))
-            if classes is not None:
-                request.beat_classes.extend(class_value(c) for c in classes)
-            if margin is not None:
-                request.margin = margin
-            if fs_hz is not None:
-                request.fs_hz = fs_hz
+            request = next(
+                self._requests(
+                    pb.ValidateRequest, beats, classes, margin, normalised, fs_hz, message_beats
+                )
+            )
             reply: pb.ValidateResponse | pb.ValidateStreamResponse = self.stub.Validate(
                 request, timeout=self.timeout_s, metadata=self._metadata()
             )
         else:
             reply = self.stub.ValidateStream(
-                self._stream_requests(beats, classes, margin, normalised, fs_hz, message_beats),
+                self._requests(
+                    pb.ValidateStreamRequest,
+                    beats,
+                    classes,
+                    margin,
+                    normalised,
+                    fs_hz,
+                    message_beats,
+                ),
                 timeout=self.timeout_s,
                 metadata=self._metadata(),
             )
@@ -704,18 +727,23 @@ class ApplianceClient:
             warnings=[warning.message for warning in reply.warnings],
         )
 
-    def _stream_requests(
+    def _requests(
         self,
+        message_type: type[RequestT],
         beats: np.ndarray,
         classes: Sequence[str | None] | None,
         margin: float | None,
         normalised: bool,
         fs_hz: float | None,
         message_beats: int,
-    ) -> Iterator[pb.ValidateStreamRequest]:
-        for start in range(0, beats.shape[0], message_beats):
+    ) -> Iterator[RequestT]:
+        """Yield requests of ``message_beats`` beats each; only the first one sets the margin.
+
+        An empty set gives one request without beats, which the server rejects by name.
+        """
+        for start in range(0, max(1, beats.shape[0]), message_beats):
             part = beats[start : start + message_beats]
-            request = pb.ValidateStreamRequest(samples=encode_samples(part, normalised))
+            request = message_type(samples=encode_samples(part, normalised))
             if classes is not None:
                 request.beat_classes.extend(
                     class_value(c) for c in classes[start : start + message_beats]

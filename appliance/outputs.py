@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from appliance.classes import AAMI_CLASSES
+from appliance.classes import AAMI_CLASSES, BEAT_SYMBOL_TO_AAMI, NON_BEAT_SYMBOLS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -239,6 +239,11 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
         return _read_wfdb(path.with_suffix(""))
     if suffix == ".csv":
         return _read_csv(path)
+    if suffix == ".npz":
+        raise ValueError(
+            f"{path} is a .npz archive, which validate does not read; save the beats as one "
+            "array of shape (beats, leads, window_samples) in mV with numpy.save (.npy)"
+        )
     try:
         # Mapped first, so that a header that claims more data than the file contains fails
         # here instead of allocating that much memory.
@@ -272,7 +277,13 @@ def read_beats(path: Path) -> tuple[np.ndarray, list[str] | None]:
                 f"{path}: the classes file {labels} is not a file; move it away to score each "
                 "beat under its best-fitting class"
             )
-        classes = list(json.loads(labels.read_text())["classes"])
+        listed = json.loads(labels.read_text())["classes"]
+        # A string or a mapping would be read by its characters or keys, one per beat.
+        if not isinstance(listed, list) or not all(
+            name is None or isinstance(name, str) for name in listed
+        ):
+            raise TypeError(f"classes is a {type(listed).__name__} or lists other than names")
+        classes = list(listed)
         if len(classes) != beats.shape[0]:
             raise ValueError(
                 f"{labels} lists {len(classes)} classes for {beats.shape[0]} beats in {path}; "
@@ -304,6 +315,33 @@ def read_sampling_rate(path: Path) -> float | None:
     except (OSError, ValueError, AttributeError):
         return None
     return float(stated) if isinstance(stated, int | float) else None
+
+
+def read_lead_names(path: Path) -> list[str] | None:
+    """Return the lead names that a ``read_beats`` input states, or None.
+
+    A WFDB header states them, a ``.csv`` file written by ``generate`` names them in its
+    sample columns (``MLII_0``), and the classes file beside a ``.npy`` file lists them under
+    ``leads``. A plain ``.npy`` array does not.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".hea", ".dat", ".atr", ""):
+            import wfdb
+
+            names = wfdb.rdheader(str(path.with_suffix(""))).sig_name
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8") as stream:
+                header = stream.readline().strip().split(",")
+            names = list(Counter(column.rsplit("_", 1)[0] for column in header[2:]))
+        else:
+            labels = path.with_name(f"{path.stem}_classes.json")
+            names = json.loads(labels.read_text()).get("leads") if labels.is_file() else None
+    except (OSError, ValueError, AttributeError, IndexError, KeyError, TypeError):
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+        return None
+    return list(names)
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
@@ -366,12 +404,17 @@ def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
             f"annotation per window. {CONTINUOUS_RECORDING_ADVICE}"
         )
     try:
-        signal = wfdb.rdrecord(str(record)).p_signal
+        header = wfdb.rdrecord(str(record))
         annotation = wfdb.rdann(str(record), "atr")
     # wfdb raises IndexError, KeyError and TypeError on some malformed headers.
     except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         raise ValueError(f"WFDB record {record} cannot be read: {exc}") from exc
-    count = len(annotation.sample)
+    signal = header.p_signal * _millivolts_per_unit(record, list(header.units or []))
+    # Only beat annotations mark windows; rhythm and signal-quality notes mark none.
+    is_beat = [symbol not in NON_BEAT_SYMBOLS for symbol in annotation.symbol]
+    positions = np.asarray(annotation.sample)[is_beat]
+    symbols = [symbol for symbol, beat in zip(annotation.symbol, is_beat, strict=True) if beat]
+    count = len(positions)
     if count == 0 or signal.shape[0] % count:
         raise ValueError(
             f"WFDB record {record} has {signal.shape[0]} samples and {count} beat annotations; "
@@ -379,12 +422,52 @@ def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
             f"{CONTINUOUS_RECORDING_ADVICE}"
         )
     window = signal.shape[0] // count
+    # Each annotation must sit at the same place in its window, one window after the last.
+    offsets = positions - window * np.arange(count)
+    if not (offsets == offsets[0]).all() or not 0 <= offsets[0] < window:
+        spacing = np.diff(positions)
+        apart = f"{int(np.median(spacing))} samples apart" if spacing.size else "alone"
+        raise ValueError(
+            f"WFDB record {record} has {signal.shape[0]} samples and {count} beat annotations, "
+            f"which gives windows of {window} samples, but the annotations are {apart} "
+            f"(annotation {int(np.flatnonzero(offsets != offsets[0])[0]) if spacing.size else 0} "
+            "is out of step); validate reads records of consecutive beat windows, one "
+            f"annotation per window at the same place in each. {CONTINUOUS_RECORDING_ADVICE}"
+        )
     beats = signal.reshape(count, window, signal.shape[1]).transpose(0, 2, 1)
-    symbol_class = {symbol: name for name, symbol in CLASS_SYMBOL.items()}
-    classes = [symbol_class.get(symbol) for symbol in annotation.symbol]
+    classes = [BEAT_SYMBOL_TO_AAMI.get(symbol) for symbol in symbols]
     if any(name is None for name in classes):
+        first = symbols[classes.index(None)]
+        logger.warning(
+            "record=%s beats are scored under their best-fitting class: annotation symbol "
+            "%r is not a beat label that maps to an AAMI class",
+            record,
+            first,
+        )
         return beats.astype(np.float32), None
     return beats.astype(np.float32), [str(name) for name in classes]
+
+
+# Signal units that a WFDB header may state, and their size in mV.
+MILLIVOLTS_PER_UNIT = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
+
+
+def _millivolts_per_unit(record: Path, units: list[str]) -> np.ndarray:
+    """Return the factor to mV of each lead's unit, shape (leads,); a missing unit is mV.
+
+    Raises:
+        ValueError: If a lead's unit is not a voltage, naming it.
+    """
+    factors = []
+    for lead, unit in enumerate(units):
+        key = (unit or "mV").strip().lower()
+        if key not in MILLIVOLTS_PER_UNIT:
+            raise ValueError(
+                f"WFDB record {record} states the unit {unit!r} for signal {lead}, which is not "
+                "a voltage; validate reads ECG signals in V, mV or uV"
+            )
+        factors.append(MILLIVOLTS_PER_UNIT[key])
+    return np.asarray(factors or [1.0])
 
 
 def plot_real_vs_synthetic(

@@ -100,13 +100,46 @@ def missing_records_warning(missing_records: list[str] | None) -> str | None:
     )
 
 
-def report_warnings(protocol: dict[str, Any]) -> list[str]:
-    """Return every warning that a report's ``protocol`` section calls for."""
+def shortfall_warnings(generators: dict[str, Any]) -> list[str]:
+    """Return a warning for each generator that returned under half the beats requested of it.
+
+    Arguments:
+        generators: The report's ``generators`` section. Reports from before the requested
+            counts were recorded give no warning.
+    """
+    warnings = []
+    for name, metrics in generators.items():
+        requested = metrics.get("requested_counts")
+        received = metrics.get("synthetic_counts")
+        if not isinstance(requested, dict) or not isinstance(received, dict):
+            continue
+        wanted, got = sum(requested.values()), sum(received.values())
+        if wanted == 0 or got * 2 >= wanted:
+            continue
+        per_class = ", ".join(
+            f"{label} {received.get(label, 0)} of {count}"
+            for label, count in requested.items()
+            if count > 0
+        )
+        warnings.append(
+            f"generator {name} returned {got} of the {wanted} beats requested for the "
+            f"synthetic training set ({per_class}), because its draw budget ran out. Its "
+            "figures rest on those few beats and do not describe the generator; a figure "
+            "it could not compute is n/a. Train the model longer, or report at a lower "
+            "--margin or --temperature"
+        )
+    return warnings
+
+
+def report_warnings(summary: dict[str, Any]) -> list[str]:
+    """Return every warning that a report's figures call for: protocol, then generators."""
+    protocol = summary.get("protocol", {})
     warnings = [
         missing_records_warning(protocol.get("missing_records")),
         mismatch_warning(protocol.get("matches_training_records")),
     ]
-    return [warning for warning in warnings if warning is not None]
+    found = [warning for warning in warnings if warning is not None]
+    return found + shortfall_warnings(summary.get("generators", {}))
 
 
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

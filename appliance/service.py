@@ -635,14 +635,16 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 total += x.shape[0]
                 if total > self.max_beats_per_request:
                     raise RequestTooLargeError(
-                        f"the stream carries {total} beats, over the "
+                        f"the stream carries at least {total} beats by message "
+                        f"{len(scores_list)}, over the "
                         f"limit of {self.max_beats_per_request}; split "
                         "it into several calls"
                     )
                 reply_limit = self._stream_reply_fit()
                 if total > reply_limit:
                     raise RequestTooLargeError(
-                        f"the stream carries {total} beats, but the reply for more than "
+                        f"the stream carries at least {total} beats by message "
+                        f"{len(scores_list)}, but the reply for more than "
                         f"{reply_limit} beats would exceed the server's message limit of "
                         f"{self.max_message_bytes} bytes; split it into several calls"
                     )

@@ -628,8 +628,8 @@ def export_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]
         return cast(dict[str, torch.Tensor], best)
     if not state.get("history"):
         raise TrainingError(
-            f"checkpoint {path} contains the weights of step {state.get('step')}, which were never "
-            "validated: training stopped before its first epoch ended. Run the same train "
+            f"checkpoint {path} contains the weights of step {state.get('step')}, which were "
+            "never validated: training stopped before its first epoch ended. Run the same train "
             "command with --resume until an epoch ends, then export its best.pt"
         )
     return cast(dict[str, torch.Tensor], state["model"])

@@ -497,11 +497,22 @@ def test_validate_broken_classes_json_exits_2(tmp_path: Path) -> None:
     assert f"--input {beats}: the classes file {labels} is not valid JSON (" in result.stderr
     assert "Expecting property name" in result.stderr
 
-    labels.write_text('{"labels": ["N", "N", "V"]}')
-    result = run_cli("validate", "--input", str(beats))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert f"the classes file {labels} has no list under the key 'classes'" in result.stderr
+    # A string or a mapping would otherwise be read as one class per character or key.
+    for content in (
+        '{"labels": ["N", "N", "V"]}',
+        '{"classes": "NNV"}',
+        '{"classes": {"0": "N", "1": "N", "2": "V"}}',
+        '{"classes": ["N", 1, "V"]}',
+        '["N", "N", "V"]',
+    ):
+        labels.write_text(content)
+        result = run_cli("validate", "--input", str(beats))
+        assert result.returncode == 2, content
+        assert "Traceback" not in result.stderr
+        assert (
+            f"the classes file {labels} has no list of class names under the key 'classes', "
+            'such as {"classes": ["N", "V", null]}'
+        ) in result.stderr, content
 
 
 def _write_bad_input(folder: Path, kind: str) -> Path:
@@ -547,6 +558,9 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         path = folder / "scalar.npy"
         np.save(path, np.float32(1.0))
         (folder / "scalar_classes.json").write_text('{"classes": []}')
+    elif kind == "npz archive":
+        path = folder / "arrays.npz"
+        np.savez(path, beats=np.zeros((2, 1, 256), np.float32))
     elif kind == "npy without beats":
         path = folder / "none.npy"
         np.save(path, np.zeros((0, 1, 256), np.float32))
@@ -576,6 +590,7 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         ("csv with uneven leads", "of unequal count per lead (MLII 2, V1 1)"),
         ("csv beyond float32", "beat 0 has the value 1e+300, beyond the float32 range"),
         ("scalar npy with classes file", "contains a single number, not beats"),
+        ("npz archive", "is a .npz archive, which validate does not read; save the beats"),
         ("npy without beats", "is empty: it contains 0 beats"),
         ("npy beyond float32", "beat 1 has the value 1e+300, beyond the float32 range"),
         ("text csv", "line 2 has 'abc', which is not a number"),
@@ -747,6 +762,21 @@ def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, f
         else "the classes of the input"
     )
     assert lines[-1] == f"accepted 7 of 7 at margin 0.000, scored under {scored_under}"
+    assert "differ from the model's leads" not in result.stderr
+    # Beats that name another lead are scored, with a warning that names both.
+    if fmt == "npy":
+        labels = out / "synthetic_classes.json"
+        labels.write_text(labels.read_text().replace('"leads": ["MLII"]', '"leads": ["V1"]'))
+    elif fmt == "csv":
+        (out / source).write_text((out / source).read_text().replace("MLII_", "V1_"))
+    else:
+        header = out / "synthetic.hea"
+        header.write_text(header.read_text().replace(" MLII", " V1"))
+    renamed = run_cli("validate", "--address", server_address, "--input", str(out / source))
+    assert renamed.returncode == 0, renamed.stderr
+    assert f"input={out / source} leads=V1 differ from the model's leads=MLII; " in (
+        renamed.stderr
+    )
 
     best = run_cli(
         "validate",
@@ -846,6 +876,18 @@ def test_generate_none_accepted_writes_nothing(
     assert "lower --margin (the call used 0.990)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+    # Files of an earlier run in the folder are named as such.
+    out.mkdir()
+    (out / "synthetic.csv").write_text("class,score\n")
+    again = run_cli(
+        "generate", "--address", server_address, "--classes", "N=4", "--margin", "0.99",
+        "--temperature", "5", "--max-draws-per-beat", "1", "--seed", "3",
+        "--out", str(out), "--format", out_format,
+    )  # fmt: skip
+    assert again.returncode == 1, again.stderr
+    assert f"Nothing was written to {out}; its synthetic.csv are from an earlier run" in (
+        again.stderr
+    )
 
 
 @pytest.mark.parametrize(
@@ -1336,7 +1378,68 @@ def test_read_beats_continuous_record_hint(shared_data: Path) -> None:
 
     with pytest.raises(ValueError, match="cut one window per beat") as raised:
         read_beats(shared_data / "mitdb" / "100.hea")
-    assert "650000 samples and 2274 beat annotations" in str(raised.value)
+    # The record's one rhythm annotation (+) marks no beat.
+    assert "650000 samples and 2273 beat annotations" in str(raised.value)
+
+
+def _rewrite_annotations(record: Path, samples: list[int], symbols: list[str]) -> None:
+    """Replace the beat annotations of the WFDB record ``record`` (a path without suffix)."""
+    import numpy as np
+    import wfdb
+
+    wfdb.wrann(
+        record.name, "atr", np.asarray(samples), symbol=symbols, write_dir=str(record.parent)
+    )
+
+
+def test_read_beats_maps_mit_bih_symbols_and_units(tmp_path: Path) -> None:
+    import numpy as np
+    import wfdb
+
+    from appliance.outputs import read_beats
+
+    beats_mv = np.random.default_rng(1).uniform(-1.0, 1.0, size=(6, 1, 256))
+    signal_uv = beats_mv.transpose(0, 2, 1).reshape(-1, 1) * 1000.0
+    wfdb.wrsamp(
+        "uv", fs=360, units=["uV"], sig_name=["MLII"], p_signal=signal_uv,
+        fmt=["32"], adc_gain=[1000.0], baseline=[0], write_dir=str(tmp_path),
+    )  # fmt: skip
+    # MIT-BIH beat labels, and a rhythm annotation (+) that marks no window.
+    _rewrite_annotations(
+        tmp_path / "uv",
+        [0, 90, 256 + 90, 512 + 90, 768 + 90, 1024 + 90, 1280 + 90],
+        ["+", "L", "A", "E", "/", "f", "j"],
+    )
+    read, classes = read_beats(tmp_path / "uv.hea")
+    assert classes == ["N", "S", "V", "Q", "Q", "N"]
+    # The header's uV are read as mV.
+    np.testing.assert_allclose(read, beats_mv, atol=1e-5)
+
+    wfdb.wrsamp(
+        "pressure", fs=360, units=["mmHg"], sig_name=["ABP"], p_signal=signal_uv / 1000.0,
+        fmt=["16"], write_dir=str(tmp_path),
+    )  # fmt: skip
+    _rewrite_annotations(tmp_path / "pressure", [90 + 256 * i for i in range(6)], ["N"] * 6)
+    with pytest.raises(ValueError, match=r"states the unit 'mmHg' for signal 0, which is not a"):
+        read_beats(tmp_path / "pressure.hea")
+
+
+def test_read_beats_rejects_annotations_out_of_step(tmp_path: Path) -> None:
+    import numpy as np
+
+    from appliance.outputs import read_beats, write_beats
+
+    beats = np.zeros((20, 1, 256))
+    write_beats(tmp_path, beats, ["N"] * 20, np.ones(20), 360.0, 90, ["MLII"], "wfdb", "few")
+    # Ten annotations on 20 windows would read as windows of 512 samples.
+    _rewrite_annotations(tmp_path / "few", [256 * i + 90 for i in range(10)], ["N"] * 10)
+    with pytest.raises(ValueError) as raised:
+        read_beats(tmp_path / "few.hea")
+    assert str(raised.value).startswith(
+        f"WFDB record {tmp_path / 'few'} has 5120 samples and 10 beat annotations, which gives "
+        "windows of 512 samples, but the annotations are 256 samples apart (annotation 1 is "
+        "out of step)"
+    )
 
 
 def test_read_beats_headerless_csv_hint(tmp_path: Path) -> None:
@@ -1448,6 +1551,24 @@ def test_report_out_is_file_exits_2(tmp_path: Path, placement: str) -> None:
     assert line.startswith(f"error: --out {out}")
     assert "pass a folder" in line
     assert "no-store" not in result.stderr
+
+
+def test_report_reports_folder_is_file_exits_2(model_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    (store / "reports").write_text("")
+    result = run_cli(
+        "report", "--store", str(store), "--data", str(DEFAULT_DATA_DIR),
+        "--out", str(tmp_path / "out"), "--log-level", "info", timeout_s=300.0,
+    )  # fmt: skip
+    line = usage_error_line(result)
+    assert line == (
+        f"error: --store {store}: {store / 'reports'} is a file, but reports are attached in a "
+        "folder of that name; move the file away, or pass --no-attach to write the report to "
+        "--out only"
+    )
+    # The check comes before the evaluation, which loads the model's graphs first.
+    assert "engine loaded" not in result.stderr
 
 
 def test_report_cache_dir_is_file_exits_2(tmp_path: Path) -> None:
@@ -1615,3 +1736,135 @@ def test_stuck_thread_does_not_block_exit() -> None:
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 30.0
     assert "calls still running 1.0 s after the server stopped" in result.stderr
+
+
+class _StalledRun:
+    """A generation run that never ends: every draw rejected, its time limit ignored."""
+
+    done = False
+
+    def advance(self, should_stop, until_s: float = 0.0) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + 60.0
+        while not should_stop() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def test_generate_writes_beats_that_arrived_before_a_failure(
+    model_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from appliance.client import ApplianceClient, class_name
+    from appliance.server import ServeConfig, create_server
+
+    server = create_server(model_store, ServeConfig(port=0, grace_s=1.0, drain_s=0.0))
+    try:
+        address = f"127.0.0.1:{server.port}"
+        with ApplianceClient(address) as client:
+            known = [class_name(v) for v in client.model_info().classes_known]
+        assert len(known) >= 2, "the fixture model knows fewer than two classes"
+        engine = server.engine
+        assert engine is not None
+        real_start = engine.start_generate
+        runs: list[object] = []
+
+        def second_class_stalls(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            # Each class is its own chunk: the first class arrives, the second never does.
+            runs.append(args)
+            return real_start(*args, **kwargs) if len(runs) == 1 else _StalledRun()
+
+        monkeypatch.setattr(engine, "start_generate", second_class_stalls)
+        out = tmp_path / "out"
+        classes = f"{known[0]}=3,{known[1]}=3"
+        result = run_cli(
+            "generate", "--address", address, "--classes", classes, "--margin", "0",
+            "--seed", "5", "--timeout-s", "2", "--out", str(out), "--format", "npy",
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"wrote the 3 beats that arrived before the stream failed: {out / 'synthetic.npy'}, "
+        f"{out / 'synthetic_classes.json'}"
+    ) in result.stdout
+    assert "the stream failed after 3 of the 6 requested beats had arrived" in result.stderr
+    beats = np.load(out / "synthetic.npy")
+    assert beats.shape[0] == 3
+    assert np.isfinite(beats).all()
+    assert json.loads((out / "synthetic_classes.json").read_text())["classes"] == [known[0]] * 3
+
+
+def test_stream_ended_by_server_is_not_blamed_on_the_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    import grpc
+    import numpy as np
+
+    from appliance.__main__ import _report_rpc_error
+    from appliance.client import Generated, GenerateInterruptedError
+    from appliance.v1 import appliance_pb2 as pb
+
+    class ShuttingDown(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "Cancelling all calls"
+
+    received = Generated(
+        np.zeros((2, 1, 256), np.float32), ["N", "N"], np.ones(2), pb.GenerateStats(), 360.0
+    )
+    error = GenerateInterruptedError(ShuttingDown(), received, 10)
+    args = argparse.Namespace(address="127.0.0.1:50051", timeout_s=30.0)
+    assert _report_rpc_error(error, args) == 1
+    assert capsys.readouterr().err == (
+        "error: 127.0.0.1:50051 ended the stream: UNAVAILABLE: the stream failed after 2 of "
+        "the 10 requested beats had arrived: Cancelling all calls; the server may be shutting "
+        "down or restarting, so generate the rest again when it serves\n"
+    )
+    # Before any beat arrived, UNAVAILABLE still points at the address.
+    assert _report_rpc_error(ShuttingDown(), args) == 1
+    assert "check --address" in capsys.readouterr().err
+
+
+def test_report_names_a_version_published_meanwhile(
+    model_store: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import appliance.quality.report as report_module
+    from appliance.__main__ import main
+    from appliance.store import CURRENT_FILE, VERSIONS_DIR, load_current
+
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    evaluated = load_current(store)
+    shutil.copytree(evaluated.path, store / VERSIONS_DIR / "v-later")
+
+    def build_report(*args: object, **kwargs: object) -> dict[str, object]:
+        # Another model is published while the evaluation runs.
+        (store / CURRENT_FILE).write_text("v-later\n")
+        return {
+            "model_version": evaluated.path.name,
+            "model_id": evaluated.manifest["model_id"],
+            "protocol": {},
+            "generators": {},
+        }
+
+    monkeypatch.setattr(report_module, "build_report", build_report)
+    monkeypatch.setattr(report_module, "embedded_html", lambda *args: "<html></html>")
+    code = main(
+        ["report", "--store", str(store), "--data", str(DEFAULT_DATA_DIR), "--out",
+         str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == (
+        f"attached the report of model {evaluated.manifest['model_id']} to "
+        f"{store / 'reports' / evaluated.path.name}, but the store's current version is now "
+        "v-later: a server on this store returns that version's report, if it has one; run "
+        "report again to describe it"
+    )

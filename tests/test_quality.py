@@ -36,6 +36,7 @@ from appliance.quality.privacy_metrics import (
 )
 from appliance.quality.protocol import LabelledBeats, load_protocol, subsample, znormalise
 from appliance.quality.report import beats_figure, build_report, render_html
+from appliance.report_store import shortfall_warnings
 from appliance.train import select_training_beats
 
 N, S, V, F = (class_index(name) for name in "NSVF")
@@ -416,16 +417,30 @@ def test_evaluation_ranks_copies_over_noise(protocol, caplog: pytest.LogCaptureF
     small = load_protocol_subset(protocol)
     config = QualityConfig(
         train_per_class=150,
-        rebalance_target=150,
+        rebalance_target=200,
         eval_per_class=100,
         mmd_per_class=60,
         permutations=30,
         morphology_per_class=10,
         classifier=FAST_CLASSIFIER,
     )
-    generators = [CopyGenerator(small.fit), NoiseGenerator((1, 256))]
+    generators = [CopyGenerator(small.fit), NoiseGenerator((1, 256)), _Starved(small.fit)]
     figures = evaluate_generators(small, generators, config).summary()["generators"]
-    copies, noise = figures["copies"], figures["noise"]
+    copies, noise, starved = figures["copies"], figures["noise"], figures["starved"]
+    # A generator whose budget ran out is named, with what it returned of each class.
+    warnings = shortfall_warnings(figures)
+    assert len(warnings) == 1, warnings
+    requested = starved["requested_counts"]
+    assert warnings[0].startswith(
+        f"generator starved returned 3 of the {sum(requested.values())} beats requested for "
+        f"the synthetic training set (N 3 of {requested['N']}, "
+    )
+    # Classes it was asked to top up but gave nothing get no rebalancing gain.
+    topped = [n for n, c in starved["requested_top_up_counts"].items() if c > 0 and n != "N"]
+    assert topped, "the configuration requested no top-up beats"
+    for name in topped:
+        assert starved["rebalancing_gain"][name] is None, name
+        assert copies["rebalancing_gain"][name] is not None, name
     assert copies["tstr_trtr"] > noise["tstr_trtr"]
     assert copies["mean_mmd2_waveform"] < noise["mean_mmd2_waveform"]
     assert copies["discriminative"]["overall"] < noise["discriminative"]["overall"]
@@ -445,6 +460,15 @@ def test_evaluation_ranks_copies_over_noise(protocol, caplog: pytest.LogCaptureF
             assert sum(m.startswith(prefix) for m in messages) == 1, prefix
 
 
+class _Starved(CopyGenerator):
+    """A generator whose draw budget runs out: three copies of class N, nothing else."""
+
+    name = "starved"
+
+    def sample(self, counts: dict[int, int], seed: int) -> LabelledBeats:
+        return super().sample({N: 3} if N in counts else {}, seed)
+
+
 def load_protocol_subset(protocol):
     """The protocol with a few hundred beats per class in each set, for a fast evaluation."""
     from dataclasses import replace
@@ -458,7 +482,11 @@ def load_protocol_subset(protocol):
 
 
 @pytest.mark.slow
-def test_report_writes_page_and_json(model_store: Path, tmp_path: Path):
+def test_report_writes_page_and_json(
+    model_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    # A figure of an earlier report with another generator, which this one does not write.
+    (tmp_path / "beats_copies.png").write_bytes(b"")
     config = QualityConfig(
         train_per_class=40,
         rebalance_target=40,
@@ -477,6 +505,10 @@ def test_report_writes_page_and_json(model_store: Path, tmp_path: Path):
     )
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved == summary
+    assert (
+        f"figures of an earlier report stay in out_dir={tmp_path} files=beats_copies.png; "
+        in caplog.text
+    )
     assert set(summary["generators"]) == {"appliance", "pca_gaussian", "realnvp"}
     assert summary["protocol"]["matches_training_records"] is False  # bundled SPLITS file
     missing = summary["protocol"]["missing_records"]

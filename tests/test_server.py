@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -92,6 +92,23 @@ def small_server(model_store: Path) -> Iterator[ApplianceServer]:
 def small_client(small_server: ApplianceServer) -> Iterator[ApplianceClient]:
     with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=CALL_TIMEOUT_S) as client:
         yield client
+
+
+@contextlib.contextmanager
+def _serving(model_store: Path, **settings: Any) -> Iterator[ApplianceServer]:
+    """Run an in-process server on a free port with two workers, one thread and no drain."""
+    defaults: dict[str, Any] = {
+        "port": 0,
+        "workers": 2,
+        "intra_op_threads": 1,
+        "grace_s": 1.0,
+        "drain_s": 0.0,
+    }
+    running = create_server(model_store, ServeConfig(**{**defaults, **settings}))
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def _beats(info: pb.GetModelInfoResponse, count: int) -> np.ndarray:
@@ -252,19 +269,7 @@ def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_validate_stream_reply_fits_message_limit(model_store: Path):
     # (20000 - 4096) // 6 = 2650 beats fit one reply; the request limit is far higher.
-    running = create_server(
-        model_store,
-        ServeConfig(
-            port=0,
-            workers=2,
-            intra_op_threads=1,
-            max_message_bytes=20000,
-            max_beats_per_request=100_000,
-            grace_s=1.0,
-            drain_s=0.0,
-        ),
-    )
-    try:
+    with _serving(model_store, max_message_bytes=20000, max_beats_per_request=100_000) as running:
         with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
             info = client.model_info()
             parts = [
@@ -284,8 +289,6 @@ def test_validate_stream_reply_fits_message_limit(model_store: Path):
             reply = client.stub.ValidateStream(iter(fitting), timeout=CALL_TIMEOUT_S)
             assert len(reply.scores) == 2650
             assert reply.ByteSize() <= 20000
-    finally:
-        running.stop()
 
 
 def _rejected_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -1249,6 +1252,24 @@ def test_validate_refuses_values_the_cast_would_change(
         small_client.validate(beats)
 
 
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"classes": "N"}, "classes must be a list of class names (or None), one per beat"),
+        ({"classes": {0: "N"}}, "got dict"),
+        ({"classes": [1]}, "got list"),
+        ({"fs_hz": "360"}, "fs_hz='360' is not a number"),
+        ({"margin": True}, "margin=True is not a number"),
+    ],
+)
+def test_validate_names_arguments_of_wrong_type(
+    small_client: ApplianceClient, arguments: dict[str, Any], named: str
+):
+    beats = np.zeros((1, 1, 256), dtype=np.float32)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        small_client.validate(beats, **arguments)
+
+
 def test_client_accepts_numpy_numbers(small_server: ApplianceServer):
     with ApplianceClient(
         f"127.0.0.1:{small_server.port}",
@@ -1279,6 +1300,10 @@ def test_validate_splits_a_set_over_the_servers_limits(small_client: ApplianceCl
     assert (strict.scores[strict.accepted] >= 0.9 - 1e-6).all()
     assert (strict.scores[~strict.accepted] < 0.9 + 1e-6).all()
 
+    # An empty set still reaches the server, which names the empty field.
+    with pytest.raises(grpc.RpcError) as empty:
+        small_client.validate(beats[:0])
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A failure in the third call (beats 100 to 129) names the beat in the whole set.
     beats[110, 0, 3] = np.nan
     with pytest.raises(CallPartError) as raised:
@@ -1300,23 +1325,10 @@ def test_validate_splits_a_set_over_the_servers_limits(small_client: ApplianceCl
 
 def test_validate_message_size_follows_the_servers_limit(model_store: Path):
     # The smallest message limit takes 14 one-lead beats of 256 samples per message.
-    running = create_server(
-        model_store,
-        ServeConfig(
-            port=0,
-            workers=2,
-            intra_op_threads=1,
-            max_message_bytes=16 * 1024,
-            grace_s=1.0,
-            drain_s=0.0,
-        ),
-    )
-    try:
+    with _serving(model_store, max_message_bytes=16 * 1024) as running:
         with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
             info = client.model_info()
             reply = client.validate(_beats(info, 100))
             assert reply.scores.shape == (100,)
             alone = client.validate(_beats(info, 1)).scores[0]
             assert reply.scores[0] == pytest.approx(alone, rel=1e-5)
-    finally:
-        running.stop()

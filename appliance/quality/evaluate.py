@@ -159,12 +159,19 @@ def _evaluate_one(
     top_up = generator.sample(top_up_counts, seed + 1)
     stage_done("sampling")
     metrics: dict[str, Any] = {
+        "requested_counts": _named_counts(counts),
         "synthetic_counts": synthetic.counts(),
+        "requested_top_up_counts": _named_counts(top_up_counts),
         "top_up_counts": top_up.counts(),
     }
     metrics.update(
         utility(synthetic, top_up, real_train, data.test, trtr_f1, config.classifier, seed)
     )
+    # A class that was requested as top-up but got no beat was not rebalanced at all; the
+    # difference of two real-only classifiers would read as its gain.
+    for name, requested in metrics["requested_top_up_counts"].items():
+        if requested > 0 and metrics["top_up_counts"][name] == 0:
+            metrics["rebalancing_gain"][name] = None
     stage_done("tstr_and_rebalancing")
     real_eval = subsample(data.fit, config.eval_per_class, seed)
     synthetic_eval = subsample(synthetic, config.eval_per_class, seed)
@@ -192,6 +199,11 @@ def _evaluate_one(
     metrics["privacy"] = privacy
     logger.info("generator=%s evaluation done", generator.name)
     return GeneratorFigures(metrics, synthetic, dcr_synthetic)
+
+
+def _named_counts(counts: dict[int, int]) -> dict[str, int]:
+    """Return per-class counts keyed by AAMI class name, every class present."""
+    return {name: int(counts.get(index, 0)) for index, name in enumerate(AAMI_CLASSES)}
 
 
 def _distances(

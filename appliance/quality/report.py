@@ -114,6 +114,15 @@ def build_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = write_figures(out_dir, data, evaluation, scores)
+    # A report with fewer generators leaves an earlier report's other figures in place.
+    stale = sorted(p.name for p in out_dir.glob("beats_*.png") if p.name not in figures)
+    if stale:
+        logger.warning(
+            "figures of an earlier report stay in out_dir=%s files=%s; this report does not "
+            "show them, so remove them or pass another --out",
+            out_dir,
+            ",".join(stale),
+        )
     summary = {
         "model_id": version.manifest.get("model_id"),
         "model_version": version.manifest.get("version"),
@@ -358,7 +367,7 @@ def render_html(summary: dict[str, Any], image_sources: Mapping[str, str] | None
     )
     banner = "".join(
         f"<p class='warning'><strong>Warning:</strong> {html.escape(warning)}.</p>"
-        for warning in report_warnings(summary["protocol"])
+        for warning in report_warnings(summary)
     )
     f1_head = "".join(f"<th>{c}</th>" for c in (*AAMI_CLASSES, "macro"))
     f1_rows = [("TRTR (real)", summary["trtr_f1"])]
