@@ -834,10 +834,10 @@ def _command_generate(args: argparse.Namespace) -> int:
             for name in names
             if (args.out / name).exists()
         ]
-        kept = f"; its {', '.join(earlier)} are from an earlier run" if earlier else ""
+        earlier_note = f"; its {', '.join(earlier)} are from an earlier run" if earlier else ""
         raise ApplianceError(
             f"no beat of the {requested} requested was accepted, from {counts_text}; {fix}. "
-            f"Nothing was written to {args.out}{kept}"
+            f"Nothing was written to {args.out}{earlier_note}"
         )
     paths = _write_generated(args, result, info)
     sys.stdout.write(

@@ -311,14 +311,14 @@ class CallPartError(FailedCallError):
 
 
 def request_total(request: pb.GenerateRequest) -> int:
-    """Return the beats a Generate request asks for: its class counts, else its count."""
+    """Return the beats a Generate request requests: its class counts, else its count."""
     return sum(item.count for item in request.class_counts) or request.count
 
 
 class GenerateInterruptedError(FailedCallError):
     """A Generate call failed after some beats had arrived; ``received`` keeps those beats.
 
-    It reads as the failed call: ``code()`` is that call's status, and ``details()`` says how
+    It reads as the failed call: ``code()`` is that call's status, and ``details()`` states how
     many beats arrived first. The received beats passed the gate like any others, so they may
     be kept; a new call with another seed can ask for the rest.
 

@@ -113,8 +113,8 @@ def shortfall_warnings(generators: dict[str, Any]) -> list[str]:
         received = metrics.get("synthetic_counts")
         if not isinstance(requested, dict) or not isinstance(received, dict):
             continue
-        wanted, got = sum(requested.values()), sum(received.values())
-        if wanted == 0 or got * 2 >= wanted:
+        requested_total, got = sum(requested.values()), sum(received.values())
+        if requested_total == 0 or got * 2 >= requested_total:
             continue
         per_class = ", ".join(
             f"{label} {received.get(label, 0)} of {count}"
@@ -122,7 +122,7 @@ def shortfall_warnings(generators: dict[str, Any]) -> list[str]:
             if count > 0
         )
         warnings.append(
-            f"generator {name} returned {got} of the {wanted} beats requested for the "
+            f"generator {name} returned {got} of the {requested_total} beats requested for the "
             f"synthetic training set ({per_class}), because its draw budget ran out. Its "
             "figures rest on those few beats and do not describe the generator; a figure "
             "it could not compute is n/a. Train the model longer, or report at a lower "

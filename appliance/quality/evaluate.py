@@ -167,8 +167,8 @@ def _evaluate_one(
     metrics.update(
         utility(synthetic, top_up, real_train, data.test, trtr_f1, config.classifier, seed)
     )
-    # A class that was requested as top-up but got no beat was not rebalanced at all; the
-    # difference of two real-only classifiers would read as its gain.
+    # A class that got none of its requested top-up beats was not rebalanced. Its "gain" would
+    # be the difference of two classifiers trained on the same real beats.
     for name, requested in metrics["requested_top_up_counts"].items():
         if requested > 0 and metrics["top_up_counts"][name] == 0:
             metrics["rebalancing_gain"][name] = None
