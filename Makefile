@@ -59,6 +59,7 @@ bench: venv
 	$(PY) benchmarks/flops.py
 	$(PY) benchmarks/gate.py
 	$(PY) benchmarks/grpc_throughput.py
+	$(PY) benchmarks/unread_streams.py
 	$(PY) benchmarks/quality.py --out runs/quality
 
 clean:

@@ -828,13 +828,10 @@ def _command_generate(args: argparse.Namespace) -> int:
     )
     fix = no_beat_fix(stats, args.temperature)
     if stats.accepted == 0:
-        earlier = [
-            name
-            for names in GENERATE_FILES.values()
-            for name in names
-            if (args.out / name).exists()
-        ]
-        earlier_note = f"; its {', '.join(earlier)} are from an earlier run" if earlier else ""
+        earlier = _generate_files_in(args.out, list(GENERATE_FILES))
+        earlier_note = (
+            f"; the files {', '.join(earlier)} there are from an earlier run" if earlier else ""
+        )
         raise ApplianceError(
             f"no beat of the {requested} requested was accepted, from {counts_text}; {fix}. "
             f"Nothing was written to {args.out}{earlier_note}"
@@ -855,6 +852,11 @@ def _command_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_files_in(out: Path, formats: list[str]) -> list[str]:
+    """Return the names of generate's files of ``formats`` that exist in ``out``."""
+    return [name for fmt in formats for name in GENERATE_FILES[fmt] if (out / name).exists()]
+
+
 def _write_generated(args: argparse.Namespace, result: Generated, info: Any) -> list[Path]:
     """Write generated beats to ``--out`` in ``--format``, warning about earlier files there.
 
@@ -863,20 +865,16 @@ def _write_generated(args: argparse.Namespace, result: Generated, info: Any) -> 
     """
     from appliance.outputs import write_beats
 
-    written_names = GENERATE_FILES[args.format]
-    replaced = [name for name in written_names if (args.out / name).exists()]
+    replaced = _generate_files_in(args.out, [args.format])
     if replaced:
         logger.warning(
             "replacing files of an earlier generate in out=%s files=%s",
             args.out,
             ",".join(replaced),
         )
-    other_format = [
-        name
-        for names in GENERATE_FILES.values()
-        for name in names
-        if name not in written_names and (args.out / name).exists()
-    ]
+    other_format = _generate_files_in(
+        args.out, [fmt for fmt in GENERATE_FILES if fmt != args.format]
+    )
     if other_format:
         logger.warning(
             "files of an earlier generate in another format stay in out=%s files=%s; they "
@@ -972,13 +970,17 @@ def _check_cache_dir(args: argparse.Namespace) -> None:
 
 
 def _check_writable_folder(
-    folder: Path, option: str = "--out", keep_created: bool = False
+    folder: Path,
+    option: str = "--out",
+    keep_created: bool = False,
+    advice: str = "pass a folder that this user can create and write to, e.g. under the home "
+    "or current folder",
 ) -> None:
     """Create ``folder`` and a file in it, then remove both, or raise ``UsageError``.
 
     Unless ``keep_created`` is set, the check leaves no folder or file behind. It tries the
     write instead of asking ``os.access``, because ``os.access`` reports success to root on
-    folders such as ``/proc`` where creating a folder fails.
+    folders such as ``/proc`` where creating a folder fails. ``advice`` ends the message.
     """
     created = []
     missing = folder
@@ -992,10 +994,8 @@ def _check_writable_folder(
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise UsageError(
-            f"{option} {folder}: {step} failed ({exc.strerror or exc}); pass a folder that "
-            "this user can create and write to, e.g. under the home or current folder"
-        ) from exc
+        reason = exc.strerror or exc
+        raise UsageError(f"{option} {folder}: {step} failed ({reason}); {advice}") from exc
     finally:
         # Deepest first, so each folder is empty when it is removed.
         for path in [] if keep_created else created:
@@ -1014,7 +1014,7 @@ def _command_validate(args: argparse.Namespace) -> int:
 
     from appliance.baseline import check_baseline
     from appliance.client import ApplianceClient
-    from appliance.outputs import read_lead_names, read_sampling_rate
+    from appliance.outputs import read_lead_names, read_r_position, read_sampling_rate
 
     if args.input.is_dir():
         candidates = sorted(
@@ -1033,7 +1033,10 @@ def _command_validate(args: argparse.Namespace) -> int:
             "(beats, leads, window_samples) in mV, or a .csv or WFDB file written by generate"
         )
     beats, classes = _read_validate_input(args.input)
-    fs_hz = read_sampling_rate(args.input)
+    try:
+        fs_hz = read_sampling_rate(args.input)
+    except ValueError as exc:
+        raise UsageError(f"--input {exc}") from exc
     if beats.ndim != 3:
         raise UsageError(
             f"--input {args.input} has shape {beats.shape}; expected (beats, leads, "
@@ -1053,8 +1056,20 @@ def _command_validate(args: argparse.Namespace) -> int:
     client = _client(args)
     assert isinstance(client, ApplianceClient)
     with client:
+        info = client.cached_model_info()
+        r_position = read_r_position(args.input)
+        if r_position is not None and r_position != info.pre_r_samples:
+            logger.warning(
+                "input=%s beat annotations mark sample %d of each window, but the model's "
+                "windows have their R peak at sample %d; beats cut around another point "
+                "score low, so cut each window %d samples before its R peak",
+                args.input,
+                r_position,
+                info.pre_r_samples,
+                info.pre_r_samples,
+            )
         # Lead names vary between sources (MLII, II), so other names are a warning only.
-        model_leads = list(client.model_info().leads)
+        model_leads = list(info.leads)
         input_leads = read_lead_names(args.input)
         if input_leads is not None and input_leads != model_leads:
             logger.warning(
@@ -1186,16 +1201,21 @@ def _command_report(args: argparse.Namespace) -> int:
     if not args.no_attach:
         folder = attach_report(args.store, figures, embedded_html(figures, args.out))
         try:
-            current = current_version_id(args.store)
-        except ApplianceError:
-            current = None
+            current: str | None = current_version_id(args.store)
+            unreadable = ""
+        except ApplianceError as exc:
+            current, unreadable = None, str(exc)
         if current == figures["model_version"]:
             served = "; GetQualityReport returns it"
+        elif current is None:
+            served = f", but the store's current version cannot be read now ({unreadable})"
         else:
-            # Another model was published while the report ran.
+            # Another model was published while the report ran. A running server keeps the
+            # model it loaded, so it still returns this report.
             served = (
-                f", but the store's current version is now {current}: a server on this store "
-                "returns that version's report, if it has one; run report again to describe it"
+                f", but the store's current version is now {current}: a server started from "
+                "now on serves that version and returns its report, if it has one, while a "
+                "server that is running keeps this model and returns this report"
             )
         sys.stdout.write(
             f"attached the report of model {figures['model_id']} to {folder}{served}\n"
@@ -1214,8 +1234,14 @@ def _check_reports_folder(store: Path) -> None:
             "that name; move the file away, or pass --no-attach to write the report to --out "
             "only"
         )
-    # The folder is created on attach anyway, so it is kept.
-    _check_writable_folder(reports, "--store", keep_created=True)
+    # The folder is created on attach anyway, so it is kept. Moving the store is not the fix.
+    _check_writable_folder(
+        reports,
+        "--store",
+        keep_created=True,
+        advice="give this user write access to it, or pass --no-attach to write the report to "
+        "--out only",
+    )
 
 
 def _check_report_temperature(temperature: float) -> None:
@@ -1704,11 +1730,14 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
         )
     address = getattr(args, "address", "the server")
     # A stream that delivered beats had reached the server; the address and TLS are fine.
-    interrupted = getattr(exc, "received", None) is not None
-    if interrupted and name in ("UNAVAILABLE", "CANCELLED"):
+    received = getattr(exc, "received", None)
+    if received is not None and name in ("UNAVAILABLE", "CANCELLED"):
+        missing = int(getattr(exc, "requested", 0)) - len(received.classes)
         sys.stderr.write(
             f"error: {address} ended the stream: {name}: {details}; the server may be "
-            "shutting down or restarting, so generate the rest again when it serves\n"
+            f"shutting down or restarting. When it serves again, generate the {missing} "
+            "missing beats with another --out, so that the beats written are kept, and "
+            "another --seed or none, so that they are new beats\n"
         )
     elif name == "UNAVAILABLE":
         if not hint:

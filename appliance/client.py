@@ -16,11 +16,14 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from appliance.baseline import find_input_problem, measure_beat_levels, summarise_beat_levels
 from appliance.classes import AAMI_CLASSES
 from appliance.serve_config import (
     DEFAULT_MAX_BEATS_PER_REQUEST,
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
+    PROGRESS_INTERVAL_S,
+    REQUEST_FIXED_BYTES,
     validate_message_fit,
     validate_reply_fit,
 )
@@ -242,6 +245,27 @@ def _float32_beats(beats: npt.ArrayLike) -> np.ndarray:
     return wide.astype(np.float32)
 
 
+def _class_names(classes: object) -> list[str | None]:
+    """Return ``classes`` as a list of names or None, from a list, tuple or 1-D array.
+
+    Raises:
+        ValueError: If ``classes`` is a string, a mapping or not iterable, or an entry is
+            neither a string nor None; a string would be read one class per character.
+    """
+    names: list[object] | None = None
+    if not isinstance(classes, str | bytes | Mapping):
+        try:
+            names = list(classes)  # type: ignore[call-overload]
+        except TypeError:
+            names = None
+    if names is None or not all(name is None or isinstance(name, str) for name in names):
+        raise ValueError(
+            "classes must be a list of class names (or None), one per beat, such as "
+            f"['N', 'V', None]; got {type(classes).__name__} {str(classes)[:40]!r}"
+        )
+    return [None if name is None else str(name) for name in names]
+
+
 class StreamStalledError(grpc.RpcError):
     """No message of a Generate stream arrived within the client's timeout; it is cancelled.
 
@@ -250,11 +274,17 @@ class StreamStalledError(grpc.RpcError):
     """
 
     def __init__(self, timeout_s: float) -> None:
-        self._details = (
-            f"no message of the stream arrived within {timeout_s:g} s; a server that is "
-            "drawing sends one at least every 5 s, so it is stalled or too busy to take the "
-            "engine"
-        )
+        if timeout_s <= PROGRESS_INTERVAL_S:
+            cause = (
+                f"a server that is drawing may send nothing for {PROGRESS_INTERVAL_S:g} s, so "
+                f"wait longer than that (timeout_s above {PROGRESS_INTERVAL_S:g})"
+            )
+        else:
+            cause = (
+                f"a drawing server sends a message every {PROGRESS_INTERVAL_S:g} s, so this "
+                "one is stalled, too busy to take its engine, or older than progress messages"
+            )
+        self._details = f"no message of the stream arrived within {timeout_s:g} s; {cause}"
         super().__init__(self._details)
 
     def code(self) -> grpc.StatusCode:
@@ -610,10 +640,12 @@ class ApplianceClient:
         The first call reads the server's limits with GetModelInfo. A set that does not fit one
         message goes with ValidateStream, in messages of at most ``VALIDATE_STREAM_BEATS``
         beats, and a set over the server's limit per request is split into several calls.
-        Every call but the first gets the margin the first call used.
+        Each call gets ``margin``, or the server's default when it is None. The warnings of a
+        split set are computed here over the whole set, with the server's check.
 
         Raises:
-            ValueError: If the beats are not three-dimensional numbers that fit float32,
+            ValueError: If the beats are not three-dimensional numbers that fit float32, one
+                beat is larger than the server's message limit,
                 ``classes`` is not a list of names with one entry per beat, or ``margin`` or
                 ``fs_hz`` is not a number.
             CallPartError: If a call for a later part of a split set failed; it names the beats
@@ -624,15 +656,8 @@ class ApplianceClient:
             raise ValueError(
                 f"beats must have shape (beats, leads, window_samples), got {beats.shape}"
             )
-        if classes is not None and (
-            isinstance(classes, str | bytes | Mapping)
-            or not isinstance(classes, Sequence)
-            or not all(name is None or isinstance(name, str) for name in classes)
-        ):
-            raise ValueError(
-                f"classes must be a list of class names (or None), one per beat, such as "
-                f"['N', 'V', None]; got {type(classes).__name__} {str(classes)[:40]!r}"
-            )
+        if classes is not None:
+            classes = _class_names(classes)
         for name, value in (("margin", margin), ("fs_hz", fs_hz)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Real)
@@ -644,8 +669,15 @@ class ApplianceClient:
                 "class (or None) per beat, or no classes"
             )
         # A server that states no limit (0) has the defaults.
-        limits = self._server_limits()
+        limits = self.cached_model_info()
         message_bytes = limits.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
+        beat_bytes = 4 * beats.shape[1] * beats.shape[2]
+        if beat_bytes + REQUEST_FIXED_BYTES > message_bytes:
+            raise ValueError(
+                f"one beat of shape {beats.shape[1:]} is {beat_bytes} bytes of samples, more "
+                f"than fits the server's message limit of {message_bytes} bytes; the model "
+                f"takes {len(limits.leads)} lead(s) of {limits.window_samples} samples"
+            )
         call_beats = min(
             limits.max_beats_per_request or DEFAULT_MAX_BEATS_PER_REQUEST,
             validate_reply_fit(message_bytes),
@@ -669,19 +701,24 @@ class ApplianceClient:
                 if start == 0:
                     raise
                 raise CallPartError(exc, start, stop, beats.shape[0]) from exc
-            # Later calls use the first call's margin, the server's default when none was set.
-            margin = part.margin if margin is None else margin
             parts.append(part)
+        # The server judges the input of each call alone; the whole set is judged here, with
+        # the same check, so that the warning gives the figures of the set.
+        scale_mv = limits.scale_mv if normalised else 1.0
+        problem = find_input_problem(summarise_beat_levels(measure_beat_levels(beats * scale_mv)))
         return Validated(
             scores=np.concatenate([part.scores for part in parts]),
             accepted=np.concatenate([part.accepted for part in parts]),
             classes=[name for part in parts for name in part.classes],
             margin=parts[0].margin,
-            warnings=list(dict.fromkeys(w for part in parts for w in part.warnings)),
+            warnings=[] if problem is None else [problem.message],
         )
 
-    def _server_limits(self) -> pb.GetModelInfoResponse:
-        """Return the server's GetModelInfo reply, read once per client, for its limits."""
+    def cached_model_info(self) -> pb.GetModelInfoResponse:
+        """Return the server's GetModelInfo reply, read with the first call of this client.
+
+        The limits and the data contract in it are fixed for the life of a server process.
+        """
         if self._limits is None:
             self._limits = self.model_info()
         return self._limits

@@ -622,8 +622,9 @@ class GenerateRun:
 
         Arguments:
             should_stop: Optional callable returning True to stop early (a cancelled call).
-            until_s: ``time.monotonic()`` value after which no new batch starts. At least one
-                batch is drawn per call, so a run always moves on.
+            until_s: ``time.monotonic()`` value after which no new batch starts. A call on a
+                run that is not done draws at least one batch unless ``should_stop`` returns
+                True, so a run always moves on.
         """
         drew = False
         while not self.done:

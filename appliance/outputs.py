@@ -297,6 +297,9 @@ def read_sampling_rate(path: Path) -> float | None:
 
     A WFDB header states it, and so does the classes file that ``generate`` writes beside a
     ``.npy`` file (``fs_hz``). A ``.csv`` file and a plain ``.npy`` array do not.
+
+    Raises:
+        ValueError: If the classes file gives an ``fs_hz`` that is not a number.
     """
     suffix = path.suffix.lower()
     if suffix in (".hea", ".dat", ".atr", ""):
@@ -314,7 +317,14 @@ def read_sampling_rate(path: Path) -> float | None:
         stated = json.loads(labels.read_text()).get("fs_hz")
     except (OSError, ValueError, AttributeError):
         return None
-    return float(stated) if isinstance(stated, int | float) else None
+    if stated is None:
+        return None
+    if isinstance(stated, bool) or not isinstance(stated, int | float):
+        raise ValueError(
+            f"{path}: the classes file {labels} gives fs_hz={stated!r}, which is not a number; "
+            "write the sampling rate in Hz as a number, such as 360, or remove the entry"
+        )
+    return float(stated)
 
 
 def read_lead_names(path: Path) -> list[str] | None:
@@ -342,6 +352,25 @@ def read_lead_names(path: Path) -> list[str] | None:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
         return None
     return list(names)
+
+
+def read_r_position(path: Path) -> int | None:
+    """Return the sample of each window that a WFDB input's beat annotations mark, or None.
+
+    ``read_beats`` has checked that every beat annotation sits at the same place in its
+    window, so the first one gives it. Other inputs state no R position.
+    """
+    if path.suffix.lower() not in (".hea", ".dat", ".atr", ""):
+        return None
+    import wfdb
+
+    try:
+        annotation = wfdb.rdann(str(path.with_suffix("")), "atr")
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None
+    beats = [s for s, symbol in zip(annotation.sample, annotation.symbol, strict=True)
+             if symbol not in NON_BEAT_SYMBOLS]  # fmt: skip
+    return int(beats[0]) if beats else None
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
@@ -424,15 +453,17 @@ def _read_wfdb(record: Path) -> tuple[np.ndarray, list[str] | None]:
     window = signal.shape[0] // count
     # Each annotation must sit at the same place in its window, one window after the last.
     offsets = positions - window * np.arange(count)
-    if not (offsets == offsets[0]).all() or not 0 <= offsets[0] < window:
+    out_of_step = np.flatnonzero((offsets != offsets[0]) | (offsets < 0) | (offsets >= window))
+    if out_of_step.size:
+        first = int(out_of_step[0])
         spacing = np.diff(positions)
         apart = f"{int(np.median(spacing))} samples apart" if spacing.size else "alone"
         raise ValueError(
             f"WFDB record {record} has {signal.shape[0]} samples and {count} beat annotations, "
-            f"which gives windows of {window} samples, but the annotations are {apart} "
-            f"(annotation {int(np.flatnonzero(offsets != offsets[0])[0]) if spacing.size else 0} "
-            "is out of step); validate reads records of consecutive beat windows, one "
-            f"annotation per window at the same place in each. {CONTINUOUS_RECORDING_ADVICE}"
+            f"which gives windows of {window} samples, but the annotations are {apart} and "
+            f"annotation {first}, at sample {int(positions[first])}, lies outside window "
+            f"{first}; validate reads records of consecutive beat windows, one annotation per "
+            f"window at the same place in each. {CONTINUOUS_RECORDING_ADVICE}"
         )
     beats = signal.reshape(count, window, signal.shape[1]).transpose(0, 2, 1)
     classes = [BEAT_SYMBOL_TO_AAMI.get(symbol) for symbol in symbols]

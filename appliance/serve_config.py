@@ -23,6 +23,9 @@ DEFAULT_MAX_CONCURRENT_RPCS = 256
 # A Generate response that the client has not taken after this many seconds cancels the call:
 # gRPC's flow control blocks the worker thread while the client reads nothing.
 DEFAULT_STALLED_SEND_S = 60.0
+# A Generate call that has sent nothing for this long, because most of its draws are rejected,
+# sends a response without beats, so that clients waiting for each message know it is alive.
+PROGRESS_INTERVAL_S = 5.0
 # Smallest message limit accepted: every reply but Generate's and GetQualityReport's stays far
 # below it, and those two split or shrink their replies to fit.
 MIN_MESSAGE_BYTES = 16 * 1024

@@ -38,6 +38,7 @@ from appliance.serve_config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_STALLED_SEND_S,
     MAX_TEMPERATURE,
+    PROGRESS_INTERVAL_S,
     validate_reply_fit,
 )
 from appliance.server_errors import (
@@ -70,9 +71,6 @@ GENERATE_PIECE_BEATS = 256
 RESPONSE_OVERHEAD_BYTES = 1024
 # Tolerance when comparing a request's fs_hz with the model's, in Hz.
 FS_TOLERANCE_HZ = 1e-3
-# A Generate call that has sent nothing for this long, because most of its draws are rejected,
-# sends a response without beats, so that clients waiting for each message know it is alive.
-PROGRESS_INTERVAL_S = 5.0
 # How often a call waiting for an engine slot checks whether its client is still there, in s.
 SLOT_POLL_S = 0.1
 
@@ -410,8 +408,8 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         Each chunk is generated from its own seed derived from the request seed, and the
         client's cancellation or deadline is checked before each chunk and between engine
         batches, so an abandoned call frees its worker within one batch. While most draws are
-        rejected, a response without beats or stats follows every ``progress_interval_s`` of
-        drawing that accepted too few beats for a chunk.
+        rejected, a response without beats or stats goes out whenever the call has sent nothing
+        for ``progress_interval_s``, between two batches of drawing.
         """
         with rpc_call("Generate", context) as call:
             engine = self._ready_engine()
@@ -440,6 +438,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 margin=margin, privacy_threshold=engine.privacy_threshold, seed=seed
             )
             call.counts["accepted"] = 0
+            sent = _SendClock(self.progress_interval_s)
             for part, portion in enumerate(_portions(counts, chunk_beats)):
                 if not context.is_active():
                     raise CallCancelledError
@@ -447,6 +446,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     engine,
                     context,
                     call,
+                    sent,
                     portion,
                     temperature,
                     margin,
@@ -468,6 +468,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                     )
                     with _stall_guard(context, self.stalled_send_s, call):
                         yield chunk
+                    sent.mark()
             if not context.is_active():
                 raise CallCancelledError
             call.counts.update(
@@ -486,6 +487,7 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
         engine: Engine,
         context: grpc.ServicerContext,
         call: CallRecord,
+        sent: _SendClock,
         portion: dict[int, int],
         temperature: float,
         margin: float,
@@ -497,9 +499,10 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
 
         A portion of at most ``GENERATE_PIECE_BEATS`` beats is one piece with the portion's
         seed. A larger one is split, each piece with a seed derived from the portion's, so that
-        other calls get the engine between pieces. A piece that draws for longer than
-        ``progress_interval_s`` gives the engine back and yields a progress response without
-        beats, so that the client knows the call is alive; it then draws on where it paused.
+        other calls get the engine between pieces. When the call has sent nothing for
+        ``progress_interval_s``, drawing pauses after its current batch, gives the engine back
+        and yields a progress response without beats, so that the client knows the call is
+        alive. It then draws on where it paused.
 
         Returns:
             The portion's result, through ``yield from``.
@@ -514,21 +517,20 @@ class ApplianceServicer(pb_grpc.ApplianceServiceServicer):
                 seed=seed if len(pieces) == 1 else _portion_seed(seed, index),
                 max_draws_per_beat=draws_per_beat,
             )
-            while True:
+            while not run.done:
                 if not context.is_active():
                     raise CallCancelledError
                 with self._engine_slot(context):
-                    run.advance(
-                        should_stop=lambda: not context.is_active(),
-                        until_s=time.monotonic() + self.progress_interval_s,
-                    )
-                if run.done:
-                    break
-                if not context.is_active():
-                    raise CallCancelledError
-                call.counts["progress_messages"] = call.counts.get("progress_messages", 0) + 1
-                with _stall_guard(context, self.stalled_send_s, call):
-                    yield self._progress(engine, millivolt)
+                    run.advance(should_stop=lambda: not context.is_active(), until_s=sent.due_s)
+                # The portion's last piece is followed by its chunk at once.
+                last = run.done and index == len(pieces) - 1
+                if time.monotonic() >= sent.due_s and not last:
+                    if not context.is_active():
+                        raise CallCancelledError
+                    call.counts["progress_messages"] = call.counts.get("progress_messages", 0) + 1
+                    with _stall_guard(context, self.stalled_send_s, call):
+                        yield self._progress(engine, millivolt)
+                    sent.mark()
             results.append(run.finish())
         return results[0] if len(results) == 1 else merge_results(results)
 
@@ -889,6 +891,27 @@ def _float32_text(value: float) -> str:
     at float32 precision: 0.2 stays 0.2 and 5.0000005 stays distinct from the limit 5.
     """
     return str(np.float32(value))
+
+
+class _SendClock:
+    """When a Generate call last sent a response, and when its next progress response is due.
+
+    Arguments:
+        interval_s: Seconds without a response after which a progress response is due.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.last_s = time.monotonic()
+
+    @property
+    def due_s(self) -> float:
+        """``time.monotonic()`` value at which a progress response is due."""
+        return self.last_s + self.interval_s
+
+    def mark(self) -> None:
+        """Record that a response was sent now."""
+        self.last_s = time.monotonic()
 
 
 def _portions(counts: dict[int, int], chunk_beats: int) -> Iterator[dict[int, int]]:

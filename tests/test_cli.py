@@ -558,6 +558,10 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         path = folder / "scalar.npy"
         np.save(path, np.float32(1.0))
         (folder / "scalar_classes.json").write_text('{"classes": []}')
+    elif kind == "fs_hz as text":
+        path = folder / "beats.npy"
+        np.save(path, np.zeros((2, 1, 256), np.float32))
+        (folder / "beats_classes.json").write_text('{"classes": ["N", "N"], "fs_hz": "360"}')
     elif kind == "npz archive":
         path = folder / "arrays.npz"
         np.savez(path, beats=np.zeros((2, 1, 256), np.float32))
@@ -590,6 +594,7 @@ def _write_bad_input(folder: Path, kind: str) -> Path:
         ("csv with uneven leads", "of unequal count per lead (MLII 2, V1 1)"),
         ("csv beyond float32", "beat 0 has the value 1e+300, beyond the float32 range"),
         ("scalar npy with classes file", "contains a single number, not beats"),
+        ("fs_hz as text", "gives fs_hz='360', which is not a number; write the sampling rate"),
         ("npz archive", "is a .npz archive, which validate does not read; save the beats"),
         ("npy without beats", "is empty: it contains 0 beats"),
         ("npy beyond float32", "beat 1 has the value 1e+300, beyond the float32 range"),
@@ -777,6 +782,20 @@ def test_validate_reads_generated_formats(server_address: str, tmp_path: Path, f
     assert f"input={out / source} leads=V1 differ from the model's leads=MLII; " in (
         renamed.stderr
     )
+    assert "beat annotations mark sample" not in renamed.stderr
+    if fmt == "wfdb":
+        # Annotations shifted by 30 samples stay in step, so only the model's R position
+        # shows that the windows were cut around another point.
+        import wfdb
+
+        annotation = wfdb.rdann(str(out / "synthetic"), "atr")
+        _rewrite_annotations(out / "synthetic", list(annotation.sample + 30), annotation.symbol)
+        shifted = run_cli("validate", "--address", server_address, "--input", str(out / source))
+        assert shifted.returncode == 0, shifted.stderr
+        assert (
+            f"input={out / source} beat annotations mark sample 120 of each window, but the "
+            "model's windows have their R peak at sample 90; "
+        ) in shifted.stderr
 
     best = run_cli(
         "validate",
@@ -885,7 +904,7 @@ def test_generate_none_accepted_writes_nothing(
         "--out", str(out), "--format", out_format,
     )  # fmt: skip
     assert again.returncode == 1, again.stderr
-    assert f"Nothing was written to {out}; its synthetic.csv are from an earlier run" in (
+    assert f"Nothing was written to {out}; the files synthetic.csv there are from an earlier" in (
         again.stderr
     )
 
@@ -1437,9 +1456,13 @@ def test_read_beats_rejects_annotations_out_of_step(tmp_path: Path) -> None:
         read_beats(tmp_path / "few.hea")
     assert str(raised.value).startswith(
         f"WFDB record {tmp_path / 'few'} has 5120 samples and 10 beat annotations, which gives "
-        "windows of 512 samples, but the annotations are 256 samples apart (annotation 1 is "
-        "out of step)"
+        "windows of 512 samples, but the annotations are 256 samples apart and annotation 1, "
+        "at sample 346, lies outside window 1; "
     )
+    # Evenly spaced annotations that start one window late lie outside their windows too.
+    _rewrite_annotations(tmp_path / "few", [256 * i + 90 for i in range(1, 21)], ["N"] * 20)
+    with pytest.raises(ValueError, match=r"annotation 0, at sample 346, lies outside window 0"):
+        read_beats(tmp_path / "few.hea")
 
 
 def test_read_beats_headerless_csv_hint(tmp_path: Path) -> None:
@@ -1738,21 +1761,11 @@ def test_stuck_thread_does_not_block_exit() -> None:
     assert "calls still running 1.0 s after the server stopped" in result.stderr
 
 
-class _StalledRun:
-    """A generation run that never ends: every draw rejected, its time limit ignored."""
-
-    done = False
-
-    def advance(self, should_stop, until_s: float = 0.0) -> None:  # noqa: ANN001
-        deadline = time.monotonic() + 60.0
-        while not should_stop() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
 def test_generate_writes_beats_that_arrived_before_a_failure(
     model_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import numpy as np
+    from stalled_run import StalledRun
 
     from appliance.client import ApplianceClient, class_name
     from appliance.server import ServeConfig, create_server
@@ -1771,7 +1784,7 @@ def test_generate_writes_beats_that_arrived_before_a_failure(
         def second_class_stalls(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             # Each class is its own chunk: the first class arrives, the second never does.
             runs.append(args)
-            return real_start(*args, **kwargs) if len(runs) == 1 else _StalledRun()
+            return real_start(*args, **kwargs) if len(runs) == 1 else StalledRun()
 
         monkeypatch.setattr(engine, "start_generate", second_class_stalls)
         out = tmp_path / "out"
@@ -1822,7 +1835,9 @@ def test_stream_ended_by_server_is_not_blamed_on_the_address(
     assert capsys.readouterr().err == (
         "error: 127.0.0.1:50051 ended the stream: UNAVAILABLE: the stream failed after 2 of "
         "the 10 requested beats had arrived: Cancelling all calls; the server may be shutting "
-        "down or restarting, so generate the rest again when it serves\n"
+        "down or restarting. When it serves again, generate the 8 missing beats with another "
+        "--out, so that the beats written are kept, and another --seed or none, so that they "
+        "are new beats\n"
     )
     # Before any beat arrived, UNAVAILABLE still points at the address.
     assert _report_rpc_error(ShuttingDown(), args) == 1
@@ -1865,6 +1880,25 @@ def test_report_names_a_version_published_meanwhile(
     assert last == (
         f"attached the report of model {evaluated.manifest['model_id']} to "
         f"{store / 'reports' / evaluated.path.name}, but the store's current version is now "
-        "v-later: a server on this store returns that version's report, if it has one; run "
-        "report again to describe it"
+        "v-later: a server started from now on serves that version and returns its report, if "
+        "it has one, while a server that is running keeps this model and returns this report"
+    )
+
+
+def test_report_unwritable_reports_folder_advises_no_attach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import appliance.__main__ as cli
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    # Root may write anywhere, so the refusal is simulated where the check writes its file.
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(cli.UsageError) as raised:
+        cli._check_reports_folder(tmp_path)
+    assert str(raised.value) == (
+        f"--store {tmp_path / 'reports'}: writing a file in the folder failed (Permission "
+        "denied); give this user write access to it, or pass --no-attach to write the report "
+        "to --out only"
     )

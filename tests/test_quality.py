@@ -350,6 +350,8 @@ def test_beats_figure_withholds_few_real_beats(protocol):
         assert len(panel.lines) == synthetic_count, name
         assert "real mean and band left out" in panel.get_title(), name
         assert f"fewer than {MIN_REAL_BEATS_PER_CLASS}" in panel.get_title(), name
+        # Wrapped to the panel, so that the last panel's title stays inside the figure.
+        assert max(len(line) for line in panel.get_title().splitlines()) <= 40, name
 
 
 def test_real_vs_synthetic_withholds_few_real_beats(protocol):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc
+from stalled_run import StalledRun
 
 from appliance.client import (
     ApplianceClient,
@@ -541,7 +542,8 @@ def test_validate_runs_between_generate_pieces(model_store: Path):
     try:
         assert running.plan.engine_slots == 1
         with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
-            info = client.model_info()
+            # Read through the client's cache, so that validate below makes only its own call.
+            info = client.cached_model_info()
             # One class, so that the first chunk is all 2048 beats: eight pieces of 256.
             request = pb.GenerateRequest(
                 class_counts=[pb.ClassCount(beat_class=pb.BEAT_CLASS_N, count=2048)],
@@ -554,7 +556,9 @@ def test_validate_runs_between_generate_pieces(model_store: Path):
             first_chunk: list[float] = []
 
             def read_first() -> None:
-                next(stream)
+                # Progress messages without beats may come first.
+                while not next(stream).samples.count:
+                    pass
                 first_chunk.append(time.monotonic())
 
             started = time.monotonic()
@@ -839,7 +843,8 @@ def test_unread_generate_frees_worker(model_store: Path, caplog: pytest.LogCaptu
                 call = client.stub.Generate(
                     request, timeout=300.0, metadata=(("x-request-id", f"unread-{i}"),)
                 )
-                assert next(call).samples.count > 0
+                # Progress messages without beats may come before the first chunk.
+                assert any(message.samples.count for message in call)
                 calls.append(call)
 
             def cancelled() -> list[str]:
@@ -1110,22 +1115,11 @@ def test_generate_timeout_bounds_each_chunk_not_the_stream(small_server: Applian
     assert elapsed_s > 2.0
 
 
-class _DrawingUntilCancelled:
-    """A generation run whose draws are all rejected and that ignores its time limit."""
-
-    done = False
-
-    def advance(self, should_stop, until_s: float = 0.0) -> None:  # noqa: ANN001
-        deadline = time.monotonic() + 60.0
-        while not should_stop() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
 def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     engine = small_server.engine
     assert engine is not None
-    monkeypatch.setattr(engine, "start_generate", lambda *a, **k: _DrawingUntilCancelled())
+    monkeypatch.setattr(engine, "start_generate", lambda *a, **k: StalledRun())
     request = pb.GenerateRequest(count=5, chunk_beats=1)
     with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=1.0) as client:
         with pytest.raises(StreamStalledError) as raised:
@@ -1142,6 +1136,49 @@ def test_stalled_generate_stream_is_cancelled(small_server: ApplianceServer, cap
     )
 
 
+class _SlowRun:
+    """A real generation run whose every ``advance`` first sleeps for ``delay_s``."""
+
+    def __init__(self, run, delay_s: float) -> None:  # noqa: ANN001
+        self.run = run
+        self.delay_s = delay_s
+
+    @property
+    def done(self) -> bool:
+        return bool(self.run.done)
+
+    def advance(self, should_stop, until_s: float) -> None:  # noqa: ANN001
+        time.sleep(self.delay_s)
+        self.run.advance(should_stop, until_s)
+
+    def finish(self):  # noqa: ANN201
+        return self.run.finish()
+
+
+def test_generate_sends_progress_between_pieces_of_a_chunk(model_store: Path, monkeypatch):
+    # A chunk of 768 beats is three pieces of 256. Each piece here ends within one pause of
+    # 0.3 s and one batch, so no piece runs past the 0.5 s interval on its own; the silence
+    # still must not last the whole chunk.
+    request = pb.GenerateRequest(chunk_beats=768, margin=0.0, seed=8)
+    request.class_counts.add(beat_class=pb.BEAT_CLASS_N, count=768)
+    with _serving(model_store) as running:
+        engine = running.engine
+        assert engine is not None
+        real_start = engine.start_generate
+        with ApplianceClient(f"127.0.0.1:{running.port}", timeout_s=CALL_TIMEOUT_S) as client:
+            plain = list(client.stub.Generate(request))
+            monkeypatch.setattr(running.servicer, "progress_interval_s", 0.5)
+            monkeypatch.setattr(
+                engine, "start_generate", lambda *a, **k: _SlowRun(real_start(*a, **k), 0.3)
+            )
+            paced = list(client.stub.Generate(request))
+    progress = [c for c in paced if c.samples.count == 0 and not c.HasField("stats")]
+    assert progress, "the three pieces of one chunk went out without a progress message"
+    assert b"".join(c.samples.values_f32 for c in paced) == b"".join(
+        c.samples.values_f32 for c in plain
+    )
+
+
 def test_generate_keeps_beats_received_before_a_failure(
     small_server: ApplianceServer, monkeypatch
 ):
@@ -1153,7 +1190,7 @@ def test_generate_keeps_beats_received_before_a_failure(
     def second_run_stalls(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         # The first chunk's run is real; the second never ends, so the client gives up.
         runs.append(args)
-        return real_start(*args, **kwargs) if len(runs) == 1 else _DrawingUntilCancelled()
+        return real_start(*args, **kwargs) if len(runs) == 1 else StalledRun()
 
     monkeypatch.setattr(engine, "start_generate", second_run_stalls)
     with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=1.0) as client:
@@ -1270,6 +1307,13 @@ def test_validate_names_arguments_of_wrong_type(
         small_client.validate(beats, **arguments)
 
 
+def test_validate_takes_classes_as_array_or_tuple(small_client: ApplianceClient):
+    beats = np.zeros((2, 1, 256), dtype=np.float32)
+    for classes in (np.array(["N", "N"]), ("N", None), np.array(["N", None], dtype=object)):
+        reply = small_client.validate(beats, classes=classes)
+        assert reply.classes[0] == "N", classes
+
+
 def test_client_accepts_numpy_numbers(small_server: ApplianceServer):
     with ApplianceClient(
         f"127.0.0.1:{small_server.port}",
@@ -1300,11 +1344,19 @@ def test_validate_splits_a_set_over_the_servers_limits(small_client: ApplianceCl
     assert (strict.scores[strict.accepted] >= 0.9 - 1e-6).all()
     assert (strict.scores[~strict.accepted] < 0.9 + 1e-6).all()
 
+    # The warning of a split set gives the figures of the whole set, not of one call.
+    offset = beats.copy()
+    offset[:60] += 2.0
+    warned = small_client.validate(offset)
+    assert len(warned.warnings) == 1, warned.warnings
+    assert "offset_beats=60 beats=130 " in warned.warnings[0]
+    assert small_client.validate(beats).warnings == []
     # An empty set still reaches the server, which names the empty field.
     with pytest.raises(grpc.RpcError) as empty:
         small_client.validate(beats[:0])
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # A failure in the third call (beats 100 to 129) names the beat in the whole set.
+    # A failure in the third call (beats 100 to 129) names that call's beats, within which the
+    # server counts from 0.
     beats[110, 0, 3] = np.nan
     with pytest.raises(CallPartError) as raised:
         small_client.validate(beats)
@@ -1332,3 +1384,6 @@ def test_validate_message_size_follows_the_servers_limit(model_store: Path):
             assert reply.scores.shape == (100,)
             alone = client.validate(_beats(info, 1)).scores[0]
             assert reply.scores[0] == pytest.approx(alone, rel=1e-5)
+            # A beat larger than one message is named before anything is sent.
+            with pytest.raises(ValueError, match=r"one beat of shape \(1, 8192\) is 32768 bytes"):
+                client.validate(np.zeros((1, 1, 8192), dtype=np.float32))

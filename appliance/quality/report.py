@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import logging
+import textwrap
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 # Synthetic beats drawn per class panel, and the real percentile band around the mean.
 BEATS_PER_PANEL = 12
+# Characters per title line of a beats panel: about the width of a 3.2-inch panel at 8 points.
+TITLE_CHARS = 40
 BAND_PERCENTILES = (5.0, 95.0)
 SCORED_BEATS = 1000
 GOALS = {
@@ -269,7 +272,8 @@ def beats_figure(name: str, data: ProtocolData, synthetic: LabelledBeats) -> Fig
             ax.plot(time_ms, beat, color="tab:red", lw=0.6, alpha=0.6)
         title = f"{class_name}: {real.shape[0]} real, {len(fake)} synthetic shown"
         if not real_band_drawn:
-            title += "\n" + real_band_withheld_note(real.shape[0])
+            # Wrapped to the panel's width, so that the last panel's title is not cut off.
+            title += "\n" + textwrap.fill(real_band_withheld_note(real.shape[0]), TITLE_CHARS)
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("time from R (ms)")
     axes[0].set_ylabel("z-normalised amplitude")
