@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-# Longest time a stalled run waits for its call to be cancelled, in seconds.
+# Maximum time a stalled run waits for its call to be cancelled, in seconds.
 STALL_LIMIT_S = 60.0
 
 
