@@ -248,9 +248,11 @@ def _float32_beats(beats: npt.ArrayLike) -> np.ndarray:
 def _class_names(classes: object) -> list[str | None]:
     """Return ``classes`` as a list of names or None, from a list, tuple or 1-D array.
 
+    A string is rejected because it would be read as one class per character.
+
     Raises:
         ValueError: If ``classes`` is a string, a mapping or not iterable, or an entry is
-            neither a string nor None; a string would be read one class per character.
+            neither a string nor None.
     """
     names: list[object] | None = None
     if not isinstance(classes, str | bytes | Mapping):
@@ -702,8 +704,8 @@ class ApplianceClient:
                     raise
                 raise CallPartError(exc, start, stop, beats.shape[0]) from exc
             parts.append(part)
-        # The server judges the input of each call alone; the whole set is judged here, with
-        # the same check, so that the warning gives the figures of the set.
+        # The server checks each call's beats alone, so the client runs the same check on the
+        # whole set, and the warning gives the figures of the set.
         scale_mv = limits.scale_mv if normalised else 1.0
         problem = find_input_problem(summarise_beat_levels(measure_beat_levels(beats * scale_mv)))
         return Validated(

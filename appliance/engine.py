@@ -628,16 +628,16 @@ class GenerateRun:
         """
         drew = False
         while not self.done:
-            class_index, wanted = self._classes[self._position]
-            budget = wanted * self.max_draws_per_beat
-            if self._accepted >= wanted or self._drawn >= budget:
+            class_index, requested = self._classes[self._position]
+            budget = requested * self.max_draws_per_beat
+            if self._accepted >= requested or self._drawn >= budget:
                 self._close_class()
                 continue
             if should_stop is not None and should_stop():
                 return
             if drew and time.monotonic() >= until_s:
                 return
-            self._draw_batch(class_index, wanted, budget)
+            self._draw_batch(class_index, requested, budget)
             drew = True
 
     def finish(self) -> GenerateResult:
@@ -664,11 +664,11 @@ class GenerateRun:
         )
         return result
 
-    def _draw_batch(self, class_index: int, wanted: int, budget: int) -> None:
+    def _draw_batch(self, class_index: int, requested: int, budget: int) -> None:
         """Draw, invert and gate one batch of the current class."""
         engine = self.engine
         batch = int(
-            min(INFERENCE_BATCH, max(8, 2 * (wanted - self._accepted)), budget - self._drawn)
+            min(INFERENCE_BATCH, max(8, 2 * (requested - self._accepted)), budget - self._drawn)
         )
         z = engine.draw_latent(self._rng, batch, self.temperature, class_index)
         labels = np.full(batch, class_index, dtype=np.int64)
@@ -676,7 +676,7 @@ class GenerateRun:
         self._drawn += batch
         accepted_mask, batch_scores = engine.gate(x, z, labels, self.margin, self.result)
         passed_index = np.flatnonzero(accepted_mask)
-        take_index = passed_index[: wanted - self._accepted]
+        take_index = passed_index[: requested - self._accepted]
         self.result.surplus_dropped += passed_index.size - take_index.size
         self._beats.append(x[take_index])
         self._scores.append(batch_scores[take_index])
@@ -686,10 +686,10 @@ class GenerateRun:
 
     def _close_class(self) -> None:
         """Add the current class's draws to the result and move to the next class."""
-        class_index, wanted = self._classes[self._position]
+        class_index, requested = self._classes[self._position]
         self.result.draws += self._drawn
         self.result.per_class_draws[AAMI_CLASSES[class_index]] = self._drawn
-        if self._accepted < wanted:
+        if self._accepted < requested:
             self.result.budget_exhausted = True
         self._position += 1
         self._accepted = 0

@@ -885,11 +885,12 @@ def test_generate_none_accepted_writes_nothing(
 ) -> None:
     # Draws at temperature 5 are far from the training beats, so none passes margin 0.99.
     out = tmp_path / "out"
-    result = run_cli(
+    command = [
         "generate", "--address", server_address, "--classes", "N=4", "--margin", "0.99",
         "--temperature", "5", "--max-draws-per-beat", "1", "--seed", "3",
         "--out", str(out), "--format", out_format,
-    )  # fmt: skip
+    ]  # fmt: skip
+    result = run_cli(*command)
     assert result.returncode == 1, result.stderr
     assert "no beat of the 4 requested was accepted" in result.stderr
     assert "lower --margin (the call used 0.990)" in result.stderr
@@ -898,11 +899,7 @@ def test_generate_none_accepted_writes_nothing(
     # Files of an earlier run in the folder are named as such.
     out.mkdir()
     (out / "synthetic.csv").write_text("class,score\n")
-    again = run_cli(
-        "generate", "--address", server_address, "--classes", "N=4", "--margin", "0.99",
-        "--temperature", "5", "--max-draws-per-beat", "1", "--seed", "3",
-        "--out", str(out), "--format", out_format,
-    )  # fmt: skip
+    again = run_cli(*command)
     assert again.returncode == 1, again.stderr
     assert f"Nothing was written to {out}; the files synthetic.csv there are from an earlier" in (
         again.stderr
@@ -1765,7 +1762,7 @@ def test_generate_writes_beats_that_arrived_before_a_failure(
     model_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import numpy as np
-    from stalled_run import StalledRun
+    from stalled_run import stall_after_first_run
 
     from appliance.client import ApplianceClient, class_name
     from appliance.server import ServeConfig, create_server
@@ -1778,15 +1775,8 @@ def test_generate_writes_beats_that_arrived_before_a_failure(
         assert len(known) >= 2, "the fixture model knows fewer than two classes"
         engine = server.engine
         assert engine is not None
-        real_start = engine.start_generate
-        runs: list[object] = []
-
-        def second_class_stalls(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            # Each class is its own chunk: the first class arrives, the second never does.
-            runs.append(args)
-            return real_start(*args, **kwargs) if len(runs) == 1 else StalledRun()
-
-        monkeypatch.setattr(engine, "start_generate", second_class_stalls)
+        # Each class is its own chunk: the first class arrives, the second never does.
+        stall_after_first_run(engine, monkeypatch)
         out = tmp_path / "out"
         classes = f"{known[0]}=3,{known[1]}=3"
         result = run_cli(
@@ -1807,7 +1797,7 @@ def test_generate_writes_beats_that_arrived_before_a_failure(
     assert json.loads((out / "synthetic_classes.json").read_text())["classes"] == [known[0]] * 3
 
 
-def test_stream_ended_by_server_is_not_blamed_on_the_address(
+def test_generate_stream_ended_by_server(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     import argparse
@@ -1890,11 +1880,11 @@ def test_report_unwritable_reports_folder_advises_no_attach(
 ) -> None:
     import appliance.__main__ as cli
 
-    def refuse(*args: object, **kwargs: object) -> None:
+    def reject_write(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
     # Root may write anywhere, so the refusal is simulated where the check writes its file.
-    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", reject_write)
     with pytest.raises(cli.UsageError) as raised:
         cli._check_reports_folder(tmp_path)
     assert str(raised.value) == (

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc
-from stalled_run import StalledRun
+from stalled_run import StalledRun, stall_after_first_run
 
 from appliance.client import (
     ApplianceClient,
@@ -1156,9 +1156,9 @@ class _SlowRun:
 
 
 def test_generate_sends_progress_between_pieces_of_a_chunk(model_store: Path, monkeypatch):
-    # A chunk of 768 beats is three pieces of 256. Each piece here ends within one pause of
-    # 0.3 s and one batch, so no piece runs past the 0.5 s interval on its own; the silence
-    # still must not last the whole chunk.
+    # A chunk of 768 beats is three pieces of 256, and each piece here ends within one pause
+    # of 0.3 s and one batch. No piece alone runs past the 0.5 s interval, but the whole chunk
+    # does, so a progress message must come between pieces.
     request = pb.GenerateRequest(chunk_beats=768, margin=0.0, seed=8)
     request.class_counts.add(beat_class=pb.BEAT_CLASS_N, count=768)
     with _serving(model_store) as running:
@@ -1184,15 +1184,9 @@ def test_generate_keeps_beats_received_before_a_failure(
 ):
     engine = small_server.engine
     assert engine is not None
+    # The first chunk's run is real; the second never ends, so the client gives up.
     real_start = engine.start_generate
-    runs: list[object] = []
-
-    def second_run_stalls(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        # The first chunk's run is real; the second never ends, so the client gives up.
-        runs.append(args)
-        return real_start(*args, **kwargs) if len(runs) == 1 else StalledRun()
-
-    monkeypatch.setattr(engine, "start_generate", second_run_stalls)
+    stall_after_first_run(engine, monkeypatch)
     with ApplianceClient(f"127.0.0.1:{small_server.port}", timeout_s=1.0) as client:
         with pytest.raises(GenerateInterruptedError) as raised:
             client.generate(class_counts={"N": 10}, chunk_beats=5, margin=0.0, seed=3)
@@ -1231,7 +1225,8 @@ def test_generate_sends_progress_while_draws_are_rejected(
     for message in progress:
         assert (message.samples.leads, message.samples.window_samples) != (0, 0)
         assert message.fs_hz > 0
-        assert not message.beat_classes and not message.scores
+        assert not message.beat_classes
+        assert not message.scores
     assert chunks[-1].HasField("stats")
     # Pausing changes nothing: the same request without progress gives the same beats.
     monkeypatch.setattr(servicer, "progress_interval_s", 1000.0)

@@ -373,7 +373,7 @@ def test_resume_ignores_cache_folder(tiny_run, tiny_data, tmp_path, caplog) -> N
     caplog.set_level(logging.INFO, logger="appliance.train")
     resumed = train(moved, *tiny_data, tmp_path, resume=True, progress=False)
     assert any("resume checkpoint=" in record.message for record in caplog.records)
-    # The run had reached its epochs: resuming says so and trains no step.
+    # The run had reached its epochs, so resuming logs that and trains no step.
     complete = [r.getMessage() for r in caplog.records if "finds the run complete" in r.message]
     assert complete == [
         f"resume finds the run complete step={state['step']} max_epochs="
