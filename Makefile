@@ -60,6 +60,8 @@ bench: venv
 	$(PY) benchmarks/gate.py
 	$(PY) benchmarks/grpc_throughput.py
 	$(PY) benchmarks/unread_streams.py
+	$(PY) benchmarks/privacy_search.py
+	$(PY) benchmarks/worker_memory.py
 	$(PY) benchmarks/quality.py --out runs/quality
 
 clean:

@@ -12,9 +12,12 @@ import numpy as np
 
 from appliance.scoring import z_normalise
 
-# Training vectors compared per matrix product: 256 queries x 32768 vectors of float32
-# approximate distances is 32 MiB.
-INDEX_CHUNK = 32768
+# Training vectors compared per matrix product. One block of 256 queries x 4096 vectors takes
+# 4 MiB of float32 distances and 8 MiB of int64 positions for the partial sort. The C allocator
+# keeps a call thread's peak after the call, so the block bounds what each server thread holds:
+# blocks of 32768 vectors held about 100 MiB per thread on a 40,000-beat index, and searched
+# no faster (benchmarks/privacy_search.py).
+INDEX_CHUNK = 4096
 # Queries searched together.
 QUERY_BATCH = 256
 # Candidates whose approximate distance is re-computed exactly in float64. float32 products

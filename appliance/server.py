@@ -28,7 +28,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from appliance.engine import Engine
+from appliance.allocator import limit_malloc_arenas, peak_resident_mib
+from appliance.engine import INFERENCE_BATCH, Engine
 from appliance.errors import ModelStoreError
 from appliance.serve_config import ServeConfig, TlsFiles
 from appliance.server_errors import UnservedCallLogger, limit_grpc_library_logs
@@ -165,6 +166,24 @@ def plan_threads(config: ServeConfig, cpus: float, source: str) -> ThreadPlan:
     )
 
 
+def warm_up(engine: Engine, plan: ThreadPlan) -> None:
+    """Generate in every engine slot at once, so that calls run together later add no memory.
+
+    Raises:
+        RuntimeError: If the runs fail, for example because memory runs out.
+    """
+    try:
+        engine.warm_up(plan.engine_slots)
+    except Exception as exc:  # ONNX Runtime's own errors and MemoryError alike
+        detail = str(exc).splitlines()[0] if str(exc) else "no details"
+        raise RuntimeError(
+            f"running both graphs on {INFERENCE_BATCH} beats in {plan.engine_slots} engine "
+            f"slots at once failed ({type(exc).__name__}: {detail[:200]}); give the server "
+            "more memory, or run one slot with --intra-op-threads "
+            f"{max(1, math.floor(plan.cpu_limit))}"
+        ) from exc
+
+
 def self_check(engine: Engine) -> None:
     """Run both graphs on one latent draw per known class and check they invert each other.
 
@@ -280,17 +299,19 @@ class ApplianceServer:
         """
         started = time.monotonic()
         engine = load_served_engine(store, self.plan.intra_op_threads, self.config.require_gpu)
+        warm_up(engine, self.plan)
         version = engine.version
         self.engine = engine
         self.servicer.set_engine(engine, store)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
-            "server serving port=%d model_id=%s provider=%s load_ms=%.0f",
+            "server serving port=%d model_id=%s provider=%s load_ms=%.0f peak_rss_mib=%.0f",
             self.port,
             version.manifest["model_id"],
             engine.execution_provider,
             (time.monotonic() - started) * 1000,
+            peak_resident_mib(),
         )
         return engine
 
@@ -415,6 +436,8 @@ def start_server(config: ServeConfig) -> ApplianceServer:
             config.max_concurrent_rpcs,
             plan.workers,
         )
+    # Before the worker threads start, so that they share the capped arenas.
+    malloc_arenas = plan.engine_slots + 1 if limit_malloc_arenas(plan.engine_slots + 1) else 0
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="rpc"),
         options=[
@@ -467,7 +490,7 @@ def start_server(config: ServeConfig) -> ApplianceServer:
     logger.info(
         "server listening host=%s port=%d status=NOT_SERVING tls=%s mutual_tls=%s "
         "cpu_limit=%.2f cpu_limit_source=%r workers=%d engine_slots=%d "
-        "intra_op_threads=%d",
+        "intra_op_threads=%d malloc_arenas=%s",
         config.host,
         port,
         config.tls is not None,
@@ -477,6 +500,7 @@ def start_server(config: ServeConfig) -> ApplianceServer:
         plan.workers,
         plan.engine_slots,
         plan.intra_op_threads,
+        malloc_arenas or "uncapped",
     )
     return ApplianceServer(server, port, health_servicer, servicer, plan, config)
 
