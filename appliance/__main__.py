@@ -47,11 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("appliance")
 
 # Files that generate writes into --out, per --format.
-GENERATE_FILES = {
-    "npy": ("synthetic.npy", "synthetic_classes.json"),
-    "csv": ("synthetic.csv",),
-    "wfdb": ("synthetic.hea", "synthetic.dat", "synthetic.atr"),
-}
 # Beats that generate fetches when neither --count nor --classes is given.
 DEFAULT_GENERATE_COUNT = 100
 # Default deadlines of the client commands, in seconds.
@@ -741,6 +736,8 @@ def _command_generate(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a folder, which is created if missing")
     # A link or folder in the place of an output file would redirect or block the write.
+    from appliance.outputs import FORMATS, GENERATE_FILES
+
     for name in GENERATE_FILES[args.format]:
         path = args.out / name
         if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -828,7 +825,7 @@ def _command_generate(args: argparse.Namespace) -> int:
     )
     fix = no_beat_fix(stats, args.temperature)
     if stats.accepted == 0:
-        earlier = _generate_files_in(args.out, list(GENERATE_FILES))
+        earlier = _generate_files_in(args.out, list(FORMATS))
         earlier_note = (
             f"; the files {', '.join(earlier)} there are from an earlier run" if earlier else ""
         )
@@ -854,6 +851,8 @@ def _command_generate(args: argparse.Namespace) -> int:
 
 def _generate_files_in(out: Path, formats: list[str]) -> list[str]:
     """Return the names of generate's files of ``formats`` that exist in ``out``."""
+    from appliance.outputs import GENERATE_FILES
+
     return [name for fmt in formats for name in GENERATE_FILES[fmt] if (out / name).exists()]
 
 
@@ -863,7 +862,7 @@ def _write_generated(args: argparse.Namespace, result: Generated, info: Any) -> 
     Raises:
         ApplianceError: If writing fails, naming the folder.
     """
-    from appliance.outputs import write_beats
+    from appliance.outputs import FORMATS, write_beats
 
     replaced = _generate_files_in(args.out, [args.format])
     if replaced:
@@ -872,9 +871,7 @@ def _write_generated(args: argparse.Namespace, result: Generated, info: Any) -> 
             args.out,
             ",".join(replaced),
         )
-    other_format = _generate_files_in(
-        args.out, [fmt for fmt in GENERATE_FILES if fmt != args.format]
-    )
+    other_format = _generate_files_in(args.out, [fmt for fmt in FORMATS if fmt != args.format])
     if other_format:
         logger.warning(
             "files of an earlier generate in another format stay in out=%s files=%s; they "
@@ -952,6 +949,27 @@ def _check_output_folder(option: str, folder: Path, keep_created: bool = False) 
             f"{option} {folder} is a file; pass a folder, which is created if missing"
         )
     _check_writable_folder(folder, option, keep_created)
+
+
+def _check_job_out(out: Path, data_dir: Path) -> None:
+    """Check the main job's ``--out`` and the folders it writes there, before ingest."""
+    from appliance.pipeline import BEATS_FOLDER
+
+    resolved_out, resolved_data = out.resolve(), data_dir.resolve()
+    if resolved_out == resolved_data or resolved_out.is_relative_to(resolved_data):
+        raise UsageError(
+            f"--out {out} is inside --data {data_dir}; the job writes a WFDB record of synthetic "
+            "beats there, which does not belong beside the real records. Pass an --out outside "
+            "the data folder"
+        )
+    _check_output_folder("--out", out)
+    for name in (BEATS_FOLDER, "model-store", "training"):
+        path = out / name
+        if path.exists() and not path.is_dir():
+            raise UsageError(
+                f"--out {out}: {path} is a file where the job writes a folder; move it away or "
+                "pass another --out"
+            )
 
 
 def _check_data_folder(data_dir: Path) -> None:
@@ -1341,6 +1359,7 @@ def _command_run(args: argparse.Namespace) -> int:
     from appliance.pipeline import run_main_job
 
     _check_data_folder(args.data)
+    _check_job_out(args.out, args.data)
     _check_cache_dir(args)
     summary = run_main_job(args.data, args.out, _config(args), progress=not args.no_progress)
     sys.stdout.write(summary.table + "\n")

@@ -20,6 +20,8 @@ stays importable without gRPC.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class ApplianceError(Exception):
     """Base class of every error the appliance raises on purpose."""
@@ -79,11 +81,17 @@ class StoppedAtOnce(BaseException):  # noqa: N818 - an interrupt, like KeyboardI
 
     Attributes:
         signum: The signal's number; the command line exits with ``128 + signum``.
+        step: The optimiser step training stopped after, or None when it stopped in export.
+        checkpoint: The checkpoint saved at that step, or None when it stopped in export.
     """
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(
+        self, message: str, signum: int, step: int | None = None, checkpoint: Path | None = None
+    ) -> None:
         super().__init__(message)
         self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 class TrainingStoppedError(TrainingError):
@@ -91,11 +99,17 @@ class TrainingStoppedError(TrainingError):
 
     Attributes:
         signum: The signal's number; the command line exits with ``128 + signum``.
+        step: The optimiser step training stopped after, or None when it stopped in export.
+        checkpoint: The checkpoint saved at that step, or None when it stopped in export.
     """
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(
+        self, message: str, signum: int, step: int | None = None, checkpoint: Path | None = None
+    ) -> None:
         super().__init__(message)
         self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 class NonFiniteLossError(TrainingError):

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMATS = ("npy", "csv", "wfdb")
+# The files that ``write_beats`` writes per format under its default name.
+GENERATE_FILES = {
+    "npy": ("synthetic.npy", "synthetic_classes.json"),
+    "csv": ("synthetic.csv",),
+    "wfdb": ("synthetic.hea", "synthetic.dat", "synthetic.atr"),
+}
 # WFDB format 16 stores signed 16-bit integers, with -32768 marking a missing sample. Each
 # lead's gain maps its largest absolute value to this many units, so that a 3 mV peak is
 # stored in steps of about 0.1 uV. A fixed 1 uV step changed the pertinence score of smooth

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -19,9 +24,9 @@ from appliance.classes import AAMI_CLASSES
 from appliance.client import ApplianceClient
 from appliance.config import ApplianceConfig
 from appliance.corrupt import corrupt
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StoppedAtOnce, TrainingStoppedError
 from appliance.jobs import train_and_export
-from appliance.outputs import plot_real_vs_synthetic, write_beats
+from appliance.outputs import GENERATE_FILES, plot_real_vs_synthetic, write_beats
 from appliance.privacy import NearestNeighbourIndex, privacy_space
 from appliance.train import stop_on_signals
 
@@ -32,6 +37,11 @@ REAL_TEST_BEATS = 200
 PIPELINE_CORRUPTIONS = ("gaussian_noise", "flat_line", "amplitude_x0.1", "time_reversed")
 SERVER_START_TIMEOUT_S = 180.0
 SERVER_STOP_TIMEOUT_S = 30.0
+SUMMARY_FILE = "summary.json"
+FIGURE_FILE = "real_vs_synthetic.png"
+BEATS_FOLDER = "synthetic"
+# Formats of the job's beats in BEATS_FOLDER.
+JOB_FORMATS = ("npy", "wfdb")
 
 
 class ServerProcess:
@@ -121,25 +131,128 @@ def run_main_job(
         DataError: If the data folder gives no usable beats.
         ApplianceError: If a stage fails; the server is stopped in any case.
     """
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "model-store"
-    if (out_dir / "summary.json").exists():
+    earlier = earlier_outputs(out_dir)
+    if earlier:
         logger.warning(
-            "out=%s contains an earlier run: its outputs and training checkpoints are replaced, "
-            "and the new model becomes the store's current version; pass another --out to "
-            "keep them",
+            "out=%s contains an earlier run: its outputs are removed now (%s), its training "
+            "checkpoints are replaced, and the new model becomes the store's current version; "
+            "pass another --out to keep them",
             out_dir,
+            ", ".join(str(path.relative_to(out_dir)) for path in earlier),
         )
-    with stop_on_signals():
-        job = train_and_export(data_dir, store, config, out_dir / "training", progress=progress)
+        for path in earlier:
+            path.unlink()
+    try:
+        with stop_on_signals():
+            job = train_and_export(
+                data_dir, store, config, out_dir / "training", progress=progress
+            )
+    except TrainingStoppedError as exc:
+        if exc.checkpoint is None:
+            raise  # stopped in export, whose message names the export command
+        raise TrainingStoppedError(
+            resume_message(exc, data_dir, out_dir), exc.signum, exc.step, exc.checkpoint
+        ) from exc
+    except BaseException:
+        if created:
+            _remove_if_no_files(out_dir)
+        raise
     if job.version is None:
         raise ApplianceError("the main job runs in one process; start it without torchrun")
+    with _stop_job_on_signals(store):
+        return _serve_generate_validate(job, store, out_dir, config)
+
+
+def resume_message(exc: TrainingStoppedError, data_dir: Path, out_dir: Path) -> str:
+    """Return the error of a job whose training a signal stopped, with the command to resume."""
+    resume = shlex.join(
+        [
+            "python",
+            "-m",
+            "appliance",
+            "train",
+            "--data",
+            str(data_dir),
+            "--store",
+            str(out_dir / "model-store"),
+            "--work-dir",
+            str(out_dir / "training"),
+            "--resume",
+        ]
+    )
+    return (
+        f"training stopped by {signal.strsignal(exc.signum)} at step {exc.step}; the checkpoint "
+        f"{exc.checkpoint} is saved and nothing was exported. run has no --resume: `{resume}` "
+        "continues this training and publishes the model, without the job's beats, figure and "
+        "summary; running the job again trains from the start"
+    )
+
+
+def earlier_outputs(out_dir: Path) -> list[Path]:
+    """Return the files of an earlier main job in ``out_dir``: summary, figure and beats."""
+    names = [SUMMARY_FILE, FIGURE_FILE] + [
+        f"{BEATS_FOLDER}/{name}" for fmt in JOB_FORMATS for name in GENERATE_FILES[fmt]
+    ]
+    return [out_dir / name for name in names if (out_dir / name).is_file()]
+
+
+def _remove_if_no_files(folder: Path) -> None:
+    """Remove ``folder`` if it and its subfolders contain no file, as a failed start leaves it."""
+    if any(path.is_file() or path.is_symlink() for path in folder.rglob("*")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stop_job_on_signals(store: Path) -> Iterator[None]:
+    """Turn the first SIGTERM or SIGINT into ``StoppedAtOnce`` while the block runs.
+
+    The exception unwinds through the block's ``finally`` clauses, which stop the job's
+    server. Later signals are logged and ignored until the block ends, so that the server's
+    stop is not cut short.
+    """
+    signals = (signal.SIGTERM, signal.SIGINT)
+    received: list[int] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        if received:
+            logger.warning(
+                "signal=%s received again; ignored while the job's server stops",
+                signal.strsignal(signum),
+            )
+            return
+        received.append(signum)
+        raise StoppedAtOnce(
+            f"stopped by {signal.strsignal(signum)} after training; the model is published in "
+            f"{store}, and the job's beats, figure and summary were not written. Serve that "
+            f"model with `python -m appliance serve --store {store}`, or run the job again, "
+            "which trains again",
+            signum,
+        )
+
+    previous = {number: signal.signal(number, stop) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _serve_generate_validate(
+    job: Any, store: Path, out_dir: Path, config: ApplianceConfig
+) -> JobSummary:
+    """Serve the published model, generate and validate through it, and write the outputs."""
     manifest = job.version.manifest
     server = ServerProcess(store, out_dir)
     try:
         address = server.wait_serving()
         with ApplianceClient(address) as client:
             generated = client.generate(count=GENERATE_COUNT, seed=config.train.seed)
+            if generated.beats.shape[0] == 0:
+                raise ApplianceError(no_beat_message(generated.stats, store))
             rng = np.random.default_rng(config.train.seed)
             test = job.dataset.splits["test"]
             real_source = (
@@ -177,9 +290,9 @@ def run_main_job(
     distances = (
         index.nearest_distance(privacy_space(generated.beats)) if n_synthetic else np.zeros(0)
     )
-    beats_dir = out_dir / "synthetic"
+    beats_dir = out_dir / BEATS_FOLDER
     written: list[Path] = []
-    for fmt in ("npy", "wfdb"):
+    for fmt in JOB_FORMATS:
         written += write_beats(
             beats_dir,
             generated.beats,
@@ -191,7 +304,7 @@ def run_main_job(
             fmt,
         )
     figure = plot_real_vs_synthetic(
-        out_dir / "real_vs_synthetic.png",
+        out_dir / FIGURE_FILE,
         test.windows,
         test.labels,
         generated.beats,
@@ -224,13 +337,29 @@ def run_main_job(
         "auroc_real_vs_corrupted": {k: auroc(real_scores, v) for k, v in kind_scores.items()},
         "synthetic_nearest_train_distance": _quantiles(distances),
         "files": [
-            str(p)
-            for p in [*written, figure, out_dir / "summary.json", store, out_dir / "training"]
+            str(p) for p in [*written, figure, out_dir / SUMMARY_FILE, store, out_dir / "training"]
         ],
         "training": {k: v for k, v in job.result.summary.items() if k != "history"},
     }
-    (out_dir / "summary.json").write_text(json.dumps(figures, indent=2))
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(figures, indent=2))
     return JobSummary(figures=figures, table=_table(figures))
+
+
+def no_beat_message(stats: Any, store: Path) -> str:
+    """Return the error of a job whose Generate call accepted no beat.
+
+    Arguments:
+        stats: The call's ``GenerateStats``.
+        store: The model store the job published to.
+    """
+    return (
+        f"the gate accepted none of {stats.draws} draws at margin {stats.margin:.3f} "
+        f"(pertinence rejections {stats.pertinence_rejections}, privacy rejections "
+        f"{stats.privacy_rejections}, invalid {stats.invalid_rejections}), so the job wrote no "
+        f"beats, figure or summary. The model is published in {store}, but it is not yet "
+        "trained enough to generate: run the job again with a longer --max-minutes or more "
+        "--epochs, or on more records"
+    )
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:

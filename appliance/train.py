@@ -996,4 +996,6 @@ def _stopped(step: int, checkpoint_path: Path) -> TrainingStoppedError:
         f"{checkpoint_path} is saved and nothing was exported. Run the same train command with "
         "--resume (and the same --work-dir) to continue",
         signum,
+        step=step,
+        checkpoint=checkpoint_path,
     )

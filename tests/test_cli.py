@@ -1892,3 +1892,33 @@ def test_report_unwritable_reports_folder_advises_no_attach(
         "denied); give this user write access to it, or pass --no-attach to write the report "
         "to --out only"
     )
+
+
+@pytest.mark.parametrize("placement", ["out_is_file", "synthetic_is_file", "inside_data"])
+def test_run_checks_out_before_ingest(tmp_path: Path, placement: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    record = sorted(DEFAULT_DATA_DIR.glob("*.hea"))[0].stem
+    for suffix in (".hea", ".dat", ".atr"):
+        shutil.copy(DEFAULT_DATA_DIR / f"{record}{suffix}", data / f"{record}{suffix}")
+    out = tmp_path / "out"
+    if placement == "out_is_file":
+        out.write_text("not a folder\n")
+        expected = f"error: --out {out} is a file; pass a folder, which is created if missing"
+    elif placement == "synthetic_is_file":
+        out.mkdir()
+        (out / "synthetic").write_text("not a folder\n")
+        expected = (
+            f"error: --out {out}: {out / 'synthetic'} is a file where the job writes a folder; "
+            "move it away or pass another --out"
+        )
+    else:
+        out = data / "runs" / "latest"
+        expected = f"error: --out {out} is inside --data {data}; the job writes a WFDB record"
+    result = run_cli("run", "--data", str(data), "--out", str(out), timeout_s=120.0)
+    line = usage_error_line(result)
+    assert line.startswith(expected), line
+    # The check runs before ingest, so no record was read and nothing was created.
+    assert "records read" not in result.stdout + result.stderr
+    assert not (data / "runs").exists()
+    assert not (out / "model-store").exists()
