@@ -15,6 +15,7 @@ from appliance.config import DataConfig
 from appliance.ecg import HIGHPASS_ORDER, RecordBeats, read_record
 from appliance.errors import DataError, NoUsableDataError, RecordError
 from appliance.ingest_cache import IngestCache, cache_key
+from appliance.ingest_checks import is_synthetic_record
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,11 @@ SPLITS_FILE = "SPLITS"
 SKIP_LOG_LINES = 20
 # Records named in a group of skipped records that share one reason.
 SKIP_GROUP_NAMES = 3
+# Skip reason of a record that the appliance wrote (generate --format wfdb, run).
+SYNTHETIC_RECORD_REASON = (
+    "synthetic record written by the ECG appliance, not a patient recording; move it out of "
+    "the data folder, and write generated records to a folder outside it"
+)
 # Consequence of an empty split, named in the ingest warning.
 EMPTY_SPLIT_EFFECT = {
     "validation": (
@@ -400,10 +406,12 @@ def _random_split(records: list[str], config: DataConfig) -> dict[str, str]:
 def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     """Read every record of a folder, skip and report bad ones, and split beats by record.
 
-    Each unusable record is skipped. The first ``SKIP_LOG_LINES`` records that fail to read
-    get one warning line each, naming the record and the reason, and the ingest summary lists
-    every skip. With ``config.cache_dir`` set, records whose files and settings are unchanged
-    since an earlier run are taken from the cache.
+    Each unusable record is skipped, and so is each record whose header contains
+    ``appliance.outputs.SYNTHETIC_RECORD_COMMENT`` (the appliance's own output). The first
+    ``SKIP_LOG_LINES`` records that fail to read or are synthetic get one warning line each,
+    naming the record and the reason, and the ingest summary lists every skip. With
+    ``config.cache_dir`` set, records whose files and settings are unchanged since an earlier
+    run are taken from the cache.
 
     Raises:
         DataError: If the folder is missing or empty.
@@ -420,10 +428,15 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     readable: dict[str, RecordBeats] = {}
     read_failures = 0
     for record in records:
-        if record not in split_of:
+        # Checked before the split, so that the reason names the appliance's output even when
+        # a split file or the de Chazal sets leave the record out.
+        if is_synthetic_record(data_dir / f"{record}.hea"):
+            result: RecordBeats | RecordError = RecordError(record, SYNTHETIC_RECORD_REASON)
+        elif record not in split_of:
             report.records_skipped[record] = _unsplit_reason(record, records, data_dir, config)
             continue
-        result = _read_cached(data_dir, record, config, cache)
+        else:
+            result = _read_cached(data_dir, record, config, cache)
         if isinstance(result, RecordError):
             if read_failures < SKIP_LOG_LINES:
                 logger.warning("record=%s action=skip reason=%s", record, result.reason)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import RecordError
+from appliance.outputs import SYNTHETIC_RECORD_COMMENT
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,19 @@ def header_lines(header_path: Path) -> list[str]:
     """Return the non-comment lines of a header file, with line endings removed."""
     text = header_path.read_text(errors="replace")
     return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def is_synthetic_record(header_path: Path) -> bool:
+    """Return whether a header contains the comment that marks the appliance's own output.
+
+    Returns False for a header that cannot be read, so that reading the record reports why.
+    """
+    try:
+        text = header_path.read_text(errors="replace")
+    except OSError:
+        return False
+    comments = (line[1:].strip() for line in text.splitlines() if line.startswith("#"))
+    return SYNTHETIC_RECORD_COMMENT in comments
 
 
 def parse_signal_lines(lines: list[str]) -> list[SignalLine]:

@@ -11,17 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import wfdb
 
 from appliance.config import DataConfig
 from appliance.dataset import (
     DE_CHAZAL_DS1,
     DE_CHAZAL_DS2,
     DE_CHAZAL_EXCLUDED,
+    SYNTHETIC_RECORD_REASON,
     Dataset,
     assign_splits,
     find_records,
     ingest,
 )
+from appliance.outputs import SYNTHETIC_RECORD_COMMENT, write_beats
 
 MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
 WFDB_FORMATS = MITDB.parent / "wfdb-formats"
@@ -213,3 +216,47 @@ def test_cache_damaged_entry_reread(
     # The re-read record replaced the damaged entry.
     assert [path.name for path in cache.glob("101-*.npz")] == [entry.name]
     assert ingest(small_folder, config).report.cache_hits == 3
+
+
+def _write_generated_record(folder: Path, config: DataConfig) -> Path:
+    """Write a record as ``generate --format wfdb`` does, from 40 beats of MIT-BIH 100."""
+    record = wfdb.rdrecord(str(MITDB / "100"), channel_names=["MLII"], sampto=60 * 360)
+    annotation = wfdb.rdann(str(MITDB / "100"), "atr", sampto=60 * 360)
+    starts = [s - config.pre_r_samples for s in annotation.sample if s > config.pre_r_samples]
+    starts = starts[:40]
+    lead = record.p_signal[:, 0]
+    beats = np.stack([lead[start : start + config.window_samples] for start in starts])[:, None]
+    paths = write_beats(
+        folder,
+        beats,
+        ["N"] * len(beats),
+        np.zeros(len(beats)),
+        config.fs_hz,
+        config.pre_r_samples,
+        ["MLII"],
+        "wfdb",
+    )
+    return paths[0]
+
+
+def test_synthetic_record_is_skipped(small_folder, tmp_path, caplog):
+    config = DataConfig(split="random", cache_dir=str(tmp_path / "cache"))
+    header = _write_generated_record(small_folder / "runs" / "latest", config)
+    record = "runs/latest/synthetic"
+    assert record in find_records(small_folder)
+
+    with caplog.at_level(logging.WARNING, logger="appliance.dataset"):
+        dataset = ingest(small_folder, config)
+    assert dataset.report.records_skipped == {record: SYNTHETIC_RECORD_REASON}
+    assert sorted(dataset.report.records_read) == ["100", "101", "103"]
+    assert record not in dataset.report.split_of_record
+    assert f"record={record} action=skip" in caplog.text
+    assert "move it out of the data folder" in dataset.report.table()
+
+    # Without the appliance's comment the same files are read as a patient's record.
+    lines = header.read_text().splitlines()
+    assert f"# {SYNTHETIC_RECORD_COMMENT}" in lines
+    lines.remove(f"# {SYNTHETIC_RECORD_COMMENT}")
+    header.write_text("\n".join(lines) + "\n")
+    unmarked = ingest(small_folder, config)
+    assert record in unmarked.report.records_read
