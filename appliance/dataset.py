@@ -521,7 +521,7 @@ def _read_cached(
     path = data_dir / record
     key = cache_key(path, config) if cache else ""
     if cache:
-        cached = cache.load(record, key)
+        cached = cache.load(record, path, key)
         if cached is not None:
             return cached
     try:
@@ -531,7 +531,7 @@ def _read_cached(
     # A failure of the file system, such as a file this user may not read, can pass without
     # any change to the files' sizes and times that the key covers, so it is not kept.
     if cache and not (isinstance(result, RecordError) and isinstance(result.__cause__, OSError)):
-        cache.store(record, key, result)
+        cache.store(record, path, key, result)
     return result
 
 

@@ -1,10 +1,14 @@
 """Cache of preprocessed beat windows, one file per record.
 
-A cache entry is keyed by a SHA-256 hash of the record's files (path, size and modification time
-in nanoseconds of the header, signal, segment and annotation files), of the settings that change
-the windows, and of ``CACHE_FORMAT``. Editing, replacing or touching any of those files, or
-changing a setting, gives a new key, so the stale entry is never read. It is deleted when the
-new entry is written. Records that failed are cached too, with their reason.
+A cache entry is keyed by a SHA-256 hash of the record's files (resolved absolute path, size and
+modification time in nanoseconds of the header, signal, segment and annotation files), of the
+settings that change the windows, and of ``CACHE_FORMAT``. Editing, replacing or touching any of
+those files, or changing a setting, gives a new key, so the stale entry is never read. It is
+deleted when the new entry is written. Records that failed are cached too, with their reason.
+
+An entry's file name is ``<record>-<location>-<key>.npz``, where the location is a hash of the
+record's resolved path. Records of the same name in two data folders therefore have entries of
+their own, and ingesting one folder does not delete the other folder's entries.
 
 An entry that cannot be read or decoded (a truncated or empty file, metadata with missing or
 unknown fields, arrays of inconsistent shapes, or non-finite windows) is logged at WARNING and
@@ -13,10 +17,12 @@ treated as a miss, so the record is read from its WFDB files again and the entry
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import uuid
 import zipfile
@@ -33,13 +39,15 @@ from appliance.ingest_checks import header_lines
 logger = logging.getLogger(__name__)
 
 # Raise when the content or meaning of a cache entry changes, so old entries are not read.
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 # DataConfig fields that do not change a record's windows and so stay out of the key.
 SETTINGS_OUTSIDE_KEY = frozenset(
     {"split", "split_seed", "validation_fraction", "test_fraction", "cache_dir"}
 )
 # Hex digits of the key in an entry's file name (128 bits).
 KEY_CHARS = 32
+# Hex digits of the record location hash in an entry's file name (64 bits).
+LOCATION_CHARS = 16
 _ARRAYS = ("windows", "labels", "r_samples")
 # RecordBeats fields stored in an entry's JSON metadata, with the JSON types they must have.
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -102,18 +110,34 @@ def cache_key(path: Path, config: DataConfig) -> str:
     }
     digest = hashlib.sha256(json.dumps([CACHE_FORMAT, settings], default=str).encode())
     for file in record_files(path, config):
+        # The path tells apart copies of a record in two folders whose files have the same
+        # names, sizes and times, as cp -p, rsync -t and tar x leave them.
+        location = str(_resolved(file))
         try:
             stat = file.stat()
         except FileNotFoundError:
-            digest.update(f"{file.name}:absent".encode())
+            digest.update(json.dumps([location, "absent"]).encode() + b"\n")
             continue
         except OSError:
             # A file this user may not reach: a key of the failure is not kept (see store), and
             # the record is read, and reported, without the cache.
-            digest.update(f"{file.name}:unreadable:{uuid.uuid4().hex}".encode())
+            digest.update(json.dumps([location, "unreadable", uuid.uuid4().hex]).encode() + b"\n")
             continue
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(json.dumps([location, stat.st_size, stat.st_mtime_ns]).encode() + b"\n")
     return digest.hexdigest()
+
+
+def _resolved(path: Path) -> Path:
+    """Return the absolute path with symbolic links resolved, or only absolute on a link loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on a symbolic link loop
+        return path.absolute()
+
+
+def _location(path: Path) -> str:
+    """Return the hex hash of a record's resolved path that names its cache entries."""
+    return hashlib.sha256(str(_resolved(path)).encode()).hexdigest()[:LOCATION_CHARS]
 
 
 class IngestCache:
@@ -129,16 +153,21 @@ class IngestCache:
         self.misses = 0
         self.write_failed = False
 
-    def _entry(self, record: str, key: str) -> Path:
-        return self.folder / f"{_safe_name(record)}-{key[:KEY_CHARS]}.npz"
+    def _entry(self, record: str, path: Path, key: str) -> Path:
+        return self.folder / f"{_safe_name(record)}-{_location(path)}-{key[:KEY_CHARS]}.npz"
 
-    def load(self, record: str, key: str) -> RecordBeats | RecordError | None:
+    def load(self, record: str, path: Path, key: str) -> RecordBeats | RecordError | None:
         """Return the cached beats or cached failure of a record, or None on a miss.
 
         A damaged entry counts as a miss and is logged once at WARNING with its path and the
         reason. The next ``store`` of the record replaces it.
+
+        Arguments:
+            record: Record name relative to the data folder.
+            path: Record path without extension.
+            key: The record's ``cache_key``.
         """
-        entry = self._entry(record, key)
+        entry = self._entry(record, path, key)
         try:
             # The file is opened here because np.load leaves a path it opened unclosed when the
             # zip directory is damaged (numpy 2.4).
@@ -161,8 +190,10 @@ class IngestCache:
         self.hits += 1
         return result
 
-    def store(self, record: str, key: str, result: RecordBeats | RecordError) -> None:
-        """Write a record's beats or failure, replacing older entries of the same record.
+    def store(self, record: str, path: Path, key: str, result: RecordBeats | RecordError) -> None:
+        """Write a record's beats or failure, replacing older entries of the same record path.
+
+        Entries of a record of the same name in another folder are kept.
 
         A write that fails (a folder this user may not write, a full disk) is logged once at
         WARNING; the cache then takes no more entries in this run, and ingest goes on.
@@ -170,7 +201,7 @@ class IngestCache:
         if self.write_failed:
             return
         try:
-            self._write(record, key, result)
+            self._write(record, path, key, result)
         except OSError as exc:
             self.write_failed = True
             logger.warning(
@@ -183,7 +214,7 @@ class IngestCache:
                 os.getuid(),
             )
 
-    def _write(self, record: str, key: str, result: RecordBeats | RecordError) -> None:
+    def _write(self, record: str, path: Path, key: str, result: RecordBeats | RecordError) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {}
         if isinstance(result, RecordError):
@@ -191,9 +222,9 @@ class IngestCache:
         else:
             arrays = {name: getattr(result, name) for name in _ARRAYS}
             meta = {name: getattr(result, name) for name in _META_TYPES}
-        entry = self._entry(record, key)
-        for old in self.folder.glob(f"{_safe_name(record)}-*.npz"):
-            if old != entry and old.stem[: -len("-") - KEY_CHARS] == _safe_name(record):
+        entry = self._entry(record, path, key)
+        for old in self.folder.glob(f"{glob.escape(_safe_name(record))}-*.npz"):
+            if old != entry and _is_stale_entry(old.stem, record, path):
                 old.unlink(missing_ok=True)
         # Write to a temporary name and rename, so a reader never sees half a file.
         handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
@@ -246,3 +277,17 @@ def _decode(record: str, meta: object, arrays: dict[str, np.ndarray]) -> RecordB
 
 def _safe_name(record: str) -> str:
     return record.replace("/", "__")
+
+
+def _is_stale_entry(stem: str, record: str, path: Path) -> bool:
+    """Return whether an entry file name belongs to this record path under any key.
+
+    Names of ``CACHE_FORMAT`` 4 and older (``<record>-<key>``) match too, because their keys
+    can no longer be produced and the files would stay forever.
+    """
+    name = re.escape(_safe_name(record))
+    key = f"[0-9a-f]{{{KEY_CHARS}}}"
+    return bool(
+        re.fullmatch(f"{name}-{_location(path)}-{key}", stem)
+        or re.fullmatch(f"{name}-{key}", stem)
+    )

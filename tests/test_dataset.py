@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import wfdb
 
+from appliance.classes import AAMI_CLASSES
 from appliance.config import DataConfig
 from appliance.dataset import (
     DE_CHAZAL_DS1,
@@ -152,6 +153,61 @@ def test_cache_invalidated_by_settings(small_folder, tmp_path):
     # The split does not change a record's windows, so it stays out of the key.
     resplit = ingest(small_folder, dataclasses.replace(changed_config, split_seed=7))
     assert resplit.report.cache_hits == 3
+
+
+def test_cache_keeps_same_named_records_apart(tmp_path):
+    # Two copies of record 100 with equal file names, sizes and times, as cp -p leaves them,
+    # but with the N beats of the second copy relabelled V.
+    first, second = tmp_path / "first", tmp_path / "second"
+    annotation = wfdb.rdann(str(MITDB / "100"), "atr")
+    relabelled = ["V" if symbol == "N" else symbol for symbol in annotation.symbol]
+    mtime_ns = (MITDB / "100.atr").stat().st_mtime_ns
+    for folder, symbols in ((first, annotation.symbol), (second, relabelled)):
+        folder.mkdir()
+        for suffix in (".hea", ".dat"):
+            shutil.copy2(MITDB / f"100{suffix}", folder / f"100{suffix}")
+        wfdb.wrann(
+            "100",
+            "atr",
+            annotation.sample,
+            symbol=symbols,
+            aux_note=annotation.aux_note,
+            fs=annotation.fs,
+            write_dir=str(folder),
+        )
+        os.utime(folder / "100.atr", ns=(mtime_ns, mtime_ns))
+    for suffix in (".hea", ".dat", ".atr"):
+        first_stat, second_stat = (first / f"100{suffix}").stat(), (second / f"100{suffix}").stat()
+        assert first_stat.st_size == second_stat.st_size, suffix
+        assert first_stat.st_mtime_ns == second_stat.st_mtime_ns, suffix
+
+    cache = tmp_path / "cache"
+    config = DataConfig(split="random", cache_dir=str(cache))
+    first_cold = ingest(first, config).splits["train"].labels
+    second_cold = ingest(second, config).splits["train"].labels
+    assert not np.array_equal(first_cold, second_cold)
+    v_class = AAMI_CLASSES.index("V")
+    assert np.count_nonzero(second_cold == v_class) > np.count_nonzero(first_cold == v_class)
+
+    # Ingesting the folders in turn keeps both entries, so each run is a cache hit.
+    assert len(list(cache.glob("100-*.npz"))) == 2
+    for folder, labels in ((first, first_cold), (second, second_cold), (first, first_cold)):
+        warm = ingest(folder, config)
+        assert warm.report.cache_hits == 1, folder
+        np.testing.assert_array_equal(warm.splits["train"].labels, labels)
+
+
+def test_cache_deletes_only_own_entries(small_folder, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old_format = cache / f"101-{'0' * 32}.npz"
+    other_folder = cache / f"101-{'0' * 16}-{'0' * 32}.npz"
+    for entry in (old_format, other_folder):
+        entry.write_bytes(b"")
+    ingest(small_folder, DataConfig(split="random", cache_dir=str(cache)))
+    assert not old_format.exists()
+    assert other_folder.exists()
+    assert len(list(cache.glob("101-*.npz"))) == 2
 
 
 def _rewrite_entry(entry: Path, change: str) -> None:

@@ -57,7 +57,8 @@ def format_results(cached_formats) -> dict[str, RecordBeats | RecordError]:
     cache = IngestCache(Path(config.cache_dir))
     results: dict[str, RecordBeats | RecordError] = {}
     for record in find_records(WFDB_FORMATS):
-        cached = cache.load(record, cache_key(WFDB_FORMATS / record, config))
+        path = WFDB_FORMATS / record
+        cached = cache.load(record, path, cache_key(path, config))
         assert cached is not None, f"record {record} missing from the ingest cache"
         results[record] = cached
     return results
