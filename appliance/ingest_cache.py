@@ -70,9 +70,13 @@ class DamagedEntryError(ValueError):
 
 
 def record_files(path: Path, config: DataConfig) -> list[Path]:
-    """List the files a record is read from: headers, signal files and the annotation file."""
+    """List the files a record is read from: headers, signal files and the annotation file.
+
+    File and segment names are joined to the header's folder as written, so that a name with a
+    folder part (``sig/105.dat``) gives a key instead of an error. read_record then reports it.
+    """
     header = path.with_name(f"{path.name}.hea")
-    files = [header, path.with_name(f"{path.name}.{config.annotation_extension}")]
+    files = [header, path.parent / f"{path.name}.{config.annotation_extension}"]
     # A header that is not a readable file leaves the key to the file names, so that
     # read_record reports the record's problem.
     lines = _readable_header_lines(header)
@@ -80,8 +84,11 @@ def record_files(path: Path, config: DataConfig) -> list[Path]:
         for line in lines[1:]:
             segment = line.split()[0]
             if segment != "~":
-                files.extend(record_files(path.with_name(segment), config)[:1])
-                files.extend(_signal_files(path.with_name(f"{segment}.hea")))
+                # Only the segment's own header and signal files: a segment that names the
+                # master header would otherwise recurse without end.
+                segment_header = path.parent / f"{segment}.hea"
+                files.append(segment_header)
+                files.extend(_signal_files(segment_header))
     else:
         files.extend(_signal_files(header))
     return files
@@ -98,7 +105,7 @@ def _readable_header_lines(header: Path) -> list[str]:
 def _signal_files(header: Path) -> list[Path]:
     lines = _readable_header_lines(header)
     names = {line.split()[0] for line in lines[1:] if line.split()[0] != "~"}
-    return [header.with_name(name) for name in sorted(names)]
+    return [header.parent / name for name in sorted(names)]
 
 
 def cache_key(path: Path, config: DataConfig) -> str:
@@ -118,6 +125,11 @@ def cache_key(path: Path, config: DataConfig) -> str:
         except FileNotFoundError:
             digest.update(json.dumps([location, "absent"]).encode() + b"\n")
             continue
+        except ValueError:
+            # A name with a NUL character, taken from the header, whose size and time the key
+            # already covers. read_record reports the record.
+            digest.update(json.dumps([location, "invalid name"]).encode() + b"\n")
+            continue
         except OSError:
             # A file this user may not reach: a key of the failure is not kept (see store), and
             # the record is read, and reported, without the cache.
@@ -128,10 +140,13 @@ def cache_key(path: Path, config: DataConfig) -> str:
 
 
 def _resolved(path: Path) -> Path:
-    """Return the absolute path with symbolic links resolved, or only absolute on a link loop."""
+    """Return the absolute path with symbolic links resolved where the file system allows it.
+
+    A symbolic link loop or a name with a NUL character gives the absolute path unresolved.
+    """
     try:
         return path.resolve()
-    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on a symbolic link loop
+    except (OSError, RuntimeError, ValueError):  # Python 3.11 raises RuntimeError on a loop
         return path.absolute()
 
 

@@ -116,6 +116,30 @@ def parse_signal_lines(lines: list[str]) -> list[SignalLine]:
     return signals
 
 
+def check_file_names(record: str, lines: list[str]) -> None:
+    """Raise if a signal file or segment named in a header contains a folder part.
+
+    Arguments:
+        record: Record name used in the error.
+        lines: Header lines from ``header_lines``, of a single-segment or multi-segment header.
+
+    Raises:
+        RecordError: Naming the file, because wfdb 4.3.1 accepts only a bare file name there
+            (it rejects ``sig/105.dat`` as invalid header syntax).
+    """
+    multi_segment = "/" in lines[0].split()[0]
+    for line in lines[1:]:
+        name = line.split()[0]
+        if "/" not in name:
+            continue
+        kind = "segment" if multi_segment else "signal file"
+        raise RecordError(
+            record,
+            f"{kind} {name!r} named in the header is in a subfolder, which wfdb does not read; "
+            "move its files beside the header and write the name without the folder",
+        )
+
+
 def check_adc_gains(
     record: str, lines: list[str], lead_names: list[str], preferred: tuple[str, ...] = ()
 ) -> None:
