@@ -420,7 +420,7 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     data_dir = Path(data_dir)
     records = find_records(data_dir)
     split_of = assign_splits(records, data_dir, config)
-    cache = IngestCache(Path(config.cache_dir)) if config.cache_dir else None
+    cache = IngestCache(Path(config.cache_dir), config) if config.cache_dir else None
     report = IngestReport()
     per_split: dict[str, list[RecordBeats]] = {split: [] for split in SPLITS}
     fs_of_record: dict[str, float] = {}

@@ -13,6 +13,9 @@ their own, and ingesting one folder does not delete the other folder's entries.
 An entry that cannot be read or decoded (a truncated or empty file, metadata with missing or
 unknown fields, arrays of inconsistent shapes, or non-finite windows) is logged at WARNING and
 treated as a miss, so the record is read from its WFDB files again and the entry is rewritten.
+So is an entry that does not fit the settings: windows of another length than
+``window_samples`` or with another number of leads than ``n_leads``, or labels that are not
+AAMI class indices.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.classes import AAMI_CLASSES
 from appliance.config import DataConfig
 from appliance.ecg import RecordBeats
 from appliance.errors import RecordError
@@ -160,10 +164,12 @@ class IngestCache:
 
     Arguments:
         folder: Cache folder; created on first write.
+        config: Data settings that each loaded entry must fit.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, config: DataConfig) -> None:
         self.folder = Path(folder)
+        self.config = config
         self.hits = 0
         self.misses = 0
         self.write_failed = False
@@ -189,7 +195,7 @@ class IngestCache:
             with entry.open("rb") as file, np.load(file, allow_pickle=False) as stored:
                 meta = json.loads(str(stored["meta"]))
                 arrays = {name: stored[name] for name in _ARRAYS if name in stored}
-            result = _decode(record, meta, arrays)
+            result = _decode(record, meta, arrays, self.config)
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -252,12 +258,15 @@ class IngestCache:
             raise
 
 
-def _decode(record: str, meta: object, arrays: dict[str, np.ndarray]) -> RecordBeats | RecordError:
+def _decode(
+    record: str, meta: object, arrays: dict[str, np.ndarray], config: DataConfig
+) -> RecordBeats | RecordError:
     """Rebuild a record's result from an entry's metadata and arrays.
 
     Raises:
         DamagedEntryError: If a field is missing, unknown or of the wrong type, the arrays
-            disagree in shape, or a window contains NaN or infinity.
+            disagree in shape, a window contains NaN or infinity, or the entry does not fit
+            ``config`` (see ``_check_settings``).
     """
     if not isinstance(meta, dict):
         raise DamagedEntryError(f"metadata is a JSON {type(meta).__name__}, not an object")
@@ -287,7 +296,43 @@ def _decode(record: str, meta: object, arrays: dict[str, np.ndarray]) -> RecordB
     if not np.isfinite(windows).all():
         bad = int(np.count_nonzero(~np.isfinite(windows).all(axis=(1, 2))))
         raise DamagedEntryError(f"{bad} of {len(windows)} windows contain NaN or infinity")
+    _check_settings(windows, labels, r_samples, meta, config)
     return RecordBeats(record=record, windows=windows, labels=labels, r_samples=r_samples, **meta)
+
+
+def _check_settings(
+    windows: np.ndarray,
+    labels: np.ndarray,
+    r_samples: np.ndarray,
+    meta: dict[str, Any],
+    config: DataConfig,
+) -> None:
+    """Raise unless an entry's arrays fit the window length, lead count and AAMI classes.
+
+    The key covers the settings, so only an entry written by other code or edited by hand
+    fails here. Ingest would otherwise concatenate its windows with other records' windows of
+    another shape, or train on labels that name no class.
+
+    Raises:
+        DamagedEntryError: Naming the value found and the value the settings expect.
+    """
+    expected = (config.n_leads, config.window_samples)
+    if windows.shape[1:] != expected:
+        raise DamagedEntryError(
+            f"windows have shape {windows.shape}, but the settings give (beats, n_leads, "
+            f"window_samples) = (beats, {expected[0]}, {expected[1]})"
+        )
+    if len(meta["leads"]) != config.n_leads:
+        raise DamagedEntryError(f"metadata names {len(meta['leads'])} leads, not {config.n_leads}")
+    for name, values in (("labels", labels), ("r_samples", r_samples)):
+        if not np.issubdtype(values.dtype, np.integer):
+            raise DamagedEntryError(f"{name} have dtype {values.dtype}, not integer")
+    outside = (labels < 0) | (labels >= len(AAMI_CLASSES))
+    if outside.any():
+        raise DamagedEntryError(
+            f"{int(np.count_nonzero(outside))} labels lie outside the AAMI class indices "
+            f"0 to {len(AAMI_CLASSES) - 1}, such as {int(labels[outside][0])}"
+        )
 
 
 def _safe_name(record: str) -> str:

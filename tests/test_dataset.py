@@ -228,6 +228,18 @@ def _rewrite_entry(entry: Path, change: str) -> None:
     elif change in ("nan_window", "inf_window"):
         arrays["windows"] = arrays["windows"].copy()
         arrays["windows"][3, 0, 10] = np.nan if change == "nan_window" else np.inf
+    elif change == "short_windows":
+        arrays["windows"] = arrays["windows"][:, :, :128]
+    elif change == "two_leads":
+        arrays["windows"] = np.concatenate([arrays["windows"], arrays["windows"]], axis=1)
+        meta["leads"] = meta["leads"] * 2
+    elif change == "two_lead_names":
+        meta["leads"] = meta["leads"] * 2
+    elif change in ("label_too_large", "label_negative"):
+        arrays["labels"] = arrays["labels"].copy()
+        arrays["labels"][5] = len(AAMI_CLASSES) if change == "label_too_large" else -1
+    elif change == "float_labels":
+        arrays["labels"] = arrays["labels"].astype(np.float64)
     with entry.open("wb") as file:
         np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -241,6 +253,12 @@ def _rewrite_entry(entry: Path, change: str) -> None:
         ("missing_key", "missing=['beat_source']"),
         ("nan_window", "1 of"),
         ("inf_window", "NaN or infinity"),
+        ("short_windows", "(beats, 1, 256)"),
+        ("two_leads", "windows have shape"),
+        ("two_lead_names", "names 2 leads, not 1"),
+        ("label_too_large", "1 labels lie outside the AAMI class indices 0 to 4, such as 5"),
+        ("label_negative", "such as -1"),
+        ("float_labels", "labels have dtype float64"),
     ],
 )
 def test_cache_damaged_entry_reread(

@@ -54,7 +54,7 @@ def cached_formats(shared_data, tmp_path_factory) -> tuple[Dataset, DataConfig]:
 def format_results(cached_formats) -> dict[str, RecordBeats | RecordError]:
     """Each record's beats, or the error that rejected it, as the ingest run cached them."""
     _, config = cached_formats
-    cache = IngestCache(Path(config.cache_dir))
+    cache = IngestCache(Path(config.cache_dir), config)
     results: dict[str, RecordBeats | RecordError] = {}
     for record in find_records(WFDB_FORMATS):
         path = WFDB_FORMATS / record
