@@ -528,11 +528,34 @@ def _read_cached(
         result: RecordBeats | RecordError = read_record(path, record, config)
     except RecordError as exc:
         result = exc
-    # A failure of the file system, such as a file this user may not read, can pass without
-    # any change to the files' sizes and times that the key covers, so it is not kept.
-    if cache and not (isinstance(result, RecordError) and isinstance(result.__cause__, OSError)):
+    if cache and not (isinstance(result, RecordError) and _is_transient(result)):
         cache.store(record, path, key, result)
     return result
+
+
+def _is_transient(error: RecordError) -> bool:
+    """Return whether a record failed through an error that may pass on the next run.
+
+    Such failures can pass without any change to the files' sizes and times that the cache
+    key covers, so they are not cached: those of the file system (``OSError``, as for a file
+    this user may not read) and a lack of memory (``MemoryError``). The chain of causes is
+    followed as a traceback shows it, so a ``MemoryError`` that a wrapper caught counts too.
+    """
+    seen: set[int] = set()
+    cause = _cause_of(error)
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (OSError, MemoryError)):
+            return True
+        seen.add(id(cause))
+        cause = _cause_of(cause)
+    return False
+
+
+def _cause_of(error: BaseException) -> BaseException | None:
+    """Return the exception that a traceback shows before ``error``, or None."""
+    if error.__cause__ is not None:
+        return error.__cause__
+    return None if error.__suppress_context__ else error.__context__
 
 
 def _unsplit_reason(record: str, records: list[str], data_dir: Path, config: DataConfig) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import wfdb
 
+from appliance import ecg
 from appliance.classes import AAMI_CLASSES
 from appliance.config import DataConfig
 from appliance.dataset import (
@@ -208,6 +209,31 @@ def test_cache_deletes_only_own_entries(small_folder, tmp_path):
     assert not old_format.exists()
     assert other_folder.exists()
     assert len(list(cache.glob("101-*.npz"))) == 2
+
+
+@pytest.mark.parametrize("target", ["_read_record", "wfdb.rdrecord"])
+def test_cache_skips_memory_error(small_folder, tmp_path, monkeypatch, target):
+    cache = tmp_path / "cache"
+    config = DataConfig(split="random", cache_dir=str(cache))
+    owner = ecg.wfdb if target == "wfdb.rdrecord" else ecg
+    name = target.rpartition(".")[2]
+    original = getattr(owner, name)
+
+    def fail_on_101(path: str | Path, *args: object, **kwargs: object) -> object:
+        if Path(path).name == "101":
+            raise MemoryError("out of memory")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, fail_on_101)
+    failed = ingest(small_folder, config)
+    assert "MemoryError" in failed.report.records_skipped["101"]
+    assert list(cache.glob("101-*.npz")) == []
+
+    # Once memory is available the record is read again, not taken as a cached failure.
+    monkeypatch.undo()
+    again = ingest(small_folder, config)
+    assert "101" in again.report.records_read
+    assert again.report.cache_hits == 2
 
 
 def _rewrite_entry(entry: Path, change: str) -> None:
