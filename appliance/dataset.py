@@ -536,10 +536,10 @@ def _read_cached(
 def _is_transient(error: RecordError) -> bool:
     """Return whether a record failed through an error that may pass on the next run.
 
-    Such failures can pass without any change to the files' sizes and times that the cache
-    key covers, so they are not cached: those of the file system (``OSError``, as for a file
-    this user may not read) and a lack of memory (``MemoryError``). The chain of causes is
-    followed as a traceback shows it, so a ``MemoryError`` that a wrapper caught counts too.
+    Such failures are not cached, because they can pass without any change to the files'
+    sizes and times that the cache key covers. They are the file system's (``OSError``, as for
+    a file this user may not read) and a lack of memory (``MemoryError``). The chain of causes
+    is followed as a traceback shows it, so a ``MemoryError`` that a wrapper caught counts too.
     """
     seen: set[int] = set()
     cause = _cause_of(error)

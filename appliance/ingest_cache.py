@@ -121,7 +121,7 @@ def cache_key(path: Path, config: DataConfig) -> str:
     }
     digest = hashlib.sha256(json.dumps([CACHE_FORMAT, settings], default=str).encode())
     for file in record_files(path, config):
-        # The path tells apart copies of a record in two folders whose files have the same
+        # The path distinguishes copies of a record in two folders whose files have equal
         # names, sizes and times, as cp -p, rsync -t and tar x leave them.
         location = str(_resolved(file))
         try:
@@ -130,8 +130,8 @@ def cache_key(path: Path, config: DataConfig) -> str:
             digest.update(json.dumps([location, "absent"]).encode() + b"\n")
             continue
         except ValueError:
-            # A name with a NUL character, taken from the header, whose size and time the key
-            # already covers. read_record reports the record.
+            # The header names a file with a NUL character. The header's size and time are
+            # already in the key, and read_record reports the record.
             digest.update(json.dumps([location, "invalid name"]).encode() + b"\n")
             continue
         except OSError:
