@@ -15,6 +15,7 @@ from appliance.config import DataConfig
 from appliance.ecg import HIGHPASS_ORDER, RecordBeats, read_record
 from appliance.errors import DataError, NoUsableDataError, RecordError
 from appliance.ingest_cache import IngestCache, cache_key
+from appliance.ingest_checks import is_synthetic_record
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,11 @@ SPLITS_FILE = "SPLITS"
 SKIP_LOG_LINES = 20
 # Records named in a group of skipped records that share one reason.
 SKIP_GROUP_NAMES = 3
+# Skip reason of a record that the appliance wrote (generate --format wfdb, run).
+SYNTHETIC_RECORD_REASON = (
+    "synthetic record written by the ECG appliance, not a patient recording; move it out of "
+    "the data folder, and write generated records to a folder outside it"
+)
 # Consequence of an empty split, named in the ingest warning.
 EMPTY_SPLIT_EFFECT = {
     "validation": (
@@ -400,10 +406,12 @@ def _random_split(records: list[str], config: DataConfig) -> dict[str, str]:
 def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     """Read every record of a folder, skip and report bad ones, and split beats by record.
 
-    Each unusable record is skipped. The first ``SKIP_LOG_LINES`` records that fail to read
-    get one warning line each, naming the record and the reason, and the ingest summary lists
-    every skip. With ``config.cache_dir`` set, records whose files and settings are unchanged
-    since an earlier run are taken from the cache.
+    Each unusable record is skipped, and so is each record whose header contains
+    ``appliance.outputs.SYNTHETIC_RECORD_COMMENT`` (the appliance's own output). The first
+    ``SKIP_LOG_LINES`` records that fail to read or are synthetic get one warning line each,
+    naming the record and the reason, and the ingest summary lists every skip. With
+    ``config.cache_dir`` set, records whose files and settings are unchanged since an earlier
+    run are taken from the cache.
 
     Raises:
         DataError: If the folder is missing or empty.
@@ -412,7 +420,7 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     data_dir = Path(data_dir)
     records = find_records(data_dir)
     split_of = assign_splits(records, data_dir, config)
-    cache = IngestCache(Path(config.cache_dir)) if config.cache_dir else None
+    cache = IngestCache(Path(config.cache_dir), config) if config.cache_dir else None
     report = IngestReport()
     per_split: dict[str, list[RecordBeats]] = {split: [] for split in SPLITS}
     fs_of_record: dict[str, float] = {}
@@ -420,10 +428,15 @@ def ingest(data_dir: Path, config: DataConfig) -> Dataset:
     readable: dict[str, RecordBeats] = {}
     read_failures = 0
     for record in records:
-        if record not in split_of:
+        # Checked before the split, so that the reason names the appliance's output even when
+        # a split file or the de Chazal sets leave the record out.
+        if is_synthetic_record(data_dir / f"{record}.hea"):
+            result: RecordBeats | RecordError = RecordError(record, SYNTHETIC_RECORD_REASON)
+        elif record not in split_of:
             report.records_skipped[record] = _unsplit_reason(record, records, data_dir, config)
             continue
-        result = _read_cached(data_dir, record, config, cache)
+        else:
+            result = _read_cached(data_dir, record, config, cache)
         if isinstance(result, RecordError):
             if read_failures < SKIP_LOG_LINES:
                 logger.warning("record=%s action=skip reason=%s", record, result.reason)
@@ -508,18 +521,41 @@ def _read_cached(
     path = data_dir / record
     key = cache_key(path, config) if cache else ""
     if cache:
-        cached = cache.load(record, key)
+        cached = cache.load(record, path, key)
         if cached is not None:
             return cached
     try:
         result: RecordBeats | RecordError = read_record(path, record, config)
     except RecordError as exc:
         result = exc
-    # A failure of the file system, such as a file this user may not read, can pass without
-    # any change to the files' sizes and times that the key covers, so it is not kept.
-    if cache and not (isinstance(result, RecordError) and isinstance(result.__cause__, OSError)):
-        cache.store(record, key, result)
+    if cache and not (isinstance(result, RecordError) and _is_transient(result)):
+        cache.store(record, path, key, result)
     return result
+
+
+def _is_transient(error: RecordError) -> bool:
+    """Return whether a record failed through an error that may pass on the next run.
+
+    Such failures are not cached, because they can pass without any change to the files'
+    sizes and times that the cache key covers. They are the file system's (``OSError``, as for
+    a file this user may not read) and a lack of memory (``MemoryError``). The chain of causes
+    is followed as a traceback shows it, so a ``MemoryError`` that a wrapper caught counts too.
+    """
+    seen: set[int] = set()
+    cause = _cause_of(error)
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (OSError, MemoryError)):
+            return True
+        seen.add(id(cause))
+        cause = _cause_of(cause)
+    return False
+
+
+def _cause_of(error: BaseException) -> BaseException | None:
+    """Return the exception that a traceback shows before ``error``, or None."""
+    if error.__cause__ is not None:
+        return error.__cause__
+    return None if error.__suppress_context__ else error.__context__
 
 
 def _unsplit_reason(record: str, records: list[str], data_dir: Path, config: DataConfig) -> str:

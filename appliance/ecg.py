@@ -20,6 +20,7 @@ from appliance.config import DataConfig
 from appliance.errors import RecordError
 from appliance.ingest_checks import (
     check_adc_gains,
+    check_file_names,
     check_sampling_rate,
     check_segment_count,
     header_lines,
@@ -142,6 +143,7 @@ def _segment_lead_names(
         if not segment_header.exists():
             raise RecordError(record, f"segment header {segment_header.name} not found")
         segment_lines = header_lines(segment_header)
+        check_file_names(record, segment_lines)
         segments.append(segment_lines)
         if not names:
             # The first segment is the layout segment of a variable-layout record, or the first
@@ -163,6 +165,7 @@ def record_lead_names(path: Path, record: str) -> list[str]:
         lines = header_lines(header_path)
         if not lines:
             raise RecordError(record, "header file is empty")
+        check_file_names(record, lines)
         if "/" in lines[0].split()[0]:
             return _segment_lead_names(path, record, lines)[0]
         with contextlib.ExitStack() as stack:
@@ -188,6 +191,7 @@ def _read_leads(
         rate of each lead; the lead names; the frame rate of the record.
     """
     multi_segment = "/" in lines[0].split()[0]
+    check_file_names(record, lines)
     check_sampling_rate(record, lines)
     sample_to: int | None = None
     with contextlib.ExitStack() as stack:

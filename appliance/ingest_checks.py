@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import RecordError
+from appliance.outputs import SYNTHETIC_RECORD_COMMENT
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,19 @@ def header_lines(header_path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
 
 
+def is_synthetic_record(header_path: Path) -> bool:
+    """Return whether a header contains the comment that marks the appliance's own output.
+
+    Returns False for a header that cannot be read, so that reading the record reports why.
+    """
+    try:
+        text = header_path.read_text(errors="replace")
+    except OSError:
+        return False
+    comments = (line[1:].strip() for line in text.splitlines() if line.startswith("#"))
+    return SYNTHETIC_RECORD_COMMENT in comments
+
+
 def parse_signal_lines(lines: list[str]) -> list[SignalLine]:
     """Parse the signal lines (every line after the record line) of a single-segment header."""
     signals = []
@@ -100,6 +114,30 @@ def parse_signal_lines(lines: list[str]) -> list[SignalLine]:
             )
         )
     return signals
+
+
+def check_file_names(record: str, lines: list[str]) -> None:
+    """Raise if a signal file or segment named in a header contains a folder part.
+
+    Arguments:
+        record: Record name used in the error.
+        lines: Header lines from ``header_lines``, of a single-segment or multi-segment header.
+
+    Raises:
+        RecordError: Naming the file, because wfdb 4.3.1 accepts only a bare file name there
+            (it rejects ``sig/105.dat`` as invalid header syntax).
+    """
+    multi_segment = "/" in lines[0].split()[0]
+    for line in lines[1:]:
+        name = line.split()[0]
+        if "/" not in name:
+            continue
+        kind = "segment" if multi_segment else "signal file"
+        raise RecordError(
+            record,
+            f"{kind} {name!r} named in the header is in a subfolder, which wfdb does not read; "
+            "move its files beside the header and write the name without the folder",
+        )
 
 
 def check_adc_gains(

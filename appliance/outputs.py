@@ -34,6 +34,9 @@ GENERATE_FILES = {
 WFDB_PEAK_UNITS = 32000
 # Upper bound of the gain (units per mV), for leads that are flat or nearly so.
 WFDB_MAX_ADC_GAIN = 100_000.0
+# Header comment of every WFDB record that ``write_beats`` writes. Ingest skips a record whose
+# header contains it, so that generated beats are never read as a patient's recording.
+SYNTHETIC_RECORD_COMMENT = "synthetic beats from the ECG appliance"
 # AAMI class -> a representative MIT-BIH beat symbol for the annotation file.
 CLASS_SYMBOL = {"N": "N", "S": "S", "V": "V", "F": "F", "Q": "Q"}
 # Minimum number of real beats of one class for figures and reports to show their statistics
@@ -207,7 +210,7 @@ def _write_wfdb(
         baseline=[0] * n_leads,
         write_dir=str(out_dir),
         comments=[
-            "synthetic beats from the ECG appliance",
+            SYNTHETIC_RECORD_COMMENT,
             f"independent beat windows of {window} samples placed end to end, not a rhythm: "
             "the signal steps at each join and RR intervals carry no meaning",
         ],

@@ -102,6 +102,27 @@ def write_missing_segment(folder: Path) -> Path:
     return folder / "multi"
 
 
+def write_signal_in_subfolder(folder: Path) -> Path:
+    """Write a record whose header names its signal file as ``sig/subsig.dat``."""
+    path = write_record(folder, "subsig")
+    (folder / "sig").mkdir()
+    (folder / "subsig.dat").rename(folder / "sig" / "subsig.dat")
+    header = folder / "subsig.hea"
+    header.write_text(header.read_text().replace("subsig.dat ", "sig/subsig.dat "))
+    return path
+
+
+def write_segment_in_subfolder(folder: Path) -> Path:
+    """Write a multi-segment record whose first segment is named ``sig/seg_a``."""
+    (folder / "sig").mkdir()
+    write_record(folder / "sig", "seg_a")
+    write_record(folder, "seg_b", source="101")
+    samples = SECONDS * FS_HZ
+    header = folder / "multi.hea"
+    header.write_text(f"multi/2 2 {FS_HZ} {2 * samples}\nsig/seg_a {samples}\nseg_b {samples}\n")
+    return folder / "multi"
+
+
 def write_first_lead_run(
     folder: Path, name: str, start_s: int, stop_s: int, value: int | None
 ) -> Path:
@@ -235,6 +256,42 @@ def test_header_folder_is_skipped_with_cache(tmp_path):
     report = ingest(data, cached).report
     assert set(report.records_read) == {"good"}
     assert "is not a file" in report.records_skipped["dirhead"]
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["without_cache", "with_cache"])
+@pytest.mark.parametrize(
+    ("write", "record", "named"),
+    [
+        (write_signal_in_subfolder, "subsig", "signal file 'sig/subsig.dat'"),
+        (write_segment_in_subfolder, "multi", "segment 'sig/seg_a'"),
+    ],
+    ids=["signal_file", "segment"],
+)
+def test_file_in_subfolder_is_skipped(tmp_path, write, record, named, cached):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_record(data, "good")
+    write(data)
+    cache_dir = str(tmp_path / "cache") if cached else ""
+    config = DataConfig(split="random", split_seed=0, cache_dir=cache_dir)
+    report = ingest(data, config).report
+    assert report.records_read == ["good"]
+    assert set(report.records_skipped) == {record}
+    assert named in report.records_skipped[record]
+    assert "in a subfolder" in report.records_skipped[record]
+
+
+def test_null_byte_file_name_is_skipped_with_cache(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_record(data, "good")
+    write_record(data, "nul")
+    header = data / "nul.hea"
+    header.write_text(header.read_text().replace("nul.dat ", "n\x00ul.dat "))
+    cached = DataConfig(split="random", split_seed=0, cache_dir=str(tmp_path / "cache"))
+    report = ingest(data, cached).report
+    assert report.records_read == ["good"]
+    assert "HeaderSyntaxError" in report.records_skipped["nul"]
 
 
 def test_missing_segment_is_skipped(tmp_path):

@@ -11,17 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import wfdb
 
+from appliance import ecg
+from appliance.classes import AAMI_CLASSES
 from appliance.config import DataConfig
 from appliance.dataset import (
     DE_CHAZAL_DS1,
     DE_CHAZAL_DS2,
     DE_CHAZAL_EXCLUDED,
+    SYNTHETIC_RECORD_REASON,
     Dataset,
     assign_splits,
     find_records,
     ingest,
 )
+from appliance.outputs import SYNTHETIC_RECORD_COMMENT, write_beats
 
 MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb"
 WFDB_FORMATS = MITDB.parent / "wfdb-formats"
@@ -151,6 +156,86 @@ def test_cache_invalidated_by_settings(small_folder, tmp_path):
     assert resplit.report.cache_hits == 3
 
 
+def test_cache_keeps_same_named_records_apart(tmp_path):
+    # Two copies of record 100 with equal file names, sizes and times, as cp -p leaves them,
+    # but with the N beats of the second copy relabelled V.
+    first, second = tmp_path / "first", tmp_path / "second"
+    annotation = wfdb.rdann(str(MITDB / "100"), "atr")
+    relabelled = ["V" if symbol == "N" else symbol for symbol in annotation.symbol]
+    mtime_ns = (MITDB / "100.atr").stat().st_mtime_ns
+    for folder, symbols in ((first, annotation.symbol), (second, relabelled)):
+        folder.mkdir()
+        for suffix in (".hea", ".dat"):
+            shutil.copy2(MITDB / f"100{suffix}", folder / f"100{suffix}")
+        wfdb.wrann(
+            "100",
+            "atr",
+            annotation.sample,
+            symbol=symbols,
+            aux_note=annotation.aux_note,
+            fs=annotation.fs,
+            write_dir=str(folder),
+        )
+        os.utime(folder / "100.atr", ns=(mtime_ns, mtime_ns))
+    for suffix in (".hea", ".dat", ".atr"):
+        first_stat, second_stat = (first / f"100{suffix}").stat(), (second / f"100{suffix}").stat()
+        assert first_stat.st_size == second_stat.st_size, suffix
+        assert first_stat.st_mtime_ns == second_stat.st_mtime_ns, suffix
+
+    cache = tmp_path / "cache"
+    config = DataConfig(split="random", cache_dir=str(cache))
+    first_cold = ingest(first, config).splits["train"].labels
+    second_cold = ingest(second, config).splits["train"].labels
+    assert not np.array_equal(first_cold, second_cold)
+    v_class = AAMI_CLASSES.index("V")
+    assert np.count_nonzero(second_cold == v_class) > np.count_nonzero(first_cold == v_class)
+
+    # Ingesting the folders in turn keeps both entries, so each run is a cache hit.
+    assert len(list(cache.glob("100-*.npz"))) == 2
+    for folder, labels in ((first, first_cold), (second, second_cold), (first, first_cold)):
+        warm = ingest(folder, config)
+        assert warm.report.cache_hits == 1, folder
+        np.testing.assert_array_equal(warm.splits["train"].labels, labels)
+
+
+def test_cache_deletes_only_own_entries(small_folder, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old_format = cache / f"101-{'0' * 32}.npz"
+    other_folder = cache / f"101-{'0' * 16}-{'0' * 32}.npz"
+    for entry in (old_format, other_folder):
+        entry.write_bytes(b"")
+    ingest(small_folder, DataConfig(split="random", cache_dir=str(cache)))
+    assert not old_format.exists()
+    assert other_folder.exists()
+    assert len(list(cache.glob("101-*.npz"))) == 2
+
+
+@pytest.mark.parametrize("target", ["_read_record", "wfdb.rdrecord"])
+def test_cache_skips_memory_error(small_folder, tmp_path, monkeypatch, target):
+    cache = tmp_path / "cache"
+    config = DataConfig(split="random", cache_dir=str(cache))
+    owner = ecg.wfdb if target == "wfdb.rdrecord" else ecg
+    name = target.rpartition(".")[2]
+    original = getattr(owner, name)
+
+    def fail_on_101(path: str | Path, *args: object, **kwargs: object) -> object:
+        if Path(path).name == "101":
+            raise MemoryError("out of memory")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, fail_on_101)
+    failed = ingest(small_folder, config)
+    assert "MemoryError" in failed.report.records_skipped["101"]
+    assert list(cache.glob("101-*.npz")) == []
+
+    # Once memory is available the record is read again, not taken as a cached failure.
+    monkeypatch.undo()
+    again = ingest(small_folder, config)
+    assert "101" in again.report.records_read
+    assert again.report.cache_hits == 2
+
+
 def _rewrite_entry(entry: Path, change: str) -> None:
     """Damage a cache entry in place the way ``change`` names."""
     if change == "truncated":
@@ -169,6 +254,18 @@ def _rewrite_entry(entry: Path, change: str) -> None:
     elif change in ("nan_window", "inf_window"):
         arrays["windows"] = arrays["windows"].copy()
         arrays["windows"][3, 0, 10] = np.nan if change == "nan_window" else np.inf
+    elif change == "short_windows":
+        arrays["windows"] = arrays["windows"][:, :, :128]
+    elif change == "two_leads":
+        arrays["windows"] = np.concatenate([arrays["windows"], arrays["windows"]], axis=1)
+        meta["leads"] = meta["leads"] * 2
+    elif change == "two_lead_names":
+        meta["leads"] = meta["leads"] * 2
+    elif change in ("label_too_large", "label_negative"):
+        arrays["labels"] = arrays["labels"].copy()
+        arrays["labels"][5] = len(AAMI_CLASSES) if change == "label_too_large" else -1
+    elif change == "float_labels":
+        arrays["labels"] = arrays["labels"].astype(np.float64)
     with entry.open("wb") as file:
         np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -182,6 +279,12 @@ def _rewrite_entry(entry: Path, change: str) -> None:
         ("missing_key", "missing=['beat_source']"),
         ("nan_window", "1 of"),
         ("inf_window", "NaN or infinity"),
+        ("short_windows", "(beats, 1, 256)"),
+        ("two_leads", "windows have shape"),
+        ("two_lead_names", "names 2 leads, not 1"),
+        ("label_too_large", "1 labels lie outside the AAMI class indices 0 to 4, such as 5"),
+        ("label_negative", "such as -1"),
+        ("float_labels", "labels have dtype float64"),
     ],
 )
 def test_cache_damaged_entry_reread(
@@ -213,3 +316,47 @@ def test_cache_damaged_entry_reread(
     # The re-read record replaced the damaged entry.
     assert [path.name for path in cache.glob("101-*.npz")] == [entry.name]
     assert ingest(small_folder, config).report.cache_hits == 3
+
+
+def _write_generated_record(folder: Path, config: DataConfig) -> Path:
+    """Write a record as ``generate --format wfdb`` does, from 40 beats of MIT-BIH 100."""
+    record = wfdb.rdrecord(str(MITDB / "100"), channel_names=["MLII"], sampto=60 * 360)
+    annotation = wfdb.rdann(str(MITDB / "100"), "atr", sampto=60 * 360)
+    starts = [s - config.pre_r_samples for s in annotation.sample if s > config.pre_r_samples]
+    starts = starts[:40]
+    lead = record.p_signal[:, 0]
+    beats = np.stack([lead[start : start + config.window_samples] for start in starts])[:, None]
+    paths = write_beats(
+        folder,
+        beats,
+        ["N"] * len(beats),
+        np.zeros(len(beats)),
+        config.fs_hz,
+        config.pre_r_samples,
+        ["MLII"],
+        "wfdb",
+    )
+    return paths[0]
+
+
+def test_synthetic_record_is_skipped(small_folder, tmp_path, caplog):
+    config = DataConfig(split="random", cache_dir=str(tmp_path / "cache"))
+    header = _write_generated_record(small_folder / "runs" / "latest", config)
+    record = "runs/latest/synthetic"
+    assert record in find_records(small_folder)
+
+    with caplog.at_level(logging.WARNING, logger="appliance.dataset"):
+        dataset = ingest(small_folder, config)
+    assert dataset.report.records_skipped == {record: SYNTHETIC_RECORD_REASON}
+    assert sorted(dataset.report.records_read) == ["100", "101", "103"]
+    assert record not in dataset.report.split_of_record
+    assert f"record={record} action=skip" in caplog.text
+    assert "move it out of the data folder" in dataset.report.table()
+
+    # Without the appliance's comment the same files are read as a patient's record.
+    lines = header.read_text().splitlines()
+    assert f"# {SYNTHETIC_RECORD_COMMENT}" in lines
+    lines.remove(f"# {SYNTHETIC_RECORD_COMMENT}")
+    header.write_text("\n".join(lines) + "\n")
+    unmarked = ingest(small_folder, config)
+    assert record in unmarked.report.records_read

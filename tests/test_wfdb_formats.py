@@ -54,10 +54,11 @@ def cached_formats(shared_data, tmp_path_factory) -> tuple[Dataset, DataConfig]:
 def format_results(cached_formats) -> dict[str, RecordBeats | RecordError]:
     """Each record's beats, or the error that rejected it, as the ingest run cached them."""
     _, config = cached_formats
-    cache = IngestCache(Path(config.cache_dir))
+    cache = IngestCache(Path(config.cache_dir), config)
     results: dict[str, RecordBeats | RecordError] = {}
     for record in find_records(WFDB_FORMATS):
-        cached = cache.load(record, cache_key(WFDB_FORMATS / record, config))
+        path = WFDB_FORMATS / record
+        cached = cache.load(record, path, cache_key(path, config))
         assert cached is not None, f"record {record} missing from the ingest cache"
         results[record] = cached
     return results
