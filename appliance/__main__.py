@@ -1738,9 +1738,17 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
     name = code.name if code is not None else "UNKNOWN"
     hint = ""
     uses_tls = getattr(args, "tls_ca", None) is not None
-    if name in ("UNAVAILABLE", "UNAUTHENTICATED") and uses_tls:
+    # Nothing listens at the address, so no TLS setting is the cause.
+    refused = "connection refused" in details.lower()
+    if name in ("UNAVAILABLE", "UNAUTHENTICATED") and uses_tls and not refused:
         hint = _handshake_hint(details)
-    if not hint and name == "UNAVAILABLE" and uses_tls and getattr(args, "tls_cert", None) is None:
+    if (
+        not hint
+        and name == "UNAVAILABLE"
+        and uses_tls
+        and not refused
+        and getattr(args, "tls_cert", None) is None
+    ):
         # A server that requires mutual TLS closes the handshake of a client without a
         # certificate, which gRPC reports as UNAVAILABLE with a transport message.
         hint = (
@@ -1761,11 +1769,11 @@ def _report_rpc_error(exc: Exception, args: argparse.Namespace) -> int:
     elif name == "UNAVAILABLE":
         if not hint:
             hint = "; check --address and that `python -m appliance serve` is running there"
-            if not uses_tls:
+            if not uses_tls and not refused:
                 # A TLS server closes a plain-text connection, which gRPC also reports as
                 # UNAVAILABLE.
                 hint += ", and pass --tls-ca if that server uses TLS"
-            elif getattr(args, "tls_cert", None) is not None:
+            elif getattr(args, "tls_cert", None) is not None and not refused:
                 # A server that requires mutual TLS closes the handshake of a client whose
                 # certificate its CA did not sign or that has expired, with the same status.
                 hint += (

@@ -445,15 +445,15 @@ class ApplianceClient:
             # gRPC reports a bad file only as a failed handshake that names no file.
             check_ca_file(
                 root_certificate,
-                "root_certificate (--tls-ca)",
+                "--tls-ca (root_certificate)",
                 "the server's certificate",
             )
             if client_certificate is not None and client_key is not None:
                 check_key_pair(
                     client_certificate,
                     client_key,
-                    "client_certificate (--tls-cert)",
-                    "client_key (--tls-key)",
+                    "--tls-cert (client_certificate)",
+                    "--tls-key (client_key)",
                 )
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=root_pem, private_key=key_pem, certificate_chain=chain_pem

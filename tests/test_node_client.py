@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from appliance.client import ApplianceClient, Generated, Validated
+from appliance.serve_config import ServeConfig, validate_message_fit
+from appliance.server import create_server
 from appliance.v1 import appliance_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -227,6 +229,36 @@ def test_node_count_over_validate_limit(
     assert process.returncode == 2
     assert process.stdout == ""
     assert f"--count={count} is too large" in process.stderr
+
+
+def test_node_count_held_to_server_limits(model_store: Path) -> None:
+    settings = ServeConfig(
+        port=0,
+        workers=2,
+        intra_op_threads=1,
+        max_beats_per_request=700,
+        max_message_bytes=64 * 1024,
+        grace_s=1.0,
+        drain_s=0.0,
+    )
+    running = create_server(model_store, settings)
+    try:
+        address = f"127.0.0.1:{running.port}"
+        with ApplianceClient(address, timeout_s=CALL_TIMEOUT_S) as client:
+            info = client.model_info()
+        fit = validate_message_fit(64 * 1024, len(info.leads) * info.window_samples)
+        assert fit < 700
+        too_many = run_node("--address", address, "--count", str(fit + 1))
+        assert too_many.returncode == 2
+        assert too_many.stdout == ""
+        assert f"--count={fit + 1} is too large for this server" in too_many.stderr
+        assert f"use --count {fit} or less" in too_many.stderr
+        # The largest count it names goes through Generate and Validate.
+        largest = run_node("--address", address, "--count", str(fit), "--margin", "0")
+        output = _parse_stdout(largest)
+        assert len(output["validate"]["scores"]) == len(output["generate"]["classes"])
+    finally:
+        running.stop()
 
 
 def test_node_unreachable_server_fails() -> None:

@@ -178,6 +178,27 @@ def test_cli_without_tls_hints_tls_ca(tls_server: ApplianceServer):
     assert "pass --tls-ca if that server uses TLS" in result.stderr
 
 
+@pytest.mark.parametrize("with_client_certificate", [False, True])
+def test_cli_tls_refused_port_names_address(pki: Pki, with_client_certificate: bool):
+    # Port 1 on loopback has no listener, so the connection is refused before any handshake.
+    certificate = (
+        ["--tls-cert", str(pki.client.certificate), "--tls-key", str(pki.client.key)]
+        if with_client_certificate
+        else []
+    )
+    result = _run_cli(
+        "health", "--address", "127.0.0.1:1", "--tls-ca", str(pki.ca), *certificate,
+        "--timeout-s", "10",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot reach 127.0.0.1:1: UNAVAILABLE: ")
+    assert result.stderr.rstrip().endswith(
+        "; check --address and that `python -m appliance serve` is running there"
+    )
+    assert "mutual TLS" not in result.stderr
+    assert "signed by the CA" not in result.stderr
+
+
 def test_cli_with_rogue_certificate_hints_ca(mtls_server: ApplianceServer, pki: Pki):
     result = _run_cli(
         "health",
@@ -226,7 +247,7 @@ def test_client_rejects_key_of_other_certificate(pki: Pki):
             client_key=pki.server.key,
         )
     assert str(pki.client.certificate) in str(raised.value)
-    assert "client_key (--tls-key)" in str(raised.value)
+    assert "--tls-key (client_key)" in str(raised.value)
 
 
 def test_client_rejects_invalid_ca_file(tmp_path: Path):

@@ -26,9 +26,15 @@ const PROTO_FILE = "appliance/v1/appliance.proto";
 const FLOAT32_BYTES = 4;
 const MAX_UINT32 = 2 ** 32 - 1;
 const MAX_UINT64 = 2n ** 64n - 1n;
-// The server's default message limit is 4 MiB. All beats go to Validate in one message, so the
-// client keeps their bytes under 4 MiB minus 64 KiB, which leaves room for the classes.
-const MAX_VALIDATE_SAMPLE_BYTES = 4 * 1024 * 1024 - 64 * 1024;
+// All beats go to Validate in one message, so the client limits --count to what one call may
+// carry: GetModelInfo's max_beats_per_request, the request that fits max_message_bytes, and the
+// reply that fits it. The sizes below are those that the appliance's server checks against:
+// per beat, 2 bytes of class besides the samples in the request and 6 bytes in the reply.
+const DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
+const REQUEST_FIXED_BYTES = 1024;
+const REQUEST_BYTES_PER_BEAT = 2;
+const REPLY_FIXED_BYTES = 4096;
+const REPLY_BYTES_PER_BEAT = 6;
 const UNITS = {
   millivolt: "SAMPLE_UNIT_MILLIVOLT",
   normalised: "SAMPLE_UNIT_NORMALISED",
@@ -346,6 +352,31 @@ function toJson(value) {
 }
 
 /**
+ * Returns the server's message limit in bytes; servers that do not report one use 4 MiB.
+ * @param {object} info GetModelInfo reply
+ * @returns {number} bytes
+ */
+function validateMessageBytes(info) {
+  const reported = Number(info.max_message_bytes ?? 0);
+  return reported > 0 ? reported : DEFAULT_MAX_MESSAGE_BYTES;
+}
+
+/**
+ * Returns the most beats that one Validate call may carry on this server.
+ * @param {object} info GetModelInfo reply
+ * @returns {number} beats
+ */
+function validateCallFit(info) {
+  const messageBytes = validateMessageBytes(info);
+  const sampleBytes = info.leads.length * info.window_samples * FLOAT32_BYTES;
+  const beatBytes = sampleBytes + REQUEST_BYTES_PER_BEAT;
+  const requestFit = Math.floor((messageBytes - REQUEST_FIXED_BYTES) / beatBytes);
+  const replyFit = Math.floor((messageBytes - REPLY_FIXED_BYTES) / REPLY_BYTES_PER_BEAT);
+  const perRequest = info.max_beats_per_request > 0 ? info.max_beats_per_request : Infinity;
+  return Math.max(1, Math.min(perRequest, requestFit, replyFit));
+}
+
+/**
  * Runs GetModelInfo, Generate and Validate and returns the output object.
  * @param {object} client service client
  * @param {object} options parsed command-line options
@@ -353,15 +384,13 @@ function toJson(value) {
  */
 async function generateAndValidate(client, options) {
   const info = await callUnary(client, "GetModelInfo", {}, options.timeoutS);
-  const sampleBytes = options.count * info.leads.length * info.window_samples * FLOAT32_BYTES;
-  if (sampleBytes > MAX_VALIDATE_SAMPLE_BYTES) {
-    const maxCount = Math.floor(
-      MAX_VALIDATE_SAMPLE_BYTES / (info.leads.length * info.window_samples * FLOAT32_BYTES),
-    );
+  const maxCount = validateCallFit(info);
+  if (options.count > maxCount) {
     throw new UsageError(
-      `--count=${options.count} is too large: this client sends all beats in one Validate ` +
-        `message, which must stay under the server's default 4 MiB limit; use --count ` +
-        `${maxCount} or less`,
+      `--count=${options.count} is too large for this server: this client validates all ` +
+        `beats in one call, which carries at most ${maxCount} beats here ` +
+        `(max_beats_per_request ${info.max_beats_per_request}, max_message_bytes ` +
+        `${validateMessageBytes(info)}); use --count ${maxCount} or less`,
     );
   }
 
