@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("appliance")
 
-# Files that generate writes into --out, per --format.
 # Beats that generate fetches when neither --count nor --classes is given.
 DEFAULT_GENERATE_COUNT = 100
 # Default deadlines of the client commands, in seconds.
@@ -610,7 +609,8 @@ def _command_serve(args: argparse.Namespace) -> int:
     except StoppedWhileLoading as exc:
         logger.info("stopped before the model was loaded signal=%s", exc)
         running.server.stop(0)
-    except (ModelStoreError, RuntimeError) as exc:  # RuntimeError: --require-gpu without a GPU
+    # RuntimeError: --require-gpu without a GPU, or the warm up of the engine slots failed.
+    except (ModelStoreError, RuntimeError) as exc:
         running.server.stop(0)
         raise UsageError(str(exc)) from exc
     else:
@@ -1361,9 +1361,33 @@ def _command_run(args: argparse.Namespace) -> int:
     _check_data_folder(args.data)
     _check_job_out(args.out, args.data)
     _check_cache_dir(args)
-    summary = run_main_job(args.data, args.out, _config(args), progress=not args.no_progress)
+    summary = run_main_job(
+        args.data,
+        args.out,
+        _config(args),
+        progress=not args.no_progress,
+        train_options=_given_training_options(args),
+    )
     sys.stdout.write(summary.table + "\n")
     return 0
+
+
+def _given_training_options(args: argparse.Namespace) -> list[str]:
+    """Return the options of a ``run`` that differ from their defaults, as ``train`` takes them.
+
+    ``run`` and ``train`` share their data and training options, so ``train --resume`` with
+    these options continues the run's training; ``--data`` and ``--out`` are left out.
+    """
+    defaults = vars(build_parser().parse_args(["run"]))
+    left_out = {"data", "out", "command", "handler", "command_parser", "log_level"}
+    options: list[str] = []
+    for name, value in vars(args).items():
+        if name in left_out or name not in defaults or value == defaults[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        # The boolean options are store_true flags.
+        options += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The C allocator's share of the server's memory: arena cap and peak resident memory.
 
-glibc's malloc gives each thread that allocates while others do its own arena, up to eight per
+glibc's malloc gives a thread its own arena on its first allocation, until there are eight per
 CPU, and an arena keeps its peak after the memory is freed. A gRPC server runs each call on a
 worker thread of its own. Without a cap, every worker that once scored or generated a batch
 would hold that batch's temporaries for the life of the process. For the default one-lead
@@ -26,7 +26,11 @@ def limit_malloc_arenas(arenas: int) -> bool:
     """Cap glibc's malloc arenas at ``arenas``, the main arena included.
 
     The cap applies to arenas created after the call, so call it before the threads that
-    allocate start. Other C libraries are left as they are.
+    allocate start. Other C libraries are left as they are. Linux only: the module reads
+    ``ru_maxrss`` in KiB.
+
+    NOTE: glibc fixes its limit once a process has more than eight arenas; a cap set after
+    that returns True but changes nothing. A fresh ``serve`` process has one arena here.
 
     Arguments:
         arenas: Arenas allowed, at least 1.

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -21,14 +21,15 @@ from typing import Any
 import numpy as np
 
 from appliance.classes import AAMI_CLASSES
-from appliance.client import ApplianceClient
+from appliance.client import ApplianceClient, Generated, Validated
 from appliance.config import ApplianceConfig
 from appliance.corrupt import corrupt
+from appliance.dataset import BeatSet
 from appliance.errors import ApplianceError, StoppedAtOnce, TrainingStoppedError
 from appliance.jobs import train_and_export
 from appliance.outputs import GENERATE_FILES, plot_real_vs_synthetic, write_beats
 from appliance.privacy import NearestNeighbourIndex, privacy_space
-from appliance.train import stop_on_signals
+from appliance.train import requested_stop_signal, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -123,50 +124,77 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def run_main_job(
-    data_dir: Path, out_dir: Path, config: ApplianceConfig, progress: bool = True
+    data_dir: Path,
+    out_dir: Path,
+    config: ApplianceConfig,
+    progress: bool = True,
+    train_options: Sequence[str] = (),
 ) -> JobSummary:
     """Train, export, serve, generate and validate; write beats, a figure and a summary.
 
+    Arguments:
+        data_dir: WFDB folder to train on.
+        out_dir: Output folder.
+        config: Settings of every stage.
+        progress: Show training progress bars.
+        train_options: The command line's training options besides ``--data``, repeated in
+            the ``train --resume`` command that a stop in training names.
+
     Raises:
         DataError: If the data folder gives no usable beats.
+        TrainingStoppedError: If a signal stopped training or export.
+        StoppedAtOnce: If a signal stopped the job after the model was published.
         ApplianceError: If a stage fails; the server is stopped in any case.
     """
-    created = not out_dir.exists()
+    # The highest folder that this job creates, removed again if it fails before writing.
+    created = None
+    missing = out_dir.absolute()
+    while not missing.exists():
+        created, missing = missing, missing.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "model-store"
     earlier = earlier_outputs(out_dir)
     if earlier:
         logger.warning(
-            "out=%s contains an earlier run: its outputs are removed now (%s), its training "
-            "checkpoints are replaced, and the new model becomes the store's current version; "
-            "pass another --out to keep them",
+            "out=%s contains an earlier run: its outputs (%s) are removed once training "
+            "succeeds, its training checkpoints are replaced, and the new model becomes the "
+            "store's current version; pass another --out to keep them",
             out_dir,
             ", ".join(str(path.relative_to(out_dir)) for path in earlier),
         )
-        for path in earlier:
-            path.unlink()
     try:
         with stop_on_signals():
             job = train_and_export(
                 data_dir, store, config, out_dir / "training", progress=progress
             )
+            # A signal during publishing, after export's last check, is only recorded.
+            signum = requested_stop_signal()
+            if signum is not None:
+                raise StoppedAtOnce(_stopped_after_training(signum, store), signum)
     except TrainingStoppedError as exc:
         if exc.checkpoint is None:
             raise  # stopped in export, whose message names the export command
         raise TrainingStoppedError(
-            resume_message(exc, data_dir, out_dir), exc.signum, exc.step, exc.checkpoint
+            resume_message(exc, data_dir, out_dir, train_options),
+            exc.signum,
+            exc.step,
+            exc.checkpoint,
         ) from exc
     except BaseException:
-        if created:
-            _remove_if_no_files(out_dir)
+        if created is not None:
+            _remove_if_no_files(created)
         raise
     if job.version is None:
         raise ApplianceError("the main job runs in one process; start it without torchrun")
-    with _stop_job_on_signals(store):
-        return _serve_generate_validate(job, store, out_dir, config)
+    # Removed only now, so that a run that fails in training leaves the earlier one whole.
+    for path in earlier_outputs(out_dir):
+        path.unlink()
+    return _serve_generate_validate(job, store, out_dir, config)
 
 
-def resume_message(exc: TrainingStoppedError, data_dir: Path, out_dir: Path) -> str:
+def resume_message(
+    exc: TrainingStoppedError, data_dir: Path, out_dir: Path, train_options: Sequence[str] = ()
+) -> str:
     """Return the error of a job whose training a signal stopped, with the command to resume."""
     resume = shlex.join(
         [
@@ -176,6 +204,7 @@ def resume_message(exc: TrainingStoppedError, data_dir: Path, out_dir: Path) -> 
             "train",
             "--data",
             str(data_dir),
+            *train_options,
             "--store",
             str(out_dir / "model-store"),
             "--work-dir",
@@ -206,39 +235,140 @@ def _remove_if_no_files(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _stop_job_on_signals(store: Path) -> Iterator[None]:
-    """Turn the first SIGTERM or SIGINT into ``StoppedAtOnce`` while the block runs.
+def _stopped_after_training(signum: int, store: Path) -> str:
+    """Return the error of a job that a signal stopped after its model was published."""
+    return (
+        f"stopped by {signal.strsignal(signum)} after training; the model is published in "
+        f"{store}, and the job's beats, figure and summary were not written. Serve that model "
+        f"with `python -m appliance serve --store {store}`, or run the job again, which trains "
+        "again"
+    )
 
-    The exception unwinds through the block's ``finally`` clauses, which stop the job's
-    server. Later signals are logged and ignored until the block ends, so that the server's
-    stop is not cut short.
+
+class _JobStop:
+    """SIGTERM and SIGINT handling while the job's server runs.
+
+    The first signal raises ``StoppedAtOnce`` where the main thread is, and the exception
+    unwinds through the ``finally`` clause that stops the server. Inside ``shield`` (while the
+    server process starts or stops) the signal is only recorded and raised when the shield
+    ends, so that the process is neither left unstarted nor left unreaped. Later signals are
+    logged and ignored.
+
+    Arguments:
+        store: The model store the job published to, named in the error.
     """
-    signals = (signal.SIGTERM, signal.SIGINT)
-    received: list[int] = []
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        if received:
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.signum: int | None = None
+        self.shielded = False
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        """Signal handler: record the first signal and raise it unless shielded."""
+        if self.signum is not None:
             logger.warning(
                 "signal=%s received again; ignored while the job's server stops",
                 signal.strsignal(signum),
             )
             return
-        received.append(signum)
-        raise StoppedAtOnce(
-            f"stopped by {signal.strsignal(signum)} after training; the model is published in "
-            f"{store}, and the job's beats, figure and summary were not written. Serve that "
-            f"model with `python -m appliance serve --store {store}`, or run the job again, "
-            "which trains again",
-            signum,
-        )
+        self.signum = signum
+        if not self.shielded:
+            raise self.error()
 
-    previous = {number: signal.signal(number, stop) for number in signals}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    def error(self) -> StoppedAtOnce:
+        """Return the exception of the recorded signal."""
+        assert self.signum is not None
+        return StoppedAtOnce(_stopped_after_training(self.signum, self.store), self.signum)
+
+    @contextlib.contextmanager
+    def shield(self) -> Iterator[None]:
+        """Record a signal during the block instead of raising it there; raise it after."""
+        self.shielded = True
+        try:
+            yield
+        finally:
+            self.shielded = False
+        if self.signum is not None:
+            raise self.error()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_JobStop]:
+        """Install ``handle`` for SIGTERM and SIGINT during the block, then restore."""
+        signals = (signal.SIGTERM, signal.SIGINT)
+        previous = {number: signal.signal(number, self.handle) for number in signals}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+@dataclass
+class _Served:
+    """Results of the job's calls to its own server.
+
+    Attributes:
+        generated: The Generate call's beats.
+        validated: Validate's scores of the generated, real and corrupted beats, in that order.
+        real: The real beats that were validated, shape (beats, leads, window_samples).
+        per_kind: Corrupted beats validated per corruption.
+        test: The real beats the figure compares with.
+        real_source: Where ``test`` comes from, for the figure's title.
+    """
+
+    generated: Generated
+    validated: Validated
+    real: np.ndarray
+    per_kind: int
+    test: BeatSet
+    real_source: str
+
+
+def _served_calls(job: Any, store: Path, out_dir: Path, config: ApplianceConfig) -> _Served:
+    """Start a server on the published model, call Generate and Validate, stop the server.
+
+    Raises:
+        StoppedAtOnce: If SIGTERM or SIGINT arrived; the server is stopped first.
+        ApplianceError: If a call fails or accepts no beat; the server is stopped first.
+    """
+    with _JobStop(store).installed() as stop:
+        server: ServerProcess | None = None
+        try:
+            with stop.shield():
+                server = ServerProcess(store, out_dir)
+            address = server.wait_serving()
+            with ApplianceClient(address) as client:
+                generated = client.generate(count=GENERATE_COUNT, seed=config.train.seed)
+                if generated.beats.shape[0] == 0:
+                    raise ApplianceError(no_beat_message(generated.stats, store))
+                rng = np.random.default_rng(config.train.seed)
+                test = job.dataset.splits["test"]
+                real_source = (
+                    f"test records {', '.join(sorted(set(map(str, test.records))))}, "
+                    "patients the model never saw"
+                )
+                if len(test) == 0:
+                    test = job.holdout_beats
+                    real_source = "the held-out end of the training records"
+                    logger.warning(
+                        "no test records; using the same-patient hold-out as real beats"
+                    )
+                pick = rng.choice(len(test), size=min(REAL_TEST_BEATS, len(test)), replace=False)
+                real = test.windows[pick]
+                per_kind = REAL_TEST_BEATS // len(PIPELINE_CORRUPTIONS)
+                corrupted = {
+                    kind: corrupt(real[:per_kind], kind, config.data.fs_hz, rng)
+                    for kind in PIPELINE_CORRUPTIONS
+                }
+                everything = np.concatenate([generated.beats, real, *corrupted.values()])
+                validated = client.validate(everything.astype(np.float32))
+        finally:
+            if server is not None:
+                with stop.shield():
+                    status = server.stop()
+    if status != 0:
+        raise ApplianceError(f"server exited with status {status} after SIGTERM")
+    return _Served(generated, validated, real, per_kind, test, real_source)
 
 
 def _serve_generate_validate(
@@ -246,36 +376,9 @@ def _serve_generate_validate(
 ) -> JobSummary:
     """Serve the published model, generate and validate through it, and write the outputs."""
     manifest = job.version.manifest
-    server = ServerProcess(store, out_dir)
-    try:
-        address = server.wait_serving()
-        with ApplianceClient(address) as client:
-            generated = client.generate(count=GENERATE_COUNT, seed=config.train.seed)
-            if generated.beats.shape[0] == 0:
-                raise ApplianceError(no_beat_message(generated.stats, store))
-            rng = np.random.default_rng(config.train.seed)
-            test = job.dataset.splits["test"]
-            real_source = (
-                f"test records {', '.join(sorted(set(map(str, test.records))))}, "
-                "patients the model never saw"
-            )
-            if len(test) == 0:
-                test = job.holdout_beats
-                real_source = "the held-out end of the training records"
-                logger.warning("no test records; using the same-patient hold-out as real beats")
-            pick = rng.choice(len(test), size=min(REAL_TEST_BEATS, len(test)), replace=False)
-            real = test.windows[pick]
-            per_kind = REAL_TEST_BEATS // len(PIPELINE_CORRUPTIONS)
-            corrupted = {
-                kind: corrupt(real[:per_kind], kind, config.data.fs_hz, rng)
-                for kind in PIPELINE_CORRUPTIONS
-            }
-            everything = np.concatenate([generated.beats, real, *corrupted.values()])
-            validated = client.validate(everything.astype(np.float32))
-    finally:
-        status = server.stop()
-    if status != 0:
-        raise ApplianceError(f"server exited with status {status} after SIGTERM")
+    served = _served_calls(job, store, out_dir, config)
+    generated, validated, real = served.generated, served.validated, served.real
+    per_kind, test, real_source = served.per_kind, served.test, served.real_source
     n_synthetic, n_real = generated.beats.shape[0], real.shape[0]
     scores = validated.scores
     synthetic_scores = scores[:n_synthetic]
@@ -352,13 +455,22 @@ def no_beat_message(stats: Any, store: Path) -> str:
         stats: The call's ``GenerateStats``.
         store: The model store the job published to.
     """
+    others = stats.pertinence_rejections + stats.invalid_rejections
+    if stats.privacy_rejections > others:
+        fix = (
+            "most draws were near-copies of training beats, which longer training makes more "
+            "likely: run the job on more records"
+        )
+    else:
+        fix = (
+            "it is not trained enough to generate: run the job again with a longer "
+            "--max-minutes or more --epochs, or on more records"
+        )
     return (
         f"the gate accepted none of {stats.draws} draws at margin {stats.margin:.3f} "
         f"(pertinence rejections {stats.pertinence_rejections}, privacy rejections "
         f"{stats.privacy_rejections}, invalid {stats.invalid_rejections}), so the job wrote no "
-        f"beats, figure or summary. The model is published in {store}, but it is not yet "
-        "trained enough to generate: run the job again with a longer --max-minutes or more "
-        "--epochs, or on more records"
+        f"beats, figure or summary. The model is published in {store}, but {fix}"
     )
 
 

@@ -174,6 +174,8 @@ def warm_up(engine: Engine, plan: ThreadPlan) -> None:
     """
     try:
         engine.warm_up(plan.engine_slots)
+    except StoppedWhileLoading:
+        raise
     except Exception as exc:  # ONNX Runtime's own errors and MemoryError alike
         detail = str(exc).splitlines()[0] if str(exc) else "no details"
         raise RuntimeError(
@@ -219,6 +221,8 @@ def self_check(engine: Engine) -> None:
             seed=0,
             max_draws_per_beat=2,
         )
+    except StoppedWhileLoading:
+        raise
     except Exception as exc:  # any failure here would be every call's failure
         detail = str(exc).splitlines()[0] if str(exc) else "no details"
         raise ModelStoreError(
@@ -295,7 +299,8 @@ class ApplianceServer:
         Raises:
             ModelStoreError: If the store has no valid model or the self-check fails; health
                 stays NOT_SERVING.
-            RuntimeError: If ``require_gpu`` is set and no GPU provider is available.
+            RuntimeError: If ``require_gpu`` is set and no GPU provider is available, or the
+                warm up of the engine slots fails.
         """
         started = time.monotonic()
         engine = load_served_engine(store, self.plan.intra_op_threads, self.config.require_gpu)

@@ -98,6 +98,11 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
         _stop_requested.clear()
 
 
+def requested_stop_signal() -> int | None:
+    """Return the signal that asked the run to stop inside ``stop_on_signals``, or None."""
+    return _stop_signum[0] if _stop_requested.is_set() else None
+
+
 def raise_if_stop_requested(stage: str) -> None:
     """Raise ``TrainingStoppedError`` if a signal asked the run to stop.
 

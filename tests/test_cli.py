@@ -1923,3 +1923,15 @@ def test_run_checks_out_before_ingest(tmp_path: Path, placement: str) -> None:
     assert "records read" not in result.stdout + result.stderr
     assert not (data / "runs").exists()
     assert not (out / "model-store").exists()
+
+
+def test_run_without_records_leaves_no_out(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("no WFDB here\n")
+    out = tmp_path / "runs" / "latest"
+    result = run_cli("run", "--data", str(data), "--out", str(out), timeout_s=300.0)
+    line = usage_error_line(result)
+    assert "no WFDB records" in line
+    # The job created runs/latest, found nothing to train on and removed both folders again.
+    assert not (tmp_path / "runs").exists()

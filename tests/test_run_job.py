@@ -27,13 +27,21 @@ pytestmark = pytest.mark.slow
 
 
 class RecordedServer(pipeline.ServerProcess):
-    """The job's real server process, kept in ``started`` so that a test can check its end."""
+    """The job's real server process, kept in ``started`` so that a test can check its end.
+
+    With ``signal_on_start`` set, the job receives SIGTERM once the process has started, while
+    the job still creates the ``ServerProcess``.
+    """
 
     started: list[pipeline.ServerProcess] = []
+    signal_on_start = False
 
     def __init__(self, store: Path, work_dir: Path) -> None:
         super().__init__(store, work_dir)
         RecordedServer.started.append(self)
+        if RecordedServer.signal_on_start:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # a signal handler that raises would do so here
 
 
 @pytest.fixture
@@ -57,10 +65,11 @@ def trained_job(
     monkeypatch.setattr(pipeline, "train_and_export", trained)
     monkeypatch.setattr(pipeline, "ServerProcess", RecordedServer)
     RecordedServer.started.clear()
+    RecordedServer.signal_on_start = False
     return out
 
 
-def test_job_with_no_accepted_beat_says_why_and_writes_nothing(
+def test_job_no_accepted_beat_writes_nothing(
     trained_job: Path, fixture_config: ApplianceConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = trained_job
@@ -72,7 +81,7 @@ def test_job_with_no_accepted_beat_says_why_and_writes_nothing(
     real_generate = ApplianceClient.generate
 
     def nothing_accepted(self: ApplianceClient, **kwargs: object) -> Generated:
-        real_generate(self, count=1, seed=1)  # the server answers a real call first
+        real_generate(self, count=1, seed=1)  # one real call reaches the server first
         stats = pb.GenerateStats(
             draws=20000, pertinence_rejections=19990, invalid_rejections=10, margin=0.05
         )
@@ -85,6 +94,7 @@ def test_job_with_no_accepted_beat_says_why_and_writes_nothing(
     assert message.startswith("the gate accepted none of 20000 draws at margin 0.050")
     assert "pertinence rejections 19990, privacy rejections 0, invalid 10" in message
     assert f"The model is published in {out / 'model-store'}" in message
+    assert "it is not trained enough to generate" in message
     assert "longer --max-minutes or more --epochs" in message
     assert not (out / "summary.json").exists()
     assert not (out / "synthetic" / "synthetic.npy").exists()
@@ -94,15 +104,22 @@ def test_job_with_no_accepted_beat_says_why_and_writes_nothing(
     assert server.process.poll() == 0
 
 
+@pytest.mark.parametrize("moment", ["server_starting", "generate_call"])
 def test_signal_while_the_job_serves_stops_its_server(
-    trained_job: Path, fixture_config: ApplianceConfig, monkeypatch: pytest.MonkeyPatch
+    trained_job: Path,
+    fixture_config: ApplianceConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    moment: str,
 ) -> None:
     def terminated(self: ApplianceClient, **kwargs: object) -> Generated:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # the handler raises before this ends
         raise AssertionError("SIGTERM did not stop the job")
 
-    monkeypatch.setattr(ApplianceClient, "generate", terminated)
+    if moment == "server_starting":
+        RecordedServer.signal_on_start = True
+    else:
+        monkeypatch.setattr(ApplianceClient, "generate", terminated)
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(StoppedAtOnce) as raised:
         pipeline.run_main_job(DEFAULT_DATA_DIR, trained_job, fixture_config, progress=False)
@@ -112,17 +129,18 @@ def test_signal_while_the_job_serves_stops_its_server(
         f"stopped by Terminated after training; the model is published in {store}"
     )
     assert f"python -m appliance serve --store {store}" in str(raised.value)
+    # The server started and was stopped, also when the signal came while it started.
     (server,) = RecordedServer.started
     assert server.process.poll() == 0
     assert not (trained_job / "server.port").exists()
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
-def test_run_stopped_in_training_names_the_train_command_that_resumes(tmp_path: Path) -> None:
+def test_run_stopped_training_names_resume(tmp_path: Path) -> None:
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "appliance", "run", "--data", str(DEFAULT_DATA_DIR), "--out",
-         str(out), "--epochs", "1", "--no-progress"],
+         str(out), "--epochs", "1", "--seed", "3", "--no-progress"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert process.stderr is not None
@@ -134,15 +152,17 @@ def test_run_stopped_in_training_names_the_train_command_that_resumes(tmp_path: 
             break
     _, rest = process.communicate(timeout=300)
     stderr = "".join(lines) + rest
+
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     (error,) = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert "run has no --resume" in error
     command = error.split("`")[1]
+    # The run's own training options come along, so the checkpoint's settings match.
     assert command == (
-        f"python -m appliance train --data {DEFAULT_DATA_DIR} --store {out / 'model-store'} "
-        f"--work-dir {out / 'training'} --resume"
+        f"python -m appliance train --data {DEFAULT_DATA_DIR} --epochs 1 --seed 3 --no-progress "
+        f"--store {out / 'model-store'} --work-dir {out / 'training'} --resume"
     )
-    # The command it names continues the training and publishes the model.
+
     resumed = subprocess.run(
         [sys.executable, *command.split()[1:]], capture_output=True, text=True, timeout=900
     )
