@@ -1050,6 +1050,8 @@ def _command_validate(args: argparse.Namespace) -> int:
             f"--input {args.input} does not exist; pass a .npy file of shape "
             "(beats, leads, window_samples) in mV, or a .csv or WFDB file written by generate"
         )
+    if args.recording:
+        return _validate_recording(args)
     beats, classes = _read_validate_input(args.input)
     try:
         fs_hz = read_sampling_rate(args.input)
@@ -1100,12 +1102,7 @@ def _command_validate(args: argparse.Namespace) -> int:
         # With the input's sampling rate, the server rejects beats at another rate than the
         # model's instead of scoring them as if they were at its rate.
         reply = client.validate(beats.astype(np.float32), classes, margin=args.margin, fs_hz=fs_hz)
-    sys.stdout.write("index\tscore\tresult\tclass\n")
-    for i, (score, accepted, name) in enumerate(
-        zip(reply.scores, reply.accepted, reply.classes, strict=True)
-    ):
-        # Six significant digits keep the order of scores far below 1e-4.
-        sys.stdout.write(f"{i}\t{score:.6g}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
+    _write_scores(reply)
     if not classes or all(name is None for name in classes):
         scored_under = "the best-fitting class of each beat"
     elif args.input.suffix.lower() == ".npy":
@@ -1118,6 +1115,84 @@ def _command_validate(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"accepted {int(reply.accepted.sum())} of {reply.scores.size} at margin "
         f"{reply.margin:.3f}, scored under {scored_under}\n"
+    )
+    return 0
+
+
+def _write_scores(reply: Any) -> None:
+    """Print one tab-separated line per beat of a Validate reply, after a header line."""
+    sys.stdout.write("index\tscore\tresult\tclass\n")
+    for i, (score, accepted, name) in enumerate(
+        zip(reply.scores, reply.accepted, reply.classes, strict=True)
+    ):
+        # Six significant digits keep the order of scores far below 1e-4.
+        sys.stdout.write(f"{i}\t{score:.6g}\t{'accepted' if accepted else 'rejected'}\t{name}\n")
+
+
+def _validate_recording(args: argparse.Namespace) -> int:
+    """Cut the beats of a continuous WFDB recording as ingest does, then validate them."""
+    import numpy as np
+
+    from appliance.classes import AAMI_CLASSES
+    from appliance.client import ApplianceClient
+    from appliance.config import DataConfig
+    from appliance.ecg import read_record
+    from appliance.errors import RecordError
+
+    suffix = args.input.suffix.lower()
+    record = args.input.with_suffix("") if suffix in (".hea", ".dat", ".atr") else args.input
+    header = record.with_name(f"{record.name}.hea")
+    if suffix in (".npy", ".csv"):
+        raise UsageError(
+            f"--input {args.input}: --recording reads a continuous WFDB recording; pass its "
+            f".hea file, or leave out --recording to score the beats of a {suffix} file"
+        )
+    if not header.is_file():
+        raise UsageError(
+            f"--input {args.input}: --recording reads a WFDB recording, and {header} is not a "
+            "file; pass the recording's .hea file"
+        )
+    client = _client(args)
+    assert isinstance(client, ApplianceClient)
+    with client:
+        info = client.cached_model_info()
+        leads = list(info.leads)
+        preference = list(leads)
+        if len(leads) == 1:
+            # A one-lead model also takes the other usual lead names, as training did.
+            preference += list(DataConfig().leads)
+        config = DataConfig(
+            fs_hz=float(info.fs_hz),
+            window_samples=int(info.window_samples),
+            pre_r_samples=int(info.pre_r_samples),
+            leads=tuple(dict.fromkeys(preference)),
+            n_leads=len(leads),
+        )
+        try:
+            beats = read_record(record, record.name, config)
+        except RecordError as exc:
+            raise UsageError(f"--input {args.input}: {exc.reason}") from exc
+        for warning in beats.warnings:
+            logger.warning("input=%s %s", args.input, warning)
+        if len(beats.labels) == 0:
+            raise UsageError(
+                f"--input {args.input}: no beat window could be cut (skipped: "
+                f"{beats.skipped or 'no beat found'}); pass a recording with beat annotations "
+                "at least one window from its ends"
+            )
+        # Beats found by the detector have no class of their own.
+        detected = beats.beat_source.startswith("detector")
+        classes = None if detected else [AAMI_CLASSES[int(i)] for i in beats.labels]
+        reply = client.validate(
+            beats.windows.astype(np.float32), classes, margin=args.margin, fs_hz=config.fs_hz
+        )
+    _write_scores(reply)
+    skipped = sum(beats.skipped.values())
+    source = "the best-fitting class of each beat" if classes is None else "their annotations"
+    sys.stdout.write(
+        f"accepted {int(reply.accepted.sum())} of {reply.scores.size} beats cut from "
+        f"{args.input} (leads {', '.join(beats.leads)}, {skipped} skipped at the edges or "
+        f"unusable), at margin {reply.margin:.3f}, scored under {source}\n"
     )
     return 0
 
@@ -1659,6 +1734,14 @@ def build_parser() -> argparse.ArgumentParser:
                 ".csv or WFDB record written by generate, whose classes are used; beside "
                 'NAME.npy, a NAME_classes.json of {"classes": ["N", ...]} (one AAMI class '
                 "per beat) gives the classes of your own beats",
+            )
+            sub.add_argument(
+                "--recording",
+                action="store_true",
+                help="--input is a continuous WFDB recording: cut one window per annotated beat "
+                "at the model's sampling rate, window and leads, after the same baseline filter "
+                "as training, and score each beat under its annotation's AAMI class (default: "
+                "the input contains beat windows)",
             )
             sub.add_argument(
                 "--best-class",

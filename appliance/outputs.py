@@ -52,7 +52,8 @@ MIN_REAL_BEATS_PER_CLASS = 30
 
 # How to score a continuous recording, for the errors of validate's WFDB reader.
 CONTINUOUS_RECORDING_ADVICE = (
-    "To score a continuous recording, remove its baseline wander first (the 0.5 Hz "
+    "To score a continuous recording, pass --recording, which cuts one window per annotated "
+    "beat as training does. Otherwise remove its baseline wander first (the 0.5 Hz "
     "high-pass in the API guide, docs/api.md), cut one window per beat as `python -m "
     "appliance info` describes (window_samples, with pre_r_samples before the R peak), save "
     "them with numpy.save as (beats, leads, window_samples) in mV and pass the .npy file"

@@ -510,8 +510,8 @@ def _table(figures: dict[str, Any]) -> str:
         f"model {figures['model_id']}: generated {figures['generated']}/{figures['requested']} "
         f"beats from {figures['draws']} draws (accept rate {figures['accept_rate']:.2f}; "
         f"rejected: pertinence {figures['pertinence_rejections']}, privacy "
-        f"{figures['privacy_rejections']}, invalid {figures['invalid_rejections']}; passed but "
-        f"dropped beyond the request {figures['surplus_dropped']})",
+        f"{figures['privacy_rejections']}, invalid {figures['invalid_rejections']}; accepted "
+        f"beyond the request and dropped {figures['surplus_dropped']})",
         f"per class: {figures['synthetic_per_class']}   margin {figures['margin']:.2f}   "
         f"privacy threshold {figures['privacy_threshold']:.4f}",
         "",

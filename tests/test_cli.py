@@ -630,6 +630,7 @@ def test_validate_wfdb_without_annotations_exits_2(tmp_path: Path) -> None:
     assert f"WFDB record {tmp_path / 'plain'} has no beat annotation file plain.atr" in (
         result.stderr
     )
+    assert "pass --recording, which cuts one window per annotated beat" in result.stderr
     assert "cut one window per beat" in result.stderr
     assert "remove its baseline wander first (the 0.5 Hz high-pass" in result.stderr
     assert "Traceback" not in result.stderr
@@ -1935,3 +1936,53 @@ def test_run_without_records_leaves_no_out(tmp_path: Path) -> None:
     assert "no WFDB records" in line
     # The job created runs/latest, found nothing to train on and removed both folders again.
     assert not (tmp_path / "runs").exists()
+
+
+def test_validate_recording_cuts_beats_like_ingest(
+    server_address: str, shared_data: Path, tmp_path: Path
+) -> None:
+    from appliance.classes import AAMI_CLASSES
+    from appliance.client import ApplianceClient
+    from appliance.config import DataConfig
+    from appliance.ecg import read_record
+
+    for suffix in (".hea", ".dat", ".atr"):
+        shutil.copy(shared_data / "mitdb" / f"119{suffix}", tmp_path / f"119{suffix}")
+    result = run_cli(
+        "validate", "--address", server_address, "--input", str(tmp_path / "119.hea"),
+        "--recording", timeout_s=600.0,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with ApplianceClient(server_address) as client:
+        info = client.model_info()
+    config = DataConfig(
+        fs_hz=info.fs_hz,
+        window_samples=info.window_samples,
+        pre_r_samples=info.pre_r_samples,
+        leads=(*info.leads, *DataConfig().leads),
+        n_leads=len(info.leads),
+    )
+    expected = read_record(tmp_path / "119", "119", config)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "index\tscore\tresult\tclass"
+    rows = [line.split("\t") for line in lines[1:-1]]
+    assert len(rows) == len(expected.labels) > 1900
+    # Each beat is scored under the AAMI class of its annotation, V beats included.
+    assert [row[3] for row in rows] == [AAMI_CLASSES[int(i)] for i in expected.labels]
+    assert {row[3] for row in rows} == {"N", "V"}
+    assert lines[-1].startswith("accepted ")
+    assert f"beats cut from {tmp_path / '119.hea'} (leads MLII," in lines[-1]
+    assert lines[-1].endswith("scored under their annotations")
+
+
+def test_validate_recording_needs_wfdb_record(tmp_path: Path) -> None:
+    import numpy as np
+
+    beats = tmp_path / "beats.npy"
+    np.save(beats, np.zeros((2, 1, 256), dtype=np.float32))
+    result = run_cli("validate", "--address", "127.0.0.1:1", "--input", str(beats), "--recording")
+    line = usage_error_line(result)
+    assert line == (
+        f"error: --input {beats}: --recording reads a continuous WFDB recording; pass its .hea "
+        "file, or leave out --recording to score the beats of a .npy file"
+    )

@@ -129,9 +129,10 @@ def test_signal_while_the_job_serves_stops_its_server(
         f"stopped by Terminated after training; the model is published in {store}"
     )
     assert f"python -m appliance serve --store {store}" in str(raised.value)
-    # The server started and was stopped, also when the signal came while it started.
+    # The server started and was stopped, also when the signal came while it started. A
+    # server process that had not yet set its own handlers ends by SIGTERM itself.
     (server,) = RecordedServer.started
-    assert server.process.poll() == 0
+    assert server.process.poll() in (0, -signal.SIGTERM)
     assert not (trained_job / "server.port").exists()
     assert signal.getsignal(signal.SIGTERM) == previous
 
