@@ -4,7 +4,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/privacy_search.py [--index-beats 40000] [--blocks 32768 4096]
 
-The index holds random unit vectors of one lead of 256 samples, the width of the default
+The index contains random unit vectors of one lead of 256 samples, the width of the default
 model. The search is exact and brute force, so its cost depends on the index's size and not on
 its contents. For each block size the benchmark searches one batch of 256 queries, the
 server's batch, and prints the median time of five searches and the peak of memory that

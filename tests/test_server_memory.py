@@ -26,6 +26,10 @@ ROUNDS = 3
 # Growth of the server's resident memory over all rounds, measured on the fixture model. Before
 # the arena cap, the smaller search blocks and the warm up, it was 138 MiB.
 MAX_GROWTH_MIB = 40.0
+# The thread plan of a 2-CPU server: two engine slots of one ONNX Runtime thread.
+TWO_SLOTS = ThreadPlan(
+    cpu_limit=2.0, cpu_limit_source="test", workers=4, engine_slots=2, intra_op_threads=1
+)
 # Counts glibc's malloc arenas in a child process after threads that each allocate and wait.
 ARENA_COUNT_SCRIPT = """
 import ctypes, sys, tempfile, threading
@@ -34,9 +38,9 @@ from appliance.allocator import limit_malloc_arenas
 cap = int(sys.argv[1])
 if cap:
     assert limit_malloc_arenas(cap)
-hold, held = threading.Event(), []
+hold, arrays = threading.Event(), []
 def allocate():
-    held.append(np.ones(100_000))
+    arrays.append(np.ones(100_000))
     hold.wait()
 threads = [threading.Thread(target=allocate) for _ in range(12)]
 for thread in threads:
@@ -144,12 +148,9 @@ def test_stop_during_warm_up_is_not_a_failure(
         raise StoppedWhileLoading("SIGTERM")
 
     monkeypatch.setattr(engine, "generate", stopped)
-    plan = ThreadPlan(
-        cpu_limit=2.0, cpu_limit_source="test", workers=4, engine_slots=2, intra_op_threads=1
-    )
     # serve reports this as a stop before the model was loaded, not as a failed warm up.
     with pytest.raises(StoppedWhileLoading, match="SIGTERM"):
-        warm_up(engine, plan)
+        warm_up(engine, TWO_SLOTS)
 
 
 def test_failed_warm_up_names_slots(model_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,11 +160,8 @@ def test_failed_warm_up_names_slots(model_store: Path, monkeypatch: pytest.Monke
         raise MemoryError("cannot allocate 67108864 bytes")
 
     monkeypatch.setattr(engine, "generate", out_of_memory)
-    plan = ThreadPlan(
-        cpu_limit=2.0, cpu_limit_source="test", workers=4, engine_slots=2, intra_op_threads=1
-    )
     with pytest.raises(RuntimeError) as caught:
-        warm_up(engine, plan)
+        warm_up(engine, TWO_SLOTS)
     message = str(caught.value)
     assert f"on {INFERENCE_BATCH} beats in 2 engine slots at once failed" in message
     assert "MemoryError: cannot allocate 67108864 bytes" in message
